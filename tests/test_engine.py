@@ -1,0 +1,105 @@
+"""The engine end to end on a tiny real model: lossless greedy output, stop conditions, streaming."""
+
+from __future__ import annotations
+
+import pytest
+
+from whiflash_sgl.drafters.base import SequenceState
+from whiflash_sgl.drafters.ngram import NgramDrafter
+from whiflash_sgl.engine import SpeculativeEngine
+from whiflash_sgl.methods import make_method
+from whiflash_sgl.tree import DraftTree
+from whiflash_sgl.verify import SamplingParams
+
+
+class KnownContinuationDrafter:
+    """Proposes a tree whose *second* branch holds the true continuation (known from a vanilla run), below a
+    decoy branch, with wrong tokens mixed in deeper down: acceptance goes through non-contiguous rows."""
+
+    name = "known"
+
+    def __init__(self, full_sequence: list[int], vocab_size: int, depth: int = 4):
+        self.full, self.vocab, self.depth = full_sequence, vocab_size, depth
+
+    def start(self, state: SequenceState) -> None:
+        pass
+
+    def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
+        n = len(state.tokens)
+        truth = self.full[n : n + min(self.depth, max_depth)]
+        if not truth:
+            return DraftTree()
+        decoy = [(t + 1) % self.vocab for t in truth]
+        wrong_tail = truth[:2] + [(truth[-1] + 7) % self.vocab]
+        return DraftTree.from_paths([decoy, truth, wrong_tail])
+
+
+def _vanilla(target, prompt_ids, n=40):
+    return SpeculativeEngine(target).generate(prompt_ids, n)
+
+
+def test_vanilla_equals_hf_generate(tiny_target, prompt_ids):
+    ours = _vanilla(tiny_target, prompt_ids)
+    hf = make_method("hf-generate", tiny_target).generate(prompt_ids, 40, SamplingParams(), 0)
+    assert ours.tokens == hf.tokens
+    assert len(ours.tokens) == 40 and ours.tau == 1.0 and ours.rounds == 39
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_ngram_is_lossless_and_accepts(looping_target, prompt_ids, width):
+    reference = _vanilla(looping_target, prompt_ids, 60)
+    result = SpeculativeEngine(looping_target, NgramDrafter(width=width, min_ngram=1)).generate(prompt_ids, 60)
+    assert result.tokens == reference.tokens
+    assert result.drafted > 0 and sum(result.accept_lengths) > 0  # the draft path really ran
+    assert result.rounds < reference.rounds
+
+
+def test_tree_with_scattered_accepted_path_is_lossless(tiny_target, prompt_ids):
+    reference = _vanilla(tiny_target, prompt_ids, 48)
+    drafter = KnownContinuationDrafter(list(prompt_ids) + reference.tokens, len(tiny_target.tokenizer))
+    result = SpeculativeEngine(tiny_target, drafter).generate(prompt_ids, 48)
+    assert result.tokens == reference.tokens
+    assert result.tau > 3.0  # the true branch (rows after a decoy) was accepted most rounds
+
+
+def test_max_new_tokens_is_exact_inside_an_accepted_draft(tiny_target, prompt_ids):
+    reference = _vanilla(tiny_target, prompt_ids, 48)
+    drafter = KnownContinuationDrafter(list(prompt_ids) + reference.tokens, len(tiny_target.tokenizer), depth=6)
+    for n in (1, 2, 5, 13):
+        result = SpeculativeEngine(tiny_target, drafter).generate(prompt_ids, n)
+        assert result.tokens == reference.tokens[:n] and result.finish_reason == "length"
+
+
+def test_eos_inside_an_accepted_draft_stops_there(tiny_target, prompt_ids, monkeypatch):
+    reference = _vanilla(tiny_target, prompt_ids, 48)
+    eos = reference.tokens[9]
+    cut = reference.tokens.index(eos)
+    monkeypatch.setattr(tiny_target, "eos_token_ids", frozenset({eos}))
+    drafter = KnownContinuationDrafter(list(prompt_ids) + reference.tokens, len(tiny_target.tokenizer), depth=6)
+    result = SpeculativeEngine(tiny_target, drafter).generate(prompt_ids, 48)
+    assert result.tokens == reference.tokens[: cut + 1]
+    assert result.finish_reason == "eos"
+
+
+def test_stop_string_cuts_text_and_tokens(tiny_target, prompt_ids):
+    reference = _vanilla(tiny_target, prompt_ids, 48)
+    stop = reference.text[12:16]
+    assert stop.strip(), "the tiny model's output should have text to stop on"
+    result = SpeculativeEngine(tiny_target, NgramDrafter(min_ngram=1)).generate(prompt_ids, 48, stop=[stop])
+    assert result.finish_reason == "stop"
+    assert result.text == reference.text[: reference.text.find(stop)]
+    assert result.tokens == reference.tokens[: len(result.tokens)]
+
+
+def test_streamed_pieces_add_up_to_the_text(tiny_target, prompt_ids):
+    pieces: list[str] = []
+    result = SpeculativeEngine(tiny_target, NgramDrafter(min_ngram=1)).generate(prompt_ids, 40, on_text=pieces.append)
+    assert "".join(pieces) == result.text and len(pieces) > 1
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_target, prompt_ids):
+    params = SamplingParams(temperature=0.8, top_p=0.95, top_k=50)
+    runs = [SpeculativeEngine(tiny_target, NgramDrafter(min_ngram=1), params, seed=s).generate(prompt_ids, 40)
+            for s in (1, 1, 2)]
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[0].tokens != runs[2].tokens

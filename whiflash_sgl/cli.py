@@ -1,0 +1,140 @@
+"""The ``whiflash`` command: prepare, generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.model_store import DEFAULT_MODEL
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local folders; never wait on a hub
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"HF causal-LM folder, or '{DEFAULT_MODEL}' (default)")
+    p.add_argument("--config", help="YAML/JSON file of drafter settings (see whiflash_sgl/config.py)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="whiflash", description="WhiFlash speculative decoding, reference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help=f"build the cached HF folder of the embedded default ({DEFAULT_MODEL})")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+    p = sub.add_parser("generate", help="generate for one prompt; the text streams to stdout, statistics to stderr")
+    p.add_argument("--prompt", required=True, help="one user turn; the chat template is applied")
+    p.add_argument("--system", help="optional system message")
+    p.add_argument("--raw", action="store_true", help="use the prompt as raw text, without the chat template")
+    p.add_argument("--method", default="vanilla")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _add_common(p)
+
+    p = sub.add_parser("bench", help="compare methods on a JSONL prompt set; prints a table and writes JSON")
+    p.add_argument("--prompts", required=True, help="JSONL: {id, category, messages} per line")
+    p.add_argument("--categories", help="comma-separated categories to keep")
+    p.add_argument("--limit", type=int, help="prompts per category")
+    p.add_argument("--methods", default="vanilla,ngram", help="comma-separated methods")
+    p.add_argument("--out", help="write the JSON report here")
+    _add_common(p)
+    return parser
+
+
+def _setup(args):
+    import torch
+
+    from whiflash_sgl.config import WhiFlashConfig
+    from whiflash_sgl.verify import SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
+    except ValueError as exc:
+        raise WhiFlashError(str(exc)) from exc
+    config = WhiFlashConfig.from_file(args.config) if args.config else WhiFlashConfig()
+    if args.max_new_tokens < 1:
+        raise WhiFlashError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    return sampling, config
+
+
+def _generate(args) -> None:
+    from whiflash_sgl.chat import encode_chat
+    from whiflash_sgl.methods import make_method
+    from whiflash_sgl.target import Target
+
+    sampling, config = _setup(args)
+    if not args.prompt.strip():
+        raise WhiFlashError("--prompt is empty")
+    target = Target.load(args.model)
+    method = make_method(args.method, target, config)
+    if args.raw:
+        ids = target.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        ids = encode_chat(target.tokenizer, [*messages, {"role": "user", "content": args.prompt}])
+    streaming = args.method not in ("hf-generate", "hf-prompt-lookup")
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = method.generate(ids, args.max_new_tokens, sampling, args.seed, stop=args.stop,
+                             on_text=write if streaming else None)
+    if not streaming:
+        write(result.text)
+    sys.stdout.write("\n")
+    print(
+        f"[{args.method}] {len(result.tokens)} tokens in {result.seconds:.2f}s "
+        f"({len(result.tokens) / result.seconds:.1f} tok/s), tau {result.tau:.2f} over {result.rounds} rounds, "
+        f"finish: {result.finish_reason}",
+        file=sys.stderr,
+    )
+
+
+def _bench(args) -> None:
+    from whiflash_sgl.bench import format_table, run_bench
+    from whiflash_sgl.chat import load_prompts
+    from whiflash_sgl.target import Target
+
+    sampling, config = _setup(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    prompts = load_prompts(args.prompts, categories, args.limit)
+    target = Target.load(args.model)
+    report = run_bench(target, prompts, methods, args.max_new_tokens, sampling, args.seed, config)
+    print(format_table(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "prepare":
+            from whiflash_sgl.model_store import prepare_default_model
+
+            print(prepare_default_model(force=args.force))
+        elif args.command == "generate":
+            _generate(args)
+        else:
+            _bench(args)
+    except WhiFlashError as exc:
+        print(f"whiflash: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

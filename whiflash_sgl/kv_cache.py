@@ -1,0 +1,102 @@
+"""A KV cache for speculative verification: preallocated, growable, and compactable to an accepted tree path.
+
+HF's ``DynamicCache`` concatenates on every step (an O(length) copy per layer per token) and can only crop a
+suffix. Verification of a draft tree needs more: the accepted path is scattered over the tree's rows, so the rows
+must be gathered back into a contiguous prefix. :class:`KVCache` keeps one buffer per layer with spare capacity,
+returns views, and :meth:`KVCache.compact` moves the accepted rows in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class _GrowingLayer(DynamicLayer):
+    """One layer's keys and values in a buffer that doubles when full; ``keys``/``values`` are views of it."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.length = 0
+        self._k = key_states.new_empty((*key_states.shape[:2], 256, key_states.shape[-1]))
+        self._v = value_states.new_empty((*value_states.shape[:2], 256, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def _reserve(self, needed: int) -> None:
+        capacity = self._k.shape[-2]
+        if needed <= capacity:
+            return
+        while capacity < needed:
+            capacity *= 2
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = old.new_empty((*old.shape[:2], capacity, old.shape[-1]))
+            new[..., : self.length, :] = old[..., : self.length, :]
+            setattr(self, name, new)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self._reserve(end)
+        self._k[..., self.length : end, :] = key_states
+        self._v[..., self.length : end, :] = value_states
+        self.length = end
+        return self.keys, self.values
+
+    @property
+    def keys(self):
+        return self._k[..., : self.length, :] if self.is_initialized else None
+
+    @keys.setter
+    def keys(self, value):  # the base class assigns None on construction
+        pass
+
+    @property
+    def values(self):
+        return self._v[..., : self.length, :] if self.is_initialized else None
+
+    @values.setter
+    def values(self, value):
+        pass
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.is_initialized:
+            self.length -= min(abs(tokens_to_remove), self.length)
+
+    def compact(self, start: int, rows: torch.Tensor) -> None:
+        """Keep rows ``[0, start)`` plus ``rows`` (absolute, ascending) placed at ``start, start+1, ...``."""
+        if not self.is_initialized:
+            return
+        n = rows.numel()
+        for buf in (self._k, self._v):
+            buf[..., start : start + n, :] = buf.index_select(-2, rows)
+        self.length = start + n
+
+
+class KVCache(Cache):
+    """The target's (or a drafter's) cache: HF-compatible, with in-place compaction."""
+
+    def __init__(self) -> None:
+        super().__init__(layer_class_to_replicate=_GrowingLayer)
+
+    def compact(self, start: int, rows: list[int] | torch.Tensor) -> None:
+        """Drop everything after ``start`` except ``rows``, which move (in order) to ``start, start+1, ...``.
+
+        ``rows`` must be ascending absolute indices ``>= start``: a tree path in topological order is.
+        """
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        contiguous = rows.numel() == 0 or int(rows[-1]) - int(rows[0]) + 1 == rows.numel() and int(rows[0]) == start
+        for layer in self.layers:
+            if contiguous:
+                layer.crop(-(layer.get_seq_length() - start - rows.numel()))
+            else:
+                layer.compact(start, rows)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions."""
+        for layer in self.layers:
+            layer.crop(-(layer.get_seq_length() - length))

@@ -1,0 +1,93 @@
+"""Generation methods by name: our engine with or without a drafter, and transformers' own loops as peers."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from whiflash_sgl.config import WhiFlashConfig
+from whiflash_sgl.drafters.ngram import NgramDrafter
+from whiflash_sgl.engine import GenerationResult, SpeculativeEngine
+from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.target import Target
+from whiflash_sgl.verify import SamplingParams
+
+METHODS = ("vanilla", "hf-generate", "hf-prompt-lookup", "ngram")
+
+
+class EngineMethod:
+    """Our reference engine; ``drafter=None`` is the ``vanilla`` target-only loop."""
+
+    def __init__(self, name: str, target: Target, drafter=None):
+        self.name, self.target, self.drafter = name, target, drafter
+
+    def generate(self, prompt_ids, max_new_tokens, sampling: SamplingParams, seed: int, stop=(), on_text=None):
+        engine = SpeculativeEngine(self.target, self.drafter, sampling, seed)
+        return engine.generate(prompt_ids, max_new_tokens, stop=stop, on_text=on_text)
+
+
+class HFGenerateMethod:
+    """transformers' ``generate`` (plain, or with ``prompt_lookup_num_tokens``) on the same weights, SDPA attention."""
+
+    def __init__(self, name: str, target: Target, prompt_lookup_num_tokens: int | None = None):
+        self.name, self.target, self.prompt_lookup = name, target, prompt_lookup_num_tokens
+
+    @contextlib.contextmanager
+    def _hf_attention(self):
+        config = self.target.model.config
+        saved = config._attn_implementation
+        config._attn_implementation = "sdpa"
+        try:
+            yield
+        finally:
+            config._attn_implementation = saved
+
+    def generate(self, prompt_ids, max_new_tokens, sampling: SamplingParams, seed: int, stop=(), on_text=None):
+        if stop or on_text is not None:
+            raise WhiFlashError(f"method {self.name} supports neither stop strings nor streaming")
+        model = self.target.model
+        kwargs = {"do_sample": False} if sampling.greedy else {
+            "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+        }
+        if self.prompt_lookup:
+            kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup
+        calls = 0
+
+        def count(*_):
+            nonlocal calls
+            calls += 1
+
+        torch.manual_seed(seed)
+        hook = model.register_forward_pre_hook(count)
+        try:
+            with self._hf_attention(), torch.inference_mode():
+                tic = time.perf_counter()
+                out = model.generate(
+                    torch.tensor([list(prompt_ids)]), max_new_tokens=max_new_tokens, min_new_tokens=0,
+                    pad_token_id=self.target.tokenizer.pad_token_id, **kwargs,
+                )
+                seconds = time.perf_counter() - tic
+        finally:
+            hook.remove()
+        tokens = out[0, len(prompt_ids):].tolist()
+        finish = "eos" if tokens and tokens[-1] in self.target.eos_token_ids else "length"
+        return GenerationResult(
+            prompt_tokens=len(prompt_ids), tokens=tokens,
+            text=self.target.tokenizer.decode(tokens, skip_special_tokens=True),
+            finish_reason=finish, seconds=seconds, rounds=max(calls - 1, 0), drafted=0,
+        )
+
+
+def make_method(name: str, target: Target, config: WhiFlashConfig = WhiFlashConfig()):
+    if name == "vanilla":
+        return EngineMethod(name, target)
+    if name == "ngram":
+        drafter = NgramDrafter(config.ngram_max, config.ngram_min, config.ngram_tokens, config.ngram_width)
+        return EngineMethod(name, target, drafter)
+    if name == "hf-generate":
+        return HFGenerateMethod(name, target)
+    if name == "hf-prompt-lookup":
+        return HFGenerateMethod(name, target, prompt_lookup_num_tokens=10)
+    raise WhiFlashError(f"unknown method {name!r}; available: {', '.join(METHODS)}")

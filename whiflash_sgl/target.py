@@ -1,0 +1,120 @@
+"""The target model: an HF causal LM driven with our KV cache and tree-masked attention.
+
+Attention goes through the ``whiflash`` entry of transformers' attention-function registry, so any HF causal LM
+whose attention modules use that registry works. The verify mask travels as the ``whiflash_mask`` forward kwarg,
+which transformers hands to the attention function untouched; HF's own mask construction is switched off for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+from transformers.masking_utils import AttentionMaskInterface
+
+from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.kernels import tree_attention
+from whiflash_sgl.kv_cache import KVCache
+from whiflash_sgl.model_store import resolve_model
+from whiflash_sgl.tree import DraftTree
+
+ATTN_IMPLEMENTATION = "whiflash"
+
+
+def _whiflash_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    return tree_attention(query, key, value, kwargs.get("whiflash_mask"), scaling), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _whiflash_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, lambda *args, **kwargs: None)
+
+
+@dataclass
+class ForwardOut:
+    logits: torch.Tensor  # [rows, V]
+    hidden: torch.Tensor | None  # [rows, len(capture_layers), H]: residual stream entering each captured layer
+
+
+class Target:
+    """A target model with one sequence's KV cache. ``capture_layers`` are HF ``hidden_states`` indices."""
+
+    def __init__(self, model, tokenizer, capture_layers: tuple[int, ...] = (), name: str = ""):
+        self.name = name or getattr(model.config, "_name_or_path", "")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.model.config._attn_implementation = ATTN_IMPLEMENTATION
+        self.capture_layers = tuple(capture_layers)
+        for layer in self.capture_layers:
+            if not 0 <= layer <= self.config.num_hidden_layers - 1:
+                raise WhiFlashError(
+                    f"cannot capture hidden layer {layer}: the target has {self.config.num_hidden_layers} layers"
+                )
+        self.cache = KVCache()
+        self.eos_token_ids = self._eos_ids()
+
+    @classmethod
+    def load(cls, name_or_path: str, capture_layers: tuple[int, ...] = (), dtype=torch.float32) -> "Target":
+        path = resolve_model(name_or_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise WhiFlashError(f"cannot load a causal LM from {path}: {exc}") from exc
+        return cls(model, tokenizer, capture_layers, name=name_or_path)
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (self.config, getattr(self.model, "generation_config", None)):
+            value = getattr(source, "eos_token_id", None)
+            ids.update([value] if isinstance(value, int) else value or [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 1 << 30))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _forward(self, ids, positions: torch.Tensor, mask: torch.Tensor | None, last_only: bool) -> ForwardOut:
+        device = self.device
+        out = self.model(
+            input_ids=torch.as_tensor(ids, dtype=torch.long, device=device)[None],
+            position_ids=positions.to(device)[None],
+            cache=self.cache,
+            use_cache=True,
+            whiflash_mask=None if mask is None else mask.to(device),
+            output_hidden_states=bool(self.capture_layers),
+            logits_to_keep=1 if last_only else 0,
+        )
+        hidden = None
+        if self.capture_layers:
+            hidden = torch.stack([out.hidden_states[i][0] for i in self.capture_layers], dim=1)
+        return ForwardOut(out.logits[0], hidden)
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> ForwardOut:
+        """Start a sequence: cache all of ``ids``; logits of the last position only, hidden states of all."""
+        self.cache = KVCache()
+        return self._forward(ids, torch.arange(len(ids)), None, last_only=True)
+
+    @torch.inference_mode()
+    def verify(self, root: int, tree: DraftTree) -> ForwardOut:
+        """One forward over ``[root, *tree.tokens]`` after the cached prefix; logits and hidden of every row."""
+        start = self.cache.get_seq_length()
+        mask = None
+        if not tree.is_chain:  # a chain is plain causal attention over the cache tail
+            mask = torch.ones(len(tree) + 1, start + len(tree) + 1, dtype=torch.bool)
+            mask[:, start:] = tree.ancestor_mask()
+            mask = mask[None, None]
+        return self._forward([root, *tree.tokens], tree.positions(start), mask, last_only=False)
+
+    @torch.inference_mode()
+    def commit(self, start: int, path: list[int]) -> None:
+        """Keep the root's KV (row ``start``) and the accepted ``path``'s rows, contiguous after the prefix."""
+        self.cache.compact(start, [start, *(start + 1 + i for i in path)])

@@ -1,0 +1,94 @@
+"""Draft trees: what a drafter proposes and the target verifies in one forward pass.
+
+A tree hangs below a *root*, the last committed token, whose target KV is not cached yet. Nodes are stored in
+topological order: ``parents[i]`` is ``-1`` (child of the root) or an index ``< i``. The verify input is
+``[root, node_0, ..., node_{n-1}]``; row ``r`` of every per-row quantity below refers to that input (row 0 = root,
+row ``i + 1`` = node ``i``). A chain is the tree whose node ``i`` has parent ``i - 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    tokens: tuple[int, ...] = ()
+    parents: tuple[int, ...] = ()
+    depths: tuple[int, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.parents):
+            raise ValueError(f"tree has {len(self.tokens)} tokens but {len(self.parents)} parents")
+        depths = []
+        for i, p in enumerate(self.parents):
+            if not -1 <= p < i:
+                raise ValueError(f"node {i} has parent {p}; parents must come before their children")
+            depths.append(1 if p < 0 else depths[p] + 1)
+        object.__setattr__(self, "depths", tuple(depths))
+
+    @classmethod
+    def chain(cls, tokens) -> "DraftTree":
+        tokens = tuple(int(t) for t in tokens)
+        return cls(tokens, tuple(range(-1, len(tokens) - 1)))
+
+    @classmethod
+    def from_paths(cls, paths) -> "DraftTree":
+        """The trie of several token sequences (shared prefixes merged), in the order paths first appear."""
+        tokens: list[int] = []
+        parents: list[int] = []
+        index: dict[tuple[int, int], int] = {}
+        for path in paths:
+            parent = -1
+            for t in path:
+                key = (parent, int(t))
+                if key not in index:
+                    index[key] = len(tokens)
+                    tokens.append(int(t))
+                    parents.append(parent)
+                parent = index[key]
+        return cls(tuple(tokens), tuple(parents))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def depth(self) -> int:
+        return max(self.depths, default=0)
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents == tuple(range(-1, len(self.tokens) - 1))
+
+    def children(self, node: int) -> list[int]:
+        """Children of ``node`` (``-1`` = root) in draft order."""
+        return [i for i, p in enumerate(self.parents) if p == node]
+
+    def pruned(self, max_depth: int) -> "DraftTree":
+        """The subtree of nodes at depth ``<= max_depth`` (indices renumbered, order kept)."""
+        keep = [i for i, d in enumerate(self.depths) if d <= max_depth]
+        if len(keep) == len(self):
+            return self
+        new_index = {old: new for new, old in enumerate(keep)}
+        return DraftTree(
+            tuple(self.tokens[i] for i in keep),
+            tuple(-1 if self.parents[i] < 0 else new_index[self.parents[i]] for i in keep),
+        )
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """``[n+1, n+1]`` bool over verify rows: row r may attend to row c iff c is r or an ancestor of r."""
+        n = len(self.tokens)
+        mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+        mask[:, 0] = True
+        for i, p in enumerate(self.parents):
+            row = i + 1
+            if p >= 0:
+                mask[row] = mask[p + 1]
+            mask[row, row] = True
+        return mask
+
+    def positions(self, root_position: int) -> torch.Tensor:
+        """Absolute positions of the verify rows."""
+        return torch.tensor((root_position, *(root_position + d for d in self.depths)), dtype=torch.long)
