@@ -44,13 +44,20 @@ def tiny_tokenizer():
 
 
 def make_tiny_model(vocab_size: int, seed: int = 0, **overrides):
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2, bos_token_id=1, pad_token_id=0,
-        tie_word_embeddings=True, **{"initializer_range": 0.2, **overrides},
+        tie_word_embeddings=True, initializer_range=0.2,
     )
+    config = LlamaConfig(**{**settings, **overrides})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def make_model():
+    """``make_model(vocab_size, seed=0, **config_overrides)``: a tiny Llama built in-process."""
+    return make_tiny_model
 
 
 @pytest.fixture(scope="session")

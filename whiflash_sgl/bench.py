@@ -33,6 +33,8 @@ class PromptRun:
     tau: float
     identical_to_vanilla: bool | None
     accept_lengths: list[int]
+    draft_seconds: float
+    verify_seconds: float
     text: str
 
 
@@ -70,7 +72,7 @@ def run_bench(
             identical = (result.tokens == vanilla_tokens) if sampling.greedy else None
             runs.append(PromptRun(
                 runner.name, prompt.id, prompt.category, len(result.tokens), result.seconds, result.rounds,
-                result.tau, identical, result.accept_lengths, result.text,
+                result.tau, identical, result.accept_lengths, result.draft_seconds, result.verify_seconds, result.text,
             ))
             bar.update()
     bar.close()
@@ -117,6 +119,8 @@ def summarize(runs: list[PromptRun], methods: list[str]) -> list[dict]:
                 "paradigm_rounds": {method: rounds},
                 "switches": 0,
                 "switch_overhead_frac": 0.0,
+                "draft_ms_per_round": round(1000 * sum(r.draft_seconds for r in group) / rounds, 2) if rounds else None,
+                "verify_ms_per_round": round(1000 * sum(r.verify_seconds for r in group) / rounds, 2) if rounds else None,
             })
     vanilla = {r["category"]: r["tokens_per_s"] for r in rows if r["method"] == "vanilla"}
     for row in rows:
@@ -127,7 +131,8 @@ def summarize(runs: list[PromptRun], methods: list[str]) -> list[dict]:
 
 
 def format_table(report: dict) -> str:
-    header = ("method", "category", "prompts", "tokens", "tok/s", "tau", "speedup", "identical")
+    header = ("method", "category", "prompts", "tokens", "tok/s", "tau", "speedup", "identical", "draft ms",
+              "verify ms")
     lines = [header]
     for r in report["results"]:
         lines.append((
@@ -136,6 +141,8 @@ def format_table(report: dict) -> str:
             f"{r['tau']:.2f}" if r["tau"] else "-",
             f"{r['speedup_vs_vanilla']:.2f}x" if r["speedup_vs_vanilla"] else "-",
             {True: "yes", False: "NO", None: "-"}[r["identical_to_vanilla"]],
+            f"{r['draft_ms_per_round']:.1f}" if r["draft_ms_per_round"] is not None else "-",
+            f"{r['verify_ms_per_round']:.1f}" if r["verify_ms_per_round"] is not None else "-",
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)

@@ -47,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="vanilla,ngram", help="comma-separated methods")
     p.add_argument("--out", help="write the JSON report here")
     _add_common(p)
+
+    from whiflash_sgl.train.train_drafter import add_arguments
+
+    p = sub.add_parser("train-drafter", help="train an EAGLE-3 or DFlash drafter on the target's own outputs")
+    add_arguments(p)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="target model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
     return parser
 
 
@@ -128,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
             print(prepare_default_model(force=args.force))
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "train-drafter":
+            import torch
+
+            from whiflash_sgl.train.train_drafter import run
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            print(json.dumps(run(args), indent=1))
         else:
             _bench(args)
     except WhiFlashError as exc:

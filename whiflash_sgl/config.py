@@ -19,6 +19,16 @@ class WhiFlashConfig:
     ngram_min: int = 2
     ngram_tokens: int = 8
     ngram_width: int = 1
+    # EAGLE-3 drafter: folder ("" = the committed one for the default target), dynamic tree shape
+    eagle3_path: str = ""
+    eagle3_depth: int = 6
+    eagle3_topk: int = 4
+    eagle3_budget: int = 16
+    # DFlash drafter: folder, block size (0 = the checkpoint's), tree from per-position top-k (1 = chain)
+    dflash_path: str = ""
+    dflash_block_size: int = 0
+    dflash_tree_topk: int = 1
+    dflash_tree_budget: int = 0
 
     @classmethod
     def from_mapping(cls, values: dict, source: str = "config") -> "WhiFlashConfig":

@@ -30,6 +30,8 @@ class GenerationResult:
     rounds: int  # target verify passes after the prefill
     drafted: int  # draft tokens sent to verification
     accept_lengths: list[int] = field(default_factory=list)  # accepted draft tokens per round
+    draft_seconds: float = 0.0  # time in the drafter (catch-up included)
+    verify_seconds: float = 0.0  # time in target verify passes, acceptance and KV compaction
 
     @property
     def tau(self) -> float:
@@ -129,25 +131,32 @@ class SpeculativeEngine:
         self.check_request(prompt_ids, max_new_tokens)
         target = self.target
         out = _Output(target.tokenizer, target.eos_token_ids, max_new_tokens, stop, on_text)
+        target.capture_layers = self.drafter.feature_layers if self.drafter is not None else ()
         tic = time.perf_counter()
         first = target.prefill(list(prompt_ids))
-        state = SequenceState(tokens=list(prompt_ids), prompt_len=len(prompt_ids), features=first.hidden)
+        state = SequenceState(tokens=list(prompt_ids), prompt_len=len(prompt_ids), features=first.hidden,
+                              feature_layers=target.capture_layers)
         _, token = accept(DraftTree(), first.logits[-1:], self.sampling, self.generator)
         state.tokens.append(token)
         out.extend([token])
         if self.drafter is not None:
             self.drafter.start(state)
         rounds = drafted = 0
+        draft_seconds = verify_seconds = 0.0
         accept_lengths: list[int] = []
         while out.finish_reason is None:
             remaining = max_new_tokens - len(out.tokens)
             tree = DraftTree()
+            t0 = time.perf_counter()
             if self.drafter is not None and remaining > 1:
                 tree = self.drafter.propose(state, remaining - 1).pruned(remaining - 1)
+            t1 = time.perf_counter()
             start = target.cache.get_seq_length()
             step = target.verify(state.tokens[-1], tree)
             path, bonus = accept(tree, step.logits, self.sampling, self.generator)
             target.commit(start, path)
+            draft_seconds += t1 - t0
+            verify_seconds += time.perf_counter() - t1
             if step.hidden is not None:
                 rows = step.hidden[[0, *(1 + i for i in path)]]
                 state.features = rows if state.features is None else torch.cat([state.features, rows])
@@ -166,4 +175,6 @@ class SpeculativeEngine:
             rounds=rounds,
             drafted=drafted,
             accept_lengths=accept_lengths,
+            draft_seconds=draft_seconds,
+            verify_seconds=verify_seconds,
         )

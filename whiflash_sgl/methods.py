@@ -8,13 +8,16 @@ import time
 import torch
 
 from whiflash_sgl.config import WhiFlashConfig
+from whiflash_sgl.drafters.checkpoint import default_drafter_path, load_drafter_model
+from whiflash_sgl.drafters.dflash import DFlashDrafter
+from whiflash_sgl.drafters.eagle3 import Eagle3Drafter
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.engine import GenerationResult, SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.target import Target
 from whiflash_sgl.verify import SamplingParams
 
-METHODS = ("vanilla", "hf-generate", "hf-prompt-lookup", "ngram")
+METHODS = ("vanilla", "hf-generate", "hf-prompt-lookup", "ngram", "eagle3", "dflash")
 
 
 class EngineMethod:
@@ -76,16 +79,40 @@ class HFGenerateMethod:
         return GenerationResult(
             prompt_tokens=len(prompt_ids), tokens=tokens,
             text=self.target.tokenizer.decode(tokens, skip_special_tokens=True),
-            finish_reason=finish, seconds=seconds, rounds=max(calls - 1, 0), drafted=0,
+            finish_reason=finish, seconds=seconds, rounds=max(calls - 1, 0), drafted=0, verify_seconds=seconds,
         )
+
+
+def _drafter_path(kind: str, configured: str, target: Target) -> str:
+    if configured:
+        return configured
+    path = default_drafter_path(kind, target)
+    if path is None:
+        raise WhiFlashError(f"no {kind} drafter for target {target.name}: set {kind}_path in --config to a "
+                            f"folder made by `whiflash train-drafter --kind {kind}`")
+    return str(path)
+
+
+def make_drafter(kind: str, target: Target, config: WhiFlashConfig = WhiFlashConfig()):
+    """A drafter by paradigm name, with the settings of ``config``."""
+    if kind == "ngram":
+        return NgramDrafter(config.ngram_max, config.ngram_min, config.ngram_tokens, config.ngram_width)
+    embed = target.model.get_input_embeddings()
+    if kind == "eagle3":
+        model = load_drafter_model(kind, _drafter_path(kind, config.eagle3_path, target), target)
+        return Eagle3Drafter(model, embed, config.eagle3_depth, config.eagle3_topk, config.eagle3_budget)
+    if kind == "dflash":
+        model = load_drafter_model(kind, _drafter_path(kind, config.dflash_path, target), target)
+        return DFlashDrafter(model, embed, target.model.get_output_embeddings(), config.dflash_block_size or None,
+                             config.dflash_tree_topk, config.dflash_tree_budget)
+    raise WhiFlashError(f"unknown drafter {kind!r}; available: ngram, eagle3, dflash")
 
 
 def make_method(name: str, target: Target, config: WhiFlashConfig = WhiFlashConfig()):
     if name == "vanilla":
         return EngineMethod(name, target)
-    if name == "ngram":
-        drafter = NgramDrafter(config.ngram_max, config.ngram_min, config.ngram_tokens, config.ngram_width)
-        return EngineMethod(name, target, drafter)
+    if name in ("ngram", "eagle3", "dflash"):
+        return EngineMethod(name, target, make_drafter(name, target, config))
     if name == "hf-generate":
         return HFGenerateMethod(name, target)
     if name == "hf-prompt-lookup":

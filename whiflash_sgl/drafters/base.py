@@ -1,8 +1,14 @@
-"""The drafter interface: given the committed sequence, propose a draft tree below its last token."""
+"""The drafter interface: given the committed sequence, propose a draft tree below its last token.
+
+A model-based drafter keeps its own KV cache over committed positions. Its *frontier* is how many positions that
+cache covers; :meth:`Drafter.catch_up` brings it to the committed length from the target's stored features with
+projections only (KV-only prefill), and :meth:`Drafter.propose` catches up first if it must. Keeping the two apart
+lets the router bring an idle drafter up to date lazily, only when it is chosen.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -14,21 +20,35 @@ from whiflash_sgl.tree import DraftTree
 class SequenceState:
     """What a drafter may look at. ``tokens[-1]`` is the root of the next draft; its target KV is not cached yet.
 
-    ``features`` holds the target's captured hidden states for ``tokens[:-1]`` (``[n-1, layers, H]``), or is None when
-    the engine captures nothing (model-free drafters).
+    ``features[t]`` (``[n-1, len(feature_layers), H]``) holds the target's hidden states at committed position ``t``
+    for the HF ``hidden_states`` indices in ``feature_layers`` (the residual stream entering each of those layers),
+    or is None when the engine captures nothing (model-free drafters).
     """
 
     tokens: list[int]
     prompt_len: int
     features: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
+    feature_layers: tuple[int, ...] = ()
+
+    def context_features(self, layers: tuple[int, ...], start: int, end: int) -> torch.Tensor:
+        """Features of positions ``[start, end)`` for ``layers``, concatenated: ``[end-start, len(layers)*H]``."""
+        columns = [self.feature_layers.index(layer) for layer in layers]
+        rows = self.features[start:end, columns]
+        return rows.reshape(rows.shape[0], -1)
 
 
 class Drafter(Protocol):
     name: str
+    feature_layers: tuple[int, ...]  # target hidden_states indices this drafter reads (empty: model-free)
 
     def start(self, state: SequenceState) -> None:
         """A new sequence begins (its prompt is prefilled); drop any per-sequence state."""
+
+    def pending(self, state: SequenceState) -> int:
+        """Committed positions not yet in this drafter's cache (the catch-up backlog)."""
+
+    def catch_up(self, state: SequenceState) -> None:
+        """Bring the drafter's cache up to the committed sequence (KV-only prefill)."""
 
     def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
         """A draft below ``state.tokens[-1]`` no deeper than ``max_depth`` (may be empty)."""

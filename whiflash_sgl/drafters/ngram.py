@@ -3,8 +3,7 @@
 The longest suffix of the sequence (``max_ngram`` tokens down to ``min_ngram``) that occurred before is looked up;
 the tokens that followed its most recent occurrences are the proposal: one chain, or up to ``width`` distinct
 continuations merged into a small tree. On a CPU a verify pass over 4-10 tokens costs about twice a single decode
-step, so a proposal must be likely to pay: matches shorter than ``min_ngram`` are not proposed, and the draft length
-adapts to the acceptance seen so far in the sequence.
+step, so a proposal must be likely to pay: matches shorter than ``min_ngram`` are not proposed.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from whiflash_sgl.tree import DraftTree
 
 class NgramDrafter:
     name = "ngram"
+    feature_layers: tuple[int, ...] = ()
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 2, num_tokens: int = 8, width: int = 1):
         if not 1 <= min_ngram <= max_ngram:
@@ -26,6 +26,12 @@ class NgramDrafter:
         self.max_ngram, self.min_ngram, self.num_tokens, self.width = max_ngram, min_ngram, num_tokens, width
 
     def start(self, state: SequenceState) -> None:
+        pass
+
+    def pending(self, state: SequenceState) -> int:
+        return 0
+
+    def catch_up(self, state: SequenceState) -> None:
         pass
 
     def continuations(self, tokens: list[int], length: int) -> list[list[int]]:

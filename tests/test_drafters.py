@@ -1,0 +1,197 @@
+"""EAGLE-3 and DFlash on a tiny real target: KV-only prefill equals the full forward, drafting is lossless,
+trees see exactly their ancestors, and checkpoints refuse a target they were not made for."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from whiflash_sgl.drafters.base import SequenceState
+from whiflash_sgl.drafters.checkpoint import dflash_config, eagle3_config, load_drafter_model, save_drafter
+from whiflash_sgl.drafters.dflash import DFlashDrafter, DFlashModel, _marginal_tree
+from whiflash_sgl.drafters.eagle3 import Eagle3Drafter, Eagle3Model, _best_subtree
+from whiflash_sgl.engine import SpeculativeEngine
+from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.target import Target
+from whiflash_sgl.train.dflash import DFlashTrainer
+from whiflash_sgl.train.eagle3 import Eagle3Trainer, set_vocabulary
+from whiflash_sgl.train.train_drafter import default_layer_ids
+from whiflash_sgl.tree import DraftTree
+
+LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def target(tiny_tokenizer, make_model):
+    return Target(make_model(len(tiny_tokenizer), num_hidden_layers=LAYERS), tiny_tokenizer, name="tiny6")
+
+
+def _randomize(model: torch.nn.Module, seed: int = 1) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+
+
+@pytest.fixture(scope="module")
+def eagle(target):
+    model = Eagle3Model(eagle3_config(target, draft_vocab_size=96, aux_layer_ids=default_layer_ids(LAYERS)))
+    _randomize(model)
+    set_vocabulary(model, torch.arange(0, 192, 2))
+    return model
+
+
+@pytest.fixture(scope="module")
+def dflash(target):
+    mask_id = target.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model = DFlashModel(dflash_config(target, 2, 6, default_layer_ids(LAYERS), mask_id))
+    _randomize(model, seed=2)
+    return model
+
+
+def _state(target, layers, n=30):
+    ids = [(7 * i + 3) % len(target.tokenizer) for i in range(n)]
+    target.capture_layers = layers
+    out = target.prefill(ids[:-1])
+    return SequenceState(tokens=ids, prompt_len=n - 1, features=out.hidden, feature_layers=layers)
+
+
+def test_eagle3_kv_only_prefill_equals_full_forward(target, eagle):
+    drafter = Eagle3Drafter(eagle, target.model.get_input_embeddings())
+    state = _state(target, drafter.feature_layers)
+    drafter.start(state)
+    drafter.catch_up(state)  # projections only
+    kv_only = [t.clone() for t in (drafter.cache.layers[0].keys, drafter.cache.layers[0].values)]
+    drafter.start(state)
+    with torch.inference_mode():
+        x, hidden = drafter._pairs(state, 0, len(state.tokens) - 2)
+        drafter._rows(x, hidden, torch.arange(len(state.tokens) - 2), None)  # the full layer, causal
+    torch.testing.assert_close(kv_only[0], drafter.cache.layers[0].keys)
+    torch.testing.assert_close(kv_only[1], drafter.cache.layers[0].values)
+
+
+def test_eagle3_lazy_catch_up_matches_the_training_forward(target, eagle):
+    drafter = Eagle3Drafter(eagle, target.model.get_input_embeddings(), depth=1, topk=1)
+    state = _state(target, drafter.feature_layers)
+    drafter.start(state)
+    partial = SequenceState(state.tokens[:12], 11, state.features[:11], state.feature_layers)
+    drafter.catch_up(partial)  # an earlier round caught up part of the sequence
+    with torch.inference_mode():
+        drafter.catch_up(state)
+        n = len(state.tokens)
+        x, hidden = drafter._pairs(state, n - 2, n - 1)
+        _, logp = drafter._rows(x, hidden, torch.tensor([n - 2]), None)
+        tokens = torch.tensor(state.tokens + [0])  # one more token, so the newest pair has a label row
+        feats = torch.cat([state.features, torch.zeros_like(state.features[:2])])
+        step0_logits, _ = Eagle3Trainer(eagle, target.model.get_input_embeddings(), steps=1)._unroll(
+            (tokens, feats, 0))[0]
+    torch.testing.assert_close(logp[0], torch.log_softmax(step0_logits[n - 2], -1), atol=1e-4, rtol=1e-4)
+
+
+def test_dflash_kv_only_prefill_matches_the_training_forward(target, dflash):
+    embed, head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
+    drafter = DFlashDrafter(dflash, embed, head)
+    state = _state(target, drafter.feature_layers)
+    drafter.start(state)
+    drafter.catch_up(SequenceState(state.tokens[:10], 9, state.features[:9], state.feature_layers))
+    tree = drafter.propose(state, max_depth=10)  # catches up the rest lazily, then drafts
+    n = len(state.tokens)
+    trainer = DFlashTrainer(dflash, embed, head)
+    with torch.inference_mode():
+        feats = torch.cat([state.features, torch.zeros_like(state.features[:1])])
+        logits, _ = trainer._blocks((torch.tensor(state.tokens + [0] * 8), torch.cat([feats] + [feats[:1]] * 8), 0),
+                                    [n - 1])
+    assert list(tree.tokens) == logits[0].argmax(-1).tolist()
+    assert tree.is_chain and len(tree) == dflash.block_size - 1
+
+
+def _path_scores(drafter: Eagle3Drafter, state: SequenceState, tree: DraftTree) -> list[float]:
+    """Each node's cumulative log-prob, recomputed by drafting its root-to-node path alone as a chain."""
+    scores = []
+    for node in range(len(tree)):
+        path = []
+        j = node
+        while j >= 0:
+            path.append(j)
+            j = tree.parents[j]
+        path.reverse()
+        drafter.start(state)
+        with torch.inference_mode():
+            drafter.catch_up(state)
+            n = len(state.tokens)
+            x, hidden = drafter._pairs(state, n - 2, n - 1)
+            out, logp = drafter._rows(x, hidden, torch.tensor([n - 2]), None)
+            total = 0.0
+            for depth, i in enumerate(path, start=1):
+                draft_id = drafter.model.t2d[: tree.tokens[i]].sum()  # target id -> draft id
+                total += float(logp[0, draft_id])
+                if depth < len(path):
+                    x = drafter.model.midlayer.attention_input(drafter.embed(torch.tensor([tree.tokens[i]])), out)
+                    out, logp = drafter._rows(x, out, torch.tensor([n - 2 + depth]), None)
+        scores.append(total)
+    return scores
+
+
+def test_eagle3_tree_nodes_see_exactly_their_ancestors(target, eagle):
+    drafter = Eagle3Drafter(eagle, target.model.get_input_embeddings(), depth=3, topk=3, budget=20)
+    state = _state(target, drafter.feature_layers)
+    drafter.start(state)
+    tree = drafter.propose(state, max_depth=5)
+    assert len(tree) == 20 and tree.depth == 3 and not tree.is_chain
+    assert drafter.cache.get_seq_length() == len(state.tokens) - 1  # tree rows dropped, committed kept
+    expected = drafter.last_scores
+    torch.testing.assert_close(torch.tensor(_path_scores(drafter, state, tree)), torch.tensor(expected),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_best_subtree_keeps_ancestors_and_orders_by_depth():
+    nodes = [(-0.1, 1, -1, 5), (-2.0, 1, -1, 6), (-0.3, 2, 0, 7), (-0.3, 2, 0, 8), (-2.5, 2, 1, 9)]
+    tree, scores = _best_subtree(nodes, 3)
+    assert scores == [-0.1, -0.3, -0.3] and tree.tokens == (5, 7, 8) and tree.parents == (-1, 0, 0)
+
+
+def test_marginal_tree_grows_best_first():
+    top_p = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.5, 0.5]])
+    top_ids = torch.tensor([[10, 11], [20, 21], [30, 31]])
+    tree = _marginal_tree(top_p, top_ids, budget=4)
+    # path probabilities: 10 .9, 10-20 .54, 10-21 .36, 10-20-30 .27 (ties 10-20-31; the first candidate wins), 11 .1
+    assert tree.tokens == (10, 20, 21, 30) and tree.parents == (-1, 0, 0, 1)
+
+
+@pytest.mark.parametrize("kind", ["eagle3-tree", "eagle3-chain", "dflash-chain", "dflash-tree"])
+def test_drafters_are_lossless_in_the_engine(target, eagle, dflash, kind, tiny_tokenizer):
+    embed, head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
+    drafter = {
+        "eagle3-tree": lambda: Eagle3Drafter(eagle, embed, depth=4, topk=3, budget=12),
+        "eagle3-chain": lambda: Eagle3Drafter(eagle, embed, depth=5, topk=1),
+        "dflash-chain": lambda: DFlashDrafter(dflash, embed, head),
+        "dflash-tree": lambda: DFlashDrafter(dflash, embed, head, tree_topk=2, tree_budget=8),
+    }[kind]()
+    prompt = tiny_tokenizer("def add(a, b):\n    return")["input_ids"]
+    reference = SpeculativeEngine(target).generate(prompt, 40)
+    result = SpeculativeEngine(target, drafter).generate(prompt, 40)
+    assert result.tokens == reference.tokens and result.drafted > 0
+
+
+def test_checkpoint_round_trip_and_mismatch_errors(target, eagle, dflash, tiny_target, tmp_path):
+    for kind, model in (("eagle3", eagle), ("dflash", dflash)):
+        save_drafter(model, tmp_path / kind, target)
+        loaded = load_drafter_model(kind, tmp_path / kind, target)
+        for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+            torch.testing.assert_close(a.to(b.dtype), b, atol=1e-2, rtol=1e-2, msg=name)  # bf16 on disk
+    with pytest.raises(WhiFlashError, match="target layer count is 6 for the drafter but 2 for the target"):
+        load_drafter_model("eagle3", tmp_path / "eagle3", tiny_target)
+    with pytest.raises(WhiFlashError, match="not a dflash drafter"):
+        load_drafter_model("dflash", tmp_path / "eagle3", target)
+    config = json.loads((tmp_path / "dflash" / "config.json").read_text())
+    config["whiflash"]["target_tokenizer"] = "0123456789abcdef"
+    (tmp_path / "dflash" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WhiFlashError, match="tokenizer fingerprint is 0123456789abcdef for the drafter"):
+        load_drafter_model("dflash", tmp_path / "dflash", target)
+    (tmp_path / "eagle3" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(WhiFlashError, match="cannot read drafter weights .*eagle3/model.safetensors"):
+        load_drafter_model("eagle3", tmp_path / "eagle3", target)
+    with pytest.raises(WhiFlashError, match="missing"):
+        load_drafter_model("eagle3", tmp_path / "nowhere", target)

@@ -1,0 +1,106 @@
+"""``whiflash train-drafter``: prompts -> target responses -> target features -> a trained drafter folder.
+
+Every stage writes into ``--data`` and is skipped when its output is there, so an interrupted run resumes; the
+training stage resumes from its checkpoint in ``--out``. Both drafters read the same target layers (HF
+``hidden_states`` 2, 15 and 27 of SmolLM2's 30 layers: SGLang's EAGLE-3 default, and DFlash layer ids spaced evenly
+from 1 to L-4), so one feature set serves both.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from whiflash_sgl.drafters.checkpoint import dflash_config, eagle3_config, save_drafter
+from whiflash_sgl.drafters.dflash import DFlashModel
+from whiflash_sgl.drafters.eagle3 import Eagle3Model
+from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.model_store import resolve_model
+from whiflash_sgl.target import Target
+from whiflash_sgl.train.dflash import DFlashTrainer
+from whiflash_sgl.train.distill_data import FeatureDataset, extract_features, generate_responses
+from whiflash_sgl.train.eagle3 import Eagle3Trainer, draft_vocabulary, set_vocabulary
+from whiflash_sgl.train.loop import TrainSettings, train
+
+
+def default_layer_ids(num_layers: int) -> list[int]:
+    """Target layer ids (SGLang convention: output of layer i) for both drafters: ``[1, L//2 - 1, L - 4]``."""
+    return [1, num_layers // 2 - 1, num_layers - 4]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--kind", choices=("eagle3", "dflash"), required=True)
+    p.add_argument("--data", required=True, help="data folder (prompts, responses, features); reused across runs")
+    p.add_argument("--out", required=True, help="output drafter folder (config.json + model.safetensors)")
+    p.add_argument("--prompts", help="training prompts JSONL (default: build one into --data)")
+    p.add_argument("--per-category", type=int, default=600, help="prompts per category when building them")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="length cap of the target's responses")
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--minutes", type=float, help="stop training after this many minutes (then save)")
+    p.add_argument("--draft-vocab", type=int, default=8192, help="EAGLE-3 draft vocabulary size")
+    p.add_argument("--ttt-steps", type=int, default=4, help="EAGLE-3 unrolled training-time-test steps")
+    p.add_argument("--layers", type=int, default=3, help="DFlash draft layers")
+    p.add_argument("--block-size", type=int, default=16, help="DFlash block size")
+    p.add_argument("--anchors", type=int, default=8, help="DFlash blocks per sequence")
+    p.add_argument("--mask-token", default="<empty_output>", help="DFlash mask token (an unused special token)")
+
+
+def prepare_data(args, target: Target, layers: tuple[int, ...]) -> Path:
+    data = Path(args.data)
+    data.mkdir(parents=True, exist_ok=True)
+    prompts = Path(args.prompts) if args.prompts else data / "prompts.jsonl"
+    if not prompts.exists():
+        from whiflash_sgl.train.prompts import build_training_prompts
+
+        counts = build_training_prompts(prompts, per_category=args.per_category, seed=args.seed)
+        print(f"built training prompts: {counts}", file=sys.stderr)
+    model_dir = resolve_model(args.model)
+    responses = data / "responses.jsonl"
+    generate_responses(model_dir, prompts, responses, args.max_new_tokens)
+    extract_features(model_dir, responses, data, layers)
+    return data
+
+
+def run(args) -> dict:
+    started = time.time()
+    target = Target.load(args.model)
+    target.model.requires_grad_(False)
+    layer_ids = default_layer_ids(target.config.num_hidden_layers)
+    features = tuple(i + 1 for i in layer_ids)
+    dataset = FeatureDataset(prepare_data(args, target, features), features)
+    if len(dataset) < 64:
+        raise WhiFlashError(f"only {len(dataset)} training sequences in {args.data}; need at least 64")
+    embed, lm_head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
+    torch.manual_seed(args.seed)
+    if args.kind == "eagle3":
+        model = Eagle3Model(eagle3_config(target, args.draft_vocab, layer_ids))
+        set_vocabulary(model, draft_vocabulary(dataset, args.draft_vocab, target.config.vocab_size))
+        trainer = Eagle3Trainer(model, embed, steps=args.ttt_steps)
+    else:
+        mask_id = target.tokenizer.convert_tokens_to_ids(args.mask_token)
+        if mask_id is None or mask_id == target.tokenizer.unk_token_id:
+            raise WhiFlashError(f"mask token {args.mask_token!r} is not in the target's vocabulary")
+        model = DFlashModel(dflash_config(target, args.layers, args.block_size, layer_ids, mask_id))
+        trainer = DFlashTrainer(model, embed, lm_head, anchors=args.anchors, seed=args.seed)
+    settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_sequences=args.batch, seed=args.seed)
+    out = Path(args.out)
+    result = train(trainer, dataset, out / "run", settings, args.minutes)
+    recipe = {
+        "command": "whiflash train-drafter " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        "kind": args.kind, "target": args.model, "seed": args.seed, "sequences": len(dataset),
+        "train_tokens": sum(len(t) - p for t, _, p in dataset.sequences), "settings": asdict(settings),
+        "data_sources": "whiflash_sgl.train.prompts (BFCL allowed categories minus dev items, stdlib code, "
+                        "python3.11-doc prose, templated math/chat); responses: the target's greedy outputs",
+        "wall_minutes": round((time.time() - started) / 60, 1), **result,
+    }
+    save_drafter(model, out, target, extra={"recipe": recipe})
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=1))
+    return recipe
