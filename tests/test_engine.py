@@ -17,6 +17,7 @@ class KnownContinuationDrafter:
     decoy branch, with wrong tokens mixed in deeper down: acceptance goes through non-contiguous rows."""
 
     name = "known"
+    feature_layers: tuple[int, ...] = ()
 
     def __init__(self, full_sequence: list[int], vocab_size: int, depth: int = 4):
         self.full, self.vocab, self.depth = full_sequence, vocab_size, depth
