@@ -13,8 +13,10 @@ from whiflash_sgl.drafters.dflash import DFlashModel
 from whiflash_sgl.drafters.eagle3 import Eagle3Model
 from whiflash_sgl.target import Target
 from whiflash_sgl.train.dflash import DFlashTrainer
+from whiflash_sgl.train.dflash import init_from_target as init_dflash
 from whiflash_sgl.train.distill_data import FeatureDataset, extract_features, generate_responses
 from whiflash_sgl.train.eagle3 import Eagle3Trainer, draft_vocabulary, set_vocabulary
+from whiflash_sgl.train.eagle3 import init_from_target as init_eagle3
 from whiflash_sgl.train.loop import TrainSettings, train
 from whiflash_sgl.train.train_drafter import default_layer_ids
 
@@ -61,10 +63,15 @@ def test_training_raises_heldout_acceptance(kind, dataset, looping_dir, tmp_path
     if kind == "eagle3":
         model = Eagle3Model(eagle3_config(target, 64, default_layer_ids(6)))
         set_vocabulary(model, draft_vocabulary(dataset, 64, target.config.vocab_size))
+        init_eagle3(model, target.model)
+        draft_ids = model.d2t + torch.arange(64)
+        assert torch.equal(model.lm_head.weight, head.weight[draft_ids])
         trainer, metric = Eagle3Trainer(model, embed, steps=3), "tau_chain"
     else:
         mask_id = target.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         model = DFlashModel(dflash_config(target, 1, 4, default_layer_ids(6), mask_id))
+        init_dflash(model, target.model)
+        assert torch.equal(model.layers[0].mlp.up_proj.weight, target.model.model.layers[-1].mlp.up_proj.weight)
         trainer, metric = DFlashTrainer(model, embed, head, anchors=4), "tau_block"
     settings = TrainSettings(epochs=4, lr=3e-3, batch_sequences=4, eval_every=10, heldout=12)
     result = train(trainer, dataset, tmp_path, settings)

@@ -1,7 +1,8 @@
 """``whiflash train-drafter``: prompts -> target responses -> target features -> a trained drafter folder.
 
 Every stage writes into ``--data`` and is skipped when its output is there, so an interrupted run resumes; the
-training stage resumes from its checkpoint in ``--out``. Both drafters read the same target layers (HF
+training stage keeps its checkpoint and log in ``--data/run-<kind>`` and resumes from it. ``--out`` receives only
+the finished drafter (config, bf16 weights, recipe). Both drafters read the same target layers (HF
 ``hidden_states`` 2, 15 and 27 of SmolLM2's 30 layers: SGLang's EAGLE-3 default, and DFlash layer ids spaced evenly
 from 1 to L-4), so one feature set serves both.
 """
@@ -9,6 +10,7 @@ from 1 to L-4), so one feature set serves both.
 from __future__ import annotations
 
 import json
+import random
 import shlex
 import sys
 import time
@@ -24,8 +26,10 @@ from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.model_store import resolve_model
 from whiflash_sgl.target import Target
 from whiflash_sgl.train.dflash import DFlashTrainer
+from whiflash_sgl.train.dflash import init_from_target as init_dflash_from_target
 from whiflash_sgl.train.distill_data import FeatureDataset, extract_features, generate_responses
 from whiflash_sgl.train.eagle3 import Eagle3Trainer, draft_vocabulary, set_vocabulary
+from whiflash_sgl.train.eagle3 import init_from_target as init_eagle3_from_target
 from whiflash_sgl.train.loop import TrainSettings, train
 
 
@@ -39,9 +43,12 @@ def add_arguments(p) -> None:
     p.add_argument("--data", required=True, help="data folder (prompts, responses, features); reused across runs")
     p.add_argument("--out", required=True, help="output drafter folder (config.json + model.safetensors)")
     p.add_argument("--prompts", help="training prompts JSONL (default: build one into --data)")
-    p.add_argument("--per-category", type=int, default=600, help="prompts per category when building them")
+    p.add_argument("--per-category", type=int, default=1500, help="prompts per category when building them")
+    p.add_argument("--sample-per-category", type=int, default=600,
+                   help="prompts drawn per category (seeded) for the target to answer")
+    p.add_argument("--sample-limit", type=int, help="answer only the first N drawn prompts (categories interleaved)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="length cap of the target's responses")
-    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--epochs", type=float, default=8.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--minutes", type=float, help="stop training after this many minutes (then save)")
@@ -53,6 +60,20 @@ def add_arguments(p) -> None:
     p.add_argument("--mask-token", default="<empty_output>", help="DFlash mask token (an unused special token)")
 
 
+def sample_prompts(rows: list[dict], per_category: int, seed: int) -> list[dict]:
+    """``per_category`` seeded draws from each category, then shuffled together: any prefix is balanced."""
+    rng = random.Random(seed)
+    by_category: dict[str, list[dict]] = {}
+    for row in rows:
+        by_category.setdefault(row["category"], []).append(row)
+    chosen = []
+    for category in sorted(by_category):
+        rng.shuffle(by_category[category])
+        chosen += by_category[category][:per_category]
+    rng.shuffle(chosen)
+    return chosen
+
+
 def prepare_data(args, target: Target, layers: tuple[int, ...]) -> Path:
     data = Path(args.data)
     data.mkdir(parents=True, exist_ok=True)
@@ -62,9 +83,14 @@ def prepare_data(args, target: Target, layers: tuple[int, ...]) -> Path:
 
         counts = build_training_prompts(prompts, per_category=args.per_category, seed=args.seed)
         print(f"built training prompts: {counts}", file=sys.stderr)
+    sample = data / "sampled_prompts.jsonl"
+    if not sample.exists():
+        rows = [json.loads(line) for line in prompts.read_text().splitlines() if line.strip()]
+        chosen = sample_prompts(rows, args.sample_per_category, args.seed)[: args.sample_limit]
+        sample.write_text("".join(json.dumps(r) + "\n" for r in chosen))
     model_dir = resolve_model(args.model)
     responses = data / "responses.jsonl"
-    generate_responses(model_dir, prompts, responses, args.max_new_tokens)
+    generate_responses(model_dir, sample, responses, args.max_new_tokens)
     extract_features(model_dir, responses, data, layers)
     return data
 
@@ -83,16 +109,18 @@ def run(args) -> dict:
     if args.kind == "eagle3":
         model = Eagle3Model(eagle3_config(target, args.draft_vocab, layer_ids))
         set_vocabulary(model, draft_vocabulary(dataset, args.draft_vocab, target.config.vocab_size))
+        init_eagle3_from_target(model, target.model)
         trainer = Eagle3Trainer(model, embed, steps=args.ttt_steps)
     else:
         mask_id = target.tokenizer.convert_tokens_to_ids(args.mask_token)
         if mask_id is None or mask_id == target.tokenizer.unk_token_id:
             raise WhiFlashError(f"mask token {args.mask_token!r} is not in the target's vocabulary")
         model = DFlashModel(dflash_config(target, args.layers, args.block_size, layer_ids, mask_id))
+        init_dflash_from_target(model, target.model)
         trainer = DFlashTrainer(model, embed, lm_head, anchors=args.anchors, seed=args.seed)
     settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_sequences=args.batch, seed=args.seed)
     out = Path(args.out)
-    result = train(trainer, dataset, out / "run", settings, args.minutes)
+    result = train(trainer, dataset, Path(args.data) / f"run-{args.kind}", settings, args.minutes)
     recipe = {
         "command": "whiflash train-drafter " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         "kind": args.kind, "target": args.model, "seed": args.seed, "sequences": len(dataset),
