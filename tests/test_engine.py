@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from whiflash_sgl.drafters.base import SequenceState
+from whiflash_sgl.drafters.base import Drafter, SequenceState
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.methods import make_method
@@ -12,18 +12,14 @@ from whiflash_sgl.tree import DraftTree
 from whiflash_sgl.verify import SamplingParams
 
 
-class KnownContinuationDrafter:
+class KnownContinuationDrafter(Drafter):
     """Proposes a tree whose *second* branch holds the true continuation (known from a vanilla run), below a
     decoy branch, with wrong tokens mixed in deeper down: acceptance goes through non-contiguous rows."""
 
     name = "known"
-    feature_layers: tuple[int, ...] = ()
 
     def __init__(self, full_sequence: list[int], vocab_size: int, depth: int = 4):
         self.full, self.vocab, self.depth = full_sequence, vocab_size, depth
-
-    def start(self, state: SequenceState) -> None:
-        pass
 
     def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
         n = len(state.tokens)

@@ -35,6 +35,10 @@ class PromptRun:
     accept_lengths: list[int]
     draft_seconds: float
     verify_seconds: float
+    paradigms: list[str]
+    switch_seconds: float
+    catchup_seconds: float
+    paradigm_accepts: list[dict]
     text: str
 
 
@@ -47,10 +51,11 @@ def run_bench(
     seed: int = 0,
     config: WhiFlashConfig = WhiFlashConfig(),
     progress: bool = True,
+    policy_params: dict | None = None,
 ) -> dict:
     if not prompts:
         raise WhiFlashError("no prompts to run")
-    runners = [make_method(m, target, config) for m in methods]
+    runners = [make_method(m, target, config, policy_params) for m in methods]
     reference = None if "vanilla" in methods else make_method("vanilla", target)
     encoded = [(p, encode_chat(target.tokenizer, p.messages)) for p in prompts]
     for p, ids in encoded:
@@ -72,7 +77,8 @@ def run_bench(
             identical = (result.tokens == vanilla_tokens) if sampling.greedy else None
             runs.append(PromptRun(
                 runner.name, prompt.id, prompt.category, len(result.tokens), result.seconds, result.rounds,
-                result.tau, identical, result.accept_lengths, result.draft_seconds, result.verify_seconds, result.text,
+                result.tau, identical, result.accept_lengths, result.draft_seconds, result.verify_seconds,
+                result.paradigms, result.switch_seconds, result.catchup_seconds, result.paradigm_accepts, result.text,
             ))
             bar.update()
     bar.close()
@@ -88,6 +94,14 @@ def run_bench(
         "results": summarize(runs, methods),
         "per_prompt": [asdict(r) for r in runs],
     }
+
+
+def _paradigm_rounds(group: list[PromptRun], method: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for run in group:
+        for paradigm in run.paradigms or [method] * run.rounds:
+            counts[paradigm] = counts.get(paradigm, 0) + 1
+    return counts
 
 
 def summarize(runs: list[PromptRun], methods: list[str]) -> list[dict]:
@@ -116,9 +130,10 @@ def summarize(runs: list[PromptRun], methods: list[str]) -> list[dict]:
                 "rounds": rounds,
                 "speedup_vs_vanilla": None,
                 "identical_to_vanilla": None if None in identical else all(identical),
-                "paradigm_rounds": {method: rounds},
-                "switches": 0,
-                "switch_overhead_frac": 0.0,
+                "paradigm_rounds": _paradigm_rounds(group, method),
+                "switches": sum(sum(a != b for a, b in zip(r.paradigms, r.paradigms[1:])) for r in group),
+                "switch_overhead_frac": round(sum(r.switch_seconds for r in group) / seconds, 5) if seconds else 0.0,
+                "catchup_frac": round(sum(r.catchup_seconds for r in group) / seconds, 5) if seconds else 0.0,
                 "draft_ms_per_round": round(1000 * sum(r.draft_seconds for r in group) / rounds, 2) if rounds else None,
                 "verify_ms_per_round": round(1000 * sum(r.verify_seconds for r in group) / rounds, 2) if rounds else None,
             })

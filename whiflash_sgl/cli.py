@@ -16,7 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local folders; never 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"HF causal-LM folder, or '{DEFAULT_MODEL}' (default)")
-    p.add_argument("--config", help="YAML/JSON file of drafter settings (see whiflash_sgl/config.py)")
+    p.add_argument("--config", help="YAML/JSON file of drafter and routing settings (whiflash_sgl/config.py)")
+    p.add_argument("--policy-config", help="YAML/JSON file of parameters for the whiflash:<policy> method")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -46,9 +47,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="prompts per category")
     p.add_argument("--methods", default="vanilla,ngram", help="comma-separated methods")
     p.add_argument("--out", help="write the JSON report here")
+    p.add_argument("--plot", action="store_true", help="also write PNG figures next to --out")
     _add_common(p)
 
     from whiflash_sgl.train.train_drafter import add_arguments
+
+    p = sub.add_parser("collect-traces", help="run the oracle on training prompts, record router features and "
+                                              "what every paradigm would have accepted each round")
+    p.add_argument("--prompts", required=True, help="training prompts JSONL (never the evaluation sets)")
+    p.add_argument("--limit", type=int, help="number of prompts (seeded shuffle)")
+    p.add_argument("--out", required=True, help="traces JSONL (appended)")
+    _add_common(p)
+
+    p = sub.add_parser("train-policy", help="train the MLP routing policy on collected traces")
+    p.add_argument("--traces", required=True)
+    p.add_argument("--out", required=True, help="policy folder (config.json + model.safetensors)")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("train-drafter", help="train an EAGLE-3 or DFlash drafter on the target's own outputs")
     add_arguments(p)
@@ -61,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 def _setup(args):
     import torch
 
-    from whiflash_sgl.config import WhiFlashConfig
+    from whiflash_sgl.config import WhiFlashConfig, read_mapping
     from whiflash_sgl.verify import SamplingParams
 
     if args.threads:
@@ -73,7 +89,8 @@ def _setup(args):
     config = WhiFlashConfig.from_file(args.config) if args.config else WhiFlashConfig()
     if args.max_new_tokens < 1:
         raise WhiFlashError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    return sampling, config
+    policy_params = read_mapping(args.policy_config) if args.policy_config else None
+    return sampling, config, policy_params
 
 
 def _generate(args) -> None:
@@ -81,11 +98,11 @@ def _generate(args) -> None:
     from whiflash_sgl.methods import make_method
     from whiflash_sgl.target import Target
 
-    sampling, config = _setup(args)
+    sampling, config, policy_params = _setup(args)
     if not args.prompt.strip():
         raise WhiFlashError("--prompt is empty")
     target = Target.load(args.model)
-    method = make_method(args.method, target, config)
+    method = make_method(args.method, target, config, policy_params)
     if args.raw:
         ids = target.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
     else:
@@ -115,16 +132,24 @@ def _bench(args) -> None:
     from whiflash_sgl.chat import load_prompts
     from whiflash_sgl.target import Target
 
-    sampling, config = _setup(args)
+    sampling, config, policy_params = _setup(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
     prompts = load_prompts(args.prompts, categories, args.limit)
     target = Target.load(args.model)
-    report = run_bench(target, prompts, methods, args.max_new_tokens, sampling, args.seed, config)
+    report = run_bench(target, prompts, methods, args.max_new_tokens, sampling, args.seed, config,
+                       policy_params=policy_params)
     print(format_table(report))
+    if args.plot and not args.out:
+        raise WhiFlashError("--plot writes figures next to the JSON report: give --out too")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.out}", file=sys.stderr)
+    if args.plot:
+        from whiflash_sgl.plots import write_plots
+
+        for path in write_plots(report, Path(args.out)):
+            print(f"wrote {path}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +161,19 @@ def main(argv: list[str] | None = None) -> int:
             print(prepare_default_model(force=args.force))
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "collect-traces":
+            from whiflash_sgl.target import Target
+            from whiflash_sgl.train.router_policy import collect_traces
+
+            _, config, _ = _setup(args)
+            rows = collect_traces(Target.load(args.model), Path(args.prompts), Path(args.out), config, args.limit,
+                                  args.max_new_tokens, args.seed)
+            print(f"wrote {rows} rounds to {args.out}", file=sys.stderr)
+        elif args.command == "train-policy":
+            from whiflash_sgl.train.router_policy import train_policy
+
+            print(json.dumps(train_policy(Path(args.traces), Path(args.out), args.epochs, args.hidden, args.seed),
+                             indent=1))
         elif args.command == "train-drafter":
             import torch
 

@@ -29,6 +29,11 @@ class WhiFlashConfig:
     dflash_block_size: int = 0
     dflash_tree_topk: int = 1
     dflash_tree_budget: int = 0
+    # WhiFlash routing: paradigms to route between, catch-up mode, fallback on policy faults, policy deadline
+    paradigms: str = "eagle3,dflash,ngram"
+    catch_up: str = "lazy"
+    fallback: str = "eagle3"
+    policy_deadline_ms: float = 50.0
 
     @classmethod
     def from_mapping(cls, values: dict, source: str = "config") -> "WhiFlashConfig":
@@ -44,14 +49,19 @@ class WhiFlashConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "WhiFlashConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise WhiFlashError(f"config file {path} does not exist")
-        text = path.read_text()
-        try:
-            values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise WhiFlashError(f"cannot parse {path}: {exc}") from exc
-        if not isinstance(values, dict):
-            raise WhiFlashError(f"{path} must hold a mapping of settings")
-        return cls.from_mapping(values, str(path))
+        return cls.from_mapping(read_mapping(path), str(path))
+
+
+def read_mapping(path: str | Path) -> dict:
+    """A YAML or JSON file holding one mapping of settings."""
+    path = Path(path)
+    if not path.is_file():
+        raise WhiFlashError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise WhiFlashError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(values, dict):
+        raise WhiFlashError(f"{path} must hold a mapping of settings")
+    return values

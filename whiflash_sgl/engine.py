@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from whiflash_sgl.drafters.base import Drafter, SequenceState
+from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.target import Target
 from whiflash_sgl.tree import DraftTree
@@ -32,6 +32,14 @@ class GenerationResult:
     accept_lengths: list[int] = field(default_factory=list)  # accepted draft tokens per round
     draft_seconds: float = 0.0  # time in the drafter (catch-up included)
     verify_seconds: float = 0.0  # time in target verify passes, acceptance and KV compaction
+    paradigms: list[str] = field(default_factory=list)  # the paradigm that drafted each round (routed methods)
+    switch_seconds: float = 0.0  # catch-up spent on rounds that switched paradigm
+    catchup_seconds: float = 0.0  # all catch-up (KV-only prefill) the router triggered
+    paradigm_accepts: list[dict[str, int]] = field(default_factory=list)  # oracle: each paradigm's acceptance
+
+    @property
+    def switches(self) -> int:
+        return sum(a != b for a, b in zip(self.paradigms, self.paradigms[1:]))
 
     @property
     def tau(self) -> float:
@@ -138,6 +146,7 @@ class SpeculativeEngine:
                               feature_layers=target.capture_layers)
         _, token = accept(DraftTree(), first.logits[-1:], self.sampling, self.generator)
         state.tokens.append(token)
+        state.root_logits = first.logits[-1]
         out.extend([token])
         if self.drafter is not None:
             self.drafter.start(state)
@@ -155,13 +164,17 @@ class SpeculativeEngine:
             step = target.verify(state.tokens[-1], tree)
             path, bonus = accept(tree, step.logits, self.sampling, self.generator)
             target.commit(start, path)
+            t2 = time.perf_counter()
             draft_seconds += t1 - t0
-            verify_seconds += time.perf_counter() - t1
+            verify_seconds += t2 - t1
             if step.hidden is not None:
                 rows = step.hidden[[0, *(1 + i for i in path)]]
                 state.features = rows if state.features is None else torch.cat([state.features, rows])
             new_tokens = [tree.tokens[i] for i in path] + [bonus]
             state.tokens.extend(new_tokens)
+            state.root_logits = step.logits[0 if not path else path[-1] + 1]
+            if self.drafter is not None:
+                self.drafter.observe(RoundReport(tree, path, new_tokens, t2 - t1))
             out.extend(new_tokens)
             rounds += 1
             drafted += len(tree)

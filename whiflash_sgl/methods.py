@@ -12,12 +12,16 @@ from whiflash_sgl.drafters.checkpoint import default_drafter_path, load_drafter_
 from whiflash_sgl.drafters.dflash import DFlashDrafter
 from whiflash_sgl.drafters.eagle3 import Eagle3Drafter
 from whiflash_sgl.drafters.ngram import NgramDrafter
+from whiflash_sgl.drafters.oracle import OracleDrafter
+from whiflash_sgl.drafters.whiflash import WhiFlashDrafter
+from whiflash_sgl.policies import load_policy
+from whiflash_sgl.router import Router
 from whiflash_sgl.engine import GenerationResult, SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.target import Target
 from whiflash_sgl.verify import SamplingParams
 
-METHODS = ("vanilla", "hf-generate", "hf-prompt-lookup", "ngram", "eagle3", "dflash")
+METHODS = ("vanilla", "hf-generate", "hf-prompt-lookup", "ngram", "eagle3", "dflash", "whiflash:<policy>", "oracle")
 
 
 class EngineMethod:
@@ -28,7 +32,15 @@ class EngineMethod:
 
     def generate(self, prompt_ids, max_new_tokens, sampling: SamplingParams, seed: int, stop=(), on_text=None):
         engine = SpeculativeEngine(self.target, self.drafter, sampling, seed)
-        return engine.generate(prompt_ids, max_new_tokens, stop=stop, on_text=on_text)
+        result = engine.generate(prompt_ids, max_new_tokens, stop=stop, on_text=on_text)
+        if isinstance(self.drafter, WhiFlashDrafter):
+            result.paradigms = [paradigm for paradigm, _ in self.drafter.trace]
+            result.switch_seconds = self.drafter.switch_seconds
+            result.catchup_seconds = self.drafter.catchup_seconds
+        if isinstance(self.drafter, OracleDrafter):
+            result.paradigms = [paradigm for paradigm, _ in self.drafter.trace]
+            result.paradigm_accepts = [t["accepted"] for t in self.drafter.traces[-len(self.drafter.trace):]]
+        return result
 
 
 class HFGenerateMethod:
@@ -108,11 +120,38 @@ def make_drafter(kind: str, target: Target, config: WhiFlashConfig = WhiFlashCon
     raise WhiFlashError(f"unknown drafter {kind!r}; available: ngram, eagle3, dflash")
 
 
-def make_method(name: str, target: Target, config: WhiFlashConfig = WhiFlashConfig()):
+def _paradigms(target: Target, config: WhiFlashConfig) -> dict:
+    names = [p.strip() for p in config.paradigms.split(",") if p.strip()]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise WhiFlashError(f"paradigms must name two or more distinct drafters, got {config.paradigms!r}")
+    if config.fallback not in names:
+        raise WhiFlashError(f"fallback {config.fallback!r} is not among the paradigms {names}")
+    return {name: make_drafter(name, target, config) for name in names}
+
+
+def make_method(name: str, target: Target, config: WhiFlashConfig = WhiFlashConfig(),
+                policy_params: dict | None = None):
+    """A generation method by name. ``policy_params`` are the parameters of the ``whiflash:<policy>`` policy, or,
+    when every value is a mapping, per-policy parameters keyed by policy name (one file for several policies)."""
     if name == "vanilla":
         return EngineMethod(name, target)
     if name in ("ngram", "eagle3", "dflash"):
         return EngineMethod(name, target, make_drafter(name, target, config))
+    if name.startswith("whiflash:"):
+        if config.catch_up not in ("lazy", "eager"):
+            raise WhiFlashError(f"catch_up must be 'lazy' or 'eager', got {config.catch_up!r}")
+        policy_name = name.split(":", 1)[1]
+        params = policy_params or {}
+        if params and all(isinstance(v, dict) for v in params.values()):
+            params = params.get(policy_name, {})
+        policy = load_policy(policy_name, params)
+        drafters = _paradigms(target, config)
+        router = Router(policy, tuple(drafters), config.fallback, config.policy_deadline_ms / 1000)
+        return EngineMethod(name, target, WhiFlashDrafter(drafters, router, target.tokenizer, config.catch_up))
+    if name == "oracle":
+        drafters = _paradigms(target, config)
+        router = Router(None, tuple(drafters), config.fallback)
+        return EngineMethod(name, target, OracleDrafter(drafters, router, target.tokenizer))
     if name == "hf-generate":
         return HFGenerateMethod(name, target)
     if name == "hf-prompt-lookup":

@@ -51,6 +51,33 @@ class DraftTree:
                 parent = index[key]
         return cls(tuple(tokens), tuple(parents))
 
+    @classmethod
+    def union(cls, trees) -> "DraftTree":
+        """One tree holding every root-to-leaf path of ``trees`` (shared prefixes merged)."""
+        return cls.from_paths(path for tree in trees for path in tree.paths())
+
+    def paths(self) -> list[list[int]]:
+        """Token sequences from the root to each leaf."""
+        has_child = set(self.parents)
+        out = []
+        for leaf in (i for i in range(len(self)) if i not in has_child):
+            path, node = [], leaf
+            while node >= 0:
+                path.append(self.tokens[node])
+                node = self.parents[node]
+            out.append(path[::-1])
+        return out
+
+    def matched(self, tokens) -> int:
+        """How many of ``tokens`` this tree holds as a path from the root (the acceptance it would have had)."""
+        node, count = -1, 0
+        for token in tokens:
+            node = next((c for c in self.children(node) if self.tokens[c] == token), None)
+            if node is None:
+                break
+            count += 1
+        return count
+
     def __len__(self) -> int:
         return len(self.tokens)
 

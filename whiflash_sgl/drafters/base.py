@@ -9,7 +9,6 @@ lets the router bring an idle drafter up to date lazily, only when it is chosen.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
@@ -22,13 +21,15 @@ class SequenceState:
 
     ``features[t]`` (``[n-1, len(feature_layers), H]``) holds the target's hidden states at committed position ``t``
     for the HF ``hidden_states`` indices in ``feature_layers`` (the residual stream entering each of those layers),
-    or is None when the engine captures nothing (model-free drafters).
+    or is None when the engine captures nothing (model-free drafters). ``root_logits`` are the target's logits that
+    produced the root token (free after every verify pass).
     """
 
     tokens: list[int]
     prompt_len: int
     features: torch.Tensor | None = None
     feature_layers: tuple[int, ...] = ()
+    root_logits: torch.Tensor | None = None
 
     def context_features(self, layers: tuple[int, ...], start: int, end: int) -> torch.Tensor:
         """Features of positions ``[start, end)`` for ``layers``, concatenated: ``[end-start, len(layers)*H]``."""
@@ -37,18 +38,35 @@ class SequenceState:
         return rows.reshape(rows.shape[0], -1)
 
 
-class Drafter(Protocol):
-    name: str
-    feature_layers: tuple[int, ...]  # target hidden_states indices this drafter reads (empty: model-free)
+@dataclass(frozen=True)
+class RoundReport:
+    """The outcome of one verify pass, for drafters that learn from it (the router)."""
+
+    tree: DraftTree
+    path: list[int]  # accepted node indices
+    new_tokens: list[int]  # accepted draft tokens + bonus
+    verify_seconds: float
+
+
+class Drafter:
+    """Base class; model-free drafters only implement :meth:`propose`."""
+
+    name = ""
+    feature_layers: tuple[int, ...] = ()  # target hidden_states indices this drafter reads (empty: model-free)
 
     def start(self, state: SequenceState) -> None:
         """A new sequence begins (its prompt is prefilled); drop any per-sequence state."""
 
     def pending(self, state: SequenceState) -> int:
         """Committed positions not yet in this drafter's cache (the catch-up backlog)."""
+        return 0
 
     def catch_up(self, state: SequenceState) -> None:
         """Bring the drafter's cache up to the committed sequence (KV-only prefill)."""
 
     def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
         """A draft below ``state.tokens[-1]`` no deeper than ``max_depth`` (may be empty)."""
+        raise NotImplementedError
+
+    def observe(self, report: RoundReport) -> None:
+        """Called after each verify pass with its outcome."""

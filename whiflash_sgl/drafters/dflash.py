@@ -19,7 +19,7 @@ from torch import nn
 from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-from whiflash_sgl.drafters.base import SequenceState
+from whiflash_sgl.drafters.base import Drafter, SequenceState
 from whiflash_sgl.drafters.layers import heads, rope_at, rotate
 from whiflash_sgl.kernels import tree_attention
 from whiflash_sgl.kv_cache import KVCache
@@ -100,7 +100,7 @@ class DFlashModel(nn.Module):
         return self.norm(hidden)
 
 
-class DFlashDrafter:
+class DFlashDrafter(Drafter):
     """Drafts a greedy chain of ``block_size - 1`` tokens per round, or a small tree from per-position top-k."""
 
     name = "dflash"

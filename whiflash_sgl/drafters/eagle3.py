@@ -19,7 +19,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from whiflash_sgl.drafters.base import SequenceState
+from whiflash_sgl.drafters.base import Drafter, SequenceState
 from whiflash_sgl.drafters.layers import heads, rope_at, rotate
 from whiflash_sgl.kernels import tree_attention
 from whiflash_sgl.kv_cache import KVCache
@@ -83,7 +83,7 @@ class Eagle3Model(nn.Module):
         return draft_ids + self.d2t[draft_ids]
 
 
-class Eagle3Drafter:
+class Eagle3Drafter(Drafter):
     """Drafts with an :class:`Eagle3Model`: a dynamic tree (``topk`` > 1) or a chain (``topk`` = 1)."""
 
     name = "eagle3"

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from whiflash_sgl.drafters.base import SequenceState
+from whiflash_sgl.drafters.base import Drafter, SequenceState
 from whiflash_sgl.tree import DraftTree
 
 
-class NgramDrafter:
+class NgramDrafter(Drafter):
     name = "ngram"
-    feature_layers: tuple[int, ...] = ()
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 2, num_tokens: int = 8, width: int = 1):
         if not 1 <= min_ngram <= max_ngram:
@@ -24,15 +23,6 @@ class NgramDrafter:
         if num_tokens < 1 or width < 1:
             raise ValueError("num_tokens and width must be >= 1")
         self.max_ngram, self.min_ngram, self.num_tokens, self.width = max_ngram, min_ngram, num_tokens, width
-
-    def start(self, state: SequenceState) -> None:
-        pass
-
-    def pending(self, state: SequenceState) -> int:
-        return 0
-
-    def catch_up(self, state: SequenceState) -> None:
-        pass
 
     def continuations(self, tokens: list[int], length: int) -> list[list[int]]:
         """Up to ``width`` distinct continuations of the longest earlier match of a suffix, most recent first."""

@@ -1,0 +1,65 @@
+"""Oracle traces, the learned routing policy and the figures, end to end on a tiny target with tiny drafters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from whiflash_sgl.bench import run_bench
+from whiflash_sgl.chat import load_prompts
+from whiflash_sgl.config import WhiFlashConfig
+from whiflash_sgl.drafters.checkpoint import dflash_config, eagle3_config, save_drafter
+from whiflash_sgl.drafters.dflash import DFlashModel
+from whiflash_sgl.drafters.eagle3 import Eagle3Model
+from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.plots import write_plots
+from whiflash_sgl.policies import load_policy
+from whiflash_sgl.target import Target
+from whiflash_sgl.train.eagle3 import set_vocabulary
+from whiflash_sgl.train.router_policy import collect_traces, train_policy
+from whiflash_sgl.train.train_drafter import default_layer_ids
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer, make_model):
+    root = tmp_path_factory.mktemp("routing")
+    target = Target(make_model(len(tiny_tokenizer), num_hidden_layers=6, initializer_range=0.05), tiny_tokenizer,
+                    name="tiny6")
+    torch.manual_seed(0)
+    eagle = Eagle3Model(eagle3_config(target, 128, default_layer_ids(6)))
+    set_vocabulary(eagle, torch.arange(128))
+    dflash = DFlashModel(dflash_config(target, 1, 5, default_layer_ids(6), 0))
+    save_drafter(eagle, root / "eagle3", target)
+    save_drafter(dflash, root / "dflash", target)
+    config = WhiFlashConfig(eagle3_path=str(root / "eagle3"), dflash_path=str(root / "dflash"), eagle3_depth=3,
+                            eagle3_topk=2, eagle3_budget=6, ngram_min=1)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "category": ["code", "chat"][i % 2], "messages": [
+        {"role": "user", "content": f"def f{i}(x):\n    return x + {i}\n\ndef f{i}("}]}) + "\n" for i in range(12)))
+    return target, config, prompts, root
+
+
+def test_traces_train_an_mlp_policy_that_routes_losslessly(setup):
+    target, config, prompts, root = setup
+    rows = collect_traces(target, prompts, root / "traces.jsonl", config, limit=12, max_new_tokens=24)
+    first = json.loads((root / "traces.jsonl").read_text().splitlines()[0])
+    assert rows >= 50 and set(first["accepted"]) == {"eagle3", "dflash", "ngram"}
+    metrics = train_policy(root / "traces.jsonl", root / "mlp", epochs=50)
+    assert metrics["rounds"] == rows and 0 <= metrics["heldout_pick_best"] <= 1
+    assert metrics["heldout_tau_oracle"] >= max(metrics[f"heldout_tau_always_{p}"] for p in metrics["paradigms"])
+    report = run_bench(target, load_prompts(prompts, limit=2), ["vanilla", "whiflash:mlp", "oracle",
+                                                                 "whiflash:heuristic"],
+                       16, config=config, progress=False, policy_params={"mlp": {"path": str(root / "mlp")}})
+    rows = {(r["method"], r["category"]): r for r in report["results"]}
+    assert all(r["identical_to_vanilla"] for r in report["results"])
+    assert sum(rows[("whiflash:mlp", "all")]["paradigm_rounds"].values()) >= rows[("whiflash:mlp", "all")]["rounds"] - 4
+    figures = write_plots(report, root / "bench.json")
+    assert [p.name for p in figures] == ["bench_throughput.png", "bench_routing.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in figures)
+
+
+def test_mlp_policy_without_weights_names_the_fix(tmp_path):
+    with pytest.raises(WhiFlashError, match="train one with `whiflash train-policy`"):
+        load_policy("mlp", {"path": str(tmp_path)})

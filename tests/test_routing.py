@@ -1,0 +1,210 @@
+"""WhiFlash routing on a tiny real target: every policy is lossless, faults fall back, policies load from entry
+points (including another distribution's), lazy and eager catch-up agree, and the oracle bounds every paradigm."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+from whiflash_sgl.drafters.checkpoint import dflash_config, eagle3_config
+from whiflash_sgl.drafters.dflash import DFlashDrafter, DFlashModel
+from whiflash_sgl.drafters.eagle3 import Eagle3Drafter, Eagle3Model
+from whiflash_sgl.drafters.ngram import NgramDrafter
+from whiflash_sgl.drafters.oracle import OracleDrafter
+from whiflash_sgl.drafters.whiflash import WhiFlashDrafter
+from whiflash_sgl.engine import SpeculativeEngine
+from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.policies import load_policy
+from whiflash_sgl.router import CostModel, Decision, Router, best_paradigm, syntax_state
+from whiflash_sgl.target import Target
+from whiflash_sgl.train.eagle3 import set_vocabulary
+from whiflash_sgl.train.train_drafter import default_layer_ids
+from whiflash_sgl.verify import SamplingParams
+
+LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def target(tiny_tokenizer, make_model):
+    return Target(make_model(len(tiny_tokenizer), num_hidden_layers=LAYERS, initializer_range=0.05),
+                  tiny_tokenizer, name="tiny6")
+
+
+@pytest.fixture(scope="module")
+def models(target):
+    torch.manual_seed(3)
+    eagle = Eagle3Model(eagle3_config(target, 128, default_layer_ids(LAYERS)))
+    set_vocabulary(eagle, torch.arange(128))
+    mask_id = target.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    dflash = DFlashModel(dflash_config(target, 1, 5, default_layer_ids(LAYERS), mask_id))
+    return eagle, dflash
+
+
+def _drafters(target, models):
+    eagle, dflash = models
+    embed, head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
+    return {"eagle3": Eagle3Drafter(eagle, embed, depth=3, topk=2, budget=6),
+            "dflash": DFlashDrafter(dflash, embed, head),
+            "ngram": NgramDrafter(min_ngram=1)}
+
+
+def _whiflash(target, models, policy, catch_up="lazy", deadline=0.05):
+    drafters = _drafters(target, models)
+    router = Router(policy, tuple(drafters), "eagle3", deadline_s=deadline)
+    return WhiFlashDrafter(drafters, router, target.tokenizer, catch_up)
+
+
+class Alternate:
+    """A policy that switches every round: the hardest case for catch-up."""
+
+    def __init__(self):
+        self.i = 0
+
+    def decide(self, features):
+        self.i += 1
+        return ("eagle3", "dflash", "ngram")[self.i % 3]
+
+
+@pytest.fixture
+def prompt(tiny_tokenizer):
+    return tiny_tokenizer("def add(a, b):\n    return a + b\n\ndef add(a, b):")["input_ids"]
+
+
+@pytest.mark.parametrize("policy", ["heuristic", "entropy", "alternate"])
+@pytest.mark.parametrize("catch_up", ["lazy", "eager"])
+def test_every_policy_is_greedy_lossless(target, models, prompt, policy, catch_up):
+    chosen = Alternate() if policy == "alternate" else load_policy(policy)
+    drafter = _whiflash(target, models, chosen, catch_up)
+    reference = SpeculativeEngine(target).generate(prompt, 48)
+    result = SpeculativeEngine(target, drafter).generate(prompt, 48)
+    assert result.tokens == reference.tokens
+    routed = sum(drafter.router.stats.rounds.values())
+    assert routed == len(drafter.trace) and result.rounds - 1 <= routed <= result.rounds
+    if policy == "alternate":
+        assert drafter.router.stats.switches == result.rounds - 1 and drafter.switch_seconds > 0
+
+
+def test_eager_keeps_every_drafter_current_and_lazy_does_not(target, models, prompt):
+    """The idle DFlash backlog the policy sees: one round's tokens under eager catch-up, the whole sequence under
+    lazy catch-up (DFlash is never chosen, so lazily it never catches up)."""
+    backlogs = {}
+    for mode in ("eager", "lazy"):
+        policy = Fixed("eagle3")
+        SpeculativeEngine(target, _whiflash(target, models, policy, mode)).generate(prompt, 24)
+        backlogs[mode] = max(policy.seen_dflash_pending[1:])  # the first round sees the whole prompt
+    assert backlogs["eager"] <= 4  # at most depth + 1 tokens commit per round
+    assert backlogs["lazy"] >= len(prompt) + 10
+
+
+class Fixed:
+    def __init__(self, paradigm):
+        self.paradigm, self.seen_dflash_pending = paradigm, []
+
+    def decide(self, features):
+        self.seen_dflash_pending.append(features.pending["dflash"])
+        return Decision(self.paradigm)
+
+
+def test_routing_keeps_the_sampling_distribution(target, models, prompt):
+    """Second generated token (the first one a verify round emits) under routing vs plain sampling: a chi-square
+    test of homogeneity over 1500 seeded runs each, at significance 0.001."""
+    params = SamplingParams(temperature=1.5)
+    counts = {}
+    for name in ("vanilla", "routed"):
+        seen = collections.Counter()
+        for seed in range(1500):
+            drafter = None if name == "vanilla" else _whiflash(target, models, Alternate())
+            tokens = SpeculativeEngine(target, drafter, params, seed=seed).generate(prompt, 2).tokens
+            seen[tokens[1] if len(tokens) > 1 else -1] += 1  # -1: the first token was EOS
+        counts[name] = seen
+    tokens = [t for t in set(counts["vanilla"]) | set(counts["routed"])
+              if counts["vanilla"][t] + counts["routed"][t] >= 20]
+    table = np.array([[counts[n][t] for t in tokens] + [1500 - sum(counts[n][t] for t in tokens)]
+                      for n in ("vanilla", "routed")])
+    assert chi2_contingency(table).pvalue > 1e-3
+
+
+class Raises:
+    def decide(self, features):
+        raise RuntimeError("policy bug")
+
+
+class Hangs:
+    def decide(self, features):
+        time.sleep(0.3)
+        return "dflash"
+
+
+class Invalid:
+    def decide(self, features):
+        return "medusa"
+
+
+@pytest.mark.parametrize("policy, kind", [(Raises(), "raised"), (Hangs(), "timeout"), (Invalid(), "invalid")])
+def test_faulty_policies_fall_back_and_are_logged_once(target, models, prompt, policy, kind, caplog):
+    drafter = _whiflash(target, models, policy, deadline=0.02)
+    reference = SpeculativeEngine(target).generate(prompt, 16)
+    with caplog.at_level(logging.WARNING, logger="whiflash_sgl.router"):
+        result = SpeculativeEngine(target, drafter).generate(prompt, 16)
+    assert result.tokens == reference.tokens
+    assert drafter.router.stats.faults[kind] >= 1
+    assert set(drafter.router.stats.rounds) == {"eagle3"}  # the fallback drafted every faulty round
+    assert len([r for r in caplog.records if kind in r.getMessage()]) == 1
+
+
+def test_oracle_accepts_the_best_paradigm_each_round(target, models, prompt):
+    drafters = _drafters(target, models)
+    oracle = OracleDrafter(drafters, Router(None, tuple(drafters), "eagle3"), target.tokenizer)
+    reference = SpeculativeEngine(target).generate(prompt, 40)
+    result = SpeculativeEngine(target, oracle).generate(prompt, 40)
+    assert result.tokens == reference.tokens
+    assert result.rounds - 1 <= len(oracle.traces) <= result.rounds
+    for row, accepted in zip(oracle.traces, result.accept_lengths):
+        assert max(row["accepted"].values()) == accepted
+
+
+def test_unknown_policy_lists_the_installed_ones():
+    with pytest.raises(WhiFlashError, match="unknown routing policy 'nope'; installed policies: .*entropy.*heuristic"):
+        load_policy("nope")
+    with pytest.raises(WhiFlashError, match="bad parameters for policy 'entropy'"):
+        load_policy("entropy", {"no_such_knob": 1})
+
+
+def test_a_policy_from_another_distribution_is_found_by_name(tmp_path, monkeypatch, target, models, prompt):
+    """A real (tiny) installed distribution: a module and a dist-info whose entry point names it."""
+    (tmp_path / "acme_router.py").write_text(
+        "class AlwaysDFlash:\n    def __init__(self, note=''):\n        self.note = note\n"
+        "    def decide(self, features):\n        return 'dflash'\n")
+    info = tmp_path / "acme_router-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-router\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[whiflash_sgl.policies]\nalways-dflash = acme_router:AlwaysDFlash\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    policy = load_policy("always-dflash", {"note": "x"})
+    drafter = _whiflash(target, models, policy)
+    result = SpeculativeEngine(target, drafter).generate(prompt, 16)
+    assert set(result.paradigms if result.paradigms else [p for p, _ in drafter.trace]) == {"dflash"}
+
+
+def test_cost_model_fits_verify_time_and_predicts():
+    costs = CostModel()
+    for n in (1, 4, 8, 16):
+        costs.observe_verify(n, 0.040 + 0.002 * n)
+    assert costs.verify_seconds(10) == pytest.approx(0.060)
+    costs.observe_draft("dflash", 0.010)
+    costs.observe_catchup("dflash", 20, 0.002)
+    assert costs.predict("dflash", 15, 30) == pytest.approx(0.010 + 0.072 + 0.003)
+
+
+def test_objective_and_syntax_features():
+    expected, seconds = {"eagle3": 3.0, "dflash": 4.0}, {"eagle3": 0.050, "dflash": 0.080}
+    assert best_paradigm(expected, seconds, None) == "eagle3"  # 60 vs 50 tokens per second
+    assert best_paradigm(expected, seconds, 0.0) == "dflash"  # latency ignored
+    assert syntax_state('Sure:\n```python\nx = {"a": [1, ') == (True, True, 2)
+    assert syntax_state("Plain prose (done).") == (False, False, 0)

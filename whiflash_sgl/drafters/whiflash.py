@@ -1,0 +1,91 @@
+"""WhiFlash: one drafter that asks the router, every round, which paradigm drafts.
+
+The chosen drafter is brought up to date from the target's stored features just before it drafts (Lazy
+Catch-up, with each drafter's KV-only prefill); ``catch_up="eager"`` instead keeps every drafter current each
+round, for comparison. Catch-up spent on rounds that switched paradigm is the switching overhead.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState
+from whiflash_sgl.router import RoundFeatures, Router
+from whiflash_sgl.tree import DraftTree
+
+
+def round_features(router: Router, drafters: dict[str, Drafter], state: SequenceState, draft_tokens: dict,
+                   tokenizer) -> RoundFeatures:
+    """The router's features for this round, from what the last verify pass and the drafters left behind."""
+    dflash, eagle = drafters.get("dflash"), drafters.get("eagle3")
+    return router.features(
+        state.root_logits,
+        tokenizer.decode(state.tokens[max(state.prompt_len, len(state.tokens) - 200):]),
+        {p: d.pending(state) for p, d in drafters.items()},
+        draft_tokens,
+        getattr(dflash, "last_confidences", []),
+        math.exp(eagle.last_scores[0]) if getattr(eagle, "last_scores", None) else 0.0,
+    )
+
+
+class WhiFlashDrafter(Drafter):
+    name = "whiflash"
+
+    def __init__(self, drafters: dict[str, Drafter], router: Router, tokenizer, catch_up: str = "lazy"):
+        if catch_up not in ("lazy", "eager"):
+            raise ValueError(f"catch_up must be 'lazy' or 'eager', got {catch_up!r}")
+        self.drafters, self.router, self.tokenizer, self.mode = drafters, router, tokenizer, catch_up
+        self.feature_layers = tuple(sorted({layer for d in drafters.values() for layer in d.feature_layers}))
+        self.tree_size = {p: 8 for p in drafters}  # last draft size per paradigm, for the cost model
+        self.switch_seconds = self.catchup_seconds = 0.0
+        self.paradigm = ""
+        self.trace: list[tuple[str, int]] = []  # (paradigm, accepted draft tokens) per drafted round
+        self._drafted = False
+
+    def start(self, state: SequenceState) -> None:
+        for drafter in self.drafters.values():
+            drafter.start(state)
+        self.router.reset()
+        self.paradigm = ""
+        self.trace = []
+        self.switch_seconds = self.catchup_seconds = 0.0
+
+    def pending(self, state: SequenceState) -> int:
+        return max(d.pending(state) for d in self.drafters.values())
+
+    def catch_up(self, state: SequenceState) -> None:
+        for drafter in self.drafters.values():
+            drafter.catch_up(state)
+
+    def _catch_up_timed(self, paradigm: str, state: SequenceState) -> float:
+        backlog = self.drafters[paradigm].pending(state)
+        tic = time.perf_counter()
+        self.drafters[paradigm].catch_up(state)
+        seconds = time.perf_counter() - tic
+        self.router.costs.observe_catchup(paradigm, backlog, seconds)
+        return seconds
+
+    def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
+        features = round_features(self.router, self.drafters, state, self.tree_size, self.tokenizer)
+        previous, self.paradigm = self.paradigm, self.router.decide(features)
+        catchup = 0.0
+        for paradigm in (self.drafters if self.mode == "eager" else [self.paradigm]):
+            catchup += self._catch_up_timed(paradigm, state)
+        if previous and previous != self.paradigm:
+            self.switch_seconds += catchup
+        self.catchup_seconds += catchup
+        tic = time.perf_counter()
+        tree = self.drafters[self.paradigm].propose(state, max_depth)
+        self.router.costs.observe_draft(self.paradigm, time.perf_counter() - tic)
+        self.tree_size[self.paradigm] = len(tree)
+        self._drafted = True
+        return tree
+
+    def observe(self, report: RoundReport) -> None:
+        if not self._drafted:  # the engine verified without asking for a draft (one token left)
+            return
+        self._drafted = False
+        self.router.update(self.paradigm, len(report.path) + 1)
+        self.router.costs.observe_verify(len(report.tree) + 1, report.verify_seconds)
+        self.trace.append((self.paradigm, len(report.path)))

@@ -1,0 +1,89 @@
+"""Figures next to a bench report: acceptance along one sequence per paradigm with the router's and the oracle's
+choices, and tokens/s per category by method. matplotlib is imported only here (the ``plot`` extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from whiflash_sgl.errors import WhiFlashError
+
+COLORS = {"eagle3": "tab:blue", "dflash": "tab:orange", "ngram": "tab:green"}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise WhiFlashError("--plot needs matplotlib: pip install 'whiflash-sgl[plot]'") from exc
+    return plt
+
+
+def _round_starts(accept_lengths: list[int], first: int = 1) -> list[int]:
+    """Generated-token position at which each round starts (the prefill emits the first token)."""
+    starts, position = [], first
+    for accepted in accept_lengths:
+        starts.append(position)
+        position += accepted + 1
+    return starts
+
+
+def plot_routing(report: dict, path: Path) -> Path | None:
+    """For the first prompt run by both the oracle and a whiflash method: each paradigm's would-be accepted length
+    per oracle round, the oracle's pick, and the router's choices along the same token positions."""
+    runs = report["per_prompt"]
+    oracle = next((r for r in runs if r["method"] == "oracle" and r["paradigm_accepts"]), None)
+    if oracle is None:
+        return None
+    routed = [r for r in runs if r["method"].startswith("whiflash:") and r["prompt_id"] == oracle["prompt_id"]]
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    starts = _round_starts(oracle["accept_lengths"])[: len(oracle["paradigm_accepts"])]
+    for paradigm in sorted(oracle["paradigm_accepts"][0]):
+        top.plot(starts, [a[paradigm] for a in oracle["paradigm_accepts"]], "-o", ms=3,
+                 color=COLORS.get(paradigm), label=f"{paradigm} (would accept)")
+    top.set_ylabel("accepted draft tokens")
+    top.set_title(f"Acceptance along one sequence: {oracle['prompt_id']} ({oracle['category']})")
+    top.legend(loc="upper right", fontsize=8)
+    lanes = [("oracle", oracle)] + [(r["method"], r) for r in routed]
+    for lane, (label, run) in enumerate(lanes):
+        xs = _round_starts(run["accept_lengths"])[: len(run["paradigms"])]
+        bottom.scatter(xs, [lane] * len(xs), c=[COLORS.get(p, "gray") for p in run["paradigms"]], s=14, marker="s")
+    bottom.set_yticks(range(len(lanes)), [label for label, _ in lanes], fontsize=8)
+    bottom.set_xlabel("generated token position")
+    bottom.set_title("paradigm chosen per round", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_throughput(report: dict, path: Path) -> Path:
+    """Grouped bars: tokens/s per category for every method."""
+    plt = _pyplot()
+    rows = report["results"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    categories = list(dict.fromkeys(r["category"] for r in rows))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(categories)), 4))
+    for i, method in enumerate(methods):
+        values = {r["category"]: r["tokens_per_s"] or 0 for r in rows if r["method"] == method}
+        ax.bar([c + i * width for c in range(len(categories))], [values.get(c, 0) for c in categories], width,
+               label=method)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(categories))], categories)
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"{report['model']}, {report['threads']} threads, {report['max_new_tokens']} new tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(report: dict, out_json: Path) -> list[Path]:
+    stem = out_json.with_suffix("")
+    written = [plot_throughput(report, stem.with_name(stem.name + "_throughput.png"))]
+    routing = plot_routing(report, stem.with_name(stem.name + "_routing.png"))
+    return written + ([routing] if routing else [])

@@ -1,0 +1,212 @@
+"""Per-round routing between drafting paradigms: features, a measured cost model, the policy call, the record.
+
+Every round the router computes features that are free after the last verify pass (target entropy and top-1
+margin at the root, last and per-paradigm EMA of tau, the last paradigm, DFlash's block confidences, EAGLE's
+first-step top-1 probability, catch-up backlogs, cheap syntax state of the generated text) and the predicted
+latency of each paradigm from an online cost model. The policy turns these into a paradigm. The router guards the
+call: a policy that raises, overruns its deadline or returns something invalid yields the fallback paradigm, and the
+event is counted and logged once per kind. Policies only choose proposals, so routing never changes the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PARADIGMS = ("eagle3", "dflash", "ngram")
+
+
+@dataclass
+class RoundFeatures:
+    entropy: float  # of the target's distribution at the root (nats)
+    margin: float  # top-1 minus top-2 probability at the root
+    last_tau: float
+    last_paradigm: str
+    ema_tau: dict[str, float]
+    pending: dict[str, int]  # catch-up backlog per paradigm
+    predicted_seconds: dict[str, float]  # cost model: draft + verify + catch-up per paradigm
+    dflash_expected: float  # expected accepted prefix from DFlash's last block confidences
+    eagle_top1: float  # EAGLE's last first-step top-1 probability
+    in_code: bool
+    in_json: bool
+    bracket_depth: int
+
+    VECTOR_FIELDS = ("entropy", "margin", "last_tau", "dflash_expected", "eagle_top1", "in_code", "in_json",
+                     "bracket_depth")
+
+    def vector(self, paradigms: tuple[str, ...]) -> list[float]:
+        """A flat numeric view for learned policies (paradigm one-hots and per-paradigm values in order)."""
+        values = [float(getattr(self, f)) for f in self.VECTOR_FIELDS]
+        values += [float(self.last_paradigm == p) for p in paradigms]
+        values += [self.ema_tau[p] for p in paradigms]
+        values += [math.log1p(self.pending[p]) for p in paradigms]
+        return values
+
+
+@dataclass(frozen=True)
+class Decision:
+    paradigm: str
+
+
+def best_paradigm(expected_tau: dict[str, float], seconds: dict[str, float], lam: float | None) -> str:
+    """The objective: ``argmax E[tau_m] / T_m`` (``lam`` None), or ``argmax E[tau_m] - lam * T_m`` with ``T`` in
+    milliseconds (``lam`` > 0 trades expected tokens against latency; 0 ignores latency)."""
+    if lam is None:
+        return max(expected_tau, key=lambda p: expected_tau[p] / max(seconds.get(p, 0.0), 1e-6))
+    return max(expected_tau, key=lambda p: expected_tau[p] - lam * 1000 * seconds.get(p, 0.0))
+
+
+def syntax_state(text: str) -> tuple[bool, bool, int]:
+    """Inside a fenced code block, inside a JSON-looking object, and the open-bracket depth of ``text``."""
+    in_code = text.count("```") % 2 == 1
+    depth = 0
+    for ch in text[-2000:]:
+        if ch in "{[(":
+            depth += 1
+        elif ch in "}])" and depth:
+            depth -= 1
+    tail = text[text.rfind("{") :] if "{" in text else ""
+    in_json = depth > 0 and '"' in tail
+    return in_code, in_json, depth
+
+
+class CostModel:
+    """Online latency estimates: per-paradigm draft time (EMA), catch-up time per backlog position (EMA), and
+    verify time as ``a + b * tokens`` fitted by least squares over all verify passes seen."""
+
+    def __init__(self, decay: float = 0.9):
+        self.decay = decay
+        self.draft: dict[str, float] = {}
+        self.catchup_per_token: dict[str, float] = {}
+        self._n = self._sx = self._sy = self._sxx = self._sxy = 0.0
+
+    def _ema(self, table: dict, key: str, value: float) -> None:
+        table[key] = value if key not in table else self.decay * table[key] + (1 - self.decay) * value
+
+    def observe_draft(self, paradigm: str, seconds: float) -> None:
+        self._ema(self.draft, paradigm, seconds)
+
+    def observe_catchup(self, paradigm: str, positions: int, seconds: float) -> None:
+        if positions > 0:
+            self._ema(self.catchup_per_token, paradigm, seconds / positions)
+
+    def observe_verify(self, tokens: int, seconds: float) -> None:
+        self._n += 1
+        self._sx += tokens
+        self._sy += seconds
+        self._sxx += tokens * tokens
+        self._sxy += tokens * seconds
+
+    def verify_seconds(self, tokens: int) -> float:
+        if self._n == 0:
+            return 0.0
+        denominator = self._n * self._sxx - self._sx**2
+        slope = (self._n * self._sxy - self._sx * self._sy) / denominator if denominator > 1e-12 else 0.0
+        intercept = (self._sy - slope * self._sx) / self._n
+        return max(intercept + slope * tokens, 0.0)
+
+    def predict(self, paradigm: str, draft_tokens: int, pending: int) -> float:
+        return (self.draft.get(paradigm, 0.0) + self.verify_seconds(draft_tokens + 1)
+                + self.catchup_per_token.get(paradigm, 0.0) * pending)
+
+
+@dataclass
+class RouterStats:
+    rounds: dict[str, int] = field(default_factory=dict)
+    switches: int = 0
+    faults: dict[str, int] = field(default_factory=dict)  # "raised" / "timeout" / "invalid" -> count
+
+
+class Router:
+    """Calls ``policy.decide(features)`` each round with a deadline, keeps tau statistics and the cost model."""
+
+    def __init__(self, policy, paradigms: tuple[str, ...], fallback: str, deadline_s: float = 0.05,
+                 ema: float = 0.7, record: bool = True):
+        if fallback not in paradigms:
+            raise ValueError(f"fallback paradigm {fallback!r} is not one of {paradigms}")
+        self.policy, self.paradigms, self.fallback = policy, paradigms, fallback
+        self.deadline_s, self.ema, self.record = deadline_s, ema, record
+        self.costs = CostModel()
+        self.stats = RouterStats()
+        self.decisions: list[dict] = []
+        self._logged: set[str] = set()
+        self._stuck: threading.Thread | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """A new sequence: tau statistics start from neutral values (cost estimates carry over)."""
+        self.ema_tau = {p: 2.0 for p in self.paradigms}
+        self.last_tau = 1.0
+        self.last_paradigm = ""  # none yet
+
+    def features(self, root_logits: torch.Tensor | None, text: str, pending: dict[str, int],
+                 draft_tokens: dict[str, int], dflash_confidences: list[float], eagle_top1: float) -> RoundFeatures:
+        entropy = margin = 0.0
+        if root_logits is not None:
+            probs = torch.softmax(root_logits.float(), dim=-1)
+            entropy = float(-(probs * probs.clamp_min(1e-12).log()).sum())
+            top2 = probs.topk(2).values
+            margin = float(top2[0] - top2[1])
+        expected, run = 0.0, 1.0
+        for q in dflash_confidences:
+            run *= q
+            expected += run
+        in_code, in_json, depth = syntax_state(text)
+        return RoundFeatures(
+            entropy=entropy, margin=margin, last_tau=self.last_tau, last_paradigm=self.last_paradigm,
+            ema_tau=dict(self.ema_tau), pending=dict(pending),
+            predicted_seconds={p: self.costs.predict(p, draft_tokens[p], pending[p]) for p in self.paradigms},
+            dflash_expected=expected, eagle_top1=eagle_top1, in_code=in_code, in_json=in_json, bracket_depth=depth,
+        )
+
+    def _fault(self, kind: str, detail: str) -> str:
+        self.stats.faults[kind] = self.stats.faults.get(kind, 0) + 1
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.warning("routing policy %s (%s); using %s (logged once)", kind, detail, self.fallback)
+        return self.fallback
+
+    def _call_policy(self, features: RoundFeatures) -> str:
+        if self._stuck is not None and self._stuck.is_alive():
+            return self._fault("timeout", "still running from an earlier round")
+        result: list = []
+
+        def call() -> None:
+            try:
+                result.append(self.policy.decide(features))
+            except Exception as exc:  # noqa: BLE001 - any policy failure must fall back, never stop generation
+                result.append(exc)
+
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        worker.join(self.deadline_s)
+        if worker.is_alive():
+            self._stuck = worker
+            return self._fault("timeout", f"no decision within {self.deadline_s * 1000:.0f} ms")
+        decision = result[0]
+        if isinstance(decision, Exception):
+            return self._fault("raised", f"{type(decision).__name__}: {decision}")
+        paradigm = decision.paradigm if isinstance(decision, Decision) else decision
+        if paradigm not in self.paradigms:
+            return self._fault("invalid", f"returned {decision!r}, not one of {self.paradigms}")
+        return paradigm
+
+    def decide(self, features: RoundFeatures) -> str:
+        paradigm = self._call_policy(features)
+        if self.last_paradigm and paradigm != self.last_paradigm:
+            self.stats.switches += 1
+        self.stats.rounds[paradigm] = self.stats.rounds.get(paradigm, 0) + 1
+        if self.record:
+            self.decisions.append({"paradigm": paradigm, **asdict(features)})
+        self.last_paradigm = paradigm
+        return paradigm
+
+    def update(self, paradigm: str, tau: float) -> None:
+        self.last_tau = tau
+        self.ema_tau[paradigm] = self.ema * self.ema_tau[paradigm] + (1 - self.ema) * tau
