@@ -69,6 +69,11 @@ def test_bad_prompt_file_and_config_are_clear_errors(capsys, tiny_model_dir, tmp
     bad.write_text('{"id": "1"}\n')
     code, _, err = _run(capsys, "bench", "--model", str(tiny_model_dir), "--prompts", str(bad))
     assert code == 2 and "bad.jsonl:1" in err
+    config = tmp_path / "bad_value.yaml"
+    config.write_text("ngram_tokens: 0\n")
+    code, _, err = _run(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "x", "--method", "ngram",
+                        "--config", str(config))
+    assert code == 2 and "bad ngram settings" in err and "num_tokens" in err
     config = tmp_path / "c.yaml"
     config.write_text("ngram_tokens: 4\nngram_typo: 1\n")
     code, _, err = _run(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "x", "--config", str(config))

@@ -107,6 +107,13 @@ def _drafter_path(kind: str, configured: str, target: Target) -> str:
 
 def make_drafter(kind: str, target: Target, config: WhiFlashConfig = WhiFlashConfig()):
     """A drafter by paradigm name, with the settings of ``config``."""
+    try:
+        return _build_drafter(kind, target, config)
+    except ValueError as exc:  # a drafter rejecting its settings (depth 0, block size 1, ...)
+        raise WhiFlashError(f"bad {kind} settings in the config: {exc}") from exc
+
+
+def _build_drafter(kind: str, target: Target, config: WhiFlashConfig):
     if kind == "ngram":
         return NgramDrafter(config.ngram_max, config.ngram_min, config.ngram_tokens, config.ngram_width)
     embed = target.model.get_input_embeddings()
