@@ -38,10 +38,6 @@ class GenerationResult:
     paradigm_accepts: list[dict[str, int]] = field(default_factory=list)  # oracle: each paradigm's acceptance
 
     @property
-    def switches(self) -> int:
-        return sum(a != b for a, b in zip(self.paradigms, self.paradigms[1:]))
-
-    @property
     def tau(self) -> float:
         """Tokens committed per verify pass, bonus included (the prefill's token is not a round's)."""
         return (len(self.tokens) - 1) / self.rounds if self.rounds else 1.0
