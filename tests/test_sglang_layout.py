@@ -1,0 +1,227 @@
+"""The SGLang adapter's pure parts (no SGLang needed): settings, tree shape, capture layout, KV budget, verify input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.sglang.layout import (
+    aux_layout,
+    cell_size_with_dflash,
+    dflash_capture_layers,
+    eagle3_capture_layers,
+    kv_bytes_per_token,
+    select_columns,
+)
+from whiflash_sgl.sglang.settings import (
+    CONFIG_ENV,
+    POLICY_ENV,
+    RESOLVED_ENV,
+    ServingSettings,
+    publish,
+    resolved_settings,
+    settings_from_env,
+)
+from whiflash_sgl.sglang.shape import resolve_tree_shape
+from whiflash_sgl.sglang.verify_layout import chain_proposals, merge_proposals, tree_proposals, verify_arrays
+from whiflash_sgl.tree import DraftTree
+
+
+# ---- settings -----------------------------------------------------------------------------------------------------
+
+def test_settings_from_a_yaml_file_with_the_policy_env_overriding(tmp_path):
+    path = tmp_path / "whiflash.yaml"
+    path.write_text("dflash_path: z-lab/Qwen3-8B-DFlash-b16\npolicy: heuristic\npolicy_params: {hysteresis: 0.2}\n"
+                    "policy_deadline_ms: 2\n")
+    settings = settings_from_env({CONFIG_ENV: str(path), POLICY_ENV: "entropy"})
+    assert settings.dflash_path == "z-lab/Qwen3-8B-DFlash-b16" and settings.policy == "entropy"
+    assert settings.policy_params == {"hysteresis": 0.2} and settings.policy_deadline_ms == 2.0
+    assert settings.catch_up == "eager" and settings.fallback == "eagle3"
+
+
+def test_resolved_settings_round_trip_through_the_environment():
+    environ = {}
+    settings = ServingSettings(dflash_path="/d", dflash_block_size=16, policy="mlp", policy_params={"path": "/p"},
+                               catch_up="lazy")
+    publish(settings, environ)
+    assert json.loads(environ[RESOLVED_ENV])["dflash_block_size"] == 16
+    assert resolved_settings(environ) == settings
+
+
+@pytest.mark.parametrize(("environ", "message"), [
+    ({}, "WHIFLASH needs WHIFLASH_CONFIG"),
+    ({CONFIG_ENV: "{not json"}, "invalid inline JSON"),
+    ({CONFIG_ENV: "[1]"}, "does not exist"),
+    ({CONFIG_ENV: "/nonexistent.yaml"}, "/nonexistent.yaml does not exist"),
+    ({CONFIG_ENV: '{"policy": "entropy"}'}, "dflash_path is required"),
+    ({CONFIG_ENV: '{"dflash_path": "/d", "fallback": "ngram"}'}, "fallback must be one of eagle3, dflash"),
+    ({CONFIG_ENV: '{"dflash_path": "/d", "dflash_block_size": "16"}'}, "dflash_block_size must be int"),
+    ({CONFIG_ENV: '{"dflash_path": "/d", "policy_params": []}'}, "policy_params must be dict"),
+])
+def test_bad_settings_name_the_problem(environ, message):
+    with pytest.raises(WhiFlashError, match=message):
+        settings_from_env(environ)
+
+
+def test_resolved_settings_are_required_in_children():
+    with pytest.raises(WhiFlashError, match="WHIFLASH_RESOLVED_CONFIG is not set"):
+        resolved_settings({})
+
+
+# ---- tree shape ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ((16, None, None, None), (16, 6, 4)),
+    ((16, 16, 5, 8), (16, 5, 8)),
+    ((16, None, None, 1), (16, 15, 1)),
+    ((16, None, 15, None), (16, 15, 1)),
+    ((8, None, None, None), (8, 6, 4)),
+    ((4, None, None, None), (4, 3, 4)),
+])
+def test_tree_shape_fills_the_block_width(args, expected):
+    shape = resolve_tree_shape(*args)
+    assert (shape.width, shape.steps, shape.topk) == expected
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((16, 8, None, None), "--speculative-num-draft-tokens 8 differs from the DFlash block size 16"),
+    ((16, None, 1, 4), "--speculative-num-steps 1 with --speculative-eagle-topk 4 drafts 4 candidates"),
+    ((16, None, 4, 1), "set --speculative-num-steps 15"),
+    ((1, None, None, None), "at least 2"),
+])
+def test_tree_shape_conflicts_name_the_flag(args, message):
+    with pytest.raises(WhiFlashError, match=message):
+        resolve_tree_shape(*args)
+
+
+# ---- capture layout and KV budget ---------------------------------------------------------------------------------
+
+def test_union_of_capture_layers_and_columns_for_a_qwen3_8b_pair():
+    # Qwen3-8B: 36 layers; an EAGLE-3 drafter reading HF layers [1, 17, 32], DFlash-b16 reading [1, 9, 17, 25, 33]
+    layout = aux_layout(eagle3_capture_layers([1, 17, 32], 36), dflash_capture_layers([1, 9, 17, 25, 33]), 36)
+    assert layout.capture == (2, 10, 18, 26, 33, 34)
+    assert layout.hf_layer_ids == [1, 9, 17, 25, 32, 33]
+    assert layout.eagle3_columns == (0, 2, 4) and layout.columns("dflash") == (0, 1, 2, 3, 5)
+
+
+def test_eagle3_default_capture_is_sglangs_triple_without_the_shift():
+    assert eagle3_capture_layers(None, 36) == [2, 18, 33]
+    assert aux_layout([2, 18, 33], [2, 18, 33], 36).eagle3_columns == (0, 1, 2)
+
+
+def test_capture_layers_must_exist():
+    with pytest.raises(ValueError, match="outside the target's 0..4"):
+        aux_layout([1, 2], [5, 9], 4)
+    with pytest.raises(ValueError, match="explicit target layer ids"):
+        dflash_capture_layers(None)
+
+
+def test_each_drafter_reads_exactly_what_it_would_capture_alone():
+    hidden_size, rows, num_layers = 3, 5, 12
+    per_layer = {b: torch.randn(rows, hidden_size) for b in range(num_layers + 1)}  # what "before layer b" holds
+
+    def capture(layers):  # the target's concatenation, in layer order
+        return torch.cat([per_layer[b] for b in sorted(set(layers))], dim=-1)
+
+    eagle, dflash = eagle3_capture_layers([1, 5, 8], num_layers), dflash_capture_layers([5, 7, 10, 1])
+    layout = aux_layout(eagle, dflash, num_layers)
+    union = capture(layout.capture)
+    assert torch.equal(select_columns(union, layout.eagle3_columns, len(layout.capture)), capture(eagle))
+    assert torch.equal(select_columns(union, layout.dflash_columns, len(layout.capture)), capture(dflash))
+
+
+def test_dflash_pool_bytes_are_added_to_the_target_cell():
+    # Qwen3-8B bf16: 8 KV heads x (128 + 128) x 36 layers x 2 bytes = 147456 per token; EAGLE-3 adds 1/36 of it
+    target = kv_bytes_per_token(8, 128, 128, 36, 2)
+    assert target == 147456
+    with_eagle = target + target // 36
+    dflash = kv_bytes_per_token(8, 128, 128, 5, 2)
+    assert cell_size_with_dflash(with_eagle, 36, 5, dflash) == with_eagle + 20480
+    assert cell_size_with_dflash(with_eagle, 36, 5, None) == with_eagle + -(-with_eagle * 5 // 36)
+    assert cell_size_with_dflash(with_eagle, 36, 0, None) == with_eagle
+
+
+# ---- the verify input ---------------------------------------------------------------------------------------------
+
+def greedy_accept(arrays, width, target_predict):
+    """SGLang's greedy tree walk (verify_tree_greedy): from the root follow first-child links, trying siblings in
+    order, while a candidate equals the target's prediction at the last accepted row."""
+    accepted = []
+    for b in range(arrays.retrieve_index.shape[0]):
+        path, last = [0], 0
+        child = int(arrays.retrieve_next_token[b, 0])
+        while child != -1:
+            while child != -1 and int(arrays.tokens[b * width + child]) != int(target_predict[b * width + last]):
+                child = int(arrays.retrieve_next_sibling[b, child])
+            if child == -1:
+                break
+            path.append(child)
+            last = child
+            child = int(arrays.retrieve_next_token[b, child])
+        accepted.append(path)
+    return accepted
+
+
+def test_tree_proposal_matches_the_core_tree_mask_and_positions():
+    tree = DraftTree((11, 12, 13, 14, 15), (-1, -1, 0, 0, 2))
+    proposals = tree_proposals([10], [tree], width=8)
+    arrays = verify_arrays(proposals, torch.tensor([7]), mask_mode="qlen_only")
+    mask = arrays.mask.reshape(8, 8)
+    assert torch.equal(mask[:6, :6], tree.ancestor_mask())
+    assert torch.equal(arrays.positions[:6], tree.positions(7))
+    assert arrays.tokens[:6].tolist() == [10, 11, 12, 13, 14, 15]
+    assert arrays.retrieve_next_token[0].tolist() == [1, 3, -1, 5, -1, -1, -1, -1]
+    assert arrays.retrieve_next_sibling[0].tolist() == [-1, 2, -1, 4, -1, -1, -1, -1]
+    assert arrays.retrieve_index[0].tolist() == list(range(8))
+
+
+def test_padding_rows_see_only_the_root_and_are_never_accepted():
+    roots = torch.tensor([5, 6])
+    drafts = torch.tensor([[7, 8, 9], [1, 2, 3]])
+    proposals = chain_proposals(roots, drafts, width=6, lengths=torch.tensor([4, 2]))
+    arrays = verify_arrays(proposals, torch.tensor([3, 10]), mask_mode="qlen_only")
+    mask = arrays.mask.reshape(2, 6, 6)
+    for b, used in ((0, 4), (1, 2)):
+        for row in range(used, 6):
+            assert mask[b, row].nonzero().flatten().tolist() == [0, row]
+            assert arrays.retrieve_next_token[b, row] == -1 and arrays.retrieve_next_sibling[b, row] == -1
+        assert -1 not in arrays.retrieve_next_token[b, : used - 1].tolist()
+    # a target that agrees with every row, padding included: acceptance still stops at the real tokens
+    predict = torch.zeros(12, dtype=torch.long)
+    for b in range(2):
+        row_tokens = arrays.tokens[b * 6:(b + 1) * 6]
+        predict[b * 6:(b + 1) * 6 - 1] = row_tokens[1:]
+        predict[(b + 1) * 6 - 1] = row_tokens[-1]
+    assert greedy_accept(arrays, 6, predict) == [[0, 1, 2, 3], [0, 1]]
+
+
+def test_full_mask_prefixes_each_request_with_its_committed_length():
+    proposals = chain_proposals(torch.tensor([1, 2]), torch.tensor([[3, 4], [5, 6]]), width=4)
+    arrays = verify_arrays(proposals, torch.tensor([2, 5]))
+    assert arrays.mask.numel() == 4 * (2 + 4) + 4 * (5 + 4)
+    first = arrays.mask[: 4 * 6].reshape(4, 6)
+    second = arrays.mask[4 * 6:].reshape(4, 9)
+    assert first[:, :2].all() and second[:, :5].all()
+    assert torch.equal(first[:3, 2:5], torch.tril(torch.ones(3, 3, dtype=torch.bool)))
+    assert arrays.positions.tolist() == [2, 3, 4, 3, 5, 6, 7, 6]
+
+
+def test_merging_eagle_and_dflash_sub_batches_keeps_each_request_in_place():
+    eagle = tree_proposals([10, 20], [DraftTree((1, 2, 3), (-1, -1, 0)), DraftTree((4,), (-1,))], width=5)
+    dflash = chain_proposals(torch.tensor([30]), torch.tensor([[7, 8, 9, 6]]), width=5)
+    merged = merge_proposals([(torch.tensor([0, 2]), eagle), (torch.tensor([1]), dflash)], batch_size=3)
+    assert merged.tokens[:, 0].tolist() == [10, 30, 20] and merged.lengths.tolist() == [4, 5, 2]
+    arrays = verify_arrays(merged, torch.tensor([4, 4, 4]))
+    assert arrays.retrieve_next_token[1].tolist() == [1, 2, 3, 4, -1]
+    with pytest.raises(ValueError, match="exactly once"):
+        merge_proposals([(torch.tensor([0, 1]), eagle)], batch_size=3)
+
+
+def test_proposals_that_do_not_fit_the_width_are_refused():
+    with pytest.raises(ValueError, match="more than the width 3"):
+        chain_proposals(torch.tensor([1]), torch.tensor([[2, 3, 4]]), width=3)
+    with pytest.raises(ValueError, match="more than the width 2"):
+        tree_proposals([1], [DraftTree((2, 3), (-1, 0))], width=2)
