@@ -25,7 +25,7 @@ class GenerationResult:
     prompt_tokens: int
     tokens: list[int]  # generated token ids (an EOS that ended generation included)
     text: str  # generated text, cut before a stop string, special tokens removed
-    finish_reason: str  # "length", "eos" or "stop"
+    finish_reason: str  # "length", "eos", "stop", or "abort" (the caller's ``cancelled`` said so)
     seconds: float
     rounds: int  # target verify passes after the prefill
     drafted: int  # draft tokens sent to verification
@@ -131,7 +131,10 @@ class SpeculativeEngine:
         max_new_tokens: int,
         stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> GenerationResult:
+        """``cancelled`` is asked before every round; when it says so, generation stops with ``finish_reason``
+        "abort" and what was committed so far (a server uses it to free the engine for a client that left)."""
         self.check_request(prompt_ids, max_new_tokens)
         target = self.target
         out = _Output(target.tokenizer, target.eos_token_ids, max_new_tokens, stop, on_text)
@@ -150,6 +153,9 @@ class SpeculativeEngine:
         draft_seconds = verify_seconds = 0.0
         accept_lengths: list[int] = []
         while out.finish_reason is None:
+            if cancelled is not None and cancelled():
+                out.finish_reason = "abort"
+                break
             remaining = max_new_tokens - len(out.tokens)
             tree = DraftTree()
             t0 = time.perf_counter()

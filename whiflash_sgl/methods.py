@@ -30,9 +30,10 @@ class EngineMethod:
     def __init__(self, name: str, target: Target, drafter=None):
         self.name, self.target, self.drafter = name, target, drafter
 
-    def generate(self, prompt_ids, max_new_tokens, sampling: SamplingParams, seed: int, stop=(), on_text=None):
+    def generate(self, prompt_ids, max_new_tokens, sampling: SamplingParams, seed: int, stop=(), on_text=None,
+                 cancelled=None):
         engine = SpeculativeEngine(self.target, self.drafter, sampling, seed)
-        result = engine.generate(prompt_ids, max_new_tokens, stop=stop, on_text=on_text)
+        result = engine.generate(prompt_ids, max_new_tokens, stop=stop, on_text=on_text, cancelled=cancelled)
         if isinstance(self.drafter, WhiFlashDrafter):
             result.paradigms = [paradigm for paradigm, _ in self.drafter.trace]
             result.switch_seconds = self.drafter.switch_seconds

@@ -76,7 +76,7 @@ class Target:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _forward(self, ids, positions: torch.Tensor, mask: torch.Tensor | None, last_only: bool) -> ForwardOut:
+    def _forward(self, ids, positions: torch.Tensor, mask: torch.Tensor | None, keep_logits: int) -> ForwardOut:
         device = self.device
         out = self.model(
             input_ids=torch.as_tensor(ids, dtype=torch.long, device=device)[None],
@@ -85,7 +85,7 @@ class Target:
             use_cache=True,
             whiflash_mask=None if mask is None else mask.to(device),
             output_hidden_states=bool(self.capture_layers),
-            logits_to_keep=1 if last_only else 0,
+            logits_to_keep=keep_logits,  # the last N positions' logits; 0 = all
         )
         hidden = None
         if self.capture_layers:
@@ -96,7 +96,7 @@ class Target:
     def prefill(self, ids: list[int]) -> ForwardOut:
         """Start a sequence: cache all of ``ids``; logits of the last position only, hidden states of all."""
         self.cache = KVCache()
-        return self._forward(ids, torch.arange(len(ids)), None, last_only=True)
+        return self._forward(ids, torch.arange(len(ids)), None, keep_logits=1)
 
     @torch.inference_mode()
     def verify(self, root: int, tree: DraftTree) -> ForwardOut:
@@ -107,7 +107,18 @@ class Target:
             mask = torch.ones(len(tree) + 1, start + len(tree) + 1, dtype=torch.bool)
             mask[:, start:] = tree.ancestor_mask()
             mask = mask[None, None]
-        return self._forward([root, *tree.tokens], tree.positions(start), mask, last_only=False)
+        return self._forward([root, *tree.tokens], tree.positions(start), mask, keep_logits=0)
+
+    @torch.inference_mode()
+    def score(self, ids: list[int], last: int) -> torch.Tensor:
+        """Logits of the ``last`` positions of ``ids`` in one causal forward (for log-probabilities of given
+        tokens, not generation); resets the cache like ``prefill`` and captures no hidden states."""
+        self.cache = KVCache()
+        capture, self.capture_layers = self.capture_layers, ()
+        try:
+            return self._forward(ids, torch.arange(len(ids)), None, keep_logits=last).logits
+        finally:
+            self.capture_layers = capture
 
     @torch.inference_mode()
     def commit(self, start: int, path: list[int]) -> None:
