@@ -85,6 +85,7 @@ def run_bench(
     return {
         "model": target.name,
         "device": str(target.device),
+        "dtype": str(target.model.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "max_new_tokens": max_new_tokens,
         "temperature": sampling.temperature,

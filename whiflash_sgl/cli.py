@@ -24,6 +24,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="target and drafter weights (bfloat16 is ~2x faster on CPUs with AVX512-BF16/AMX)")
+
+
+def _load_target(args):
+    import torch
+
+    from whiflash_sgl.target import Target
+
+    return Target.load(args.model, dtype=getattr(torch, args.dtype))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,12 +106,11 @@ def _setup(args):
 def _generate(args) -> None:
     from whiflash_sgl.chat import encode_chat
     from whiflash_sgl.methods import make_method
-    from whiflash_sgl.target import Target
 
     sampling, config, policy_params = _setup(args)
     if not args.prompt.strip():
         raise WhiFlashError("--prompt is empty")
-    target = Target.load(args.model)
+    target = _load_target(args)
     method = make_method(args.method, target, config, policy_params)
     if args.raw:
         ids = target.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
@@ -130,13 +139,12 @@ def _generate(args) -> None:
 def _bench(args) -> None:
     from whiflash_sgl.bench import format_table, run_bench
     from whiflash_sgl.chat import load_prompts
-    from whiflash_sgl.target import Target
 
     sampling, config, policy_params = _setup(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
     prompts = load_prompts(args.prompts, categories, args.limit)
-    target = Target.load(args.model)
+    target = _load_target(args)
     report = run_bench(target, prompts, methods, args.max_new_tokens, sampling, args.seed, config,
                        policy_params=policy_params)
     print(format_table(report))
@@ -162,11 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "generate":
             _generate(args)
         elif args.command == "collect-traces":
-            from whiflash_sgl.target import Target
             from whiflash_sgl.train.router_policy import collect_traces
 
             _, config, _ = _setup(args)
-            rows = collect_traces(Target.load(args.model), Path(args.prompts), Path(args.out), config, args.limit,
+            rows = collect_traces(_load_target(args), Path(args.prompts), Path(args.out), config, args.limit,
                                   args.max_new_tokens, args.seed)
             print(f"wrote {rows} rounds to {args.out}", file=sys.stderr)
         elif args.command == "train-policy":

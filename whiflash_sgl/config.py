@@ -29,6 +29,9 @@ class WhiFlashConfig:
     dflash_block_size: int = 0
     dflash_tree_topk: int = 1
     dflash_tree_budget: int = 0
+    # drafter weights and arithmetic: drafts only propose (the target verifies in its own dtype), so a cheaper
+    # dtype for them never changes the output
+    drafter_dtype: str = "bfloat16"
     # WhiFlash routing: paradigms to route between, catch-up mode, fallback on policy faults, policy deadline
     paradigms: str = "eagle3,dflash,ngram"
     catch_up: str = "lazy"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 
 import torch
@@ -114,17 +115,30 @@ def make_drafter(kind: str, target: Target, config: WhiFlashConfig = WhiFlashCon
         raise WhiFlashError(f"bad {kind} settings in the config: {exc}") from exc
 
 
+DRAFTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` itself when it already has ``dtype``, else a converted copy (the target's stays as it is)."""
+    if next(module.parameters()).dtype == dtype:
+        return module
+    return copy.deepcopy(module).to(dtype).requires_grad_(False)
+
+
 def _build_drafter(kind: str, target: Target, config: WhiFlashConfig):
     if kind == "ngram":
         return NgramDrafter(config.ngram_max, config.ngram_min, config.ngram_tokens, config.ngram_width)
-    embed = target.model.get_input_embeddings()
+    if config.drafter_dtype not in DRAFTER_DTYPES:
+        raise WhiFlashError(f"drafter_dtype must be one of {', '.join(DRAFTER_DTYPES)}, got {config.drafter_dtype!r}")
+    dtype = DRAFTER_DTYPES[config.drafter_dtype]
+    embed = _in_dtype(target.model.get_input_embeddings(), dtype)
     if kind == "eagle3":
-        model = load_drafter_model(kind, _drafter_path(kind, config.eagle3_path, target), target)
+        model = load_drafter_model(kind, _drafter_path(kind, config.eagle3_path, target), target, dtype)
         return Eagle3Drafter(model, embed, config.eagle3_depth, config.eagle3_topk, config.eagle3_budget)
     if kind == "dflash":
-        model = load_drafter_model(kind, _drafter_path(kind, config.dflash_path, target), target)
-        return DFlashDrafter(model, embed, target.model.get_output_embeddings(), config.dflash_block_size or None,
-                             config.dflash_tree_topk, config.dflash_tree_budget)
+        model = load_drafter_model(kind, _drafter_path(kind, config.dflash_path, target), target, dtype)
+        return DFlashDrafter(model, embed, _in_dtype(target.model.get_output_embeddings(), dtype),
+                             config.dflash_block_size or None, config.dflash_tree_topk, config.dflash_tree_budget)
     raise WhiFlashError(f"unknown drafter {kind!r}; available: ngram, eagle3, dflash")
 
 

@@ -31,11 +31,12 @@ class SequenceState:
     feature_layers: tuple[int, ...] = ()
     root_logits: torch.Tensor | None = None
 
-    def context_features(self, layers: tuple[int, ...], start: int, end: int) -> torch.Tensor:
-        """Features of positions ``[start, end)`` for ``layers``, concatenated: ``[end-start, len(layers)*H]``."""
+    def context_features(self, layers: tuple[int, ...], start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Features of positions ``[start, end)`` for ``layers``, concatenated: ``[end-start, len(layers)*H]``, in
+        the drafter's ``dtype``."""
         columns = [self.feature_layers.index(layer) for layer in layers]
         rows = self.features[start:end, columns]
-        return rows.reshape(rows.shape[0], -1)
+        return rows.reshape(rows.shape[0], -1).to(dtype)
 
 
 @dataclass(frozen=True)

@@ -106,8 +106,9 @@ def _check_against_target(kind: str, path: Path, config, target) -> None:
         )
 
 
-def load_drafter_model(kind: str, path: str | Path, target) -> torch.nn.Module:
-    """The draft network of ``kind`` from ``path``, checked against ``target``, in the target's dtype."""
+def load_drafter_model(kind: str, path: str | Path, target, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The draft network of ``kind`` from ``path``, checked against ``target``, in ``dtype`` (default: the
+    target's)."""
     if kind not in KINDS:
         raise WhiFlashError(f"unknown drafter kind {kind!r}; available: {', '.join(KINDS)}")
     architecture, config_class, model_class = KINDS[kind]
@@ -130,7 +131,7 @@ def load_drafter_model(kind: str, path: str | Path, target) -> torch.nn.Module:
     except (SafetensorError, OSError) as exc:
         raise WhiFlashError(f"cannot read drafter weights {weights_file}: {exc}") from exc
     model = model_class(config)
-    dtype = next(target.model.parameters()).dtype
+    dtype = dtype or next(target.model.parameters()).dtype
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if "rotary_emb" not in k]
     if missing or unexpected:

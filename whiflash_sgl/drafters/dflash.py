@@ -129,7 +129,7 @@ class DFlashDrafter(Drafter):
         end = len(state.tokens) - 1
         if end <= self.frontier:
             return
-        features = state.context_features(self.feature_layers, self.frontier, end)
+        features = state.context_features(self.feature_layers, self.frontier, end, self.model.fc.weight.dtype)
         for i, (k, v) in enumerate(self.model.context_kv(features, torch.arange(self.frontier, end))):
             self.cache.update(k, v, i)
         self.frontier = end

@@ -108,7 +108,7 @@ class Eagle3Drafter(Drafter):
     def _pairs(self, state: SequenceState, start: int, end: int):
         """Attention inputs and residuals of the committed pairs ``t in [start, end)``."""
         m = self.model
-        hidden = m.fc(state.context_features(self.feature_layers, start, end))
+        hidden = m.fc(state.context_features(self.feature_layers, start, end, m.fc.weight.dtype))
         tokens = torch.tensor(state.tokens[start + 1 : end + 1])
         return m.midlayer.attention_input(self.embed(tokens), hidden), hidden
 
