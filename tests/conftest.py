@@ -82,3 +82,49 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture
 def prompt_ids(tiny_tokenizer):
     return tiny_tokenizer("def add(a, b):\n    return")["input_ids"]
+
+
+@pytest.fixture(scope="session")
+def served_dir(tmp_path_factory, tiny_tokenizer):
+    """An HF folder of a 6-layer tiny Llama, randomly initialised EAGLE-3 and DFlash drafters for it, and a
+    WhiFlash config naming them. Small initial weights make the target fall into loops that the n-gram paradigm
+    drafts well, so speculation accepts tokens even with untrained drafters."""
+    import json
+
+    from whiflash_sgl.drafters.checkpoint import dflash_config, eagle3_config, save_drafter
+    from whiflash_sgl.drafters.dflash import DFlashModel
+    from whiflash_sgl.drafters.eagle3 import Eagle3Model
+    from whiflash_sgl.train.eagle3 import set_vocabulary
+    from whiflash_sgl.train.train_drafter import default_layer_ids
+
+    root = tmp_path_factory.mktemp("served")
+    layers = 6
+    model = make_tiny_model(len(tiny_tokenizer), num_hidden_layers=layers, initializer_range=0.02)
+    model.save_pretrained(root / "model")
+    tiny_tokenizer.save_pretrained(root / "model")
+    target = Target(model, tiny_tokenizer, name="tiny-served")
+    torch.manual_seed(3)
+    eagle = Eagle3Model(eagle3_config(target, 128, default_layer_ids(layers)))
+    set_vocabulary(eagle, torch.arange(128))
+    mask_id = tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    save_drafter(eagle, root / "eagle3", target)
+    save_drafter(DFlashModel(dflash_config(target, 1, 5, default_layer_ids(layers), mask_id)), root / "dflash", target)
+    (root / "whiflash.json").write_text(json.dumps({
+        "eagle3_path": str(root / "eagle3"), "dflash_path": str(root / "dflash"),
+        "eagle3_depth": 3, "eagle3_topk": 2, "eagle3_budget": 6,
+    }))
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(served_dir):
+    """The embedded server (WhiFlash, heuristic policy) on a free loopback port, in a thread of this process."""
+    from whiflash_sgl.server.launch import start_background
+    from whiflash_sgl.server.model import ServedModel
+    from whiflash_sgl.server.service import Service
+
+    model = ServedModel.load(str(served_dir / "model"), "WHIFLASH", "heuristic", str(served_dir / "whiflash.json"),
+                             served_name="tiny")
+    running = start_background(Service(model, max_waiting=64))
+    yield running
+    running.stop()

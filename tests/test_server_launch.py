@@ -1,0 +1,81 @@
+"""``python -m whiflash_sgl.launch_server``: backend choice, clear start-up errors, and a real launch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from whiflash_sgl import launch_server
+
+
+def test_auto_backend_is_sglang_only_with_cuda_and_sglang(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert launch_server.choose_backend("auto") == ("reference", "no CUDA device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launch_server.importlib.util, "find_spec", lambda name: None)
+    assert launch_server.choose_backend("auto") == ("reference", "sglang is not installed")
+    monkeypatch.setattr(launch_server.importlib.util, "find_spec", lambda name: object())
+    assert launch_server.choose_backend("auto")[0] == "sglang"
+    assert launch_server.choose_backend("reference")[0] == "reference"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--speculative-algorithm", "WHIFLASH", "--whiflash-policy", "nope"], "unknown routing policy 'nope'"),
+    (["--speculative-algorithm", "MEDUSA"], "unknown --speculative-algorithm 'MEDUSA'"),
+    (["--max-queued-requests", "0"], "--max-queued-requests must be >= 1"),
+])
+def test_bad_settings_fail_before_serving(capsys, served_dir, flags, message):
+    code = launch_server.main(["--backend", "reference", "--model-path", str(served_dir / "model"),
+                               "--whiflash-config", str(served_dir / "whiflash.json"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert "backend: reference" in err
+
+
+def test_reference_backend_refuses_flags_it_does_not_know(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        launch_server.main(["--backend", "reference", "--tp-size", "2"])
+    assert exit_info.value.code == 2 and "does not take: --tp-size 2" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_module_serves_until_terminated(served_dir):
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "whiflash_sgl.launch_server", "--backend", "reference", "--model-path", str(served_dir / "model"),
+         "--speculative-algorithm", "WHIFLASH", "--whiflash-policy", "heuristic", "--whiflash-config",
+         str(served_dir / "whiflash.json"), "--port", str(port), "--threads", "1", "--log-level", "warning"],
+        stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        out = requests.post(f"http://127.0.0.1:{port}/generate", timeout=60, json={
+            "text": "def add(a, b):", "sampling_params": {"max_new_tokens": 8, "temperature": 0}}).json()
+        assert out["meta_info"]["completion_tokens"] == 8 and "spec_accept_length" in out["meta_info"]
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "launch_server: backend: reference" in err
+    assert "reference engine (whiflash:heuristic)" in err

@@ -1,0 +1,9 @@
+"""The embedded server: SGLang's HTTP API (native ``/generate`` and OpenAI-compatible routes) on the reference
+engine, so SGLang frontend programs and OpenAI clients run WhiFlash where SGLang itself cannot (no GPU).
+
+Modules, one job each: ``schemas`` (request validation), ``model`` (the served target and method, tokenization,
+logprobs), ``scheduler`` (the FIFO queue and the engine thread), ``service`` (requests to jobs and back, client
+disconnects), ``stats`` and ``metrics`` (speculation statistics, Prometheus), ``native`` and ``openai_api`` (the
+two wire formats), ``app`` (the ASGI application and its errors), ``launch`` (flags, foreground and background
+serving) and ``load`` (a load generator for throughput and latency at several concurrencies).
+"""

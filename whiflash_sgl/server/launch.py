@@ -1,0 +1,122 @@
+"""Running the reference server: its command-line flags, ``serve`` (foreground), ``start_background`` (a thread).
+
+Everything that can be wrong with the flags (a missing model, an unknown policy or algorithm, a bad config) fails
+before the port is bound, with one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.model_store import DEFAULT_MODEL
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local folders; never wait on a hub
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The reference backend's flags, named as SGLang names them where SGLang has the same setting."""
+    parser.add_argument("--model-path", default=DEFAULT_MODEL,
+                        help=f"HF causal-LM folder, or '{DEFAULT_MODEL}' (the embedded default, with its committed "
+                             f"drafters; default)")
+    parser.add_argument("--speculative-algorithm", default=None, type=str.upper,
+                        help="WHIFLASH (routing between EAGLE-3 and DFlash), or one drafter: EAGLE3, DFLASH, NGRAM; "
+                             "omitted: plain decoding with the target")
+    parser.add_argument("--whiflash-policy", default="heuristic", help="routing policy for WHIFLASH")
+    parser.add_argument("--whiflash-config", help="YAML/JSON drafter and routing settings (whiflash_sgl/config.py)")
+    parser.add_argument("--whiflash-policy-config", help="YAML/JSON parameters of the routing policy")
+    parser.add_argument("--served-model-name", help="the model name clients pass (default: --model-path)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--max-queued-requests", type=int, default=256,
+                        help="requests allowed to wait for the engine; more get HTTP 503")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def load_service(args: argparse.Namespace):
+    """The model and its service, from parsed flags; raises :class:`WhiFlashError` for any bad setting."""
+    import torch
+
+    from whiflash_sgl.server.model import ServedModel
+    from whiflash_sgl.server.service import Service
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.max_queued_requests < 1:
+        raise WhiFlashError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
+    model = ServedModel.load(args.model_path, args.speculative_algorithm, args.whiflash_policy,
+                             args.whiflash_config, args.whiflash_policy_config, args.served_model_name)
+    return Service(model, args.max_queued_requests)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load, then serve until interrupted; 2 with a one-line error when the settings are wrong."""
+    import uvicorn
+
+    from whiflash_sgl.server.app import build_app
+
+    try:
+        service = load_service(args)
+    except WhiFlashError as exc:
+        print(f"launch_server: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
+    model = service.model
+    print(f"launch_server: serving {model.served_name} with the reference engine ({model.method.name}) on "
+          f"http://{args.host}:{args.port}", file=sys.stderr)
+    uvicorn.run(build_app(service), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+@dataclass
+class BackgroundServer:
+    """A server running in a thread of this process (tests, notebooks); ``stop()`` shuts it down."""
+
+    url: str
+    service: object  # the Service it serves
+    server: object
+    thread: threading.Thread
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def start_background(service, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> BackgroundServer:
+    """Serve ``service`` on ``host:port`` (0 = a free port) from a daemon thread; returns once it accepts."""
+    import uvicorn
+
+    from whiflash_sgl.server.app import build_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(build_app(service), log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="whiflash-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the background server did not start")
+        time.sleep(0.02)
+    bound_host, bound_port = sock.getsockname()[:2]
+    return BackgroundServer(f"http://{bound_host}:{bound_port}", service, server, thread)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m whiflash_sgl.server.launch",
+                                     description="SGLang-compatible HTTP server on the WhiFlash reference engine")
+    add_arguments(parser)
+    return serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""``/metrics``: Prometheus text exposition of the server's requests and of WhiFlash's speculation.
+
+Each server has its own registry (several can run in one process, as in the tests). Accepted length per paradigm
+is a histogram of tokens committed per drafted round, so ``_sum / _count`` is the mean and the buckets its spread;
+switch overhead is catch-up time spent on rounds that changed paradigm, over the engine's generation time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from whiflash_sgl.server.stats import SpecStats
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+ACCEPT_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    def __init__(self, info: dict[str, str], waiting: Callable[[], int], running: Callable[[], int]):
+        r = self.registry = CollectorRegistry()
+        Info("whiflash_server", "What this server runs", registry=r).info(info)
+        Gauge("whiflash_queue_waiting_requests", "Requests waiting for the engine", registry=r).set_function(waiting)
+        Gauge("whiflash_queue_running_requests", "Requests on the engine (0 or 1)", registry=r).set_function(running)
+        self.finished = Counter("whiflash_requests", "Generation requests that finished, by finish reason",
+                                ["finish_reason"], registry=r)
+        self.refused = Counter("whiflash_refused_requests", "Requests refused before reaching the engine",
+                               ["status"], registry=r)
+        self.latency = Histogram("whiflash_request_latency_seconds", "Arrival to last token, per prompt",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("whiflash_queue_wait_seconds", "Time waiting for the engine, per prompt",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("whiflash_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("whiflash_generation_tokens", "Tokens generated", registry=r)
+        self.generation_seconds = Counter("whiflash_generation_seconds", "Engine time spent generating", registry=r)
+        self.verify = Counter("whiflash_spec_verify", "Target verify passes", registry=r)
+        self.accept_length = Histogram("whiflash_spec_accept_length",
+                                       "Tokens committed per drafted round (accepted draft tokens + bonus)",
+                                       ["paradigm"], buckets=ACCEPT_BUCKETS, registry=r)
+        self.switches = Counter("whiflash_spec_switches", "Rounds drafted by another paradigm than the last",
+                                registry=r)
+        self.switch_seconds = Counter("whiflash_spec_switch_seconds",
+                                      "Catch-up (KV-only prefill) time spent on switching rounds", registry=r)
+        Gauge("whiflash_spec_switch_overhead_ratio", "Switch catch-up time over generation time",
+              registry=r).set_function(self._switch_overhead)
+
+        self._totals = {"generation": 0.0, "switch": 0.0}  # the ratio's terms (counters expose no public read)
+
+    def _switch_overhead(self) -> float:
+        seconds = self._totals["generation"]
+        return self._totals["switch"] / seconds if seconds else 0.0
+
+    def record(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, seconds: float,
+               latency: float, queue_wait: float, stats: SpecStats | None) -> None:
+        self.finished.labels(finish_reason).inc()
+        self.latency.observe(latency)
+        self.queue_wait.observe(queue_wait)
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+        self.generation_seconds.inc(seconds)
+        self._totals["generation"] += seconds
+        if stats is not None:
+            self.verify.inc(stats.verify_ct)
+            for paradigm, committed in stats.rounds:
+                self.accept_length.labels(paradigm).observe(committed)
+            self.switches.inc(stats.switches)
+            self.switch_seconds.inc(stats.switch_seconds)
+            self._totals["switch"] += stats.switch_seconds
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

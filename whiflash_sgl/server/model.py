@@ -1,0 +1,185 @@
+"""The served model: one target and one generation method of the reference engine, used by one thread at a time.
+
+It owns tokenization (the same as the CLI: raw text is tokenized as SGLang does, chat messages go through the
+model's own chat template), the per-request checks, generation, and log-probabilities of given tokens, which
+SGLang's ``select`` needs and which come from a real target forward, not from the generation loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from whiflash_sgl.chat import encode_chat
+from whiflash_sgl.config import WhiFlashConfig, read_mapping
+from whiflash_sgl.engine import GenerationResult
+from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.methods import EngineMethod, make_method
+from whiflash_sgl.target import Target
+from whiflash_sgl.verify import SamplingParams
+
+# SGLang's --speculative-algorithm names -> the reference engine's methods ("" = no speculation)
+ALGORITHMS = {"": "vanilla", "WHIFLASH": "whiflash", "EAGLE3": "eagle3", "DFLASH": "dflash", "NGRAM": "ngram"}
+GREEDY_BELOW = 1e-5  # SGLang samples greedily below this temperature
+
+
+def method_name(algorithm: str | None, policy: str) -> str:
+    """The engine method for an SGLang algorithm name (case-insensitive, as SGLang reads it)."""
+    key = (algorithm or "").upper()
+    if key not in ALGORITHMS:
+        raise WhiFlashError(f"unknown --speculative-algorithm {algorithm!r}; the reference engine serves "
+                            f"{', '.join(a for a in ALGORITHMS if a)} or none")
+    name = ALGORITHMS[key]
+    return f"whiflash:{policy}" if name == "whiflash" else name
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class TokenLogprobs:
+    """Per position ``(logprob or None, token id, token text or None)``, and the top alternatives when asked."""
+
+    tokens: list[tuple[float | None, int, str | None]] = field(default_factory=list)
+    top: list[list[tuple[float, int, str | None]] | None] = field(default_factory=list)
+
+
+def sampling_params(temperature: float | None, top_p: float | None, top_k: int | None) -> SamplingParams:
+    """SGLang's conventions (temperature 1 by default, greedy below 1e-5, top_k -1 = off) as engine parameters."""
+    temperature = 1.0 if temperature is None else temperature
+    if top_k is not None and top_k != -1 and top_k < 1:
+        raise WhiFlashError(f"top_k must be -1 (off) or at least 1, got {top_k}")
+    if 0 <= temperature < GREEDY_BELOW:
+        temperature = 0.0
+    try:
+        return SamplingParams(temperature, 1.0 if top_p is None else top_p,
+                              0 if top_k in (None, -1) else top_k)
+    except ValueError as exc:
+        raise WhiFlashError(str(exc)) from exc
+
+
+class ServedModel:
+    """A target with a generation method; not thread-safe: the scheduler's single engine thread drives it."""
+
+    def __init__(self, target: Target, method: EngineMethod, model_path: str, served_name: str | None = None,
+                 algorithm: str = "", policy: str = ""):
+        self.target, self.method = target, method
+        self.model_path = model_path
+        self.served_name = served_name or model_path
+        self.algorithm, self.policy = algorithm.upper(), policy if algorithm.upper() == "WHIFLASH" else ""
+        # a one-drafter method is credited with every round; routed methods record each round's paradigm
+        self.single_paradigm = method.name if method.name in ("eagle3", "dflash", "ngram") else None
+
+    @classmethod
+    def load(cls, model_path: str, algorithm: str | None = None, policy: str = "heuristic",
+             config_path: str | None = None, policy_config: str | None = None,
+             served_name: str | None = None) -> "ServedModel":
+        """Everything a server needs before it binds its port; any problem is a :class:`WhiFlashError`."""
+        name = method_name(algorithm, policy)
+        config = WhiFlashConfig.from_file(config_path) if config_path else WhiFlashConfig()
+        params = read_mapping(policy_config) if policy_config else None
+        target = Target.load(model_path)
+        return cls(target, make_method(name, target, config, params), model_path, served_name, algorithm or "",
+                   policy)
+
+    @property
+    def speculative(self) -> bool:
+        return self.method.drafter is not None
+
+    @property
+    def context_length(self) -> int:
+        return self.target.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.target.model.get_input_embeddings().num_embeddings
+
+    def encode_text(self, text: str) -> list[int]:
+        """Tokenized as SGLang tokenizes ``text`` (the tokenizer's default special tokens, e.g. a BOS, included)."""
+        return list(self.target.tokenizer(text)["input_ids"])
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        """The model's chat template with the assistant turn opened: exactly what ``whiflash generate`` feeds."""
+        return encode_chat(self.target.tokenizer, messages)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.target.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def check(self, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+        """The request's limits, checked before it is queued: token ids in range, prompt within the context."""
+        if not prompt_ids:
+            raise WhiFlashError("the prompt is empty: give at least one token")
+        vocab = self.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise WhiFlashError(f"input_ids has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if len(prompt_ids) + max_new_tokens > self.context_length:
+            raise WhiFlashError(
+                f"the prompt has {len(prompt_ids)} tokens and max_new_tokens is {max_new_tokens}: together they "
+                f"exceed the model's context window of {self.context_length} tokens; shorten the prompt or lower "
+                f"max_new_tokens")
+
+    def generate(self, prompt_ids: Sequence[int], params: GenerationParams,
+                 on_text: Callable[[str], None] | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> GenerationResult:
+        if params.max_new_tokens == 0:  # SGLang's way to tokenize/prefill only
+            return self.prompt_only(len(prompt_ids))
+        return self.method.generate(list(prompt_ids), params.max_new_tokens, params.sampling, params.seed,
+                                    stop=params.stop, on_text=on_text, cancelled=cancelled)
+
+    @staticmethod
+    def prompt_only(prompt_tokens: int) -> GenerationResult:
+        """The result of a request for no new tokens."""
+        return GenerationResult(prompt_tokens=prompt_tokens, tokens=[], text="", finish_reason="length",
+                                seconds=0.0, rounds=0, drafted=0)
+
+    def logprobs(self, ids: Sequence[int], first: int, top_n: int, with_text: bool) -> TokenLogprobs:
+        """``log p(ids[i] | ids[:i])`` for ``i`` in ``[first, len(ids))`` (``first >= 1``) from one target forward,
+        without temperature; with the ``top_n`` most likely tokens at each of those positions when ``top_n > 0``."""
+        ids = list(ids)
+        out = TokenLogprobs()
+        if first >= len(ids):
+            return out
+        text = self._token_text if with_text else (lambda _: None)
+        logits = self.target.score(ids, len(ids) - first + 1)  # row j predicts ids[first + j]
+        for row, token in zip(logits, ids[first:]):
+            logp = torch.log_softmax(row.float(), dim=-1)
+            out.tokens.append((_finite(logp[token]), token, text(token)))
+            if top_n > 0:
+                values, indices = torch.topk(logp, min(top_n, logp.numel()))
+                out.top.append([(_finite(v), int(i), text(int(i))) for v, i in zip(values, indices)])
+        return out
+
+    def _token_text(self, token: int) -> str:
+        return self.target.tokenizer.decode([token])
+
+    def describe(self) -> dict:
+        config = self.target.config
+        return {
+            "model_path": self.model_path,
+            "served_model_name": self.served_name,
+            "tokenizer_path": self.model_path,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": "default",
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": getattr(config, "model_type", None),
+            "architectures": getattr(config, "architectures", None),
+            "context_length": self.context_length,
+        }
+
+
+def _finite(value: torch.Tensor) -> float:
+    """A log-probability for JSON, which has no -inf: the smallest float stands in for an impossible token."""
+    x = float(value)
+    return x if math.isfinite(x) else -3.4e38
+

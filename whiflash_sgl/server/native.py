@@ -1,0 +1,165 @@
+"""SGLang's native API: ``/generate`` (batches, streaming, logprobs), model and server info, health, cache flush.
+
+Responses follow SGLang 0.5.23's shapes: ``{"text", "output_ids", "meta_info"}`` (a list of them for a batch);
+a stream is server-sent events ``data: {...}`` whose ``text`` is the text so far, ending with ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import version
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from whiflash_sgl.server.model import GenerationParams, sampling_params
+from whiflash_sgl.server.schemas import NATIVE_DEFAULT_MAX_NEW_TOKENS, GenerateBody, SamplingParamsBody, parse
+from whiflash_sgl.server.service import LogprobRequest, Outcome, PromptRequest, Service
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(data) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def generation_params(body: SamplingParamsBody | None) -> GenerationParams:
+    body = body or SamplingParamsBody()
+    stop = body.stop if body.stop is not None else ()
+    return GenerationParams(
+        max_new_tokens=NATIVE_DEFAULT_MAX_NEW_TOKENS if body.max_new_tokens is None else body.max_new_tokens,
+        sampling=sampling_params(body.temperature, body.top_p, body.top_k),
+        seed=body.sampling_seed or 0,
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+    )
+
+
+def _logprob_request(body: GenerateBody, index: int, prompt_len: int) -> LogprobRequest | None:
+    if not body.item("return_logprob", index):
+        return None
+    start = body.item("logprob_start_len", index)
+    return LogprobRequest(start=prompt_len if start in (None, -1) else start,
+                          top_n=body.item("top_logprobs_num", index) or 0,
+                          with_text=body.return_text_in_logprobs)
+
+
+def _triples(logprobs) -> list:
+    return [list(entry) for entry in logprobs.tokens]
+
+
+def _tops(logprobs) -> list:
+    return [None if top is None else [list(entry) for entry in top] for top in logprobs.top]
+
+
+def meta_info(outcome: Outcome) -> dict:
+    result = outcome.result
+    meta = {
+        "id": outcome.request.rid,
+        "finish_reason": outcome.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": len(result.tokens),
+        "cached_tokens": 0,  # the reference engine has no prefix cache
+        "e2e_latency": round(outcome.latency, 6),
+        "queue_time": round(outcome.queue_wait, 6),
+    }
+    if outcome.stats is not None:
+        meta.update(outcome.stats.meta_info())
+    logprobs = outcome.request.logprobs
+    if logprobs is not None:
+        meta["input_token_logprobs"] = _triples(outcome.input_logprobs)
+        meta["output_token_logprobs"] = _triples(outcome.output_logprobs)
+        if logprobs.top_n:
+            meta["input_top_logprobs"] = _tops(outcome.input_logprobs)
+            meta["output_top_logprobs"] = _tops(outcome.output_logprobs)
+    return meta
+
+
+def response_object(outcome: Outcome) -> dict:
+    return {"text": outcome.result.text, "output_ids": outcome.result.tokens, "meta_info": meta_info(outcome)}
+
+
+def router(service: Service) -> APIRouter:
+    api = APIRouter()
+    model = service.model
+
+    @api.post("/generate")
+    async def generate(request: Request):
+        body = parse(GenerateBody, await request.body())
+        prompts: list[PromptRequest] = []
+        for i, prompt in enumerate(body.prompts()):
+            ids = model.encode_text(prompt) if isinstance(prompt, str) else list(prompt)
+            prompts.append(service.prompt_request(ids, generation_params(body.item("sampling_params", i)),
+                                                  body.item("rid", i), _logprob_request(body, i, len(ids))))
+        if body.stream:
+            return _stream(service, prompts[0])
+        outcomes = await service.complete(request, prompts)
+        objects = [response_object(o) for o in outcomes]
+        return JSONResponse(objects if body.batch_size is not None else objects[0])
+
+    @api.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    @api.get("/health_generate")
+    async def health_generate(request: Request):
+        """Generates one token through the queue, as SGLang's does."""
+        ids = model.encode_text("Hi") or [0]
+        await service.complete(request, [service.prompt_request(ids, GenerationParams(max_new_tokens=1))])
+        return Response(status_code=200)
+
+    @api.get("/model_info")
+    @api.get("/get_model_info")
+    async def model_info():
+        return model.describe()
+
+    @api.get("/server_info")
+    @api.get("/get_server_info")
+    async def server_info():
+        accept = service.accept_lengths
+        return {
+            **model.describe(),
+            "backend": "reference",
+            "speculative_algorithm": model.algorithm or None,
+            "whiflash_policy": model.policy or None,
+            "engine_method": model.method.name,
+            "max_queued_requests": service.scheduler.max_waiting,
+            "version": version("whiflash-sgl"),
+            "startup_time": service.started,
+            "internal_states": [{
+                "avg_spec_accept_length": sum(accept) / len(accept) if accept else None,
+                "last_gen_throughput": service.last_throughput,
+                "waiting_requests": service.scheduler.waiting,
+                "running_requests": int(service.scheduler.running is not None),
+            }],
+        }
+
+    @api.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache():
+        return PlainTextResponse("Cache flushed.\n(The reference engine keeps no prefix cache between requests: "
+                                 "there was nothing to flush.)\n")
+
+    return api
+
+
+def _stream(service: Service, prompt: PromptRequest) -> StreamingResponse:
+    job = service.submit_stream(prompt)
+
+    async def events():
+        text = ""
+        try:
+            async for kind, value in service.stream(prompt, job):
+                if kind == "text":
+                    text += value
+                    yield sse({"text": text, "output_ids": [], "meta_info": {
+                        "id": prompt.rid, "finish_reason": None, "prompt_tokens": len(prompt.prompt_ids)}})
+                else:
+                    yield sse(response_object(value))
+        except Exception as exc:  # the status line is gone: report in the stream
+            yield sse({"error": {"message": str(exc), "type": type(exc).__name__}})
+        yield SSE_DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+

@@ -1,0 +1,221 @@
+"""From validated prompts to engine jobs and back: queueing, client disconnects, logprobs, metrics.
+
+Both APIs (SGLang-native and OpenAI) hand :class:`PromptRequest` objects to :class:`Service` and format the
+:class:`Outcome` they get back; nothing here knows either wire format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from whiflash_sgl.engine import GenerationResult
+from whiflash_sgl.server.metrics import ServerMetrics
+from whiflash_sgl.server.model import GenerationParams, ServedModel, TokenLogprobs
+from whiflash_sgl.server.scheduler import Job, Scheduler
+from whiflash_sgl.server.schemas import BadRequest
+from whiflash_sgl.server.stats import SpecStats
+
+
+class ClientGone(Exception):
+    """The client disconnected before its result was ready; its jobs were cancelled."""
+
+
+@dataclass(frozen=True)
+class LogprobRequest:
+    start: int  # first prompt position reported (SGLang's logprob_start_len, resolved)
+    top_n: int = 0
+    with_text: bool = False
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    prompt_ids: list[int]
+    params: GenerationParams
+    rid: str = ""
+    logprobs: LogprobRequest | None = None
+
+    @property
+    def needs_engine(self) -> bool:
+        return self.params.max_new_tokens > 0 or self.logprobs is not None
+
+
+@dataclass
+class Outcome:
+    request: PromptRequest
+    result: GenerationResult
+    latency: float  # arrival to last token
+    queue_wait: float
+    stats: SpecStats | None = None  # speculation statistics (speculative methods only)
+    matched_stop: str | None = None  # the stop string that ended generation
+    input_logprobs: TokenLogprobs | None = None
+    output_logprobs: TokenLogprobs | None = None
+
+    @property
+    def finish_reason(self) -> dict:
+        """SGLang's ``finish_reason`` object."""
+        result = self.result
+        if result.finish_reason == "eos":
+            return {"type": "stop", "matched": result.tokens[-1]}
+        if result.finish_reason == "stop":
+            return {"type": "stop", "matched": self.matched_stop}
+        if result.finish_reason == "abort":
+            return {"type": "abort", "message": "the client disconnected"}
+        return {"type": "length", "length": len(result.tokens)}
+
+
+def new_rid() -> str:
+    return uuid.uuid4().hex
+
+
+class Service:
+    """Owns the served model, the scheduler and the metrics."""
+
+    def __init__(self, model: ServedModel, max_waiting: int = 256):
+        self.model = model
+        self.scheduler = Scheduler(max_waiting)
+        self.metrics = ServerMetrics(
+            {"model": model.served_name, "speculative_algorithm": model.algorithm or "none",
+             "policy": model.policy, "backend": "reference"},
+            waiting=lambda: self.scheduler.waiting,
+            running=lambda: int(self.scheduler.running is not None),
+        )
+        self.started = time.time()
+        self.last_throughput = 0.0  # tokens/s of the last finished generation
+        self.accept_lengths: list[float] = []  # spec_accept_length of recent requests, for /server_info
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    # --- building requests ----------------------------------------------------------------------------------
+
+    def prompt_request(self, prompt_ids: Sequence[int], params: GenerationParams, rid: str | None = None,
+                       logprobs: LogprobRequest | None = None) -> PromptRequest:
+        """A checked request; :class:`WhiFlashError` (a 400) when the model cannot take it."""
+        ids = list(prompt_ids)
+        self.model.check(ids, params.max_new_tokens)
+        if logprobs is not None and logprobs.start > len(ids):
+            raise BadRequest(f"logprob_start_len={logprobs.start} is beyond the prompt's {len(ids)} tokens")
+        return PromptRequest(ids, params, rid or new_rid(), logprobs)
+
+    # --- running --------------------------------------------------------------------------------------------
+
+    async def complete(self, http_request, requests: Sequence[PromptRequest]) -> list[Outcome]:
+        """Run ``requests`` (queued in order) and return their outcomes; :class:`ClientGone` if the client left."""
+        jobs = self._submit([r for r in requests if r.needs_engine], stream=False)
+        values = iter(zip(jobs, await self._wait(http_request, jobs) if jobs else []))
+        return [self._outcome(r, *next(values)) if r.needs_engine else self._outcome(r, None, None)
+                for r in requests]
+
+    async def _wait(self, http_request, jobs: list[Job]) -> list:
+        gathered = asyncio.gather(*(job.result() for job in jobs))
+        watcher = asyncio.ensure_future(_disconnected(http_request))
+        try:
+            done, _ = await asyncio.wait({gathered, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if gathered not in done:
+                self._count_aborted(jobs)
+                raise ClientGone()
+            return gathered.result()
+        finally:
+            watcher.cancel()
+            gathered.cancel()
+            for job in jobs:
+                job.cancel()  # frees the engine if a batch failed half-way; a no-op for finished jobs
+
+    def submit_stream(self, request: PromptRequest) -> Job:
+        """Queue a streaming request now, so that a full queue is refused before the response starts."""
+        return self._submit([request], stream=True)[0]
+
+    async def stream(self, request: PromptRequest, job: Job) -> AsyncIterator[tuple[str, object]]:
+        """``("text", piece)`` as text is committed, then ``("done", Outcome)``. Leaving early cancels the job."""
+        try:
+            async for kind, value in job.stream():
+                if kind == "text":
+                    yield kind, value
+                elif kind == "done":
+                    yield kind, self._outcome(request, job, value)
+                elif kind == "error":
+                    raise value
+        finally:
+            if job.finished is None:
+                self._count_aborted([job])
+            job.cancel()
+
+    def _submit(self, requests: Sequence[PromptRequest], stream: bool) -> list[Job]:
+        jobs = [Job(lambda job, r=r: self._work(job, r, stream)) for r in requests]
+        submitted: list[Job] = []
+        try:
+            for job in jobs:
+                self.scheduler.submit(job)
+                submitted.append(job)
+        except Exception:
+            for job in submitted:
+                job.cancel()
+            self.metrics.refused.labels("503").inc()
+            raise
+        return jobs
+
+    def _work(self, job: Job, request: PromptRequest, stream: bool):
+        """On the engine thread: generate, then score the tokens when logprobs were asked for."""
+        model = self.model
+        result = model.generate(request.prompt_ids, request.params, on_text=job.push_text if stream else None,
+                                cancelled=job.cancelled)
+        if request.logprobs is None or result.finish_reason == "abort":
+            return result, None, None
+        lp = request.logprobs
+        prompt_len = len(request.prompt_ids)
+        first = lp.start + 1 if lp.start < prompt_len else prompt_len
+        scored = model.logprobs(request.prompt_ids + result.tokens, first, lp.top_n, lp.with_text)
+        n_in = prompt_len - first  # scored prompt positions
+        inputs = TokenLogprobs(scored.tokens[:n_in], scored.top[:n_in])
+        if lp.start < prompt_len:  # SGLang reports the first position with no logprob
+            token = request.prompt_ids[lp.start]
+            inputs.tokens.insert(0, (None, token, model.decode([token]) if lp.with_text else None))
+            if lp.top_n:
+                inputs.top.insert(0, None)
+        outputs = TokenLogprobs(scored.tokens[n_in:], scored.top[n_in:])
+        return result, inputs, outputs
+
+    def _outcome(self, request: PromptRequest, job: Job | None, value) -> Outcome:
+        if job is None:  # max_new_tokens=0 without logprobs: tokenization only, no engine work
+            result, inputs, outputs = self.model.prompt_only(len(request.prompt_ids)), None, None
+            latency = queue_wait = 0.0
+        else:
+            result, inputs, outputs = value
+            latency, queue_wait = job.finished - job.created, job.started - job.created
+        stats = None
+        if self.model.speculative and result.rounds:
+            stats = SpecStats.of(result, self.model.single_paradigm)
+            self.accept_lengths = (self.accept_lengths + [stats.accept_length])[-64:]
+        if result.tokens:
+            self.last_throughput = len(result.tokens) / result.seconds if result.seconds else 0.0
+            self.metrics.record(result.finish_reason, result.prompt_tokens, len(result.tokens), result.seconds,
+                                latency, queue_wait, stats)
+        return Outcome(request, result, latency, queue_wait, stats, self._matched_stop(request, result),
+                       inputs, outputs)
+
+    def _matched_stop(self, request: PromptRequest, result: GenerationResult) -> str | None:
+        """The engine cuts the text before the stop string and keeps the fewest tokens that reach into it, so the
+        kept tokens decode to the text plus the start of the stop string that matched."""
+        if result.finish_reason != "stop":
+            return None
+        tail = self.model.decode(result.tokens)[len(result.text):]
+        stops = [s for s in request.params.stop if s]
+        return next((s for s in stops if tail and (tail.startswith(s) or s.startswith(tail))), stops[0])
+
+    def _count_aborted(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            if job.finished is None:
+                self.metrics.finished.labels("abort").inc()
+
+
+async def _disconnected(http_request) -> None:
+    """Returns when the client of ``http_request`` (whose body was already read) disconnects."""
+    while (await http_request.receive())["type"] != "http.disconnect":
+        pass
