@@ -26,7 +26,7 @@ from whiflash_sgl.sglang.settings import (
     settings_from_env,
 )
 from whiflash_sgl.sglang.shape import resolve_tree_shape
-from whiflash_sgl.sglang.verify_layout import chain_proposals, merge_proposals, tree_proposals, verify_arrays
+from whiflash_sgl.sglang.verify_layout import Proposals, chain_proposals, verify_arrays
 from whiflash_sgl.tree import DraftTree
 
 
@@ -44,8 +44,7 @@ def test_settings_from_a_yaml_file_with_the_policy_env_overriding(tmp_path):
 
 def test_resolved_settings_round_trip_through_the_environment():
     environ = {}
-    settings = ServingSettings(dflash_path="/d", dflash_block_size=16, policy="mlp", policy_params={"path": "/p"},
-                               catch_up="lazy")
+    settings = ServingSettings(dflash_path="/d", dflash_block_size=16, policy="mlp", policy_params={"path": "/p"})
     publish(settings, environ)
     assert json.loads(environ[RESOLVED_ENV])["dflash_block_size"] == 16
     assert resolved_settings(environ) == settings
@@ -58,6 +57,7 @@ def test_resolved_settings_round_trip_through_the_environment():
     ({CONFIG_ENV: "/nonexistent.yaml"}, "/nonexistent.yaml does not exist"),
     ({CONFIG_ENV: '{"policy": "entropy"}'}, "dflash_path is required"),
     ({CONFIG_ENV: '{"dflash_path": "/d", "fallback": "ngram"}'}, "fallback must be one of eagle3, dflash"),
+    ({CONFIG_ENV: '{"dflash_path": "/d", "catch_up": "lazy"}'}, "lazy is not implemented by the SGLang worker"),
     ({CONFIG_ENV: '{"dflash_path": "/d", "dflash_block_size": "16"}'}, "dflash_block_size must be int"),
     ({CONFIG_ENV: '{"dflash_path": "/d", "policy_params": []}'}, "policy_params must be dict"),
 ])
@@ -165,9 +165,18 @@ def greedy_accept(arrays, width, target_predict):
     return accepted
 
 
+def tree_proposals(root: int, tree: DraftTree, width: int) -> Proposals:
+    """One core draft tree (``whiflash_sgl.tree``) below its root, padded to ``width`` rows."""
+    tokens = torch.full((1, width), root)
+    parents = torch.zeros(1, width, dtype=torch.long)
+    tokens[0, 1:len(tree) + 1] = torch.tensor(tree.tokens)
+    parents[0, 1:len(tree) + 1] = torch.tensor(tree.parents) + 1
+    return Proposals(tokens, parents, torch.tensor([len(tree) + 1]))
+
+
 def test_tree_proposal_matches_the_core_tree_mask_and_positions():
     tree = DraftTree((11, 12, 13, 14, 15), (-1, -1, 0, 0, 2))
-    proposals = tree_proposals([10], [tree], width=8)
+    proposals = tree_proposals(10, tree, width=8)
     arrays = verify_arrays(proposals, torch.tensor([7]), mask_mode="qlen_only")
     mask = arrays.mask.reshape(8, 8)
     assert torch.equal(mask[:6, :6], tree.ancestor_mask())
@@ -209,19 +218,6 @@ def test_full_mask_prefixes_each_request_with_its_committed_length():
     assert arrays.positions.tolist() == [2, 3, 4, 3, 5, 6, 7, 6]
 
 
-def test_merging_eagle_and_dflash_sub_batches_keeps_each_request_in_place():
-    eagle = tree_proposals([10, 20], [DraftTree((1, 2, 3), (-1, -1, 0)), DraftTree((4,), (-1,))], width=5)
-    dflash = chain_proposals(torch.tensor([30]), torch.tensor([[7, 8, 9, 6]]), width=5)
-    merged = merge_proposals([(torch.tensor([0, 2]), eagle), (torch.tensor([1]), dflash)], batch_size=3)
-    assert merged.tokens[:, 0].tolist() == [10, 30, 20] and merged.lengths.tolist() == [4, 5, 2]
-    arrays = verify_arrays(merged, torch.tensor([4, 4, 4]))
-    assert arrays.retrieve_next_token[1].tolist() == [1, 2, 3, 4, -1]
-    with pytest.raises(ValueError, match="exactly once"):
-        merge_proposals([(torch.tensor([0, 1]), eagle)], batch_size=3)
-
-
 def test_proposals_that_do_not_fit_the_width_are_refused():
     with pytest.raises(ValueError, match="more than the width 3"):
         chain_proposals(torch.tensor([1]), torch.tensor([[2, 3, 4]]), width=3)
-    with pytest.raises(ValueError, match="more than the width 2"):
-        tree_proposals([1], [DraftTree((2, 3), (-1, 0))], width=2)

@@ -222,7 +222,7 @@ def test_overlap_scheduling_cannot_create_the_worker(models):
     ({"policy_params": {"bogus": 1}}, (), "bad parameters for policy 'heuristic'"),
     ({"dflash_path": ""}, (), "dflash_path is required"),
     ({"dflash_path": "/nonexistent/dflash"}, (), "cannot read the drafter config at /nonexistent/dflash"),
-    ({"catch_up": "sometimes"}, (), "catch_up must be one of eager, lazy"),
+    ({"catch_up": "sometimes"}, (), "catch_up must be one of eager"),
     ({"block": 4}, (), "unknown key\\(s\\) block"),
     ({}, ("--pp-size", "2"), "does not support --pp-size"),
     ({}, ("--enable-hierarchical-cache",), "does not support --enable-hierarchical-cache"),

@@ -22,7 +22,7 @@ CONFIG_ENV = "WHIFLASH_CONFIG"
 POLICY_ENV = "WHIFLASH_POLICY"
 RESOLVED_ENV = "WHIFLASH_RESOLVED_CONFIG"
 
-CATCH_UP_MODES = ("eager", "lazy")
+CATCH_UP_MODES = ("eager",)
 SERVED_PARADIGMS = ("eagle3", "dflash")
 
 
@@ -32,11 +32,14 @@ class ServingSettings:
     dflash_block_size: int = 0  # 0: --speculative-dflash-block-size, else the checkpoint's
     policy: str = "heuristic"  # a name in the whiflash_sgl.policies entry-point group
     policy_params: dict = field(default_factory=dict)
-    catch_up: str = "eager"  # eager: both drafters' KV every round; lazy: the idle one's on switch/finish
+    catch_up: str = "eager"  # both drafters' KV written every round (safe with the radix cache)
     fallback: str = "eagle3"  # the paradigm used when the policy fails or overruns its deadline
     policy_deadline_ms: float = 5.0
 
     def __post_init__(self) -> None:
+        if self.catch_up == "lazy":
+            raise WhiFlashError(f"{CONFIG_ENV}: catch_up: lazy is not implemented by the SGLang worker yet (the "
+                                f"reference engine has it); use eager")
         if self.catch_up not in CATCH_UP_MODES:
             raise WhiFlashError(f"{CONFIG_ENV}: catch_up must be one of {', '.join(CATCH_UP_MODES)}, "
                                 f"got {self.catch_up!r}")

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from whiflash_sgl.kernels.tree_mask import ancestor_walk
-from whiflash_sgl.tree import DraftTree
 
 MASK_MODES = ("full", "qlen_only")
 
@@ -69,42 +68,6 @@ def chain_proposals(roots: torch.Tensor, drafts: torch.Tensor, width: int,
     if lengths is None:
         lengths = torch.full((bs,), depth + 1, dtype=torch.long, device=device)
     return Proposals(tokens, parents, lengths.to(device=device, dtype=torch.long))
-
-
-def tree_proposals(roots, trees: list[DraftTree], width: int, device: torch.device | str = "cpu") -> Proposals:
-    """The core's draft trees (``whiflash_sgl.tree``) below their roots, padded to ``width`` rows."""
-    bs = len(trees)
-    tokens = torch.zeros(bs, width, dtype=torch.long)
-    parents = torch.zeros(bs, width, dtype=torch.long)
-    lengths = torch.zeros(bs, dtype=torch.long)
-    for b, (root, tree) in enumerate(zip(roots, trees)):
-        if len(tree) + 1 > width:
-            raise ValueError(f"request {b}: a tree of {len(tree)} nodes needs {len(tree) + 1} rows, more than "
-                             f"the width {width}")
-        tokens[b] = int(root)
-        tokens[b, 1:len(tree) + 1] = torch.tensor(tree.tokens, dtype=torch.long)
-        parents[b, 1:len(tree) + 1] = torch.tensor(tree.parents, dtype=torch.long) + 1
-        lengths[b] = len(tree) + 1
-    return Proposals(tokens.to(device), parents.to(device), lengths.to(device))
-
-
-def merge_proposals(parts: list[tuple[torch.Tensor, Proposals]], batch_size: int) -> Proposals:
-    """One batch from sub-batches drafted by different paradigms: ``(request indices, proposals)`` pairs that cover
-    ``range(batch_size)`` once, all of the same width."""
-    widths = {p.width for _, p in parts}
-    if len(widths) != 1:
-        raise ValueError(f"proposals to merge have different widths {sorted(widths)}")
-    first = parts[0][1]
-    tokens = first.tokens.new_zeros(batch_size, first.width)
-    parents = first.parents.new_zeros(batch_size, first.width)
-    lengths = first.lengths.new_zeros(batch_size)
-    seen = torch.zeros(batch_size, dtype=torch.long)
-    for index, p in parts:
-        tokens[index], parents[index], lengths[index] = p.tokens, p.parents, p.lengths
-        seen[index.cpu()] += 1
-    if not bool((seen == 1).all()):
-        raise ValueError("the sub-batches must cover every request of the batch exactly once")
-    return Proposals(tokens, parents, lengths)
 
 
 def _first_true(matrix: torch.Tensor) -> torch.Tensor:

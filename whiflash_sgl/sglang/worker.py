@@ -1,0 +1,371 @@
+"""``WhiFlashWorker``: SGLang's EAGLE-3 draft worker and DFlash worker behind one target, routed every round.
+
+Written against SGLang 0.5.23 (``eagle_worker_v2``, ``dflash_worker_v2``, ``eagle_worker_common.run_eagle_verify``);
+every SGLang symbol used here is listed in ``whiflash_sgl.sglang.compat``. It needs CUDA: nothing below runs on CPU.
+
+Construction. The EAGLE-3 draft worker is built under ``get_spec().override(speculative_algorithm="EAGLE3")`` and
+the DFlash worker under an override naming DFLASH, the DFlash drafter and its block size, so each builds its draft
+runner with its own algorithm's semantics (draft pool sizing, attention backend, CUDA graphs). Every later call into
+a sub-worker re-enters the same scope, because SGLang reads ``get_spec()`` again there.
+
+A round (decode):
+
+1. **Route.** The core ``Router`` (the same policies as the reference engine, loaded by name) picks the paradigm for
+   the whole batch from features of the last verify: the target's entropy and top-1 margin at each request's bonus
+   position (batch means), last and EMA tau, EAGLE's first-step top-1 probability, and the measured cost of each
+   paradigm's draft and verify. Text-syntax features are not available in the scheduler process and stay off.
+2. **Draft.** EAGLE-3: ``EagleDraftWorker.draft`` builds its top-k tree as an ``EagleVerifyInput`` of width ``N``.
+   DFlash: one draft-runner forward over ``[bonus, MASK x (B-1)]`` (``TARGET_VERIFY`` mode, SGLang's DFlash draft
+   path), greedy tokens from the target's head, then the chain as an ``EagleVerifyInput`` of the same width built by
+   ``verify_layout`` (the mask in the layout the target's attention backend reads).
+3. **Verify** with ``run_eagle_verify`` (finalize on, so the accepted path, hidden states included, is at the front
+   of each request's block).
+4. **Keep both drafters current (eager catch-up).** DFlash: the committed tokens' target features go into its KV
+   (``_append_target_hidden_to_draft_kv_by_loc``, KV-only: no queries, no attention, no MLP). EAGLE-3: its
+   draft-extend over the verify block, which also yields the next round's top-k. Both read their own columns of the
+   union capture (``hooks`` sets it up). Prefill materialises both drafters' prompt KV, so radix-cached prefixes
+   are valid for either.
+
+Only plain DFlash drafters (no candidate selector, LiLiCorr or Domino head) and greedy draft sampling are supported;
+the target's acceptance (greedy or sampled) is SGLang's own, so routing cannot change the output distribution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import replace
+
+import torch
+from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
+from sglang.srt.layers.moe.utils import speculative_moe_a2a_backend_context, speculative_moe_backend_context
+from sglang.srt.lora.layers import unwrap_lora_layer
+from sglang.srt.model_executor.forward_batch_info import (
+    CaptureHiddenMode,
+    ForwardBatch,
+    ForwardMode,
+    compute_position,
+    enable_num_token_non_padded,
+)
+from sglang.srt.model_executor.graph_memory_usage import merge_graph_memory_usage, merge_graph_time_usage
+from sglang.srt.runtime_context import get_device, get_spec
+from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2, _resolve_dflash_embedding_module
+from sglang.srt.speculative.eagle_info import EagleDraftInput, EagleVerifyInput
+from sglang.srt.speculative.eagle_utils import get_draft_recurrent_hidden_state_spec
+from sglang.srt.speculative.eagle_worker_common import run_eagle_verify
+from sglang.srt.speculative.eagle_worker_v2 import EagleDraftWorker
+from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+from sglang.srt.speculative.spec_utils import draft_tp_context, get_plan_stream
+from sglang.srt.utils import async_h2d
+
+from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.policies import load_policy
+from whiflash_sgl.router import Router
+from whiflash_sgl.sglang.hooks import LAYOUT_ATTRIBUTE
+from whiflash_sgl.sglang.layout import select_columns
+from whiflash_sgl.sglang.settings import SERVED_PARADIGMS, resolved_settings
+from whiflash_sgl.sglang.verify_layout import chain_proposals, verify_arrays
+
+log = logging.getLogger(__name__)
+
+
+def _mask_mode(target_worker) -> str:
+    """The tree-mask layout the target's attention backend reads (SGLang's ``TreeMaskMode``)."""
+    from sglang.kernels.ops.speculative.spec_tree import TreeMaskMode
+
+    verify_mask = target_worker.model_runner.attn_backend.verify_mask
+    mode = TreeMaskMode.FULL_MASK if verify_mask is None else verify_mask.mode
+    if mode == TreeMaskMode.FULL_MASK:
+        return "full"
+    if mode == TreeMaskMode.QLEN_ONLY:
+        return "qlen_only"
+    raise WhiFlashError(f"WHIFLASH cannot build DFlash verify masks in {mode.name} layout; use an attention backend "
+                        f"with full or query-length masks (e.g. --attention-backend flashinfer)")
+
+
+class WhiFlashWorker(BaseSpecWorker):
+    def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
+        super().__init__()
+        self.server_args = server_args
+        self._target_worker = target_worker
+        self.device = get_device().device
+        self.settings = resolved_settings()
+        spec = get_spec()
+        self.width = int(spec.speculative_num_draft_tokens)
+        self.topk = int(spec.speculative_eagle_topk)
+        self.steps = int(spec.speculative_num_steps)
+
+        with self._eagle_scope():
+            self.eagle = EagleDraftWorker(server_args, gpu_id, nccl_port, target_worker)
+        with self._dflash_scope():
+            self.dflash = DFlashWorkerV2(server_args, gpu_id, nccl_port, target_worker)
+        if self.dflash.selector is not None or self.dflash.lilicorr is not None or self.dflash._is_domino:
+            raise WhiFlashError(f"{self.settings.dflash_path} has a candidate selector, LiLiCorr or Domino head; "
+                                f"WHIFLASH serves plain DFlash drafters only")
+        # DFlashWorkerV2 defers the target's verify-time logits gather for its own accept path; WHIFLASH verifies
+        # with SGLang's EAGLE sampling, which reads gathered logits.
+        if self.dflash._target_logits_processor is not None:
+            self.dflash._target_logits_processor.defer_verify_gather = False
+        self._draft_worker = self.eagle
+        self.draft_parallel_layout = self.eagle.parallel_layout
+        self.plan_stream, self.plan_stream_ctx = get_plan_stream(self.device)
+
+        policy = load_policy(self.settings.policy, self.settings.policy_params)
+        self.router = Router(policy, SERVED_PARADIGMS, self.settings.fallback,
+                             deadline_s=self.settings.policy_deadline_ms / 1000, record=False)
+        self._root_stats = (0.0, 0.0)  # batch-mean entropy and margin at the bonus positions of the last verify
+
+    # ---- scopes: each sub-worker sees its own algorithm in get_spec() ----------------------------------------------
+
+    def _eagle_scope(self):
+        return get_spec().override(speculative_algorithm="EAGLE3")
+
+    @contextlib.contextmanager
+    def _dflash_scope(self):
+        with get_spec().override(speculative_algorithm="DFLASH", speculative_draft_model_path=self.settings.dflash_path,
+                                 speculative_draft_model_revision=None, speculative_num_draft_tokens=self.width,
+                                 speculative_num_steps=1, speculative_eagle_topk=1):
+            yield
+
+    @contextlib.contextmanager
+    def _eagle_run_scope(self):
+        with (self._eagle_scope(), draft_tp_context(self.eagle.parallel_layout), speculative_moe_backend_context(),
+              speculative_moe_a2a_backend_context()):
+            yield
+
+    # ---- lifecycle the scheduler drives ---------------------------------------------------------------------------
+
+    def alloc_memory_pool(self, memory_pool_config=None, req_to_token_pool=None, token_to_kv_pool_allocator=None):
+        with self._eagle_scope():
+            self.eagle.alloc_memory_pool(memory_pool_config=memory_pool_config, req_to_token_pool=req_to_token_pool,
+                                         token_to_kv_pool_allocator=token_to_kv_pool_allocator)
+        with self._dflash_scope():
+            self.dflash.alloc_memory_pool(memory_pool_config=memory_pool_config,
+                                          req_to_token_pool=req_to_token_pool,
+                                          token_to_kv_pool_allocator=token_to_kv_pool_allocator)
+        self.req_to_token_pool = req_to_token_pool
+        self.token_to_kv_pool_allocator = token_to_kv_pool_allocator
+
+    def init_attention_backends(self):
+        with self._eagle_scope():
+            self.eagle.init_attention_backends()
+        with self._dflash_scope():
+            self.dflash.init_attention_backends()
+
+    def init_cuda_graphs(self):
+        with self._eagle_scope():
+            self.eagle.init_cuda_graphs()
+        with self._dflash_scope():
+            self.dflash.init_cuda_graphs()
+
+    def _draft_model_runners(self):
+        return (*self.eagle.draft_runners, self.dflash.draft_model_runner)
+
+    def weight_update_runners(self):
+        return [("draft", runner) for runner in self._draft_model_runners()]
+
+    @property
+    def last_shared_read_runner(self):
+        return self.eagle.draft_runner  # the EAGLE-3 draft-extend is the last phase of every step
+
+    @property
+    def spec_v2_attn_backends(self) -> tuple:
+        return (self._target_worker.model_runner.attn_backend, self.eagle.draft_attn_backend,
+                self.eagle.draft_extend_attn_backend or self.eagle.draft_runner.attn_backend,
+                self.dflash.draft_model_runner.attn_backend)
+
+    @property
+    def graph_memory_usage(self) -> dict:
+        return merge_graph_memory_usage(self.eagle.graph_memory_usage, self.dflash.graph_memory_usage,
+                                        self._additional_graph_memory_usage)
+
+    @property
+    def graph_time_usage(self) -> dict:
+        return merge_graph_time_usage(self.eagle.graph_time_usage, self.dflash.graph_time_usage,
+                                      self._additional_graph_time_usage)
+
+    @property
+    def weight_load_time(self) -> float:
+        return self.eagle.weight_load_time + self.dflash.weight_load_time
+
+    @property
+    def preloaded_weights_bytes(self) -> int:
+        return self.eagle.preloaded_weights_bytes + self.dflash.preloaded_weights_bytes
+
+    # ---- the union capture ----------------------------------------------------------------------------------------
+
+    def _columns(self, hidden: torch.Tensor, paradigm: str) -> torch.Tensor:
+        layout = getattr(self._target_worker.model_runner.model, LAYOUT_ATTRIBUTE, None)
+        if layout is None:
+            raise WhiFlashError("the target captures no WHIFLASH layer union: the plugin's hooks were not applied "
+                                "in this process (is SGLANG_PLUGINS excluding whiflash?)")
+        return select_columns(hidden, layout.columns(paradigm), len(layout.capture))
+
+    # ---- one scheduler step ---------------------------------------------------------------------------------------
+
+    def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None, pp_proxy_tensors=None):
+        if batch.forward_mode.is_extend() or batch.is_extend_in_batch:
+            return self._prefill(batch, on_publish)
+        return self._decode(batch, on_publish, grammar_barrier)
+
+    def _prefill(self, batch, on_publish):
+        out = self._target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL,
+                                                           return_kv_loc_plan=True)
+        kv_loc_plan, out.kv_loc_plan = out.kv_loc_plan, None
+        out.new_seq_lens = batch.seq_lens
+        if on_publish is not None:
+            on_publish(out.new_seq_lens)
+        hidden = out.logits_output.hidden_states
+        if not batch.forward_mode.is_idle():
+            # DFlash first: the EAGLE-3 draft-extend is the step's last reader of the shared buffers.
+            extend_lens = async_h2d(batch.extend_lens, dtype=torch.int32, device=self.device)
+            prefix_lens = async_h2d(batch.prefix_lens, dtype=torch.int32, device=self.device)
+            positions, _ = compute_position(self._target_worker.model_runner.prefill_attention_backend_str,
+                                            prefix_lens, extend_lens, int(sum(batch.extend_lens)))
+            with self._dflash_scope(), draft_tp_context(self.dflash.draft_parallel_layout):
+                self.dflash._append_target_hidden_to_draft_kv_by_loc(
+                    target_hidden=self._columns(hidden, "dflash"), cache_loc=self.dflash._draft_write_ids(kv_loc_plan),
+                    positions=positions, extend_lens=extend_lens)
+        with self._eagle_run_scope():
+            out.next_draft_input = self.eagle._draft_extend_for_prefill(
+                batch, self._columns(hidden, "eagle3"), out.next_token_ids, out.logits_output.mm_input_embeds,
+                kv_loc_plan=kv_loc_plan)
+        return out
+
+    def _idle_draft_input(self) -> EagleDraftInput:
+        hidden_size, hidden_dtype = get_draft_recurrent_hidden_state_spec(self.eagle.draft_runner)
+        return EagleDraftInput.create_idle_input(device=self.device, hidden_size=hidden_size, dtype=hidden_dtype,
+                                                 topk=self.topk, capture_hidden_mode=CaptureHiddenMode.LAST,
+                                                 vocab_size=self._target_worker.model_config.vocab_size)
+
+    def _route(self, draft_input: EagleDraftInput) -> str:
+        eagle_top1 = float(draft_input.topk_p[:, 0].mean()) if draft_input.topk_p is not None else 0.0
+        features = self.router.features(None, "", {p: 0 for p in SERVED_PARADIGMS},
+                                        {p: self.width - 1 for p in SERVED_PARADIGMS}, [], eagle_top1)
+        entropy, margin = self._root_stats
+        return self.router.decide(replace(features, entropy=entropy, margin=margin))
+
+    def _decode(self, batch, on_publish, grammar_barrier):
+        if batch.spec_info is None:
+            batch.spec_info = self._idle_draft_input()
+        idle = batch.forward_mode.is_idle()
+        paradigm = self.settings.fallback if idle else self._route(batch.spec_info)
+
+        start = time.perf_counter()
+        if paradigm == "eagle3" or idle:
+            with self._eagle_run_scope():
+                verify_input = self.eagle.draft(batch)
+            verify_topk = self.topk
+        else:
+            verify_input = self._dflash_verify_input(batch)
+            verify_topk = 1
+        drafted = self._synchronized(start)
+
+        batch.spec_info = verify_input
+        out = run_eagle_verify(batch, target_worker=self._target_worker, req_to_token_pool=self.req_to_token_pool,
+                               token_to_kv_pool_allocator=self.token_to_kv_pool_allocator,
+                               plan_stream=self.plan_stream, plan_stream_ctx=self.plan_stream_ctx, topk=verify_topk,
+                               num_draft_tokens=self.width, device=self.device, metadata_ready_pre_pad=False,
+                               finalize_tree_path=True, grammar_barrier=grammar_barrier)
+        if on_publish is not None:
+            on_publish(out.new_seq_lens)
+        if not idle:
+            self._catch_up_dflash(batch, verify_input, out)
+        if out.logits_output is not None and out.logits_output.hidden_states is not None:
+            out.logits_output.hidden_states = self._columns(out.logits_output.hidden_states, "eagle3")
+        with self._eagle_run_scope():
+            self.eagle._draft_extend_for_decode(batch, out, kv_loc_plan=verify_input.kv_loc_plan)
+        if not idle:
+            self._observe(paradigm, out, drafted, self._synchronized(start) - drafted)
+        return out
+
+    def _synchronized(self, start: float) -> float:
+        torch.get_device_module(self.device).synchronize()
+        return time.perf_counter() - start
+
+    def _observe(self, paradigm: str, out, draft_seconds: float, verify_seconds: float) -> None:
+        """Feed the router: tau (committed tokens per verify, bonus included), costs, and the root statistics the
+        next round's features use (read at each request's bonus row, the last accepted one)."""
+        bs = out.accept_lens.numel()
+        rows = torch.arange(bs, device=out.accept_lens.device) * self.width + out.accept_lens.long() - 1
+        logits = out.logits_output.next_token_logits
+        if logits is not None:
+            probs = torch.softmax(logits[rows].float(), dim=-1)
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+            top2 = probs.topk(2, dim=-1).values
+            self._root_stats = (float(entropy), float((top2[:, 0] - top2[:, 1]).mean()))
+        self.router.update(paradigm, float(out.accept_lens.float().mean()))
+        self.router.costs.observe_draft(paradigm, draft_seconds)
+        self.router.costs.observe_verify(self.width, verify_seconds)
+
+    # ---- DFlash: draft a block, verify it as a chain, keep its KV current ----------------------------------------
+
+    def _dflash_verify_input(self, batch) -> EagleVerifyInput:
+        dflash, width = self.dflash, self.width
+        bs = len(batch.seq_lens)
+        prefix = batch.seq_lens
+        req_to_token = self._target_worker.model_runner.req_to_token_pool.req_to_token
+        bonus = batch.spec_info.bonus_tokens.view(-1)
+        block_ids = torch.full((bs, width), int(dflash._mask_token_id), dtype=torch.long, device=self.device)
+        block_ids[:, 0] = bonus
+        positions = (prefix.unsqueeze(1) + torch.arange(width, device=self.device)).reshape(-1)
+        cache_loc = assign_extend_cache_locs_func(req_pool_indices=batch.req_pool_indices, req_to_token=req_to_token,
+                                                  start_offset=prefix, end_offset=prefix + width, batch_size=bs,
+                                                  draft_token_num=width, device=self.device)
+        seq_lens_cpu = (batch.seq_lens_cpu if batch.seq_lens_cpu is not None
+                        else torch.tensor([r.kv.kv_allocated_len for r in batch.reqs], dtype=torch.int32))
+        kv_loc_plan = self._target_worker.model_runner.kv_index_translator.plan(
+            req_pool_indices=batch.req_pool_indices, seq_lens=prefix, seq_lens_cpu=seq_lens_cpu,
+            write_virtual=cache_loc, read_extent=width)
+
+        target_model = self._target_worker.model_runner.model
+        if dflash._full_embed_gpu is not None:
+            embeds = torch.nn.functional.embedding(block_ids, dflash._full_embed_gpu)
+        else:
+            embeds = unwrap_lora_layer(_resolve_dflash_embedding_module(dflash.draft_model, target_model))(block_ids)
+        if dflash._noise_embed_scale != 1.0:
+            embeds = embeds * dflash._noise_embed_scale
+        draft_seq_lens_cpu = seq_lens_cpu + width
+        forward_batch = ForwardBatch(
+            forward_mode=ForwardMode.TARGET_VERIFY, batch_size=bs, input_ids=block_ids.flatten(),
+            req_pool_indices=batch.req_pool_indices, seq_lens=prefix, out_cache_loc=cache_loc,
+            seq_lens_sum=int(draft_seq_lens_cpu.sum()), seq_lens_cpu=draft_seq_lens_cpu, positions=positions,
+            input_embeds=embeds.view(bs * width, -1), spec_algorithm=SpeculativeAlgorithm.DFLASH,
+            spec_info=dflash._draft_block_spec_info, capture_hidden_mode=CaptureHiddenMode.NULL,
+            num_token_non_padded=(torch.full((), bs * width, dtype=torch.int32, device=self.device)
+                                  if enable_num_token_non_padded() else None),
+            global_num_token_non_padded_cpu=bs * width, can_run_decode_cuda_graph=batch.can_run_decode_cuda_graph)
+        kv_loc_plan.bind(forward_batch, dflash.draft_model_runner.kv_index_translator)
+        with self._dflash_scope(), torch.inference_mode(), draft_tp_context(dflash.draft_parallel_layout):
+            draft_out = dflash.draft_model_runner.forward(forward_batch)
+            if dflash._draft_sampler is not None and draft_out.can_run_graph:
+                drafts = dflash._draft_sampler.out[: bs * (width - 1)].view(bs, width - 1)
+            else:
+                hidden = draft_out.logits_output.hidden_states.view(bs, width, -1)
+                drafts = dflash._greedy_sample_from_vocab_parallel_head(
+                    hidden_states=hidden[:, 1:, :].reshape(-1, hidden.shape[-1]),
+                    lm_head=unwrap_lora_layer(target_model.lm_head)).view(bs, width - 1)
+
+        arrays = verify_arrays(chain_proposals(bonus, drafts, width), prefix, _mask_mode(self._target_worker))
+        verify_input = EagleVerifyInput(
+            draft_token=arrays.tokens, custom_mask=arrays.mask, positions=arrays.positions,
+            retrieve_index=arrays.retrieve_index, retrieve_next_token=arrays.retrieve_next_token,
+            retrieve_next_sibling=arrays.retrieve_next_sibling, retrieve_cum_len=None, spec_steps=width - 1, topk=1,
+            draft_token_num=width, capture_hidden_mode=None, seq_lens_sum=None, seq_lens_cpu=None,
+            prepared_out_cache_loc=kv_loc_plan.write_virtual, kv_loc_plan=kv_loc_plan)
+        return verify_input
+
+    def _catch_up_dflash(self, batch, verify_input: EagleVerifyInput, out) -> None:
+        """KV-only: the committed tokens' target features into the DFlash draft KV at their slots."""
+        bs = out.accept_lens.numel()
+        if verify_input.kv_loc_plan is not None:
+            cache_loc = self.dflash._draft_write_ids(verify_input.kv_loc_plan)
+        else:
+            cache_loc = batch.out_cache_loc
+        positions = (batch.seq_lens.unsqueeze(1) + torch.arange(self.width, device=self.device)).reshape(-1)
+        with self._dflash_scope(), draft_tp_context(self.dflash.draft_parallel_layout):
+            self.dflash._append_target_hidden_to_draft_kv_by_loc(
+                target_hidden=self._columns(out.logits_output.hidden_states, "dflash"), cache_loc=cache_loc,
+                cache_loc_2d=cache_loc.view(bs, self.width), positions=positions, commit_lens=out.accept_lens)
