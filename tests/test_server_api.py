@@ -266,3 +266,16 @@ def test_info_endpoints(server, served_dir, target):
                                                  "messages": [{"role": "user", "content": PROMPT}]}).json()
     ids = encode_chat(target.tokenizer, [{"role": "user", "content": PROMPT}])
     assert chat["choices"][0]["message"]["content"] == SpeculativeEngine(target).generate(ids, 6).text
+
+
+def test_the_engine_stops_at_the_round_after_cancel(target):
+    ids = target.tokenizer(PROMPT)["input_ids"]
+    asked = []
+
+    def cancelled():
+        asked.append(True)
+        return len(asked) > 3
+
+    result = SpeculativeEngine(target).generate(ids, 50, cancelled=cancelled)
+    assert result.finish_reason == "abort" and result.rounds == 3 and len(result.tokens) == 4
+    assert result.tokens == SpeculativeEngine(target).generate(ids, 4).tokens
