@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from whiflash_sgl.drafters.base import Drafter, SequenceState
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.engine import SpeculativeEngine
+from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.methods import make_method
 from whiflash_sgl.tree import DraftTree
 from whiflash_sgl.verify import SamplingParams
@@ -100,3 +102,32 @@ def test_sampling_is_reproducible_with_a_seed(tiny_target, prompt_ids):
             for s in (1, 1, 2)]
     assert runs[0].tokens == runs[1].tokens
     assert runs[0].tokens != runs[2].tokens
+
+
+def test_attention_through_the_kernels_api_matches_the_direct_path(tiny_target, prompt_ids):
+    """Verification planned through ``whiflash_sgl.kernels`` (the engine's default) gives the direct path's logits on
+    a branching tree, and the same greedy output with a tree drafter."""
+    target = tiny_target
+    tree = DraftTree.from_paths([[5, 6, 7], [5, 8], [9]])
+    logits = {}
+    for path in ("direct", "auto"):  # auto is the reference backend on a CPU
+        target.set_attention(path)
+        target.prefill(prompt_ids)
+        logits[path] = target.verify(prompt_ids[-1], tree).logits
+    torch.testing.assert_close(logits["auto"], logits["direct"], rtol=1e-5, atol=1e-5)
+    full = _vanilla(target, prompt_ids).tokens
+    outputs = {}
+    for path in ("direct", "reference"):
+        method = make_method(f"vanilla@{path}", target)
+        method.drafter = KnownContinuationDrafter(prompt_ids + full, len(target.tokenizer))
+        outputs[path] = method.generate(prompt_ids, 40, SamplingParams(), 0)
+        assert target.attention == "auto"  # the override is only for that method's runs
+    assert outputs["direct"].tokens == outputs["reference"].tokens == full
+    assert outputs["reference"].tau > 1
+
+
+def test_unknown_attention_path_is_a_clear_error(tiny_target):
+    with pytest.raises(WhiFlashError, match="unknown attention path 'fast'.*direct"):
+        make_method("vanilla@fast", tiny_target)
+    with pytest.raises(WhiFlashError, match="drop '@direct'"):
+        make_method("hf-generate@direct", tiny_target)

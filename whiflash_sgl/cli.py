@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from whiflash_sgl.config import ATTENTION_PATHS
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.model_store import DEFAULT_MODEL
 
@@ -25,7 +26,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="target and drafter weights (bfloat16 is ~2x faster on CPUs with AVX512-BF16/AMX)")
+                   help="target weights (bfloat16 is ~2x faster on CPUs with AVX512-BF16/AMX, but not batch-invariant)")
+    p.add_argument("--attention", choices=ATTENTION_PATHS, default="auto",
+                   help="target attention: a whiflash_sgl.kernels backend (auto: FlashInfer on CUDA, else the "
+                        "PyTorch reference) or 'direct' (the reference without planning)")
 
 
 def _load_target(args):
@@ -33,7 +37,7 @@ def _load_target(args):
 
     from whiflash_sgl.target import Target
 
-    return Target.load(args.model, dtype=getattr(torch, args.dtype))
+    return Target.load(args.model, dtype=getattr(torch, args.dtype), attention=args.attention)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -11,6 +11,10 @@ import yaml
 
 from whiflash_sgl.errors import WhiFlashError
 
+# where the target's attention runs: a backend of ``whiflash_sgl.kernels`` (planned once per forward, run per layer),
+# or "direct", the single-request reference called on HF's own layout
+ATTENTION_PATHS = ("auto", "reference", "flashinfer", "direct")
+
 
 @dataclass(frozen=True)
 class WhiFlashConfig:

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from whiflash_sgl.config import WhiFlashConfig
+from whiflash_sgl.config import ATTENTION_PATHS, WhiFlashConfig
 from whiflash_sgl.drafters.checkpoint import default_drafter_path, load_drafter_model
 from whiflash_sgl.drafters.dflash import DFlashDrafter
 from whiflash_sgl.drafters.eagle3 import Eagle3Drafter
@@ -43,6 +43,17 @@ class EngineMethod:
             result.paradigms = [paradigm for paradigm, _ in self.drafter.trace]
             result.paradigm_accepts = [t["accepted"] for t in self.drafter.traces[-len(self.drafter.trace):]]
         return result
+
+    @contextlib.contextmanager
+    def _attention(self):
+        saved = self.target.attention
+        if self.attention is not None:
+            self.target.set_attention(self.attention)
+        try:
+            yield
+        finally:
+            if self.attention is not None:
+                self.target.set_attention(saved)
 
 
 class HFGenerateMethod:
@@ -154,7 +165,25 @@ def _paradigms(target: Target, config: WhiFlashConfig) -> dict:
 def make_method(name: str, target: Target, config: WhiFlashConfig = WhiFlashConfig(),
                 policy_params: dict | None = None):
     """A generation method by name. ``policy_params`` are the parameters of the ``whiflash:<policy>`` policy, or,
-    when every value is a mapping, per-policy parameters keyed by policy name (one file for several policies)."""
+    when every value is a mapping, per-policy parameters keyed by policy name (one file for several policies).
+
+    ``<method>@<path>`` runs an engine method with the target's attention on another path (``direct``, ``reference``,
+    ``flashinfer``, ``auto``): two paths compared in one bench run.
+    """
+    base, _, attention = name.partition("@")
+    if not attention:
+        return _make_method(name, target, config, policy_params)
+    if attention not in ATTENTION_PATHS:
+        raise WhiFlashError(f"unknown attention path {attention!r} in {name!r}; choose one of "
+                            f"{', '.join(ATTENTION_PATHS)}")
+    method = _make_method(base, target, config, policy_params)
+    if not isinstance(method, EngineMethod):
+        raise WhiFlashError(f"{base} does not run on this engine's attention; drop '@{attention}'")
+    method.name, method.attention = name, attention
+    return method
+
+
+def _make_method(name: str, target: Target, config: WhiFlashConfig, policy_params: dict | None):
     if name == "vanilla":
         return EngineMethod(name, target)
     if name in ("ngram", "eagle3", "dflash"):

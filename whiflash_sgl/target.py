@@ -13,8 +13,9 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import AttentionMaskInterface
 
+from whiflash_sgl.config import ATTENTION_PATHS
 from whiflash_sgl.errors import WhiFlashError
-from whiflash_sgl.kernels import tree_attention
+from whiflash_sgl.kernels import AttentionLayout, BackendUnavailableError, get_backend, tree_attention
 from whiflash_sgl.kv_cache import KVCache
 from whiflash_sgl.model_store import resolve_model
 from whiflash_sgl.tree import DraftTree
@@ -23,7 +24,11 @@ ATTN_IMPLEMENTATION = "whiflash"
 
 
 def _whiflash_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    return tree_attention(query, key, value, kwargs.get("whiflash_mask"), scaling), None
+    plan = kwargs.get("whiflash_plan")
+    if plan is None:
+        return tree_attention(query, key, value, kwargs.get("whiflash_mask"), scaling), None
+    # HF's [1, heads, rows, head_dim] to the backends' ragged NHD rows [rows, heads, head_dim], and back
+    return plan.run(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1))[None], None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, _whiflash_attention)
@@ -39,7 +44,8 @@ class ForwardOut:
 class Target:
     """A target model with one sequence's KV cache. ``capture_layers`` are HF ``hidden_states`` indices."""
 
-    def __init__(self, model, tokenizer, capture_layers: tuple[int, ...] = (), name: str = ""):
+    def __init__(self, model, tokenizer, capture_layers: tuple[int, ...] = (), name: str = "",
+                 attention: str = "auto"):
         self.name = name or getattr(model.config, "_name_or_path", "")
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -48,16 +54,49 @@ class Target:
         self.capture_layers = tuple(capture_layers)  # HF hidden_states indices to return with every forward
         self.cache = KVCache()
         self.eos_token_ids = self._eos_ids()
+        attn = next(m for m in self.model.modules() if hasattr(m, "scaling") and hasattr(m, "head_dim"))
+        self._heads = dict(num_qo_heads=self.config.num_attention_heads, num_kv_heads=self.config.num_key_value_heads,
+                           head_dim=attn.head_dim, scale=attn.scaling)
+        self.set_attention(attention)
+
+    def set_attention(self, name: str) -> None:
+        """Route attention through backend ``name`` of ``whiflash_sgl.kernels`` (``auto``: FlashInfer on CUDA with a
+        16-bit model, else the PyTorch reference) or ``direct`` (the reference on HF's layout, no planning)."""
+        if name not in ATTENTION_PATHS:
+            raise WhiFlashError(f"unknown attention path {name!r}; choose one of {', '.join(ATTENTION_PATHS)}")
+        self.attention, self._backend = name, None
+        if name == "direct":
+            return
+        dtype = self.model.dtype
+        try:
+            backend = get_backend(name, self.device)
+        except BackendUnavailableError as exc:
+            raise WhiFlashError(f"attention backend {name!r} cannot run here: {exc}") from exc
+        if dtype not in backend.dtypes():
+            if name != "auto":
+                raise WhiFlashError(f"attention backend {name!r} does not compute in {dtype}; load the target in "
+                                    f"one of {', '.join(map(str, backend.dtypes()))} (--dtype) or pick another")
+            backend = get_backend("reference")
+        self._backend = backend
+
+    def _plan(self, rows: int, mask: torch.Tensor | None):
+        """The backend's plan for one forward of ``rows`` new rows after the cache (``mask``: ``[1, 1, rows, kv]``,
+        or None for causal)."""
+        kv = self.cache.get_seq_length() + rows
+        layout = AttentionLayout(torch.tensor([0, rows]), torch.tensor([0, kv]),
+                                 None if mask is None else mask.reshape(-1)).to(self.device)
+        return self._backend.plan(layout, dtype=self.model.dtype, **self._heads)
 
     @classmethod
-    def load(cls, name_or_path: str, capture_layers: tuple[int, ...] = (), dtype=torch.float32) -> "Target":
+    def load(cls, name_or_path: str, capture_layers: tuple[int, ...] = (), dtype=torch.float32,
+             attention: str = "auto") -> "Target":
         path = resolve_model(name_or_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise WhiFlashError(f"cannot load a causal LM from {path}: {exc}") from exc
-        return cls(model, tokenizer, capture_layers, name=name_or_path)
+        return cls(model, tokenizer, capture_layers, name=name_or_path, attention=attention)
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -84,6 +123,7 @@ class Target:
             cache=self.cache,
             use_cache=True,
             whiflash_mask=None if mask is None else mask.to(device),
+            whiflash_plan=None if self._backend is None else self._plan(len(ids), mask),
             output_hidden_states=bool(self.capture_layers),
             logits_to_keep=keep_logits,  # the last N positions' logits; 0 = all
         )
