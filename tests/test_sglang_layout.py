@@ -25,6 +25,8 @@ from whiflash_sgl.sglang.settings import (
     resolved_settings,
     settings_from_env,
 )
+from whiflash_sgl.sglang.launch import main as launch_main
+from whiflash_sgl.sglang.launch import sglang_command
 from whiflash_sgl.sglang.shape import resolve_tree_shape
 from whiflash_sgl.sglang.verify_layout import Proposals, chain_proposals, verify_arrays
 from whiflash_sgl.tree import DraftTree
@@ -60,6 +62,9 @@ def test_resolved_settings_round_trip_through_the_environment():
     ({CONFIG_ENV: '{"dflash_path": "/d", "catch_up": "lazy"}'}, "lazy is not implemented by the SGLang worker"),
     ({CONFIG_ENV: '{"dflash_path": "/d", "dflash_block_size": "16"}'}, "dflash_block_size must be int"),
     ({CONFIG_ENV: '{"dflash_path": "/d", "policy_params": []}'}, "policy_params must be dict"),
+    ({CONFIG_ENV: '{"dflash_path": "/d", "eagle3_path": "/e"}'},
+     "eagle3_path is a reference-engine setting; with SGLang use --speculative-draft-model-path"),
+    ({CONFIG_ENV: '{"dflash_path": "/d", "ngram_max": 3}'}, "ngram_max is a reference-engine setting"),
 ])
 def test_bad_settings_name_the_problem(environ, message):
     with pytest.raises(WhiFlashError, match=message):
@@ -69,6 +74,31 @@ def test_bad_settings_name_the_problem(environ, message):
 def test_resolved_settings_are_required_in_children():
     with pytest.raises(WhiFlashError, match="WHIFLASH_RESOLVED_CONFIG is not set"):
         resolved_settings({})
+
+
+# ---- the launcher --------------------------------------------------------------------------------------------------
+
+def test_launcher_puts_the_settings_in_the_environment_and_adds_the_algorithm(tmp_path):
+    config = tmp_path / "whiflash.yaml"
+    config.write_text("dflash_path: /models/dflash\n")
+    environ = {}
+    command = sglang_command(["--model-path", "Qwen/Qwen3-8B", "--whiflash-config", str(config), "--whiflash-policy",
+                              "entropy", "--speculative-draft-model-path", "/models/eagle3"], environ)
+    assert command[1:] == ["-m", "sglang.launch_server", "--model-path", "Qwen/Qwen3-8B",
+                           "--speculative-draft-model-path", "/models/eagle3", "--speculative-algorithm", "WHIFLASH"]
+    assert environ == {CONFIG_ENV: str(config.resolve()), POLICY_ENV: "entropy"}
+    inline = '{"dflash_path": "/d"}'
+    command = sglang_command(["--whiflash-config", inline, "--speculative-algorithm=whiflash"], environ)
+    assert command[3:] == ["--speculative-algorithm=whiflash"] and environ[CONFIG_ENV] == inline
+
+
+def test_launcher_refuses_before_starting_sglang(tmp_path, monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, "")  # main() writes os.environ; monkeypatch restores it afterwards
+    with pytest.raises(WhiFlashError, match="does not exist"):
+        sglang_command(["--whiflash-config", str(tmp_path / "missing.yaml")], {})
+    with pytest.raises(WhiFlashError, match="--speculative-algorithm EAGLE3 is not WHIFLASH"):
+        sglang_command(["--whiflash-config", '{"dflash_path": "/d"}', "--speculative-algorithm", "EAGLE3"], {})
+    assert launch_main(["--whiflash-config", str(tmp_path / "missing.yaml")]) == 2
 
 
 # ---- tree shape ---------------------------------------------------------------------------------------------------

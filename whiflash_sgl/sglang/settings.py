@@ -23,6 +23,14 @@ POLICY_ENV = "WHIFLASH_POLICY"
 RESOLVED_ENV = "WHIFLASH_RESOLVED_CONFIG"
 
 CATCH_UP_MODES = ("eager",)
+# The reference engine's settings (whiflash_sgl.config) that SGLang takes from its own flags, or does not use.
+REFERENCE_ONLY = {
+    "eagle3_path": "use --speculative-draft-model-path",
+    "eagle3_depth": "use --speculative-num-steps",
+    "eagle3_topk": "use --speculative-eagle-topk",
+    "eagle3_budget": "the verify width is the DFlash block size",
+    "paradigms": "SGLang routes between eagle3 and dflash",
+}
 SERVED_PARADIGMS = ("eagle3", "dflash")
 
 
@@ -56,6 +64,11 @@ class ServingSettings:
     def from_mapping(cls, values: dict, source: str) -> "ServingSettings":
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
+        for key in unknown:
+            if key in REFERENCE_ONLY or key.startswith(("ngram_", "dflash_tree_")):
+                hint = REFERENCE_ONLY.get(key, "it has no effect")
+                raise WhiFlashError(f"{source}: {key} is a reference-engine setting; with SGLang {hint} (drop it "
+                                    f"from this file)")
         if unknown:
             raise WhiFlashError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
         for key, value in values.items():
