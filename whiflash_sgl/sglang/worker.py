@@ -287,9 +287,11 @@ class WhiFlashWorker(BaseSpecWorker):
 
     def _observe(self, paradigm: str, out, draft_seconds: float, verify_seconds: float) -> None:
         """Feed the router: tau (committed tokens per verify, bonus included), costs, and the root statistics the
-        next round's features use (read at each request's bonus row, the last accepted one)."""
-        bs = out.accept_lens.numel()
-        rows = torch.arange(bs, device=out.accept_lens.device) * self.width + out.accept_lens.long() - 1
+        next round's features use (the target's distribution at each request's last accepted row, which predicted
+        the bonus token)."""
+        # logits stay in tree order (finalize compacts KV, predictions and hidden states only): find the row by index
+        last = (out.accept_lens.long() - 1).unsqueeze(1)
+        rows = out.accept_index.long().gather(1, last).squeeze(1)
         logits = out.logits_output.next_token_logits
         if logits is not None:
             probs = torch.softmax(logits[rows].float(), dim=-1)
