@@ -41,9 +41,10 @@ def test_bad_settings_fail_before_serving(capsys, served_dir, flags, message):
 
 
 def test_reference_backend_refuses_flags_it_does_not_know(capsys):
+    """SGLang-only flags are an error on the reference backend, not silently ignored."""
     with pytest.raises(SystemExit) as exit_info:
         launch_server.main(["--backend", "reference", "--tp-size", "2"])
-    assert exit_info.value.code == 2 and "does not take: --tp-size 2" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unrecognized arguments: --tp-size 2" in capsys.readouterr().err
 
 
 def _free_port() -> int:
@@ -79,3 +80,14 @@ def test_the_module_serves_until_terminated(served_dir):
         _, err = proc.communicate(timeout=30)
     assert "launch_server: backend: reference" in err
     assert "reference engine (whiflash:heuristic)" in err
+
+
+def test_sglang_backend_hands_every_other_flag_to_sglangs_launcher(monkeypatch, capsys):
+    import whiflash_sgl.sglang.launch as sglang_launch
+
+    seen = []
+    monkeypatch.setattr(sglang_launch, "main", lambda argv: seen.append(argv) or 0)
+    argv = ["--model-path", "Qwen/Qwen3-8B", "--backend", "sglang", "--whiflash-policy", "entropy", "--tp-size", "2"]
+    assert launch_server.main(argv) == 0
+    assert seen == [["--model-path", "Qwen/Qwen3-8B", "--whiflash-policy", "entropy", "--tp-size", "2"]]
+    assert "backend: sglang (--backend sglang)" in capsys.readouterr().err

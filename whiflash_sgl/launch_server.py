@@ -26,42 +26,31 @@ def choose_backend(requested: str) -> tuple[str, str]:
     return "sglang", "a CUDA device and sglang are available"
 
 
-def _without_backend(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--backend":
-            skip = True
-        elif not arg.startswith("--backend="):
-            out.append(arg)
-    return out
+def _parser(backend_only: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m whiflash_sgl.launch_server", add_help=not backend_only,
+        description="Serve WhiFlash speculative decoding over SGLang's HTTP API (native /generate and OpenAI "
+                    "/v1/*). The flags below are the reference backend's; with --backend sglang, "
+                    "--whiflash-config/--whiflash-policy and SGLang's own flags go to SGLang's launcher "
+                    "(--backend sglang --help lists them).",
+    )
+    parser.add_argument("--backend", choices=("auto", "sglang", "reference"), default="auto",
+                        help="auto: SGLang when a CUDA device and sglang are available, else the reference engine")
+    if not backend_only:
+        add_arguments(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(
-        prog="python -m whiflash_sgl.launch_server",
-        description="Serve WhiFlash speculative decoding over SGLang's HTTP API (native /generate and OpenAI "
-                    "/v1/*). The flags below are the reference backend's; on the SGLang backend every flag goes "
-                    "to SGLang's launcher.",
-    )
-    parser.add_argument("--backend", choices=("auto", "sglang", "reference"), default="auto",
-                        help="auto: SGLang when a CUDA device and sglang are available, else the reference engine")
-    add_arguments(parser)
-    args, rest = parser.parse_known_args(argv)
-    backend, why = choose_backend(args.backend)
-    print(f"launch_server: backend: {backend} ({why})", file=sys.stderr)
-    if backend == "reference":
-        if rest:
-            parser.error(f"the reference backend does not take: {' '.join(rest)}")
-        return serve(args)
-    try:
+    chosen, rest = _parser(backend_only=True).parse_known_args(argv)
+    backend, why = choose_backend(chosen.backend)
+    print(f"launch_server: backend: {backend} ({why})", file=sys.stderr, flush=True)
+    if backend == "sglang":
         from whiflash_sgl.sglang.launch import main as sglang_main
-    except ImportError as exc:
-        print(f"launch_server: error: the SGLang backend cannot start: {exc}", file=sys.stderr)
-        return 2
-    return sglang_main(_without_backend(argv))
+
+        return sglang_main(rest)
+    return serve(_parser(backend_only=False).parse_args(argv))
 
 
 if __name__ == "__main__":
