@@ -268,3 +268,28 @@ def test_a_spawned_child_registers_through_the_entry_point_and_reads_the_resolve
     assert child["after"] == "WhiflashSpecAlgo('WHIFLASH')"
     assert json.loads(child["settings"])["dflash_block_size"] == BLOCK
     assert set(child["patched"]) >= {f"{module}.{name}" for module, name, _, _ in hooks.HOOKS}
+
+
+def test_target_aux_config_gets_the_dflash_half_next_to_eagle3s(whiflash_env, models):
+    """The AFTER hook on the real resolver, in a process with published settings (as a scheduler has)."""
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.runtime_context import publish, reset_context
+
+    server_args = resolve(serve_args(models))
+    publish(server_args, role="scheduler")
+    try:
+        whiflash = SpeculativeAlgorithm.from_string("WHIFLASH")
+        config = model_runner.resolve_spec_aux_hidden_state_config(
+            server_args=server_args, model_config=ModelConfig.from_server_args(server_args),
+            spec_algorithm=whiflash, is_draft_worker=False)
+        draft_side = model_runner.resolve_spec_aux_hidden_state_config(
+            server_args=server_args, model_config=ModelConfig.from_server_args(server_args),
+            spec_algorithm=whiflash, is_draft_worker=True)
+    finally:
+        reset_context()
+    assert config.eagle_use_aux_hidden_state and config.eagle_aux_hidden_state_layer_ids == [0, 1, 2]
+    assert config.eagle_draft_num_layers == 1
+    assert config.dflash_use_aux_hidden_state and config.dflash_target_layer_ids == [1, 2]
+    assert config.dflash_draft_num_layers == 1
+    assert config.draft_model_config.model_path == str(models / "eagle3")  # EAGLE-3's private pool stays sized by it
+    assert not draft_side.dflash_use_aux_hidden_state  # draft runners are left alone
