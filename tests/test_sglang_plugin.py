@@ -133,6 +133,15 @@ def test_register_never_raises(monkeypatch, caplog):
     assert "WHIFLASH not registered" in caplog.text and "boom" in caplog.text
 
 
+def test_hooks_whose_module_cannot_import_are_skipped_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(HookRegistry, "_hooks", type(HookRegistry._hooks)(list))
+    monkeypatch.setattr(hooks, "HOOKS", (("sglang.srt.no_such_module", "f", hooks.capture_union, "AROUND"),
+                                         (hooks.AUX_MODULE, hooks.AUX_NAME, hooks.add_dflash_aux_config, "AFTER")))
+    hooks.register_hooks()
+    assert list(HookRegistry._hooks) == [f"{hooks.AUX_MODULE}.{hooks.AUX_NAME}"]
+    assert "can resolve arguments but not serve: f (No module named 'sglang.srt.no_such_module')" in caplog.text
+
+
 def test_hooks_apply_and_reach_modules_that_imported_the_names_earlier():
     from sglang.srt.model_executor.model_runner_components import attention_backend_setup, spec_aux_hidden_state
     from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator

@@ -113,11 +113,14 @@ def register_hooks() -> None:
 
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    skipped = []
     for module, name, hook, kind in HOOKS:
         try:
             importlib.import_module(module)
         except ImportError as exc:
-            log.warning("WHIFLASH hook on %s.%s not installed: %s (this SGLang install cannot serve)", module, name,
-                        exc)
+            skipped.append(f"{name} ({exc})")
             continue
         HookRegistry.register(f"{module}.{name}", hook, HookType[kind])
+    if skipped:
+        log.warning("WHIFLASH target hooks not installed, so this SGLang install can resolve arguments but not serve: "
+                    "%s", "; ".join(skipped))
