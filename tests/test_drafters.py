@@ -4,6 +4,7 @@ trees see exactly their ancestors, and checkpoints refuse a target they were not
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -150,6 +151,33 @@ def test_best_subtree_keeps_ancestors_and_orders_by_depth():
     nodes = [(-0.1, 1, -1, 5), (-2.0, 1, -1, 6), (-0.3, 2, 0, 7), (-0.3, 2, 0, 8), (-2.5, 2, 1, 9)]
     tree, scores = _best_subtree(nodes, 3)
     assert scores == [-0.1, -0.3, -0.3] and tree.tokens == (5, 7, 8) and tree.parents == (-1, 0, 0)
+
+
+def _node_paths(tree) -> list[tuple[int, ...]]:
+    """Each node's token path from the root."""
+    paths = []
+    for i in range(len(tree)):
+        parent = tree.parents[i]
+        paths.append((paths[parent] if parent >= 0 else ()) + (tree.tokens[i],))
+    return paths
+
+
+def test_eagle3_min_prob_keeps_only_likely_nodes(target, eagle):
+    """With a probability floor the tree holds exactly the nodes of the full tree that clear it."""
+    full = Eagle3Drafter(eagle, target.model.get_input_embeddings(), depth=3, topk=3, budget=20)
+    state = _state(target, full.feature_layers)
+    full.start(state)
+    full_tree = full.propose(state, max_depth=5)
+    floor = sorted(full.last_scores)[len(full.last_scores) // 2]  # about half the nodes clear it
+    pruned = Eagle3Drafter(eagle, target.model.get_input_embeddings(), depth=3, topk=3, budget=20,
+                           min_prob=math.exp(floor) * (1 - 1e-6))
+    pruned.start(state)
+    tree = pruned.propose(state, max_depth=5)
+    kept = {p for p, score in zip(_node_paths(full_tree), full.last_scores) if score >= floor}
+    assert 0 < len(tree) < len(full_tree) and set(_node_paths(tree)) == kept
+    assert min(pruned.last_scores) >= floor - 1e-5
+    with pytest.raises(ValueError, match="min_prob"):
+        Eagle3Drafter(eagle, target.model.get_input_embeddings(), min_prob=1.0)
 
 
 def test_marginal_tree_grows_best_first():

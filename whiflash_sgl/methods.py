@@ -145,7 +145,8 @@ def _build_drafter(kind: str, target: Target, config: WhiFlashConfig):
     embed = _in_dtype(target.model.get_input_embeddings(), dtype)
     if kind == "eagle3":
         model = load_drafter_model(kind, _drafter_path(kind, config.eagle3_path, target), target, dtype)
-        return Eagle3Drafter(model, embed, config.eagle3_depth, config.eagle3_topk, config.eagle3_budget)
+        return Eagle3Drafter(model, embed, config.eagle3_depth, config.eagle3_topk, config.eagle3_budget,
+                             config.eagle3_min_prob)
     if kind == "dflash":
         model = load_drafter_model(kind, _drafter_path(kind, config.dflash_path, target), target, dtype)
         return DFlashDrafter(model, embed, _in_dtype(target.model.get_output_embeddings(), dtype),

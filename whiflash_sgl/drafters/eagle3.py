@@ -14,6 +14,8 @@ the newest pair runs the full layer, giving the hidden state and logits that see
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import LlamaConfig
@@ -88,11 +90,17 @@ class Eagle3Drafter(Drafter):
 
     name = "eagle3"
 
-    def __init__(self, model: Eagle3Model, embed: nn.Embedding, depth: int = 6, topk: int = 4, budget: int = 16):
+    def __init__(self, model: Eagle3Model, embed: nn.Embedding, depth: int = 6, topk: int = 4, budget: int = 16,
+                 min_prob: float = 0.0):
         if depth < 1 or topk < 1 or budget < 1:
             raise ValueError("EAGLE-3 depth, topk and budget must be >= 1")
+        if not 0.0 <= min_prob < 1.0:
+            raise ValueError(f"EAGLE-3 min_prob must be in [0, 1), got {min_prob}")
         self.model, self.embed = model.eval(), embed
         self.depth, self.topk, self.budget = depth, topk, budget
+        # nodes whose cumulative draft probability falls below this are neither expanded nor sent to verification:
+        # the draft stops early where the drafter is unsure, which saves draft steps and verify rows
+        self.min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
         self.feature_layers = tuple(i + 1 for i in aux_layer_ids(model.config))
         self.cache = KVCache()
         self.frontier = 0  # committed pairs (F_t, x_{t+1}) whose K/V are cached: t < frontier
@@ -153,11 +161,13 @@ class Eagle3Drafter(Drafter):
         scores, ids = root_logp.topk(k)
         # every generated node: (score, depth, parent node index or -1, target token)
         nodes = [(float(s), 1, -1, int(t)) for s, t in zip(scores, self.model.to_target_ids(ids))]
-        frontier = list(range(len(nodes)))
+        frontier = [i for i in range(len(nodes)) if nodes[i][0] >= self.min_logp]
         parent_out = root_out.expand(len(frontier), -1)
         rows: dict[int, int] = {}  # node -> its row in the draft cache once expanded
         committed = self.cache.get_seq_length()
         for d in range(1, depth):
+            if not frontier:
+                break
             tokens = torch.tensor([nodes[i][3] for i in frontier])
             x = self.model.midlayer.attention_input(self.embed(tokens), parent_out)
             first_row = self.cache.get_seq_length()
@@ -177,15 +187,19 @@ class Eagle3Drafter(Drafter):
             first_child = len(nodes)
             for r, i in enumerate(frontier):
                 nodes.extend((float(child_scores[r, c]), d + 1, i, int(child_tokens[r, c])) for c in range(k))
-            best = child_scores.flatten().topk(min(k, child_scores.numel())).indices.tolist()
+            flat = child_scores.flatten()
+            best = [b for b in flat.topk(min(k, flat.numel())).indices.tolist() if flat[b] >= self.min_logp]
             frontier = [first_child + b for b in best]
             parent_out = out[[b // k for b in best]]
-        return _best_subtree(nodes, self.budget)
+        return _best_subtree(nodes, self.budget, self.min_logp)
 
 
-def _best_subtree(nodes: list[tuple[float, int, int, int]], budget: int) -> tuple[DraftTree, list[float]]:
-    """The ``budget`` highest-scoring nodes (scores fall along a path, so ancestors come along), in depth order."""
+def _best_subtree(nodes: list[tuple[float, int, int, int]], budget: int,
+                  min_logp: float = -math.inf) -> tuple[DraftTree, list[float]]:
+    """The ``budget`` highest-scoring nodes scoring at least ``min_logp`` (scores fall along a path, so ancestors
+    come along), in depth order."""
     ranked = sorted(range(len(nodes)), key=lambda i: (-nodes[i][0], nodes[i][1]))[:budget]
+    ranked = [i for i in ranked if nodes[i][0] >= min_logp]
     chosen = set(ranked)
     for i in ranked:  # ties could leave out an ancestor; bring it in
         j = nodes[i][2]
