@@ -167,6 +167,8 @@ def test_oracle_accepts_the_best_paradigm_each_round(target, models, prompt):
     assert result.rounds - 1 <= len(oracle.traces) <= result.rounds
     for row, accepted in zip(oracle.traces, result.accept_lengths):
         assert max(row["accepted"].values()) == accepted
+        assert row["features"].ngram_draft == row["draft_tokens"]["ngram"]  # the peeked proposal is the one drafted
+    assert any(row["features"].ngram_draft for row in oracle.traces)
 
 
 def test_unknown_policy_lists_the_installed_ones():

@@ -33,12 +33,13 @@ class RoundFeatures:
     predicted_seconds: dict[str, float]  # cost model: draft + verify + catch-up per paradigm
     dflash_expected: float  # expected accepted prefix from DFlash's last block confidences
     eagle_top1: float  # EAGLE's last first-step top-1 probability
+    ngram_draft: int  # tokens the n-gram drafter would propose now (0: no earlier match of the suffix)
     in_code: bool
     in_json: bool
     bracket_depth: int
 
-    VECTOR_FIELDS = ("entropy", "margin", "last_tau", "dflash_expected", "eagle_top1", "in_code", "in_json",
-                     "bracket_depth")
+    VECTOR_FIELDS = ("entropy", "margin", "last_tau", "dflash_expected", "eagle_top1", "ngram_draft", "in_code",
+                     "in_json", "bracket_depth")
 
     def vector(self, paradigms: tuple[str, ...]) -> list[float]:
         """A flat numeric view for learned policies (paradigm one-hots and per-paradigm values in order)."""
@@ -146,7 +147,8 @@ class Router:
         self.last_paradigm = ""  # none yet
 
     def features(self, root_logits: torch.Tensor | None, text: str, pending: dict[str, int],
-                 draft_tokens: dict[str, int], dflash_confidences: list[float], eagle_top1: float) -> RoundFeatures:
+                 draft_tokens: dict[str, int], dflash_confidences: list[float], eagle_top1: float,
+                 ngram_draft: int = 0) -> RoundFeatures:
         entropy = margin = 0.0
         if root_logits is not None:
             probs = torch.softmax(root_logits.float(), dim=-1)
@@ -162,7 +164,8 @@ class Router:
             entropy=entropy, margin=margin, last_tau=self.last_tau, last_paradigm=self.last_paradigm,
             ema_tau=dict(self.ema_tau), pending=dict(pending),
             predicted_seconds={p: self.costs.predict(p, draft_tokens[p], pending[p]) for p in self.paradigms},
-            dflash_expected=expected, eagle_top1=eagle_top1, in_code=in_code, in_json=in_json, bracket_depth=depth,
+            dflash_expected=expected, eagle_top1=eagle_top1, ngram_draft=ngram_draft, in_code=in_code,
+            in_json=in_json, bracket_depth=depth,
         )
 
     def _fault(self, kind: str, detail: str) -> str:

@@ -23,6 +23,10 @@ class NgramDrafter(Drafter):
         if num_tokens < 1 or width < 1:
             raise ValueError("num_tokens and width must be >= 1")
         self.max_ngram, self.min_ngram, self.num_tokens, self.width = max_ngram, min_ngram, num_tokens, width
+        self._last: tuple[tuple[int, int], DraftTree] | None = None  # the router peeks at the proposal first
+
+    def start(self, state: SequenceState) -> None:
+        self._last = None
 
     def continuations(self, tokens: list[int], length: int) -> list[list[int]]:
         """Up to ``width`` distinct continuations of the longest earlier match of a suffix, most recent first."""
@@ -45,4 +49,7 @@ class NgramDrafter(Drafter):
         length = min(self.num_tokens, max_depth)
         if length < 1:
             return DraftTree()
-        return DraftTree.from_paths(self.continuations(state.tokens, length))
+        key = (len(state.tokens), length)  # a sequence only grows, so its length names its tokens
+        if self._last is None or self._last[0] != key:
+            self._last = (key, DraftTree.from_paths(self.continuations(state.tokens, length)))
+        return self._last[1]

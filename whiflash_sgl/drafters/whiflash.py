@@ -17,8 +17,9 @@ from whiflash_sgl.tree import DraftTree
 
 def round_features(router: Router, drafters: dict[str, Drafter], state: SequenceState, draft_tokens: dict,
                    tokenizer) -> RoundFeatures:
-    """The router's features for this round, from what the last verify pass and the drafters left behind."""
-    dflash, eagle = drafters.get("dflash"), drafters.get("eagle3")
+    """The router's features for this round, from what the last verify pass and the drafters left behind, and the
+    n-gram drafter's proposal (a lookup: cheap enough to peek at every round, and cached for when it is chosen)."""
+    dflash, eagle, ngram = drafters.get("dflash"), drafters.get("eagle3"), drafters.get("ngram")
     return router.features(
         state.root_logits,
         tokenizer.decode(state.tokens[max(state.prompt_len, len(state.tokens) - 200):]),
@@ -26,6 +27,7 @@ def round_features(router: Router, drafters: dict[str, Drafter], state: Sequence
         draft_tokens,
         getattr(dflash, "last_confidences", []),
         math.exp(eagle.last_scores[0]) if getattr(eagle, "last_scores", None) else 0.0,
+        len(ngram.propose(state, ngram.num_tokens)) if ngram is not None else 0,
     )
 
 
