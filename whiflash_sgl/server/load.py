@@ -102,6 +102,7 @@ def run_level(base_url: str, model: str, prompts: list[str], concurrency: int, r
         "latency_p95_s": round(percentile(latencies, 0.95), 3) if latencies else None,
         "latency_mean_s": round(statistics.fmean(latencies), 3) if latencies else None,
         "accept_length": round(generated / verify, 3) if verify else None,
+        "latencies_s": [round(x, 3) for x in latencies],  # in completion order
     }
 
 
