@@ -21,8 +21,14 @@ from whiflash_sgl.drafters.layers import heads, rope_at, rotate
 @torch.no_grad()
 def init_from_target(model: DFlashModel, target_model) -> None:
     """Start draft layer ``i`` from the target's ``i``-th of its last ``n`` layers (attention, MLP, norms) and the
-    final norm from the target's; q/k norms start at one. Converges far faster than random on a CPU budget."""
+    final norm from the target's; q/k norms start at one. ``fc`` starts as the identity on the deepest target
+    feature, which is the residual stream those copied layers read in the target, so the context K/V make sense to
+    them from the first step."""
     source = target_model.model.layers[-len(model.layers):]
+    hidden = model.fc.out_features
+    model.fc.weight.zero_()
+    model.fc.weight[:, -hidden:] = torch.eye(hidden)
+    model.hidden_norm.load_state_dict(source[0].input_layernorm.state_dict())
     for layer, src in zip(model.layers, source):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             getattr(layer.self_attn, name).load_state_dict(getattr(src.self_attn, name).state_dict())

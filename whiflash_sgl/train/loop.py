@@ -30,6 +30,7 @@ class TrainSettings:
     seed: int = 0
     eval_every: int = 100  # optimizer steps
     heldout: int = 48  # sequences kept out of training for the acceptance log
+    bf16: bool = True  # bfloat16 autocast for the forward passes (about 3x faster on AVX512-BF16 CPUs)
 
 
 def train(trainer, dataset, out_dir: Path, settings: TrainSettings, max_minutes: float | None = None) -> dict:
@@ -55,8 +56,11 @@ def train(trainer, dataset, out_dir: Path, settings: TrainSettings, max_minutes:
         schedule.load_state_dict(saved["schedule"])
         step = saved["step"]
         rng.setstate(saved["rng"])
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16)
+
     trainer.model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         initial = trainer.evaluate([dataset[i] for i in heldout])
     log = (out_dir / "train_log.jsonl").open("a")
     bar = tqdm(total=total_steps, initial=step, desc="train", file=sys.stderr)
@@ -73,7 +77,8 @@ def train(trainer, dataset, out_dir: Path, settings: TrainSettings, max_minutes:
         optimizer.zero_grad(set_to_none=True)
         total, stats_sum = 0.0, {}
         for i in batch:
-            loss, stats = trainer.loss(dataset[i])
+            with autocast():
+                loss, stats = trainer.loss(dataset[i])
             (loss / len(batch)).backward()
             total += loss.item() / len(batch)
             for k, v in stats.items():
@@ -88,7 +93,7 @@ def train(trainer, dataset, out_dir: Path, settings: TrainSettings, max_minutes:
                   **{k: round(v, 4) for k, v in stats_sum.items()}}
         if step % settings.eval_every == 0 or step == total_steps:
             trainer.model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 record["heldout"] = trainer.evaluate([dataset[i] for i in heldout])
             torch.save({"model": trainer.model.state_dict(), "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(), "step": step, "rng": rng.getstate()}, checkpoint)
@@ -97,7 +102,7 @@ def train(trainer, dataset, out_dir: Path, settings: TrainSettings, max_minutes:
         log.flush()
     bar.close()
     trainer.model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         final = trainer.evaluate([dataset[i] for i in heldout])
     return {"steps": step, "total_steps": total_steps, "minutes": round((time.time() - started) / 60, 1),
             "heldout_before": initial, "heldout": final}

@@ -57,6 +57,8 @@ def add_arguments(p) -> None:
     p.add_argument("--layers", type=int, default=3, help="DFlash draft layers")
     p.add_argument("--block-size", type=int, default=16, help="DFlash block size")
     p.add_argument("--anchors", type=int, default=8, help="DFlash blocks per sequence")
+    p.add_argument("--gamma", type=float, default=7.0, help="DFlash loss decay over block positions")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 (default: bf16 autocast)")
     p.add_argument("--mask-token", default="<empty_output>", help="DFlash mask token (an unused special token)")
 
 
@@ -117,8 +119,9 @@ def run(args) -> dict:
             raise WhiFlashError(f"mask token {args.mask_token!r} is not in the target's vocabulary")
         model = DFlashModel(dflash_config(target, args.layers, args.block_size, layer_ids, mask_id))
         init_dflash_from_target(model, target.model)
-        trainer = DFlashTrainer(model, embed, lm_head, anchors=args.anchors, seed=args.seed)
-    settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_sequences=args.batch, seed=args.seed)
+        trainer = DFlashTrainer(model, embed, lm_head, anchors=args.anchors, gamma=args.gamma, seed=args.seed)
+    settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_sequences=args.batch, seed=args.seed,
+                             bf16=args.bf16)
     out = Path(args.out)
     result = train(trainer, dataset, Path(args.data) / f"run-{args.kind}", settings, args.minutes)
     recipe = {
