@@ -57,9 +57,10 @@ def test_the_module_serves_until_terminated(served_dir):
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "whiflash_sgl.launch_server", "--backend", "reference", "--model-path", str(served_dir / "model"),
-         "--speculative-algorithm", "WHIFLASH", "--whiflash-policy", "heuristic", "--whiflash-config",
-         str(served_dir / "whiflash.json"), "--port", str(port), "--threads", "1", "--log-level", "warning"],
+        [sys.executable, "-m", "whiflash_sgl.launch_server", "--backend", "reference",
+         "--model-path", str(served_dir / "model"), "--speculative-algorithm", "WHIFLASH", "--whiflash-policy",
+         "heuristic", "--whiflash-config", str(served_dir / "whiflash.json"), "--port", str(port), "--threads", "1",
+         "--log-level", "warning"],
         stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 90
