@@ -10,6 +10,7 @@ from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.methods import make_method
+from whiflash_sgl.target import PackedLinear, Target
 from whiflash_sgl.tree import DraftTree
 from whiflash_sgl.verify import SamplingParams
 
@@ -131,3 +132,21 @@ def test_unknown_attention_path_is_a_clear_error(tiny_target):
         make_method("vanilla@fast", tiny_target)
     with pytest.raises(WhiFlashError, match="drop '@direct'"):
         make_method("hf-generate@direct", tiny_target)
+
+
+def test_prepacked_linears_keep_the_output(tiny_tokenizer, make_model, prompt_ids):
+    """oneDNN-prepacked linears (what ``Target.load`` uses on a CPU) give the dense model's logits up to float32
+    rounding, the same greedy text for every engine method and for transformers' own generate on the same modules;
+    the dense LM head stays available to drafters."""
+    dense = Target(make_model(len(tiny_tokenizer)), tiny_tokenizer)
+    packed = Target(make_model(len(tiny_tokenizer)), tiny_tokenizer, pack=True)
+    assert isinstance(packed.model.lm_head, PackedLinear) and isinstance(packed.lm_head, torch.nn.Linear)
+    tree = DraftTree.from_paths([[5, 6, 7], [5, 8]])
+    logits = []
+    for target in (dense, packed):
+        target.prefill(prompt_ids)
+        logits.append(target.verify(prompt_ids[-1], tree).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+    expected = _vanilla(dense, prompt_ids).tokens
+    for name in ("vanilla", "ngram", "hf-generate"):
+        assert make_method(name, packed).generate(prompt_ids, 40, SamplingParams(), 0).tokens == expected, name

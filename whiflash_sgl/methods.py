@@ -149,7 +149,7 @@ def _build_drafter(kind: str, target: Target, config: WhiFlashConfig):
                              config.eagle3_min_prob)
     if kind == "dflash":
         model = load_drafter_model(kind, _drafter_path(kind, config.dflash_path, target), target, dtype)
-        return DFlashDrafter(model, embed, _in_dtype(target.model.get_output_embeddings(), dtype),
+        return DFlashDrafter(model, embed, _in_dtype(target.lm_head, dtype),
                              config.dflash_block_size or None, config.dflash_tree_topk, config.dflash_tree_budget)
     raise WhiFlashError(f"unknown drafter {kind!r}; available: ngram, eagle3, dflash")
 

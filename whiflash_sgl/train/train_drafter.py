@@ -99,7 +99,7 @@ def prepare_data(args, target: Target, layers: tuple[int, ...]) -> Path:
 
 def run(args) -> dict:
     started = time.time()
-    target = Target.load(args.model)
+    target = Target.load(args.model, pack=False)  # training backpropagates through the target's LM head
     target.model.requires_grad_(False)
     layer_ids = default_layer_ids(target.config.num_hidden_layers)
     features = tuple(i + 1 for i in layer_ids)
