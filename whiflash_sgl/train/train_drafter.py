@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from whiflash_sgl.drafters.checkpoint import dflash_config, eagle3_config, save_drafter
+from whiflash_sgl.drafters.checkpoint import dflash_config, eagle3_config, load_drafter_model, save_drafter
 from whiflash_sgl.drafters.dflash import DFlashModel
 from whiflash_sgl.drafters.eagle3 import Eagle3Model
 from whiflash_sgl.errors import WhiFlashError
@@ -57,6 +57,7 @@ def add_arguments(p) -> None:
     p.add_argument("--layers", type=int, default=3, help="DFlash draft layers")
     p.add_argument("--block-size", type=int, default=16, help="DFlash block size")
     p.add_argument("--anchors", type=int, default=8, help="DFlash blocks per sequence")
+    p.add_argument("--init", help="continue from this drafter folder (its shape and vocabulary) instead of a fresh one")
     p.add_argument("--gamma", type=float, default=7.0, help="DFlash loss decay over block positions")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 (default: bf16 autocast)")
     p.add_argument("--mask-token", default="<empty_output>", help="DFlash mask token (an unused special token)")
@@ -97,6 +98,21 @@ def prepare_data(args, target: Target, layers: tuple[int, ...]) -> Path:
     return data
 
 
+def new_drafter(args, target: Target, dataset: FeatureDataset, layer_ids: list[int]) -> torch.nn.Module:
+    """A fresh drafter of ``args.kind`` shaped by the flags, initialised from the target."""
+    if args.kind == "eagle3":
+        model = Eagle3Model(eagle3_config(target, args.draft_vocab, layer_ids))
+        set_vocabulary(model, draft_vocabulary(dataset, args.draft_vocab, target.config.vocab_size))
+        init_eagle3_from_target(model, target.model)
+        return model
+    mask_id = target.tokenizer.convert_tokens_to_ids(args.mask_token)
+    if mask_id is None or mask_id == target.tokenizer.unk_token_id:
+        raise WhiFlashError(f"mask token {args.mask_token!r} is not in the target's vocabulary")
+    model = DFlashModel(dflash_config(target, args.layers, args.block_size, layer_ids, mask_id))
+    init_dflash_from_target(model, target.model)
+    return model
+
+
 def run(args) -> dict:
     started = time.time()
     target = Target.load(args.model, pack=False)  # training backpropagates through the target's LM head
@@ -108,17 +124,11 @@ def run(args) -> dict:
         raise WhiFlashError(f"only {len(dataset)} training sequences in {args.data}; need at least 64")
     embed, lm_head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
     torch.manual_seed(args.seed)
+    model = new_drafter(args, target, dataset, layer_ids) if not args.init else load_drafter_model(
+        args.kind, args.init, target, torch.float32).train()
     if args.kind == "eagle3":
-        model = Eagle3Model(eagle3_config(target, args.draft_vocab, layer_ids))
-        set_vocabulary(model, draft_vocabulary(dataset, args.draft_vocab, target.config.vocab_size))
-        init_eagle3_from_target(model, target.model)
         trainer = Eagle3Trainer(model, embed, steps=args.ttt_steps)
     else:
-        mask_id = target.tokenizer.convert_tokens_to_ids(args.mask_token)
-        if mask_id is None or mask_id == target.tokenizer.unk_token_id:
-            raise WhiFlashError(f"mask token {args.mask_token!r} is not in the target's vocabulary")
-        model = DFlashModel(dflash_config(target, args.layers, args.block_size, layer_ids, mask_id))
-        init_dflash_from_target(model, target.model)
         trainer = DFlashTrainer(model, embed, lm_head, anchors=args.anchors, gamma=args.gamma, seed=args.seed)
     settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_sequences=args.batch, seed=args.seed,
                              bf16=args.bf16)
@@ -132,6 +142,9 @@ def run(args) -> dict:
                         "python3.11-doc prose, templated math/chat); responses: the target's greedy outputs",
         "wall_minutes": round((time.time() - started) / 60, 1), **result,
     }
+    if args.init:  # the lineage: what the starting point was made by
+        previous = Path(args.init) / "recipe.json"
+        recipe["init"] = {"from": args.init, "recipe": json.loads(previous.read_text()) if previous.is_file() else None}
     save_drafter(model, out, target, extra={"recipe": recipe})
     (out / "recipe.json").write_text(json.dumps(recipe, indent=1))
     return recipe
