@@ -135,11 +135,17 @@ def _path_scores(drafter: Eagle3Drafter, state: SequenceState, tree: DraftTree) 
     return scores
 
 
-def test_eagle3_tree_nodes_see_exactly_their_ancestors(target, eagle):
-    drafter = Eagle3Drafter(eagle, target.model.get_input_embeddings(), depth=3, topk=3, budget=20)
+def _eagle3_tree(target, eagle, **settings):
+    """An EAGLE-3 drafter (depth 3, top-3, budget 20 unless overridden), its state and its first tree."""
+    drafter = Eagle3Drafter(eagle, target.model.get_input_embeddings(), **{"depth": 3, "topk": 3, "budget": 20,
+                                                                           **settings})
     state = _state(target, drafter.feature_layers)
     drafter.start(state)
-    tree = drafter.propose(state, max_depth=5)
+    return drafter, state, drafter.propose(state, max_depth=5)
+
+
+def test_eagle3_tree_nodes_see_exactly_their_ancestors(target, eagle):
+    drafter, state, tree = _eagle3_tree(target, eagle)
     assert len(tree) == 20 and tree.depth == 3 and not tree.is_chain
     assert drafter.cache.get_seq_length() == len(state.tokens) - 1  # tree rows dropped, committed kept
     expected = drafter.last_scores
@@ -164,15 +170,9 @@ def _node_paths(tree) -> list[tuple[int, ...]]:
 
 def test_eagle3_min_prob_keeps_only_likely_nodes(target, eagle):
     """With a probability floor the tree holds exactly the nodes of the full tree that clear it."""
-    full = Eagle3Drafter(eagle, target.model.get_input_embeddings(), depth=3, topk=3, budget=20)
-    state = _state(target, full.feature_layers)
-    full.start(state)
-    full_tree = full.propose(state, max_depth=5)
+    full, _, full_tree = _eagle3_tree(target, eagle)
     floor = sorted(full.last_scores)[len(full.last_scores) // 2]  # about half the nodes clear it
-    pruned = Eagle3Drafter(eagle, target.model.get_input_embeddings(), depth=3, topk=3, budget=20,
-                           min_prob=math.exp(floor) * (1 - 1e-6))
-    pruned.start(state)
-    tree = pruned.propose(state, max_depth=5)
+    pruned, _, tree = _eagle3_tree(target, eagle, min_prob=math.exp(floor) * (1 - 1e-6))
     kept = {p for p, score in zip(_node_paths(full_tree), full.last_scores) if score >= floor}
     assert 0 < len(tree) < len(full_tree) and set(_node_paths(tree)) == kept
     assert min(pruned.last_scores) >= floor - 1e-5
