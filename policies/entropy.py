@@ -18,7 +18,7 @@ class EntropyPolicy:
         self.threshold, self.sharpness, self.lam, self.block = threshold, sharpness, lam, block
 
     def decide(self, f: RoundFeatures) -> Decision:
-        expected = dict(f.ema_tau)
+        expected = f.expected_tau()
         if self.block in expected:
             gate = 2 / (1 + math.exp(self.sharpness * (f.entropy - self.threshold)))  # 2 at H=0, 1 at threshold
             expected[self.block] *= gate

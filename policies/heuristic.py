@@ -11,7 +11,7 @@ class HeuristicPolicy:
         self.hysteresis, self.structured_bonus, self.lam = hysteresis, structured_bonus, lam
 
     def decide(self, f: RoundFeatures) -> Decision:
-        expected = dict(f.ema_tau)
+        expected = f.expected_tau()
         if "dflash" in expected and (f.in_code or f.in_json):
             expected["dflash"] += self.structured_bonus
         choice = best_paradigm(expected, f.predicted_seconds, self.lam)

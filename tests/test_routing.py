@@ -21,7 +21,7 @@ from whiflash_sgl.drafters.whiflash import WhiFlashDrafter
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.policies import load_policy
-from whiflash_sgl.router import CostModel, Decision, Router, best_paradigm, syntax_state
+from whiflash_sgl.router import CostModel, Decision, RoundFeatures, Router, best_paradigm, syntax_state
 from whiflash_sgl.target import Target
 from whiflash_sgl.train.eagle3 import set_vocabulary
 from whiflash_sgl.train.train_drafter import default_layer_ids
@@ -210,3 +210,16 @@ def test_objective_and_syntax_features():
     assert best_paradigm(expected, seconds, 0.0) == "dflash"  # latency ignored
     assert syntax_state('Sure:\n```python\nx = {"a": [1, ') == (True, True, 2)
     assert syntax_state("Plain prose (done).") == (False, False, 0)
+
+
+@pytest.mark.parametrize("policy", ["heuristic", "entropy"])
+def test_ngram_without_a_proposal_is_never_chosen(policy):
+    """An n-gram round with nothing to propose commits one token however well n-gram did before."""
+    features = RoundFeatures(
+        entropy=0.5, margin=0.5, last_tau=3.0, last_paradigm="ngram", ema_tau={"eagle3": 2.0, "ngram": 4.0},
+        pending={"eagle3": 0, "ngram": 0}, predicted_seconds={"eagle3": 0.050, "ngram": 0.035}, dflash_expected=0.0,
+        eagle_top1=0.6, ngram_draft=0, in_code=False, in_json=False, bracket_depth=0)
+    assert features.expected_tau()["ngram"] == 1.0
+    assert load_policy(policy, {}).decide(features).paradigm == "eagle3"
+    features.ngram_draft = 6
+    assert load_policy(policy, {}).decide(features).paradigm == "ngram"

@@ -41,6 +41,13 @@ class RoundFeatures:
     VECTOR_FIELDS = ("entropy", "margin", "last_tau", "dflash_expected", "eagle_top1", "ngram_draft", "in_code",
                      "in_json", "bracket_depth")
 
+    def expected_tau(self) -> dict[str, float]:
+        """Each paradigm's tau EMA, except that the model-free drafter with nothing to propose commits one token."""
+        expected = dict(self.ema_tau)
+        if "ngram" in expected and self.ngram_draft == 0:
+            expected["ngram"] = 1.0
+        return expected
+
     def vector(self, paradigms: tuple[str, ...]) -> list[float]:
         """A flat numeric view for learned policies (paradigm one-hots and per-paradigm values in order)."""
         values = [float(getattr(self, f)) for f in self.VECTOR_FIELDS]

@@ -20,14 +20,15 @@ def round_features(router: Router, drafters: dict[str, Drafter], state: Sequence
     """The router's features for this round, from what the last verify pass and the drafters left behind, and the
     n-gram drafter's proposal (a lookup: cheap enough to peek at every round, and cached for when it is chosen)."""
     dflash, eagle, ngram = drafters.get("dflash"), drafters.get("eagle3"), drafters.get("ngram")
+    ngram_draft = len(ngram.propose(state, ngram.num_tokens)) if ngram is not None else 0
     return router.features(
         state.root_logits,
         tokenizer.decode(state.tokens[max(state.prompt_len, len(state.tokens) - 200):]),
         {p: d.pending(state) for p, d in drafters.items()},
-        draft_tokens,
+        {**draft_tokens, **({"ngram": ngram_draft} if ngram is not None else {})},  # its size this round is known
         getattr(dflash, "last_confidences", []),
         math.exp(eagle.last_scores[0]) if getattr(eagle, "last_scores", None) else 0.0,
-        len(ngram.propose(state, ngram.num_tokens)) if ngram is not None else 0,
+        ngram_draft,
     )
 
 
