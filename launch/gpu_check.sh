@@ -4,7 +4,8 @@
 # It fails early, with the reason, unless torch sees a CUDA device and the FlashInfer backend can be built; then it
 # runs `python -m whiflash_sgl.kernels.check --device cuda` (every backend -- the PyTorch reference and FlashInfer --
 # against per-request float32 SDPA on random ragged tree batches: chains, wide trees, GQA, prefixes up to 4k; max
-# abs error and time per call for each dtype) and the kernel tests. It exits non-zero on any mismatch.
+# abs error and time per call for each dtype), the kernel tests, and the engine benchmark at the end (vanilla vs
+# the drafters and WhiFlash, JSON in $OUT or ./gpu-check). It exits non-zero on any mismatch.
 #
 # Installing FlashInfer there (in the project's venv, which must hold a CUDA build of torch):
 #   pip install -e ".[dev]"                    # the project and its test tools
@@ -36,4 +37,12 @@ except BackendUnavailableError as error:
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels.py
 
 # ==== Engine benchmark on GPU ========================================================================================
-# Reserved: the GPU engine benchmark (SGLang server with --speculative-algorithm WHIFLASH) is added here.
+# The reference engine on the GPU, verification through FlashInfer (a bf16 target: FlashInfer computes in 16 bits):
+# vanilla against each drafter and WhiFlash on the demo prompts. The engine drives one sequence from Python, so this
+# measures the algorithm on a GPU, not SGLang's serving speed (launch/gpu_smoke_sglang.sh is that). In bf16 a verify
+# pass of many rows may round differently from a one-row step, so identical_to_vanilla can read "NO" on a few prompts.
+mkdir -p "${OUT:-gpu-check}"
+"$PYTHON" -m whiflash_sgl.cli prepare >/dev/null
+"$PYTHON" -m whiflash_sgl.cli bench --device cuda --dtype bfloat16 --attention flashinfer \
+    --prompts launch/demo_prompts.jsonl --methods vanilla,ngram,eagle3,dflash,whiflash:heuristic \
+    --max-new-tokens 128 --out "${OUT:-gpu-check}/bench_gpu.json"

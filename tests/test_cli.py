@@ -53,6 +53,8 @@ def test_bench_writes_the_contract_json(capsys, tiny_model_dir, tmp_path):
     (["--prompt", "hi", "--max-new-tokens", "600"], "exceed the model's context window of 512"),
     (["--prompt", "hi", "--method", "nope"], "unknown method 'nope'; available: vanilla"),
     (["--prompt", "hi", "--temperature", "-1"], "temperature must be"),
+    (["--prompt", "hi", "--device", "tpu9"], "cannot put the model on device 'tpu9'"),
+    (["--prompt", "hi", "--attention", "flashinfer"], "attention backend 'flashinfer' cannot run here"),
 ])
 def test_generate_bad_input_is_a_clear_error(capsys, tiny_model_dir, argv, message):
     code, out, err = _run(capsys, "generate", "--model", str(tiny_model_dir), *argv)

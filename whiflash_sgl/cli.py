@@ -27,6 +27,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="target weights (bfloat16 is ~2x faster on CPUs with AVX512-BF16/AMX, but not batch-invariant)")
+    p.add_argument("--device", default="cpu", help="where the target and drafters run: cpu (default) or cuda")
     p.add_argument("--attention", choices=ATTENTION_PATHS, default="auto",
                    help="target attention: a whiflash_sgl.kernels backend (auto: FlashInfer on CUDA, else the "
                         "PyTorch reference) or 'direct' (the reference without planning)")
@@ -37,7 +38,7 @@ def _load_target(args):
 
     from whiflash_sgl.target import Target
 
-    return Target.load(args.model, dtype=getattr(torch, args.dtype), attention=args.attention)
+    return Target.load(args.model, dtype=getattr(torch, args.dtype), attention=args.attention, device=args.device)
 
 
 def _parser() -> argparse.ArgumentParser:

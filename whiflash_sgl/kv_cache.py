@@ -73,7 +73,7 @@ class _GrowingLayer(DynamicLayer):
             return
         n = rows.numel()
         for buf in (self._k, self._v):
-            buf[..., start : start + n, :] = buf.index_select(-2, rows)
+            buf[..., start : start + n, :] = buf.index_select(-2, rows.to(buf.device))
         self.length = start + n
 
 

@@ -93,7 +93,8 @@ class HFGenerateMethod:
             with self._hf_attention(), torch.inference_mode():
                 tic = time.perf_counter()
                 out = model.generate(
-                    torch.tensor([list(prompt_ids)]), max_new_tokens=max_new_tokens, min_new_tokens=0,
+                    torch.tensor([list(prompt_ids)], device=self.target.device), max_new_tokens=max_new_tokens,
+                    min_new_tokens=0,
                     pad_token_id=self.target.tokenizer.pad_token_id, **kwargs,
                 )
                 seconds = time.perf_counter() - tic

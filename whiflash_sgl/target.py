@@ -123,13 +123,17 @@ class Target:
 
     @classmethod
     def load(cls, name_or_path: str, capture_layers: tuple[int, ...] = (), dtype=torch.float32,
-             attention: str = "auto", pack: bool = True) -> "Target":
+             attention: str = "auto", pack: bool = True, device: str = "cpu") -> "Target":
         path = resolve_model(name_or_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise WhiFlashError(f"cannot load a causal LM from {path}: {exc}") from exc
+        try:
+            model.to(device)
+        except (RuntimeError, AssertionError) as exc:  # no such device, or a torch built without it
+            raise WhiFlashError(f"cannot put the model on device {device!r}: {exc}") from exc
         return cls(model, tokenizer, capture_layers, name=name_or_path, attention=attention, pack=pack)
 
     def _eos_ids(self) -> frozenset[int]:

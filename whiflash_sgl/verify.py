@@ -101,4 +101,5 @@ def accept(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, genera
     """Greedy or sampled acceptance, as ``params`` say."""
     if params.greedy:
         return accept_greedy(tree, logits)
-    return accept_sampled(tree, target_probs(logits, params), generator)
+    # one small transfer; the walk then samples with the engine's (CPU) generator wherever the target runs
+    return accept_sampled(tree, target_probs(logits, params).cpu(), generator)

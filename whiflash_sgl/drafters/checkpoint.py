@@ -137,7 +137,7 @@ def load_drafter_model(kind: str, path: str | Path, target, dtype: torch.dtype |
     if missing or unexpected:
         raise WhiFlashError(f"{weights_file} does not fit a {kind} drafter: missing {missing[:5]}, "
                             f"unexpected {unexpected[:5]}")
-    return model.to(dtype).eval()
+    return model.to(device=target.device, dtype=dtype).eval()
 
 
 def default_drafter_path(kind: str, target) -> Path | None:

@@ -59,7 +59,7 @@ class DFlashLayer(nn.Module):
         k, v = self.kv(x, rope)
         keys, values = torch.cat([context_k, k], dim=2), torch.cat([context_v, v], dim=2)
         if mask is None:
-            mask = torch.ones(1, 1, q.shape[2], keys.shape[2], dtype=torch.bool)
+            mask = torch.ones(1, 1, q.shape[2], keys.shape[2], dtype=torch.bool, device=q.device)
         out = tree_attention(q, keys, values, mask, self.head_dim**-0.5)[0].reshape(x.shape[0], -1)
         hidden = hidden + attn.o_proj(out)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
@@ -130,7 +130,8 @@ class DFlashDrafter(Drafter):
         if end <= self.frontier:
             return
         features = state.context_features(self.feature_layers, self.frontier, end, self.model.fc.weight.dtype)
-        for i, (k, v) in enumerate(self.model.context_kv(features, torch.arange(self.frontier, end))):
+        positions = torch.arange(self.frontier, end, device=features.device)
+        for i, (k, v) in enumerate(self.model.context_kv(features, positions)):
             self.cache.update(k, v, i)
         self.frontier = end
 
@@ -141,9 +142,10 @@ class DFlashDrafter(Drafter):
         if length < 1:
             return DraftTree()
         n = len(state.tokens)
-        block = torch.tensor([state.tokens[-1]] + [self.model.mask_token_id] * length)
+        device = self.model.fc.weight.device
+        block = torch.tensor([state.tokens[-1]] + [self.model.mask_token_id] * length, device=device)
         context = [(layer.keys, layer.values) for layer in self.cache.layers]
-        hidden = self.model.block(self.embed(block), torch.arange(n - 1, n + length), context)
+        hidden = self.model.block(self.embed(block), torch.arange(n - 1, n + length, device=device), context)
         probs = torch.softmax(self.lm_head(hidden[1:]).float(), dim=-1)
         top_p, top_ids = probs.topk(max(self.tree_topk, 1), dim=-1)
         self.last_confidences = top_p[:, 0].tolist()

@@ -117,7 +117,7 @@ class Eagle3Drafter(Drafter):
         """Attention inputs and residuals of the committed pairs ``t in [start, end)``."""
         m = self.model
         hidden = m.fc(state.context_features(self.feature_layers, start, end, m.fc.weight.dtype))
-        tokens = torch.tensor(state.tokens[start + 1 : end + 1])
+        tokens = torch.tensor(state.tokens[start + 1 : end + 1], device=hidden.device)
         return m.midlayer.attention_input(self.embed(tokens), hidden), hidden
 
     @torch.inference_mode()
@@ -127,7 +127,7 @@ class Eagle3Drafter(Drafter):
         if end <= self.frontier:
             return
         x, _ = self._pairs(state, self.frontier, end)
-        k, v = self.model.midlayer.kv(x, self.model.rope(torch.arange(self.frontier, end), x))
+        k, v = self.model.midlayer.kv(x, self.model.rope(torch.arange(self.frontier, end, device=x.device), x))
         self.cache.update(k, v, 0)
         self.frontier = end
 
@@ -146,7 +146,7 @@ class Eagle3Drafter(Drafter):
         n = len(state.tokens)
         root_pos = n - 2  # the newest pair (F_{n-2}, root token) sits at position n-2
         x, hidden = self._pairs(state, root_pos, n - 1)
-        out, logp = self._rows(x, hidden, torch.tensor([root_pos]), None)
+        out, logp = self._rows(x, hidden, torch.tensor([root_pos], device=x.device), None)
         self.frontier = n - 1
         depth = min(self.depth, max_depth)
         if depth < 1:
@@ -168,7 +168,7 @@ class Eagle3Drafter(Drafter):
         for d in range(1, depth):
             if not frontier:
                 break
-            tokens = torch.tensor([nodes[i][3] for i in frontier])
+            tokens = torch.tensor([nodes[i][3] for i in frontier], device=root_out.device)
             x = self.model.midlayer.attention_input(self.embed(tokens), parent_out)
             first_row = self.cache.get_seq_length()
             for offset, i in enumerate(frontier):
@@ -180,10 +180,11 @@ class Eagle3Drafter(Drafter):
                 while j >= 0:
                     mask[r, rows[j]] = True
                     j = nodes[j][2]
-            out, logp = self._rows(x, parent_out, torch.full((len(frontier),), root_pos + d), mask[None, None])
+            positions = torch.full((len(frontier),), root_pos + d, device=x.device)
+            out, logp = self._rows(x, parent_out, positions, mask[None, None].to(x.device))
             child_scores, child_ids = logp.topk(k, dim=-1)
-            child_scores = child_scores + torch.tensor([nodes[i][0] for i in frontier])[:, None]
-            child_tokens = self.model.to_target_ids(child_ids)
+            child_scores = child_scores.cpu() + torch.tensor([nodes[i][0] for i in frontier])[:, None]
+            child_tokens = self.model.to_target_ids(child_ids).cpu()
             first_child = len(nodes)
             for r, i in enumerate(frontier):
                 nodes.extend((float(child_scores[r, c]), d + 1, i, int(child_tokens[r, c])) for c in range(k))
