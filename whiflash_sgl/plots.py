@@ -30,13 +30,20 @@ def _round_starts(accept_lengths: list[int], first: int = 1) -> list[int]:
     return starts
 
 
+def _best_changes(run: dict) -> int:
+    """How often the paradigm with the longest acceptance changes along an oracle run."""
+    best = [max(a, key=a.get) for a in run["paradigm_accepts"]]
+    return sum(x != y for x, y in zip(best, best[1:]))
+
+
 def plot_routing(report: dict, path: Path) -> Path | None:
-    """For the first prompt run by both the oracle and a whiflash method: each paradigm's would-be accepted length
+    """For the oracle prompt where the best paradigm changes most often: each paradigm's would-be accepted length
     per oracle round, the oracle's pick, and the router's choices along the same token positions."""
     runs = report["per_prompt"]
-    oracle = next((r for r in runs if r["method"] == "oracle" and r["paradigm_accepts"]), None)
-    if oracle is None:
+    oracles = [r for r in runs if r["method"] == "oracle" and r["paradigm_accepts"]]
+    if not oracles:
         return None
+    oracle = max(oracles, key=_best_changes)
     routed = [r for r in runs if r["method"].startswith("whiflash:") and r["prompt_id"] == oracle["prompt_id"]]
     plt = _pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
