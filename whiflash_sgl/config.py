@@ -28,7 +28,7 @@ class WhiFlashConfig:
     eagle3_depth: int = 6
     eagle3_topk: int = 4
     eagle3_budget: int = 16
-    eagle3_min_prob: float = 0.0  # stop drafting below this cumulative draft probability (0 = full tree)
+    eagle3_min_prob: float = 0.05  # stop drafting below this cumulative draft probability (0 = full tree)
     # DFlash drafter: folder, block size (0 = the checkpoint's), tree from per-position top-k (1 = chain)
     dflash_path: str = ""
     dflash_block_size: int = 0
