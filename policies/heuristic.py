@@ -1,5 +1,10 @@
-"""Rules with hysteresis: structured spans go to the block drafter, otherwise the paradigm with the best measured
-tokens per second, and a switch needs a clear margin so the router does not flap."""
+"""Rules with hysteresis: the paradigm with the best measured tokens per second (its tau EMA over the cost model's
+latency; n-gram only when it has a proposal), and a switch needs a clear margin so the router does not flap.
+
+``structured_bonus`` adds expected tokens to the block drafter inside code or JSON, the paper's intuition that
+block drafting wins on structured spans. It is off by default: with the committed SmolLM2 drafters, EAGLE-3 beats
+DFlash inside code and JSON too, and on oracle traces of training prompts the bonus cost 9% of simulated
+throughput (42.4 against 46.7 tokens/s)."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from whiflash_sgl.router import Decision, RoundFeatures, best_paradigm
 
 
 class HeuristicPolicy:
-    def __init__(self, hysteresis: float = 0.15, structured_bonus: float = 1.0, lam: float | None = None):
+    def __init__(self, hysteresis: float = 0.15, structured_bonus: float = 0.0, lam: float | None = None):
         self.hysteresis, self.structured_bonus, self.lam = hysteresis, structured_bonus, lam
 
     def decide(self, f: RoundFeatures) -> Decision:
