@@ -61,5 +61,5 @@ class MLPPolicy:
         if missing:
             raise ValueError(f"the MLP was trained for paradigms {paradigms}; the router lacks {missing}")
         with torch.no_grad():
-            tau = self.model(torch.tensor([f.vector(tuple(paradigms))]))[0].tolist()
+            tau = self.model(torch.tensor([f.vector()]))[0].tolist()
         return Decision(best_paradigm(dict(zip(paradigms, tau)), f.predicted_seconds, self.lam))

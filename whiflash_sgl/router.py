@@ -11,7 +11,6 @@ event is counted and logged once per kind. Policies only choose proposals, so ro
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from dataclasses import asdict, dataclass, field
 
@@ -38,8 +37,10 @@ class RoundFeatures:
     in_json: bool
     bracket_depth: int
 
-    VECTOR_FIELDS = ("entropy", "margin", "last_tau", "dflash_expected", "eagle_top1", "ngram_draft", "in_code",
-                     "in_json", "bracket_depth")
+    # What a learned policy sees: only what does not depend on which paradigm drafted before. It is trained on
+    # oracle traces (every paradigm drafts every round), so the last paradigm, the tau EMAs, backlogs and the last
+    # round's drafter statistics would mean something else there than under its own choices.
+    VECTOR_FIELDS = ("entropy", "margin", "ngram_draft", "in_code", "in_json", "bracket_depth")
 
     def expected_tau(self) -> dict[str, float]:
         """Each paradigm's tau EMA, except that the model-free drafter with nothing to propose commits one token."""
@@ -48,13 +49,9 @@ class RoundFeatures:
             expected["ngram"] = 1.0
         return expected
 
-    def vector(self, paradigms: tuple[str, ...]) -> list[float]:
-        """A flat numeric view for learned policies (paradigm one-hots and per-paradigm values in order)."""
-        values = [float(getattr(self, f)) for f in self.VECTOR_FIELDS]
-        values += [float(self.last_paradigm == p) for p in paradigms]
-        values += [self.ema_tau[p] for p in paradigms]
-        values += [math.log1p(self.pending[p]) for p in paradigms]
-        return values
+    def vector(self) -> list[float]:
+        """A flat numeric view for learned policies."""
+        return [float(getattr(self, f)) for f in self.VECTOR_FIELDS]
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def _load(traces_path: Path):
     if len(rows) < 50:
         raise WhiFlashError(f"{traces_path} has {len(rows)} rounds; collect more traces (at least 50)")
     paradigms = sorted(rows[0]["accepted"])
-    x = torch.tensor([RoundFeatures(**r["features"]).vector(tuple(paradigms)) for r in rows])
+    x = torch.tensor([RoundFeatures(**r["features"]).vector() for r in rows])
     y = torch.tensor([[r["accepted"][p] + 1.0 for p in paradigms] for r in rows])
     prompts = [r["prompt"] for r in rows]
     return paradigms, x, y, prompts
