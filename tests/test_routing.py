@@ -224,11 +224,3 @@ def test_ngram_without_a_proposal_is_never_chosen(policy):
     features.ngram_draft = 6
     assert load_policy(policy, {}).decide(features).paradigm == "ngram"
 
-
-def test_a_new_sequence_starts_from_the_long_run_tau():
-    router = Router(None, ("eagle3", "dflash"), "eagle3")
-    for _ in range(50):
-        router.update("dflash", 1.0)
-    router.reset()
-    assert router.ema_tau["eagle3"] == 2.0  # nothing measured yet
-    assert 1.0 < router.ema_tau["dflash"] < 1.5  # a constant start would forget how dflash did

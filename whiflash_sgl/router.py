@@ -132,24 +132,26 @@ class Router:
     """Calls ``policy.decide(features)`` each round with a deadline, keeps tau statistics and the cost model."""
 
     def __init__(self, policy, paradigms: tuple[str, ...], fallback: str, deadline_s: float = 0.05,
-                 ema: float = 0.9, prior_ema: float = 0.98, record: bool = True):
+                 ema: float = 0.9, record: bool = True):
         if fallback not in paradigms:
             raise ValueError(f"fallback paradigm {fallback!r} is not one of {paradigms}")
         self.policy, self.paradigms, self.fallback = policy, paradigms, fallback
-        self.deadline_s, self.ema, self.prior_ema, self.record = deadline_s, ema, prior_ema, record
+        self.deadline_s, self.ema, self.record = deadline_s, ema, record
         self.costs = CostModel()
         self.stats = RouterStats()
         self.decisions: list[dict] = []
         self._logged: set[str] = set()
         self._stuck: threading.Thread | None = None
-        # long-run tau per paradigm across sequences: where a new sequence's EMA starts. A constant start would
-        # make a paradigm that has not been chosen for a while look as good as that constant forever.
-        self.prior_tau = {p: 2.0 for p in paradigms}
         self.reset()
 
     def reset(self) -> None:
-        """A new sequence: tau statistics start from the long-run values (cost estimates carry over too)."""
-        self.ema_tau = dict(self.prior_tau)
+        """A new sequence: tau statistics start from neutral values (cost estimates carry over).
+
+        Starting from what earlier sequences measured routes better (49.4 against 47.0 simulated tokens/s for the
+        heuristic on held-out traces), but then a sampled (T > 0) request's output would depend on the requests
+        served before it, since the acceptance rule draws per draft candidate: a seeded request must give the same
+        sample whatever came first."""
+        self.ema_tau = {p: 2.0 for p in self.paradigms}
         self.last_tau = 1.0
         self.last_paradigm = ""  # none yet
 
@@ -220,4 +222,3 @@ class Router:
     def update(self, paradigm: str, tau: float) -> None:
         self.last_tau = tau
         self.ema_tau[paradigm] = self.ema * self.ema_tau[paradigm] + (1 - self.ema) * tau
-        self.prior_tau[paradigm] = self.prior_ema * self.prior_tau[paradigm] + (1 - self.prior_ema) * tau
