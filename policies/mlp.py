@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from whiflash_sgl.drafters.checkpoint import WEIGHTS_DIR
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.router import Decision, RoundFeatures, best_paradigm
 
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m" / "router-mlp"
+DEFAULT_PATH = WEIGHTS_DIR / "smollm2-135m" / "router-mlp"
 
 
 class RouterMLP(nn.Module):
