@@ -16,6 +16,7 @@ from whiflash_sgl.drafters.eagle3 import Eagle3Model
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.plots import write_plots
 from whiflash_sgl.policies import load_policy
+from whiflash_sgl.router import RoundFeatures
 from whiflash_sgl.target import Target
 from whiflash_sgl.train.eagle3 import set_vocabulary
 from whiflash_sgl.train.router_policy import collect_traces, train_policy
@@ -63,3 +64,17 @@ def test_traces_train_an_mlp_policy_that_routes_losslessly(setup):
 def test_mlp_policy_without_weights_names_the_fix(tmp_path):
     with pytest.raises(WhiFlashError, match="train one with `whiflash train-policy`"):
         load_policy("mlp", {"path": str(tmp_path)})
+
+
+def test_the_committed_router_mlp_routes_copy_spans_to_ngram():
+    """The packaged MLP loads by name and reads today's feature vector; what it learned from the traces holds: with
+    an n-gram proposal in hand the copy paradigm wins, without one it is never picked."""
+    policy = load_policy("mlp", {})
+    features = RoundFeatures(
+        entropy=0.3, margin=0.8, last_tau=2.0, last_paradigm="eagle3",
+        ema_tau={"eagle3": 2.0, "dflash": 2.0, "ngram": 2.0}, pending={"eagle3": 0, "dflash": 0, "ngram": 0},
+        predicted_seconds={"eagle3": 0.045, "dflash": 0.045, "ngram": 0.045}, dflash_expected=1.0, eagle_top1=0.6,
+        ngram_draft=8, in_code=False, in_json=False, bracket_depth=0)
+    assert policy.decide(features).paradigm == "ngram"
+    features.ngram_draft = 0
+    assert policy.decide(features).paradigm != "ngram"

@@ -201,7 +201,11 @@ def test_cost_model_fits_verify_time_and_predicts():
     assert costs.verify_seconds(10) == pytest.approx(0.060)
     costs.observe_draft("dflash", 0.010)
     costs.observe_catchup("dflash", 20, 0.002)
-    assert costs.predict("dflash", 15, 30) == pytest.approx(0.010 + 0.072 + 0.003)
+    assert costs.predict("dflash", 15, 30) == pytest.approx(0.010 + 0.072 + 0.002)  # one size seen: its cost
+    costs.observe_catchup("dflash", 2, 0.0011)  # mostly fixed overhead: 1 ms + 0.05 ms per position
+    costs.observe_catchup("dflash", 200, 0.011)
+    assert costs.predict("dflash", 15, 400) == pytest.approx(0.010 + 0.072 + 0.021, rel=0.02)
+    assert costs.predict("eagle3", 0, 400) == pytest.approx(0.042)  # nothing measured: verify alone
 
 
 def test_objective_and_syntax_features():

@@ -81,44 +81,56 @@ def syntax_state(text: str) -> tuple[bool, bool, int]:
     return in_code, in_json, depth
 
 
-class CostModel:
-    """Online latency estimates: per-paradigm draft time (EMA), catch-up time per backlog position (EMA), and
-    verify time as ``a + b * tokens`` fitted by least squares over all verify passes seen."""
+class LinearFit:
+    """``y = a + b * x`` by least squares over every observation so far (``a`` alone while ``x`` never varied)."""
 
-    def __init__(self, decay: float = 0.9):
-        self.decay = decay
-        self.draft: dict[str, float] = {}
-        self.catchup_per_token: dict[str, float] = {}
+    def __init__(self) -> None:
         self._n = self._sx = self._sy = self._sxx = self._sxy = 0.0
 
-    def _ema(self, table: dict, key: str, value: float) -> None:
-        table[key] = value if key not in table else self.decay * table[key] + (1 - self.decay) * value
-
-    def observe_draft(self, paradigm: str, seconds: float) -> None:
-        self._ema(self.draft, paradigm, seconds)
-
-    def observe_catchup(self, paradigm: str, positions: int, seconds: float) -> None:
-        if positions > 0:
-            self._ema(self.catchup_per_token, paradigm, seconds / positions)
-
-    def observe_verify(self, tokens: int, seconds: float) -> None:
+    def observe(self, x: float, y: float) -> None:
         self._n += 1
-        self._sx += tokens
-        self._sy += seconds
-        self._sxx += tokens * tokens
-        self._sxy += tokens * seconds
+        self._sx += x
+        self._sy += y
+        self._sxx += x * x
+        self._sxy += x * y
 
-    def verify_seconds(self, tokens: int) -> float:
+    def __call__(self, x: float) -> float:
         if self._n == 0:
             return 0.0
         denominator = self._n * self._sxx - self._sx**2
         slope = (self._n * self._sxy - self._sx * self._sy) / denominator if denominator > 1e-12 else 0.0
         intercept = (self._sy - slope * self._sx) / self._n
-        return max(intercept + slope * tokens, 0.0)
+        return max(intercept + slope * x, 0.0)
+
+
+class CostModel:
+    """Online latency estimates: per-paradigm draft time (EMA); verify time as ``a + b * tokens`` and each
+    paradigm's catch-up time as ``a + b * backlog``, both fitted by least squares over everything seen.
+
+    Catch-up needs the intercept: a KV-only prefill of a few positions costs mostly its fixed overhead, and a
+    per-position rate measured there, times the long backlog an idle drafter builds up, would price that drafter
+    out of ever being chosen again."""
+
+    def __init__(self, decay: float = 0.9):
+        self.decay = decay
+        self.draft: dict[str, float] = {}
+        self.catchup: dict[str, LinearFit] = {}
+        self.verify_seconds = LinearFit()
+
+    def observe_draft(self, paradigm: str, seconds: float) -> None:
+        old = self.draft.get(paradigm)
+        self.draft[paradigm] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+
+    def observe_catchup(self, paradigm: str, positions: int, seconds: float) -> None:
+        if positions > 0:
+            self.catchup.setdefault(paradigm, LinearFit()).observe(positions, seconds)
+
+    def observe_verify(self, tokens: int, seconds: float) -> None:
+        self.verify_seconds.observe(tokens, seconds)
 
     def predict(self, paradigm: str, draft_tokens: int, pending: int) -> float:
-        return (self.draft.get(paradigm, 0.0) + self.verify_seconds(draft_tokens + 1)
-                + self.catchup_per_token.get(paradigm, 0.0) * pending)
+        catchup = self.catchup[paradigm](pending) if pending > 0 and paradigm in self.catchup else 0.0
+        return self.draft.get(paradigm, 0.0) + self.verify_seconds(draft_tokens + 1) + catchup
 
 
 @dataclass
