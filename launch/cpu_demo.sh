@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 .venv/bin/whiflash prepare >/dev/null
 exec .venv/bin/whiflash bench --prompts launch/demo_prompts.jsonl \
-    --methods vanilla,hf-generate,ngram,eagle3,dflash,whiflash:heuristic,oracle \
+    --methods vanilla,hf-generate,ngram,eagle3,dflash,whiflash:heuristic,whiflash:mlp,oracle \
     --max-new-tokens 96 --threads 2 --out bench_demo.json --plot "$@"
