@@ -8,8 +8,8 @@ import warnings
 import pytest
 
 from whiflash_sgl.train import prompts as P
-from whiflash_sgl.train.prompt_sources import (BFCL_CATEGORIES, MAX_PROMPT_CHARS, MissingSourceError,
-                                               bfcl_candidates, bfcl_data_dir, doc_passages)
+from whiflash_sgl.train.prompt_sources import (BFCL_CATEGORIES, MAX_PROMPT_CHARS, MAX_READING_PROMPT_CHARS,
+                                               READING_PASSAGE_CHARS, MissingSourceError, bfcl_candidates, bfcl_data_dir, doc_passages)
 
 SECTION = """{title}
 {underline}
@@ -141,6 +141,22 @@ def test_missing_source_names_fix_or_is_skipped(tmp_path, monkeypatch):
         counts = P.build_training_prompts(tmp_path / "o.jsonl", per_category=only_prose, exclude_eval_files=[],
                                           allow_missing=True)
     assert counts["by_category"] == {"math": 2}
+
+
+def test_reading_prompts_are_opt_in_and_long(tmp_path, docs_cache):
+    sentences = [f"Step {i} of the {w} procedure writes record number {i * 7} to the journal before it commits."
+                 for i, w in enumerate(["backup", "restore", "compaction", "rotation"] * 24)]
+    long_section = "Maintenance\n===========\n\n" + "\n\n".join(
+        " ".join(sentences[i:i + 4]) for i in range(0, len(sentences), 4)) + "\n"
+    (next(docs_cache.rglob("store.rst.txt")).parent / "maintenance.rst.txt").write_text(long_section)
+    default, _, _ = _build(tmp_path, docs_cache, "default.jsonl")
+    assert "reading" not in default["by_category"]  # an int or the default categories never include it
+    counts, _, rows = _build(tmp_path, docs_cache, "reading.jsonl", per_category={"reading": 2})
+    assert counts["by_category"] == {"reading": 2}
+    sizes = [sum(len(m["content"]) for m in row["messages"]) for row in rows]
+    assert all(READING_PASSAGE_CHARS[0] // 2 <= n <= MAX_READING_PROMPT_CHARS for n in sizes)
+    assert max(sizes) > MAX_PROMPT_CHARS  # longer than any default prompt may be
+    assert all("record number" in r["messages"][-1]["content"] and r["id"].startswith("pydocs-reading/") for r in rows)
 
 
 def test_doc_passages_drop_markup(docs_cache):

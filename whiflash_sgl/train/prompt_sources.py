@@ -20,6 +20,11 @@ from pathlib import Path
 from typing import Iterator
 
 MAX_PROMPT_CHARS = 2500  # about 700 SmolLM2 tokens
+# long-document reading prompts (category "reading", opt-in): whole doc sections, like the articles that
+# summarisation benchmarks give, where the context is long and an answer copies from it
+READING_PASSAGE_CHARS = (4000, 6000)
+MAX_READING_PROMPT_CHARS = 6500
+READING_TASKS = ("summarize", "bullets", "qa")
 Candidate = tuple[str, dict]
 
 
@@ -379,16 +384,20 @@ DOC_TASKS = {
 }
 
 
-def docs_candidates(rng: random.Random, docs_dir: Path) -> Iterator[Candidate]:
-    """Passage-based reading prompts (and a few heading-only questions) in random order."""
+def docs_candidates(rng: random.Random, docs_dir: Path, category: str = "prose",
+                    passage_chars: tuple[int, int] = (400, 1500), kinds: tuple[str, ...] = tuple(DOC_TASKS)
+                    ) -> Iterator[Candidate]:
+    """Passage-based reading prompts (and a few heading-only questions) in random order; ``category="reading"``
+    with ``READING_PASSAGE_CHARS`` and ``READING_TASKS`` gives the long-document variant."""
     files = sorted(p for p in Path(docs_dir).rglob("*.rst.txt")
                    if not p.relative_to(docs_dir).as_posix().startswith(_SKIP_DOCS))
     pool = [(f.relative_to(docs_dir).as_posix()[:-8], i, h, p) for f in files
-            for i, (h, p) in enumerate(doc_passages(f))]
+            for i, (h, p) in enumerate(doc_passages(f, *passage_chars))]
     rng.shuffle(pool)
+    prefix = "pydocs" if category == "prose" else f"pydocs-{category}"
     for doc, index, heading, passage in pool:
-        kind = rng.choice(sorted(DOC_TASKS))
+        kind = rng.choice(sorted(kinds))
         if kind in ("qa", "topic") and (len(heading) < 4 or heading.lower() in _GENERIC_HEADINGS):
             kind = "summarize"
         prompt = rng.choice(DOC_TASKS[kind]).format(p=passage, h=heading)
-        yield f"pydocs/{kind}", _row(f"pydocs/{kind}/{doc}#{index}", "prose", [{"role": "user", "content": prompt}])
+        yield f"{prefix}/{kind}", _row(f"{prefix}/{kind}/{doc}#{index}", category, [{"role": "user", "content": prompt}])

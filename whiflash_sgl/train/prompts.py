@@ -6,7 +6,9 @@ Five categories, each from local sources only:
 * ``code``: instructions on real stdlib functions, plus templated "write a function" tasks;
 * ``math``: templated word problems and algebra/arithmetic questions;
 * ``chat``: templated everyday requests (emails, advice, stories, comparisons, ...);
-* ``prose``: reading tasks (summarise, explain, answer) on passages of the Python docs (``python3.11-doc``).
+* ``prose``: reading tasks (summarise, explain, answer) on passages of the Python docs (``python3.11-doc``);
+* ``reading`` (opt-in, none unless asked for): summarise / list / answer on whole doc sections (2,000 to 6,000
+  characters): long contexts like a summarisation benchmark's articles.
 
 Every prompt is checked against the evaluation prompts: a message equal to an evaluation message (after
 lower-casing and collapsing whitespace), or user text sharing a substring of ``SUBSTRING_CHARS`` characters or
@@ -26,11 +28,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .prompt_sources import (MAX_PROMPT_CHARS, Candidate, MissingSourceError, bfcl_candidates, bfcl_data_dir,
-                             docs_candidates, python_docs_dir, stdlib_code_candidates)
+from .prompt_sources import (MAX_PROMPT_CHARS, MAX_READING_PROMPT_CHARS, READING_PASSAGE_CHARS, READING_TASKS,
+                             Candidate, MissingSourceError, bfcl_candidates, bfcl_data_dir, docs_candidates,
+                             python_docs_dir, stdlib_code_candidates)
 from .prompt_templates import CHAT_TEMPLATES, MATH_TEMPLATES, chat_candidates, coding_task_candidates, math_candidates
 
 CATEGORIES = ("tool_call", "code", "math", "chat", "prose")
+OPT_IN_CATEGORIES = ("reading",)  # only when asked for by name: the default sets stay as they were
 DEFAULT_PER_CATEGORY = 1000
 SUBSTRING_CHARS = 80
 EVAL_PROMPTS_ENV = "WHIFLASH_EVAL_PROMPTS"
@@ -106,7 +110,8 @@ class _Selector:
 
     def accept(self, row: dict) -> bool:
         key = "\x00".join(normalise(m["content"]) for m in row["messages"])
-        if sum(len(m["content"]) for m in row["messages"]) > MAX_PROMPT_CHARS:
+        limit = MAX_READING_PROMPT_CHARS if row["category"] == "reading" else MAX_PROMPT_CHARS
+        if sum(len(m["content"]) for m in row["messages"]) > limit:
             reason = "too_long"
         else:
             reason = "duplicate" if key in self.seen else self.index.overlap(row)
@@ -179,22 +184,26 @@ def _category_sources(counts: dict[str, int], seed: int, cache_dir: Path, bfcl_e
         "code": [(0.7, stdlib_code_candidates(rng("stdlib"))), (0.3, coding_task_candidates(rng("code_tasks")))],
         "math": [(1.0, math_candidates(rng(f"math/{name}"), name)) for name in sorted(MATH_TEMPLATES)],
         "chat": [(1.0, chat_candidates(rng(f"chat/{kind}"), kind)) for kind in sorted(CHAT_TEMPLATES)],
-        "tool_call": [], "prose": [],
+        "tool_call": [], "prose": [], "reading": [],
     }
     if counts["tool_call"] and (data := _available("tool_call", bfcl_data_dir, allow_missing)):
         plan["tool_call"] = [(1.0, bfcl_candidates(rng("bfcl"), data, bfcl_exclude))]
     if counts["prose"] and (docs := _available("prose", lambda: python_docs_dir(cache_dir), allow_missing)):
         plan["prose"] = [(1.0, docs_candidates(rng("pydocs"), docs))]
+    if counts["reading"] and (docs := _available("reading", lambda: python_docs_dir(cache_dir), allow_missing)):
+        plan["reading"] = [(1.0, docs_candidates(rng("pydocs-reading"), docs, "reading", READING_PASSAGE_CHARS,
+                                                 READING_TASKS))]
     return plan
 
 
 def _per_category_counts(per_category: dict[str, int] | int) -> dict[str, int]:
+    known = CATEGORIES + OPT_IN_CATEGORIES
     if isinstance(per_category, int):
-        return dict.fromkeys(CATEGORIES, per_category)
-    unknown = set(per_category) - set(CATEGORIES)
+        return {**dict.fromkeys(CATEGORIES, per_category), **dict.fromkeys(OPT_IN_CATEGORIES, 0)}
+    unknown = set(per_category) - set(known)
     if unknown:
-        raise ValueError(f"unknown categories {sorted(unknown)}; known: {CATEGORIES}")
-    return {c: per_category.get(c, 0) for c in CATEGORIES}
+        raise ValueError(f"unknown categories {sorted(unknown)}; known: {known}")
+    return {c: per_category.get(c, 0) for c in known}
 
 
 def default_cache_dir() -> Path:
@@ -206,7 +215,8 @@ def build_training_prompts(out_path: str | Path, *, per_category: dict[str, int]
                            cache_dir: str | Path | None = None, allow_missing: bool = False) -> dict:
     """Write the training prompts to ``out_path`` (JSONL) and return counts per category, source and rejection.
 
-    ``per_category``: prompts per category (an int for all, or a dict; absent categories get none).
+    ``per_category``: prompts per category (an int for all default categories, or a dict; absent categories get
+    none; ``reading`` only through the dict).
     ``exclude_eval_files``: evaluation JSONL files to decontaminate against; None means ``default_eval_files()``,
     an empty list means no decontamination. ``cache_dir`` holds the downloaded Python docs. A missing source
     (bfcl-eval, python3.11-doc) raises ``MissingSourceError`` naming the fix unless ``allow_missing`` is set.
@@ -218,7 +228,7 @@ def build_training_prompts(out_path: str | Path, *, per_category: dict[str, int]
     selector = _Selector(index)
     plan = _category_sources(counts, seed, Path(cache_dir) if cache_dir else default_cache_dir(), index.bfcl_ids,
                              allow_missing)
-    chosen = [c for category in CATEGORIES for c in _fill(plan[category], counts[category], selector)]
+    chosen = [c for category in counts for c in _fill(plan[category], counts[category], selector)]
     random.Random(f"{seed}/order").shuffle(chosen)
 
     out_path = Path(out_path)
@@ -240,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Build the drafter-training prompt set (JSONL).")
     parser.add_argument("--out", required=True, type=Path, help="output JSONL file")
     parser.add_argument("--per-category", type=int, default=DEFAULT_PER_CATEGORY, help="prompts per category")
+    parser.add_argument("--reading", type=int, default=0,
+                        help="long-document reading prompts (category reading: whole doc sections, up to 6,000 characters)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, help=f"download cache (default: {default_cache_dir()})")
     parser.add_argument("--eval-prompts", type=Path, nargs="*", metavar="JSONL",
@@ -247,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-missing", action="store_true", help="skip unavailable sources with a warning")
     args = parser.parse_args(argv)
     try:
-        counts = build_training_prompts(args.out, per_category=args.per_category, seed=args.seed,
+        per_category = {**dict.fromkeys(CATEGORIES, args.per_category), "reading": args.reading}
+        counts = build_training_prompts(args.out, per_category=per_category, seed=args.seed,
                                         exclude_eval_files=args.eval_prompts, cache_dir=args.cache_dir,
                                         allow_missing=args.allow_missing)
     except (MissingSourceError, FileNotFoundError) as e:
