@@ -74,7 +74,7 @@ def test_the_committed_router_mlp_routes_copy_spans_to_ngram():
         entropy=0.3, margin=0.8, last_tau=2.0, last_paradigm="eagle3",
         ema_tau={"eagle3": 2.0, "dflash": 2.0, "ngram": 2.0}, pending={"eagle3": 0, "dflash": 0, "ngram": 0},
         predicted_seconds={"eagle3": 0.045, "dflash": 0.045, "ngram": 0.045}, dflash_expected=1.0, eagle_top1=0.6,
-        ngram_draft=8, in_code=False, in_json=False, bracket_depth=0, context=300)
+        ngram_draft=8, in_code=False, in_json=False, bracket_depth=0)
     assert policy.decide(features).paradigm == "ngram"
     features.ngram_draft = 0
     assert policy.decide(features).paradigm != "ngram"

@@ -86,8 +86,6 @@ def test_every_policy_is_greedy_lossless(target, models, prompt, policy, catch_u
     assert result.tokens == reference.tokens
     routed = sum(drafter.router.stats.rounds.values())
     assert routed == len(drafter.trace) and result.rounds - 1 <= routed <= result.rounds
-    contexts = [d["context"] for d in drafter.router.decisions]  # every round commits at least one token
-    assert contexts == sorted(set(contexts)) and len(prompt) <= contexts[0] and contexts[-1] < len(prompt) + 48
     if policy == "alternate":
         assert drafter.router.stats.switches == result.rounds - 1 and drafter.switch_seconds > 0
 
@@ -224,7 +222,7 @@ def test_ngram_without_a_proposal_is_never_chosen(policy):
     features = RoundFeatures(
         entropy=0.5, margin=0.5, last_tau=3.0, last_paradigm="ngram", ema_tau={"eagle3": 2.0, "ngram": 4.0},
         pending={"eagle3": 0, "ngram": 0}, predicted_seconds={"eagle3": 0.050, "ngram": 0.035}, dflash_expected=0.0,
-        eagle_top1=0.6, ngram_draft=0, in_code=False, in_json=False, bracket_depth=0, context=300)
+        eagle_top1=0.6, ngram_draft=0, in_code=False, in_json=False, bracket_depth=0)
     assert features.expected_tau()["ngram"] == 1.0
     assert load_policy(policy, {}).decide(features).paradigm == "eagle3"
     features.ngram_draft = 6

@@ -36,7 +36,6 @@ class RoundFeatures:
     in_code: bool
     in_json: bool
     bracket_depth: int
-    context: int  # tokens in the sequence so far (prompt included): drafters trained on short ones fade on long ones
 
     # What a learned policy sees: only what does not depend on which paradigm drafted before. It is trained on
     # oracle traces (every paradigm drafts every round), so the last paradigm, the tau EMAs, backlogs and the last
@@ -170,7 +169,7 @@ class Router:
 
     def features(self, root_logits: torch.Tensor | None, text: str, pending: dict[str, int],
                  draft_tokens: dict[str, int], dflash_confidences: list[float], eagle_top1: float,
-                 ngram_draft: int = 0, context: int = 0) -> RoundFeatures:
+                 ngram_draft: int = 0) -> RoundFeatures:
         entropy = margin = 0.0
         if root_logits is not None:
             probs = torch.softmax(root_logits.float(), dim=-1)
@@ -187,7 +186,7 @@ class Router:
             ema_tau=dict(self.ema_tau), pending=dict(pending),
             predicted_seconds={p: self.costs.predict(p, draft_tokens[p], pending[p]) for p in self.paradigms},
             dflash_expected=expected, eagle_top1=eagle_top1, ngram_draft=ngram_draft, in_code=in_code,
-            in_json=in_json, bracket_depth=depth, context=context,
+            in_json=in_json, bracket_depth=depth,
         )
 
     def _fault(self, kind: str, detail: str) -> str:

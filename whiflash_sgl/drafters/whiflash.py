@@ -29,7 +29,6 @@ def round_features(router: Router, drafters: dict[str, Drafter], state: Sequence
         getattr(dflash, "last_confidences", []),
         math.exp(eagle.last_scores[0]) if getattr(eagle, "last_scores", None) else 0.0,
         ngram_draft,
-        len(state.tokens),
     )
 
 

@@ -240,13 +240,10 @@ class WhiFlashWorker(BaseSpecWorker):
                                                  topk=self.topk, capture_hidden_mode=CaptureHiddenMode.LAST,
                                                  vocab_size=self._target_worker.model_config.vocab_size)
 
-    def _route(self, batch) -> str:
-        draft_input = batch.spec_info
+    def _route(self, draft_input: EagleDraftInput) -> str:
         eagle_top1 = float(draft_input.topk_p[:, 0].mean()) if draft_input.topk_p is not None else 0.0
-        lens = batch.seq_lens_cpu if batch.seq_lens_cpu is not None else batch.seq_lens
         features = self.router.features(None, "", {p: 0 for p in SERVED_PARADIGMS},
-                                        {p: self.width - 1 for p in SERVED_PARADIGMS}, [], eagle_top1,
-                                        context=int(lens.float().mean()))
+                                        {p: self.width - 1 for p in SERVED_PARADIGMS}, [], eagle_top1)
         entropy, margin = self._root_stats
         return self.router.decide(replace(features, entropy=entropy, margin=margin))
 
@@ -254,7 +251,7 @@ class WhiFlashWorker(BaseSpecWorker):
         if batch.spec_info is None:
             batch.spec_info = self._idle_draft_input()
         idle = batch.forward_mode.is_idle()
-        paradigm = self.settings.fallback if idle else self._route(batch)
+        paradigm = self.settings.fallback if idle else self._route(batch.spec_info)
 
         start = time.perf_counter()
         if paradigm == "eagle3" or idle:
