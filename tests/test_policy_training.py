@@ -64,6 +64,8 @@ def test_traces_train_an_mlp_policy_that_routes_losslessly(setup):
 def test_mlp_policy_without_weights_names_the_fix(tmp_path):
     with pytest.raises(WhiFlashError, match="train one with `whiflash train-policy`"):
         load_policy("mlp", {"path": str(tmp_path)})
+    with pytest.raises(WhiFlashError, match="missing.jsonl does not exist; make one with `whiflash collect-traces`"):
+        train_policy(tmp_path / "missing.jsonl", tmp_path / "mlp")
 
 
 def test_the_committed_router_mlp_routes_copy_spans_to_ngram():

@@ -44,6 +44,8 @@ def collect_traces(target, prompts_path: Path, out_path: Path, config, limit: in
 
 
 def _load(traces_path: Path):
+    if not traces_path.is_file():
+        raise WhiFlashError(f"traces file {traces_path} does not exist; make one with `whiflash collect-traces`")
     rows = [json.loads(line) for line in traces_path.read_text().splitlines() if line.strip()]
     if len(rows) < 50:
         raise WhiFlashError(f"{traces_path} has {len(rows)} rounds; collect more traces (at least 50)")
