@@ -227,4 +227,3 @@ def test_ngram_without_a_proposal_is_never_chosen(policy):
     assert load_policy(policy, {}).decide(features).paradigm == "eagle3"
     features.ngram_draft = 6
     assert load_policy(policy, {}).decide(features).paradigm == "ngram"
-

@@ -31,8 +31,9 @@ class WhiFlashConfig:
     eagle3_min_prob: float = 0.05  # stop drafting below this cumulative draft probability (0 = full tree)
     # DFlash drafter: folder, block size drafted and verified per round (0 = the checkpoint's training block), tree
     # from per-position top-k (1 = chain). 4 for the CPU default: the committed SmolLM2 drafter (trained with
-    # block 8) rarely gets past position 4 and each verified row costs the 2-core target 1-2 ms; measured on 10
-    # dev prompts, block 4 / 5 / 8 ran at 1.13x / 1.07x / 1.00x vanilla with tau 1.62 / 1.65 / 1.65
+    # block 8) rarely gets past position 4 and each verified row costs the 2-core target 1-2 ms; on 10 dev prompts
+    # (two runs, each against its own vanilla) block 4 ran 1.13x vanilla at tau 1.62, blocks 5 and 8 1.07x and
+    # 1.00x at tau 1.65
     dflash_path: str = ""
     dflash_block_size: int = 4
     dflash_tree_topk: int = 1
