@@ -9,7 +9,8 @@ import pytest
 
 from whiflash_sgl.train import prompts as P
 from whiflash_sgl.train.prompt_sources import (BFCL_CATEGORIES, MAX_PROMPT_CHARS, MAX_READING_PROMPT_CHARS,
-                                               READING_PASSAGE_CHARS, MissingSourceError, bfcl_candidates, bfcl_data_dir, doc_passages)
+                                               READING_PASSAGE_CHARS, MissingSourceError, bfcl_candidates,
+                                               bfcl_data_dir, doc_passages)
 
 SECTION = """{title}
 {underline}

@@ -400,4 +400,5 @@ def docs_candidates(rng: random.Random, docs_dir: Path, category: str = "prose",
         if kind in ("qa", "topic") and (len(heading) < 4 or heading.lower() in _GENERIC_HEADINGS):
             kind = "summarize"
         prompt = rng.choice(DOC_TASKS[kind]).format(p=passage, h=heading)
-        yield f"{prefix}/{kind}", _row(f"{prefix}/{kind}/{doc}#{index}", category, [{"role": "user", "content": prompt}])
+        messages = [{"role": "user", "content": prompt}]
+        yield f"{prefix}/{kind}", _row(f"{prefix}/{kind}/{doc}#{index}", category, messages)

@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output JSONL file")
     parser.add_argument("--per-category", type=int, default=DEFAULT_PER_CATEGORY, help="prompts per category")
     parser.add_argument("--reading", type=int, default=0,
-                        help="long-document reading prompts (category reading: whole doc sections, up to 6,000 characters)")
+                        help="long-document reading prompts (category reading: whole doc sections, "
+                             "up to 6,000 characters)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, help=f"download cache (default: {default_cache_dir()})")
     parser.add_argument("--eval-prompts", type=Path, nargs="*", metavar="JSONL",
