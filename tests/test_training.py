@@ -80,3 +80,30 @@ def test_training_raises_heldout_acceptance(kind, dataset, looping_dir, tmp_path
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 60 and log[-1]["loss"] < log[0]["loss"]
     assert (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("case", ["eagle3: response outside the draft vocabulary", "eagle3: no response",
+                                  "dflash: no response"])
+def test_a_sequence_with_nothing_to_learn_gives_a_zero_loss_that_backpropagates(case, dataset, looping_dir):
+    """The v4 data held a response of 128 tokens none of which is in EAGLE-3's draft vocabulary (the target
+    looping on rare byte tokens); such a sequence still makes a training batch, without gradients."""
+    target = Target.load(str(looping_dir), pack=False)
+    embed, head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
+    tokens, features, prompt_len = dataset[0]
+    if case.startswith("eagle3"):
+        model = Eagle3Model(eagle3_config(target, 64, default_layer_ids(6)))
+        set_vocabulary(model, draft_vocabulary(dataset, 64, target.config.vocab_size))
+        trainer = Eagle3Trainer(model, embed, steps=3)
+    else:
+        model = DFlashModel(dflash_config(target, 1, 4, default_layer_ids(6), 0))
+        trainer = DFlashTrainer(model, embed, head, anchors=4)
+    if case.endswith("outside the draft vocabulary"):
+        outside = sorted(set(range(target.config.vocab_size)) - set((model.d2t + torch.arange(64)).tolist()))[0]
+        tokens = tokens.clone()
+        tokens[prompt_len:] = outside
+    else:
+        prompt_len = len(tokens)  # every token is prompt
+    loss, _ = trainer.loss((tokens, features, prompt_len))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None for p in model.parameters())

@@ -118,7 +118,9 @@ class Eagle3Trainer:
                 total = total + (self.decay**step) * ce
                 weight_sum += self.decay**step
                 stats[f"acc{step}"] = (logits[valid].argmax(-1) == labels[valid]).float().mean().item()
-        return total / max(weight_sum, 1e-9), stats
+        if not weight_sum:  # a response too short to label, or only tokens outside the draft vocabulary
+            return torch.zeros((), requires_grad=True), stats
+        return total / weight_sum, stats
 
     def evaluate(self, seqs) -> dict:
         """Held-out chain acceptance: per response position, how many unrolled steps are right in a row."""
