@@ -14,6 +14,7 @@ import random
 import shlex
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -98,6 +99,12 @@ def prepare_data(args, target: Target, layers: tuple[int, ...]) -> Path:
     return data
 
 
+def response_categories(responses: Path) -> dict[str, int]:
+    """How many training sequences each prompt category gave (for the recipe)."""
+    counts = Counter(json.loads(line)["category"] for line in responses.read_text().splitlines() if line.strip())
+    return dict(sorted(counts.items()))
+
+
 def new_drafter(args, target: Target, dataset: FeatureDataset, layer_ids: list[int]) -> torch.nn.Module:
     """A fresh drafter of ``args.kind`` shaped by the flags, initialised from the target."""
     if args.kind == "eagle3":
@@ -139,7 +146,9 @@ def run(args) -> dict:
         "kind": args.kind, "target": args.model, "seed": args.seed, "sequences": len(dataset),
         "train_tokens": sum(len(t) - p for t, _, p in dataset.sequences), "settings": asdict(settings),
         "data_sources": "whiflash_sgl.train.prompts (BFCL allowed categories minus dev items, stdlib code, "
-                        "python3.11-doc prose, templated math/chat); responses: the target's greedy outputs",
+                        "python3.11-doc prose and, opt-in, whole-section reading passages, templated math/chat); "
+                        "responses: the target's greedy outputs",
+        "categories": response_categories(Path(args.data) / "responses.jsonl"),
         "wall_minutes": round((time.time() - started) / 60, 1), **result,
     }
     if args.init:  # the lineage: what the starting point was made by
