@@ -30,8 +30,8 @@ class WhiFlashConfig:
     eagle3_budget: int = 16
     eagle3_min_prob: float = 0.05  # stop drafting below this cumulative draft probability (0 = full tree)
     # DFlash drafter: folder, block size drafted per round (0 = the checkpoint's training block), tree from
-    # per-position top-k (1 = chain) grown best-first to a node budget. CPU defaults for the committed SmolLM2
-    # drafter (trained with block 8), measured on 10 dev prompts, each run against its own vanilla: positions past 4
+    # per-position top-k (1 = chain) grown best-first to a node budget. CPU defaults for the SmolLM2 drafter (chosen
+    # with v3, trained with block 8), measured on 10 dev prompts, each run against its own vanilla: positions past 4
     # almost never accept and each verified row costs the 2-core target 1-2 ms (chain block 4 1.13x vanilla at tau
     # 1.62, blocks 5 / 8 1.07x / 1.00x); the second-best token per position, 8 nodes in all, lifts tau 1.62 -> 1.83
     # at +4% tokens/s (budget 6 / 12: tau 1.80 / 1.83, slower; top-3 or block 5 at budget 8: same speed)
