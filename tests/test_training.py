@@ -15,8 +15,7 @@ from whiflash_sgl.target import Target
 from whiflash_sgl.train.dflash import DFlashTrainer
 from whiflash_sgl.train.dflash import init_from_target as init_dflash
 from whiflash_sgl.train.distill_data import FeatureDataset, extract_features, generate_responses
-from whiflash_sgl.errors import WhiFlashError
-from whiflash_sgl.train.eagle3 import Eagle3Trainer, draft_vocabulary, extend_vocabulary, set_vocabulary
+from whiflash_sgl.train.eagle3 import Eagle3Trainer, draft_vocabulary, set_vocabulary
 from whiflash_sgl.train.eagle3 import init_from_target as init_eagle3
 from whiflash_sgl.train.loop import TrainSettings, train
 from whiflash_sgl.train.train_drafter import default_layer_ids
@@ -108,25 +107,3 @@ def test_a_sequence_with_nothing_to_learn_gives_a_zero_loss_that_backpropagates(
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is None for p in model.parameters())
-
-
-def test_a_grown_draft_vocabulary_keeps_the_trained_rows_and_adds_the_targets(dataset, looping_dir):
-    """Growing EAGLE-3's vocabulary must not disturb what was learned: the old tokens keep their trained logits
-    (so the draft among them is unchanged), the new ones are the next most frequent tokens, with the target's
-    LM-head rows; shrinking is refused with the fix."""
-    target = Target.load(str(looping_dir), pack=False)
-    torch.manual_seed(0)
-    small = Eagle3Model(eagle3_config(target, 48, default_layer_ids(6)))
-    set_vocabulary(small, draft_vocabulary(dataset, 48, target.config.vocab_size))
-    torch.nn.init.normal_(small.lm_head.weight)  # "trained": unlike the target's rows
-    grown = extend_vocabulary(small, dataset, 64, target.model)
-    old_ids, new_ids = small.d2t + torch.arange(48), grown.d2t + torch.arange(64)
-    assert torch.equal(new_ids, draft_vocabulary(dataset, 64, target.config.vocab_size))  # same ranking, grown
-    assert set(old_ids.tolist()) < set(new_ids.tolist()) and torch.equal(grown.t2d.nonzero()[:, 0], new_ids)
-    kept = torch.isin(new_ids, old_ids)
-    assert torch.equal(grown.lm_head.weight[kept], small.lm_head.weight)
-    head = target.model.get_output_embeddings().weight
-    assert torch.equal(grown.lm_head.weight[~kept], head[new_ids[~kept]])
-    assert torch.equal(grown.fc.weight, small.fc.weight)
-    with pytest.raises(WhiFlashError, match="cannot shrink the draft vocabulary from 64 to 32"):
-        extend_vocabulary(grown, dataset, 32, target.model)

@@ -10,7 +10,6 @@ projections (the same KV-only path the drafter uses to catch up), so they cost l
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 
 import torch
@@ -18,27 +17,21 @@ import torch.nn.functional as F
 
 from whiflash_sgl.drafters.eagle3 import Eagle3Model
 from whiflash_sgl.drafters.layers import heads, rotate
-from whiflash_sgl.errors import WhiFlashError
-
-
-def ranked_tokens(dataset, vocab_size: int) -> list[int]:
-    """Every target token, most useful for the draft vocabulary first: by frequency in the responses, then in the
-    prompts, then the rest in id order."""
-    responses: Counter = Counter()
-    prompts: Counter = Counter()
-    for tokens, _, prompt_len in dataset.sequences:
-        responses.update(tokens[prompt_len:].tolist())
-        prompts.update(tokens[:prompt_len].tolist())
-    ranked = [t for t, _ in responses.most_common()]
-    seen = set(ranked)
-    ranked += [t for t, _ in prompts.most_common() if t not in seen]
-    seen.update(ranked)
-    return ranked + [t for t in range(vocab_size) if t not in seen]
 
 
 def draft_vocabulary(dataset, size: int, vocab_size: int) -> torch.Tensor:
-    """The ``size`` target tokens :func:`ranked_tokens` ranks first, ascending ids."""
-    return torch.tensor(sorted(ranked_tokens(dataset, vocab_size)[:size]))
+    """The ``size`` target tokens most frequent in the responses (then in the prompts), ascending ids."""
+    counts: Counter = Counter()
+    for tokens, _, prompt_len in dataset.sequences:
+        counts.update(tokens[prompt_len:].tolist())
+    ranked = [t for t, _ in counts.most_common()]
+    if len(ranked) < size:
+        prompt_counts: Counter = Counter()
+        for tokens, _, prompt_len in dataset.sequences:
+            prompt_counts.update(tokens[:prompt_len].tolist())
+        ranked += [t for t, _ in prompt_counts.most_common() if t not in set(ranked)]
+    ranked += [t for t in range(vocab_size) if t not in set(ranked)]
+    return torch.tensor(sorted(ranked[:size]))
 
 
 def set_vocabulary(model: Eagle3Model, draft_ids: torch.Tensor) -> None:
@@ -58,32 +51,6 @@ def init_from_target(model: Eagle3Model, target_model) -> None:
     model.norm.load_state_dict(target_model.model.norm.state_dict())
     draft_ids = model.d2t + torch.arange(len(model.d2t))
     model.lm_head.weight.copy_(target_model.get_output_embeddings().weight[draft_ids])
-
-
-@torch.no_grad()
-def extend_vocabulary(model: Eagle3Model, dataset, size: int, target_model) -> Eagle3Model:
-    """The same drafter with its draft vocabulary grown to ``size`` tokens: the trained head rows stay, the tokens
-    :func:`ranked_tokens` ranks first among the missing ones join with the target's LM-head rows (where a fresh
-    drafter's head starts). Text unlike the training data (news, long answers) often needs tokens a small
-    vocabulary lacks, and a token outside it can never be accepted; the new rows need training before use."""
-    old_ids = (model.d2t + torch.arange(len(model.d2t))).tolist()
-    if size < len(old_ids):
-        raise WhiFlashError(f"cannot shrink the draft vocabulary from {len(old_ids)} to {size} tokens; pass "
-                            f"--draft-vocab {len(old_ids)} or more, or train a fresh drafter")
-    kept = set(old_ids)
-    added = [t for t in ranked_tokens(dataset, model.config.vocab_size) if t not in kept][: size - len(old_ids)]
-    config = copy.deepcopy(model.config)
-    config.draft_vocab_size = size
-    grown = Eagle3Model(config)
-    grown.load_state_dict({k: v for k, v in model.state_dict().items() if k not in ("lm_head.weight", "d2t", "t2d")},
-                          strict=False)
-    draft_ids = torch.tensor(sorted(kept | set(added)))
-    set_vocabulary(grown, draft_ids)
-    row_of = {t: i for i, t in enumerate(old_ids)}
-    target_rows = target_model.get_output_embeddings().weight
-    for i, t in enumerate(draft_ids.tolist()):
-        grown.lm_head.weight[i] = model.lm_head.weight[row_of[t]] if t in row_of else target_rows[t]
-    return grown
 
 
 class Eagle3Trainer:

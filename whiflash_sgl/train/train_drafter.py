@@ -29,11 +29,9 @@ from whiflash_sgl.target import Target
 from whiflash_sgl.train.dflash import DFlashTrainer
 from whiflash_sgl.train.dflash import init_from_target as init_dflash_from_target
 from whiflash_sgl.train.distill_data import FeatureDataset, extract_features, generate_responses
-from whiflash_sgl.train.eagle3 import Eagle3Trainer, draft_vocabulary, extend_vocabulary, set_vocabulary
+from whiflash_sgl.train.eagle3 import Eagle3Trainer, draft_vocabulary, set_vocabulary
 from whiflash_sgl.train.eagle3 import init_from_target as init_eagle3_from_target
 from whiflash_sgl.train.loop import TrainSettings, train
-
-DEFAULT_DRAFT_VOCAB = 8192
 
 
 def default_layer_ids(num_layers: int) -> list[int]:
@@ -55,8 +53,7 @@ def add_arguments(p) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--minutes", type=float, help="stop training after this many minutes (then save)")
-    p.add_argument("--draft-vocab", type=int, help="EAGLE-3 draft vocabulary size (default 8192; with --init, the "
-                   "starting drafter's, and a larger one grows it)")
+    p.add_argument("--draft-vocab", type=int, default=8192, help="EAGLE-3 draft vocabulary size")
     p.add_argument("--ttt-steps", type=int, default=4, help="EAGLE-3 unrolled training-time-test steps")
     p.add_argument("--layers", type=int, default=3, help="DFlash draft layers")
     p.add_argument("--block-size", type=int, default=16, help="DFlash block size")
@@ -111,9 +108,8 @@ def response_categories(responses: Path) -> dict[str, int]:
 def new_drafter(args, target: Target, dataset: FeatureDataset, layer_ids: list[int]) -> torch.nn.Module:
     """A fresh drafter of ``args.kind`` shaped by the flags, initialised from the target."""
     if args.kind == "eagle3":
-        size = args.draft_vocab or DEFAULT_DRAFT_VOCAB
-        model = Eagle3Model(eagle3_config(target, size, layer_ids))
-        set_vocabulary(model, draft_vocabulary(dataset, size, target.config.vocab_size))
+        model = Eagle3Model(eagle3_config(target, args.draft_vocab, layer_ids))
+        set_vocabulary(model, draft_vocabulary(dataset, args.draft_vocab, target.config.vocab_size))
         init_eagle3_from_target(model, target.model)
         return model
     mask_id = target.tokenizer.convert_tokens_to_ids(args.mask_token)
@@ -135,13 +131,8 @@ def run(args) -> dict:
         raise WhiFlashError(f"only {len(dataset)} training sequences in {args.data}; need at least 64")
     embed, lm_head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
     torch.manual_seed(args.seed)
-    if args.init:
-        model = load_drafter_model(args.kind, args.init, target, torch.float32)
-        if args.kind == "eagle3" and args.draft_vocab and args.draft_vocab != model.config.draft_vocab_size:
-            model = extend_vocabulary(model, dataset, args.draft_vocab, target.model)
-        model.train()
-    else:
-        model = new_drafter(args, target, dataset, layer_ids)
+    model = new_drafter(args, target, dataset, layer_ids) if not args.init else load_drafter_model(
+        args.kind, args.init, target, torch.float32).train()
     if args.kind == "eagle3":
         trainer = Eagle3Trainer(model, embed, steps=args.ttt_steps)
     else:
