@@ -1,6 +1,8 @@
-"""A learned policy: a small MLP predicts each paradigm's tau from the round's features; the choice maximises the
-predicted tau over the predicted latency (or ``tau - lam * T_ms``). Trained by ``whiflash train-policy`` on oracle
-traces (every paradigm drafted from the same prefix), stored as ``config.json`` + ``model.safetensors``."""
+"""A learned policy: a small MLP predicts each action's tau from the round's features (each paradigm's, and each
+hedge's it was trained for: the longest acceptance among the hedge's paradigms); the choice maximises the predicted
+tau over the predicted latency (or ``tau - lam * T_ms``) among the actions the router serves. Trained by ``whiflash
+train-policy`` on oracle traces (every paradigm drafted from the same prefix), stored as ``config.json`` +
+``model.safetensors``."""
 
 from __future__ import annotations
 
@@ -13,28 +15,28 @@ from torch import nn
 
 from whiflash_sgl.drafters.checkpoint import WEIGHTS_DIR
 from whiflash_sgl.errors import WhiFlashError
-from whiflash_sgl.router import Decision, RoundFeatures, best_paradigm
+from whiflash_sgl.router import Decision, RoundFeatures, best_paradigm, members
 
 DEFAULT_PATH = WEIGHTS_DIR / "smollm2-135m" / "router-mlp"
 
 
 class RouterMLP(nn.Module):
-    """Standardised features -> predicted tau per paradigm (at least 1: the bonus token)."""
+    """Standardised features -> predicted tau per action (at least 1: the bonus token)."""
 
-    def __init__(self, num_features: int, paradigms: list[str], hidden: int = 32):
+    def __init__(self, num_features: int, actions: list[str], hidden: int = 32):
         super().__init__()
-        self.paradigms = list(paradigms)
+        self.actions = list(actions)
         self.register_buffer("mean", torch.zeros(num_features))
         self.register_buffer("std", torch.ones(num_features))
         self.net = nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, len(paradigms)))
+                                 nn.Linear(hidden, len(actions)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return 1 + nn.functional.softplus(self.net((x - self.mean) / self.std))
 
     def save(self, path: Path, extra: dict) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        config = {"num_features": self.mean.numel(), "paradigms": self.paradigms,
+        config = {"num_features": self.mean.numel(), "actions": self.actions,
                   "hidden": self.net[0].out_features, **extra}
         (path / "config.json").write_text(json.dumps(config, indent=1))
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
@@ -46,7 +48,7 @@ class RouterMLP(nn.Module):
             raise WhiFlashError(f"no router MLP at {path} (config.json + model.safetensors); train one with "
                                 f"`whiflash train-policy` or pass path=... in --policy-config")
         config = json.loads(config_file.read_text())
-        model = cls(config["num_features"], config["paradigms"], config["hidden"])
+        model = cls(config["num_features"], config["actions"], config["hidden"])
         model.load_state_dict(load_file(str(weights)))
         return model.eval()
 
@@ -57,10 +59,11 @@ class MLPPolicy:
         self.lam = lam
 
     def decide(self, f: RoundFeatures) -> Decision:
-        paradigms = self.model.paradigms
-        missing = [p for p in paradigms if p not in f.ema_tau]
+        actions = self.model.actions
+        missing = sorted({p for a in actions for p in members(a)} - set(f.ema_tau))
         if missing:
-            raise ValueError(f"the MLP was trained for paradigms {paradigms}; the router lacks {missing}")
+            raise ValueError(f"the MLP was trained for actions {actions}; the router lacks {missing}")
         with torch.no_grad():
             tau = self.model(torch.tensor([f.vector()]))[0].tolist()
-        return Decision(best_paradigm(dict(zip(paradigms, tau)), f.predicted_seconds, self.lam))
+        served = {a: t for a, t in zip(actions, tau) if a in f.predicted_seconds}  # hedges only where servable
+        return Decision(best_paradigm(served, f.predicted_seconds, self.lam))

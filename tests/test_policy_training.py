@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -47,8 +48,9 @@ def test_traces_train_an_mlp_policy_that_routes_losslessly(setup):
     rows = collect_traces(target, prompts, root / "traces.jsonl", config, limit=12, max_new_tokens=24)
     first = json.loads((root / "traces.jsonl").read_text().splitlines()[0])
     assert rows >= 50 and set(first["accepted"]) == {"eagle3", "dflash", "ngram"}
-    metrics = train_policy(root / "traces.jsonl", root / "mlp", epochs=50)
+    metrics = train_policy(root / "traces.jsonl", root / "mlp", epochs=50, hedges=["ngram+eagle3"])
     assert metrics["rounds"] == rows and 0 <= metrics["heldout_pick_best"] <= 1
+    assert metrics["actions"] == ["dflash", "eagle3", "ngram", "eagle3+ngram"]
     assert metrics["heldout_tau_oracle"] >= max(metrics[f"heldout_tau_always_{p}"] for p in metrics["paradigms"])
     report = run_bench(target, load_prompts(prompts, limit=2), ["vanilla", "whiflash:mlp", "oracle",
                                                                  "whiflash:heuristic"],
@@ -59,6 +61,15 @@ def test_traces_train_an_mlp_policy_that_routes_losslessly(setup):
     figures = write_plots(report, root / "bench.json")
     assert [p.name for p in figures] == ["bench_throughput.png", "bench_routing.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in figures)
+
+
+def test_a_hedge_of_untraced_paradigms_is_refused(tmp_path):
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text((json.dumps({"accepted": {"eagle3": 1, "ngram": 0}}) + "\n") * 60)
+    for bad in ("eagle3+medusa", "eagle3"):
+        message = f"hedge {bad!r} must join two or more of the traced paradigms"
+        with pytest.raises(WhiFlashError, match=re.escape(message)):
+            train_policy(traces, tmp_path / "mlp", epochs=1, hedges=[bad])
 
 
 def test_mlp_policy_without_weights_names_the_fix(tmp_path):

@@ -1,5 +1,6 @@
-"""WhiFlash routing on a tiny real target: every policy is lossless, faults fall back, policies load from entry
-points (including another distribution's), lazy and eager catch-up agree, and the oracle bounds every paradigm."""
+"""WhiFlash routing on a tiny real target: every policy is lossless, hedges verify their paradigms' drafts as one
+tree, faults fall back, policies load from entry points (including another distribution's), lazy and eager catch-up
+agree, and the oracle bounds every paradigm."""
 
 from __future__ import annotations
 
@@ -56,19 +57,19 @@ def _drafters(target, models):
 
 def _whiflash(target, models, policy, catch_up="lazy", deadline=0.05):
     drafters = _drafters(target, models)
-    router = Router(policy, tuple(drafters), "eagle3", deadline_s=deadline)
+    router = Router(policy, tuple(drafters), "eagle3", deadline_s=deadline, hedging=True)
     return WhiFlashDrafter(drafters, router, target.tokenizer, catch_up)
 
 
 class Alternate:
-    """A policy that switches every round: the hardest case for catch-up."""
+    """A policy that switches every round, hedges included: the hardest case for catch-up."""
 
     def __init__(self):
         self.i = 0
 
     def decide(self, features):
         self.i += 1
-        return ("eagle3", "dflash", "ngram")[self.i % 3]
+        return ("eagle3", "dflash", "ngram", "ngram+eagle3", "dflash+eagle3+ngram")[self.i % 5]
 
 
 @pytest.fixture
@@ -88,6 +89,35 @@ def test_every_policy_is_greedy_lossless(target, models, prompt, policy, catch_u
     assert routed == len(drafter.trace) and result.rounds - 1 <= routed <= result.rounds
     if policy == "alternate":
         assert drafter.router.stats.switches == result.rounds - 1 and drafter.switch_seconds > 0
+
+
+def test_a_hedge_accepts_the_longest_of_its_drafts_and_informs_each_paradigm(target, models, prompt):
+    """A hedge's drafts are verified as one tree: each round accepts what the better of them would have, and both
+    paradigms' tau statistics learn from the round while the idle one's stay put."""
+    drafter = _whiflash(target, models, Fixed("ngram+eagle3"))
+    reference = SpeculativeEngine(target).generate(prompt, 40)
+    result = SpeculativeEngine(target, drafter).generate(prompt, 40)
+    assert result.tokens == reference.tokens
+    assert set(drafter.router.stats.rounds) == {"eagle3+ngram"}  # canonical name
+    alone = {}
+    for paradigm in ("eagle3", "ngram"):
+        single = SpeculativeEngine(target, _whiflash(target, models, Fixed(paradigm))).generate(prompt, 40)
+        alone[paradigm] = single.rounds
+    assert result.rounds <= min(alone.values())
+    ema = drafter.router.ema_tau
+    assert ema["dflash"] == 2.0 and ema["eagle3"] != 2.0 and ema["ngram"] != 2.0
+
+
+def test_hedges_are_invalid_where_the_engine_cannot_verify_them(target, models, prompt):
+    """The SGLang worker's router serves single paradigms only; a hedge there, or one naming an unknown paradigm,
+    falls back like any invalid decision."""
+    drafters = _drafters(target, models)
+    for hedging, action in ((False, "eagle3+ngram"), (True, "eagle3+medusa")):
+        router = Router(Fixed(action), tuple(drafters), "eagle3", hedging=hedging)
+        drafter = WhiFlashDrafter(drafters, router, target.tokenizer)
+        assert SpeculativeEngine(target, drafter).generate(prompt, 8).tokens == \
+            SpeculativeEngine(target).generate(prompt, 8).tokens
+        assert router.stats.faults == {"invalid": router.stats.rounds["eagle3"]}
 
 
 def test_eager_keeps_every_drafter_current_and_lazy_does_not(target, models, prompt):
@@ -201,11 +231,16 @@ def test_cost_model_fits_verify_time_and_predicts():
     assert costs.verify_seconds(10) == pytest.approx(0.060)
     costs.observe_draft("dflash", 0.010)
     costs.observe_catchup("dflash", 20, 0.002)
-    assert costs.predict("dflash", 15, 30) == pytest.approx(0.010 + 0.072 + 0.002)  # one size seen: its cost
+    sizes = {"dflash": 15, "eagle3": 0, "ngram": 4}
+    assert costs.predict("dflash", sizes, {"dflash": 30}) == pytest.approx(0.010 + 0.072 + 0.002)  # one size seen
     costs.observe_catchup("dflash", 2, 0.0011)  # mostly fixed overhead: 1 ms + 0.05 ms per position
     costs.observe_catchup("dflash", 200, 0.011)
-    assert costs.predict("dflash", 15, 400) == pytest.approx(0.010 + 0.072 + 0.021, rel=0.02)
-    assert costs.predict("eagle3", 0, 400) == pytest.approx(0.042)  # nothing measured: verify alone
+    assert costs.predict("dflash", sizes, {"dflash": 400}) == pytest.approx(0.010 + 0.072 + 0.021, rel=0.02)
+    assert costs.predict("eagle3", sizes, {"eagle3": 400}) == pytest.approx(0.042)  # nothing measured: verify
+    costs.observe_draft("ngram", 0.001)
+    # a hedge: both drafts, both catch-ups, one verify of all their tokens
+    assert costs.predict("dflash+ngram", sizes, {"dflash": 400, "ngram": 0}) == pytest.approx(
+        0.010 + 0.001 + 0.080 + 0.021, rel=0.02)
 
 
 def test_objective_and_syntax_features():

@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hedges", default="", help="comma-separated hedges the MLP may also choose, each paradigms "
+                                                "joined by '+' (e.g. eagle3+ngram): drafted together, verified as one "
+                                                "tree")
 
     p = sub.add_parser("train-drafter", help="train an EAGLE-3 or DFlash drafter on the target's own outputs")
     add_arguments(p)
@@ -184,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train-policy":
             from whiflash_sgl.train.router_policy import train_policy
 
-            print(json.dumps(train_policy(Path(args.traces), Path(args.out), args.epochs, args.hidden, args.seed),
-                             indent=1))
+            hedges = [h for h in args.hedges.split(",") if h]
+            print(json.dumps(train_policy(Path(args.traces), Path(args.out), args.epochs, args.hidden, args.seed,
+                                          hedges), indent=1))
         elif args.command == "train-drafter":
             import torch
 

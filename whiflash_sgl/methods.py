@@ -199,7 +199,7 @@ def _make_method(name: str, target: Target, config: WhiFlashConfig, policy_param
             params = params.get(policy_name, {})
         policy = load_policy(policy_name, params)
         drafters = _paradigms(target, config)
-        router = Router(policy, tuple(drafters), config.fallback, config.policy_deadline_ms / 1000)
+        router = Router(policy, tuple(drafters), config.fallback, config.policy_deadline_ms / 1000, hedging=True)
         return EngineMethod(name, target, WhiFlashDrafter(drafters, router, target.tokenizer, config.catch_up))
     if name == "oracle":
         drafters = _paradigms(target, config)

@@ -8,6 +8,11 @@ from pathlib import Path
 from whiflash_sgl.errors import WhiFlashError
 
 COLORS = {"eagle3": "tab:blue", "dflash": "tab:orange", "ngram": "tab:green"}
+HEDGE_COLOR = "tab:purple"  # any action of several paradigms verified together
+
+
+def _color(action: str) -> str:
+    return HEDGE_COLOR if "+" in action else COLORS.get(action, "gray")
 
 
 def _pyplot():
@@ -57,10 +62,11 @@ def plot_routing(report: dict, path: Path) -> Path | None:
     lanes = [("oracle", oracle)] + [(r["method"], r) for r in routed]
     for lane, (label, run) in enumerate(lanes):
         xs = _round_starts(run["accept_lengths"])[: len(run["paradigms"])]
-        bottom.scatter(xs, [lane] * len(xs), c=[COLORS.get(p, "gray") for p in run["paradigms"]], s=14, marker="s")
+        bottom.scatter(xs, [lane] * len(xs), c=[_color(p) for p in run["paradigms"]], s=14, marker="s")
     bottom.set_yticks(range(len(lanes)), [label for label, _ in lanes], fontsize=8)
     bottom.set_xlabel("generated token position")
-    bottom.set_title("paradigm chosen per round", fontsize=9)
+    bottom.set_title("paradigm chosen per round (purple: a hedge, several paradigms' drafts verified as one)",
+                     fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -3,13 +3,16 @@
 Every round the router computes features that are free after the last verify pass (target entropy and top-1
 margin at the root, last and per-paradigm EMA of tau, the last paradigm, DFlash's block confidences, EAGLE's
 first-step top-1 probability, catch-up backlogs, cheap syntax state of the generated text) and the predicted
-latency of each paradigm from an online cost model. The policy turns these into a paradigm. The router guards the
-call: a policy that raises, overruns its deadline or returns something invalid yields the fallback paradigm, and the
-event is counted and logged once per kind. Policies only choose proposals, so routing never changes the output.
+latency of each paradigm from an online cost model. The policy turns these into an *action*: one paradigm, or a
+hedge such as ``eagle3+ngram``, whose drafts are verified together as one tree (the round accepts the longest any of
+them reaches, for the price of both drafts and a wider verify). The router guards the call: a policy that raises,
+overruns its deadline or returns something invalid yields the fallback paradigm, and the event is counted and logged
+once per kind. Policies only choose proposals, so routing never changes the output.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from dataclasses import asdict, dataclass, field
@@ -21,6 +24,16 @@ log = logging.getLogger(__name__)
 PARADIGMS = ("eagle3", "dflash", "ngram")
 
 
+def members(action: str) -> tuple[str, ...]:
+    """The paradigms an action drafts with: one, or several for a hedge (``"eagle3+ngram"``)."""
+    return tuple(action.split("+"))
+
+
+def hedge(paradigms) -> str:
+    """An action's canonical name: its paradigms sorted and joined by ``+``."""
+    return "+".join(sorted(paradigms))
+
+
 @dataclass
 class RoundFeatures:
     entropy: float  # of the target's distribution at the root (nats)
@@ -29,7 +42,7 @@ class RoundFeatures:
     last_paradigm: str
     ema_tau: dict[str, float]
     pending: dict[str, int]  # catch-up backlog per paradigm
-    predicted_seconds: dict[str, float]  # cost model: draft + verify + catch-up per paradigm
+    predicted_seconds: dict[str, float]  # cost model: draft + verify + catch-up per action the router can serve
     dflash_expected: float  # expected accepted prefix from DFlash's last block confidences
     eagle_top1: float  # EAGLE's last first-step top-1 probability
     ngram_draft: int  # tokens the n-gram drafter would propose now (0: no earlier match of the suffix)
@@ -56,7 +69,7 @@ class RoundFeatures:
 
 @dataclass(frozen=True)
 class Decision:
-    paradigm: str
+    paradigm: str  # an action: a paradigm or a hedge
 
 
 def best_paradigm(expected_tau: dict[str, float], seconds: dict[str, float], lam: float | None) -> str:
@@ -128,9 +141,15 @@ class CostModel:
     def observe_verify(self, tokens: int, seconds: float) -> None:
         self.verify_seconds.observe(tokens, seconds)
 
-    def predict(self, paradigm: str, draft_tokens: int, pending: int) -> float:
-        catchup = self.catchup[paradigm](pending) if pending > 0 and paradigm in self.catchup else 0.0
-        return self.draft.get(paradigm, 0.0) + self.verify_seconds(draft_tokens + 1) + catchup
+    def predict(self, action: str, draft_tokens: dict[str, int], pending: dict[str, int]) -> float:
+        """An action's round: each of its paradigms drafts (after catching up), then one verify of all their
+        tokens (shared prefixes would merge, so this is an upper bound for a hedge)."""
+        seconds = self.verify_seconds(sum(draft_tokens[p] for p in members(action)) + 1)
+        for p in members(action):
+            seconds += self.draft.get(p, 0.0)
+            if pending[p] > 0 and p in self.catchup:
+                seconds += self.catchup[p](pending[p])
+        return seconds
 
 
 @dataclass
@@ -141,13 +160,18 @@ class RouterStats:
 
 
 class Router:
-    """Calls ``policy.decide(features)`` each round with a deadline, keeps tau statistics and the cost model."""
+    """Calls ``policy.decide(features)`` each round with a deadline, keeps tau statistics and the cost model.
+
+    ``hedging`` says whether the engine can verify several paradigms' drafts as one tree; the actions it serves are
+    then every paradigm and every set of two or more of them."""
 
     def __init__(self, policy, paradigms: tuple[str, ...], fallback: str, deadline_s: float = 0.05,
-                 ema: float = 0.9, record: bool = True):
+                 ema: float = 0.9, record: bool = True, hedging: bool = False):
         if fallback not in paradigms:
             raise ValueError(f"fallback paradigm {fallback!r} is not one of {paradigms}")
         self.policy, self.paradigms, self.fallback = policy, paradigms, fallback
+        sets = range(2, len(paradigms) + 1) if hedging else ()
+        self.actions = paradigms + tuple(hedge(c) for n in sets for c in itertools.combinations(paradigms, n))
         self.deadline_s, self.ema, self.record = deadline_s, ema, record
         self.costs = CostModel()
         self.stats = RouterStats()
@@ -184,7 +208,7 @@ class Router:
         return RoundFeatures(
             entropy=entropy, margin=margin, last_tau=self.last_tau, last_paradigm=self.last_paradigm,
             ema_tau=dict(self.ema_tau), pending=dict(pending),
-            predicted_seconds={p: self.costs.predict(p, draft_tokens[p], pending[p]) for p in self.paradigms},
+            predicted_seconds={a: self.costs.predict(a, draft_tokens, pending) for a in self.actions},
             dflash_expected=expected, eagle_top1=eagle_top1, ngram_draft=ngram_draft, in_code=in_code,
             in_json=in_json, bracket_depth=depth,
         )
@@ -216,21 +240,27 @@ class Router:
         decision = result[0]
         if isinstance(decision, Exception):
             return self._fault("raised", f"{type(decision).__name__}: {decision}")
-        paradigm = decision.paradigm if isinstance(decision, Decision) else decision
-        if paradigm not in self.paradigms:
-            return self._fault("invalid", f"returned {decision!r}, not one of {self.paradigms}")
-        return paradigm
+        action = decision.paradigm if isinstance(decision, Decision) else decision
+        if isinstance(action, str) and "+" in action:
+            action = hedge(members(action))
+        if action not in self.actions:
+            return self._fault("invalid", f"returned {decision!r}, not one of {self.actions}")
+        return action
 
     def decide(self, features: RoundFeatures) -> str:
-        paradigm = self._call_policy(features)
-        if self.last_paradigm and paradigm != self.last_paradigm:
+        """The action for this round (a paradigm or a hedge)."""
+        action = self._call_policy(features)
+        if self.last_paradigm and action != self.last_paradigm:
             self.stats.switches += 1
-        self.stats.rounds[paradigm] = self.stats.rounds.get(paradigm, 0) + 1
+        self.stats.rounds[action] = self.stats.rounds.get(action, 0) + 1
         if self.record:
-            self.decisions.append({"paradigm": paradigm, **asdict(features)})
-        self.last_paradigm = paradigm
-        return paradigm
+            self.decisions.append({"paradigm": action, **asdict(features)})
+        self.last_paradigm = action
+        return action
 
-    def update(self, paradigm: str, tau: float) -> None:
+    def update(self, action: str, tau: float, each: dict[str, float] | None = None) -> None:
+        """After verifying ``action``'s draft: the round's tau and, for a hedge, each paradigm's own tau (what its
+        tree alone would have accepted), which feed the per-paradigm EMAs."""
         self.last_tau = tau
-        self.ema_tau[paradigm] = self.ema * self.ema_tau[paradigm] + (1 - self.ema) * tau
+        for paradigm, value in (each or {action: tau}).items():
+            self.ema_tau[paradigm] = self.ema * self.ema_tau[paradigm] + (1 - self.ema) * value

@@ -1,8 +1,9 @@
-"""WhiFlash: one drafter that asks the router, every round, which paradigm drafts.
+"""WhiFlash: one drafter that asks the router, every round, which paradigm drafts (or, for a hedge, which
+paradigms draft: their trees are verified together as one).
 
 The chosen drafter is brought up to date from the target's stored features just before it drafts (Lazy
 Catch-up, with each drafter's KV-only prefill); ``catch_up="eager"`` instead keeps every drafter current each
-round, for comparison. Catch-up spent on rounds that switched paradigm is the switching overhead.
+round, for comparison. Catch-up spent on rounds that switched action is the switching overhead.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import time
 
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState
-from whiflash_sgl.router import RoundFeatures, Router
+from whiflash_sgl.router import RoundFeatures, Router, members
 from whiflash_sgl.tree import DraftTree
 
 
@@ -42,15 +43,15 @@ class WhiFlashDrafter(Drafter):
         self.feature_layers = tuple(sorted({layer for d in drafters.values() for layer in d.feature_layers}))
         self.tree_size = {p: 8 for p in drafters}  # last draft size per paradigm, for the cost model
         self.switch_seconds = self.catchup_seconds = 0.0
-        self.paradigm = ""
-        self.trace: list[tuple[str, int]] = []  # (paradigm, accepted draft tokens) per drafted round
-        self._drafted = False
+        self.action = ""
+        self.trace: list[tuple[str, int]] = []  # (action, accepted draft tokens) per drafted round
+        self._trees: dict[str, DraftTree] = {}  # this round's draft per paradigm of the action
 
     def start(self, state: SequenceState) -> None:
         for drafter in self.drafters.values():
             drafter.start(state)
         self.router.reset()
-        self.paradigm = ""
+        self.action = ""
         self.trace = []
         self.switch_seconds = self.catchup_seconds = 0.0
 
@@ -71,24 +72,26 @@ class WhiFlashDrafter(Drafter):
 
     def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
         features = round_features(self.router, self.drafters, state, self.tree_size, self.tokenizer)
-        previous, self.paradigm = self.paradigm, self.router.decide(features)
+        previous, self.action = self.action, self.router.decide(features)
+        chosen = members(self.action)
         catchup = 0.0
-        for paradigm in (self.drafters if self.mode == "eager" else [self.paradigm]):
+        for paradigm in (self.drafters if self.mode == "eager" else chosen):
             catchup += self._catch_up_timed(paradigm, state)
-        if previous and previous != self.paradigm:
+        if previous and previous != self.action:
             self.switch_seconds += catchup
         self.catchup_seconds += catchup
-        tic = time.perf_counter()
-        tree = self.drafters[self.paradigm].propose(state, max_depth)
-        self.router.costs.observe_draft(self.paradigm, time.perf_counter() - tic)
-        self.tree_size[self.paradigm] = len(tree)
-        self._drafted = True
-        return tree
+        for paradigm in chosen:
+            tic = time.perf_counter()
+            self._trees[paradigm] = self.drafters[paradigm].propose(state, max_depth)
+            self.router.costs.observe_draft(paradigm, time.perf_counter() - tic)
+            self.tree_size[paradigm] = len(self._trees[paradigm])
+        return DraftTree.union(self._trees.values()) if len(chosen) > 1 else self._trees[chosen[0]]
 
     def observe(self, report: RoundReport) -> None:
-        if not self._drafted:  # the engine verified without asking for a draft (one token left)
+        if not self._trees:  # the engine verified without asking for a draft (one token left)
             return
-        self._drafted = False
-        self.router.update(self.paradigm, len(report.path) + 1)
+        each = {p: tree.matched(report.new_tokens) + 1 for p, tree in self._trees.items()}
+        self._trees = {}
+        self.router.update(self.action, len(report.path) + 1, each)
         self.router.costs.observe_verify(len(report.tree) + 1, report.verify_seconds)
-        self.trace.append((self.paradigm, len(report.path)))
+        self.trace.append((self.action, len(report.path)))

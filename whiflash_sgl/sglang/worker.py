@@ -13,7 +13,8 @@ A round (decode):
 1. **Route.** The core ``Router`` (the same policies as the reference engine, loaded by name) picks the paradigm for
    the whole batch from features of the last verify: the target's entropy and top-1 margin at each request's bonus
    position (batch means), last and EMA tau, EAGLE's first-step top-1 probability, and the measured cost of each
-   paradigm's draft and verify. Text-syntax features are not available in the scheduler process and stay off.
+   paradigm's draft and verify. Text-syntax features are not available in the scheduler process and stay off, and
+   so are hedges (two paradigms' drafts verified as one tree): the router is built without them.
 2. **Draft.** EAGLE-3: ``EagleDraftWorker.draft`` builds its top-k tree as an ``EagleVerifyInput`` of width ``N``.
    DFlash: one draft-runner forward over ``[bonus, MASK x (B-1)]`` (``TARGET_VERIFY`` mode, SGLang's DFlash draft
    path), greedy tokens from the target's head, then the chain as an ``EagleVerifyInput`` of the same width built by
