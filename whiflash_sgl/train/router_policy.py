@@ -84,7 +84,8 @@ def train_policy(traces_path: Path, out_dir: Path, epochs: int = 300, hidden: in
         pred = model(x[heldout])
     truth = y[heldout]
     mae = {a: round(float((pred[:, i] - truth[:, i]).abs().mean()), 3) for i, a in enumerate(actions)}
-    pred, truth = pred[:, : len(paradigms)], truth[:, : len(paradigms)]  # a hedge's tau is never below its parts'
+    # picking is scored among single paradigms: a hedge's tau is never below its parts', so it would always win
+    pred, truth = pred[:, : len(paradigms)], truth[:, : len(paradigms)]
     best_true = truth.max(1).values
     picked = truth.gather(1, pred.argmax(1, keepdim=True))[:, 0]
     metrics = {
