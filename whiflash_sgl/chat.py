@@ -22,7 +22,9 @@ def load_prompts(path: str | Path, categories: list[str] | None = None, limit: i
     if not path.is_file():
         raise WhiFlashError(f"prompt file {path} does not exist")
     prompts: list[ChatPrompt] = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    with open(path, encoding="utf-8") as f:
+        lines = list(f)  # split at newlines only: see whiflash_sgl.jsonl
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from whiflash_sgl.jsonl import read_jsonl
+
 DEFAULT_PROMPTS = [
     "Write a haiku about caches.",
     "Explain speculative decoding in two sentences.",
@@ -119,12 +121,7 @@ def _prompts(path: str | None) -> list[str]:
     """User turns of a bench-format JSONL file (``{"messages": [...]}`` per line), or the built-in set."""
     if not path:
         return DEFAULT_PROMPTS
-    turns = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            messages = json.loads(line)["messages"]
-            turns.append(next(m["content"] for m in messages if m["role"] == "user"))
-    return turns
+    return [next(m["content"] for m in row["messages"] if m["role"] == "user") for row in read_jsonl(path)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from whiflash_sgl.chat import encode_chat
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.jsonl import read_jsonl
 
 
 def _load(model_dir: Path):
@@ -36,10 +37,9 @@ def generate_responses(model_dir: Path, prompts_path: Path, out_path: Path, max_
     eos = {model.config.eos_token_id, tokenizer.eos_token_id} - {None}
     done = set()
     if out_path.exists():
-        done = {json.loads(line)["id"] for line in out_path.read_text().splitlines() if line.strip()}
+        done = {row["id"] for row in read_jsonl(out_path)}
     todo = []
-    for line in prompts_path.read_text().splitlines():
-        row = json.loads(line)
+    for row in read_jsonl(prompts_path):
         if row["id"] in done:
             continue
         ids = encode_chat(tokenizer, row["messages"])
@@ -70,7 +70,7 @@ def extract_features(model_dir: Path, responses_path: Path, out_dir: Path, layer
                      batch_size: int = 8, shard_sequences: int = 256) -> None:
     """Write feature shards for every response row (resumes after the last complete shard)."""
     model, _ = _load(model_dir)
-    rows = [json.loads(line) for line in responses_path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(responses_path)
     shards = [rows[i : i + shard_sequences] for i in range(0, len(rows), shard_sequences)]
     bar = tqdm(total=len(rows), desc="features", file=sys.stderr)
     for index, shard in enumerate(shards):

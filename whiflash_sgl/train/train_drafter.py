@@ -24,6 +24,7 @@ from whiflash_sgl.drafters.checkpoint import dflash_config, eagle3_config, load_
 from whiflash_sgl.drafters.dflash import DFlashModel
 from whiflash_sgl.drafters.eagle3 import Eagle3Model
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.jsonl import read_jsonl
 from whiflash_sgl.model_store import resolve_model
 from whiflash_sgl.target import Target
 from whiflash_sgl.train.dflash import DFlashTrainer
@@ -89,7 +90,7 @@ def prepare_data(args, target: Target, layers: tuple[int, ...]) -> Path:
         print(f"built training prompts: {counts}", file=sys.stderr)
     sample = data / "sampled_prompts.jsonl"
     if not sample.exists():
-        rows = [json.loads(line) for line in prompts.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(prompts)
         chosen = sample_prompts(rows, args.sample_per_category, args.seed)[: args.sample_limit]
         sample.write_text("".join(json.dumps(r) + "\n" for r in chosen))
     model_dir = resolve_model(args.model)
@@ -101,7 +102,7 @@ def prepare_data(args, target: Target, layers: tuple[int, ...]) -> Path:
 
 def response_categories(responses: Path) -> dict[str, int]:
     """How many training sequences each prompt category gave (for the recipe)."""
-    counts = Counter(json.loads(line)["category"] for line in responses.read_text().splitlines() if line.strip())
+    counts = Counter(row["category"] for row in read_jsonl(responses))
     return dict(sorted(counts.items()))
 
 
