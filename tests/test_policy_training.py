@@ -17,6 +17,7 @@ from whiflash_sgl.drafters.eagle3 import Eagle3Model
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.plots import write_plots
 from whiflash_sgl.policies import load_policy
+from whiflash_sgl.policies.mlp import RouterMLP
 from whiflash_sgl.router import RoundFeatures
 from whiflash_sgl.target import Target
 from whiflash_sgl.train.eagle3 import set_vocabulary
@@ -91,3 +92,31 @@ def test_the_committed_router_mlp_routes_copy_spans_to_ngram():
     assert policy.decide(features).paradigm == "ngram"
     features.ngram_draft = 0
     assert policy.decide(features).paradigm != "ngram"
+
+
+def _fixed_mlp(path, tau: dict[str, float]):
+    """A router MLP whose prediction is ``tau`` whatever the features (zero weights, biases inverting softplus)."""
+    model = RouterMLP(len(RoundFeatures.VECTOR_FIELDS), list(tau))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.net[-1].bias.copy_(torch.tensor([t - 1 for t in tau.values()]).expm1().log())
+    model.save(path, {})
+    return path
+
+
+@pytest.mark.parametrize("margin, served, chosen", [
+    (None, True, "ngram"),             # tau/T alone: 3.0 / 40 ms beats 3.4 / 55 ms
+    (0.3, True, "eagle3+ngram"),       # the hedge adds 0.4 tokens over n-gram alone
+    (0.5, True, "ngram"),              # ... which is under this margin
+    (0.3, False, "ngram"),             # never a hedge the router cannot serve
+])
+def test_the_mlp_takes_a_hedge_over_its_choice_when_it_accepts_clearly_more(tmp_path, margin, served, chosen):
+    path = _fixed_mlp(tmp_path / "mlp", {"dflash": 1.5, "eagle3": 2.0, "ngram": 3.0, "eagle3+ngram": 3.4})
+    seconds = {"eagle3": 0.050, "dflash": 0.050, "ngram": 0.040} | ({"eagle3+ngram": 0.055} if served else {})
+    features = RoundFeatures(
+        entropy=0.5, margin=0.5, last_tau=2.0, last_paradigm="ngram", ema_tau={"eagle3": 2.0, "dflash": 2.0,
+        "ngram": 2.0}, pending={"eagle3": 0, "dflash": 0, "ngram": 0}, predicted_seconds=seconds, dflash_expected=0.0,
+        eagle_top1=0.6, ngram_draft=6, in_code=False, in_json=True, bracket_depth=1)
+    policy = load_policy("mlp", {"path": str(path), "hedge_margin": margin})
+    assert policy.decide(features).paradigm == chosen

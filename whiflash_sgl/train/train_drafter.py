@@ -147,8 +147,8 @@ def run(args) -> dict:
         "kind": args.kind, "target": args.model, "seed": args.seed, "sequences": len(dataset),
         "train_tokens": sum(len(t) - p for t, _, p in dataset.sequences), "settings": asdict(settings),
         "data_sources": "whiflash_sgl.train.prompts (BFCL allowed categories minus dev items, stdlib code, "
-                        "python3.11-doc prose and, opt-in, whole-section reading passages, templated math/chat); "
-                        "responses: the target's greedy outputs",
+                        "python3.11-doc prose, templated math/chat and, opt-in, whole-section reading passages and "
+                        "ShareGPT first user turns); responses: the target's greedy outputs",
         "categories": response_categories(Path(args.data) / "responses.jsonl"),
         "wall_minutes": round((time.time() - started) / 60, 1), **result,
     }
