@@ -53,6 +53,7 @@ class WhiFlashDrafter(Drafter):
         self.router.reset()
         self.action = ""
         self.trace = []
+        self._trees = {}  # a sequence cut off between draft and verify leaves none behind
         self.switch_seconds = self.catchup_seconds = 0.0
 
     def pending(self, state: SequenceState) -> int:
