@@ -50,6 +50,7 @@ def add_arguments(p) -> None:
                    help="prompts drawn per category (seeded) for the target to answer")
     p.add_argument("--sample-limit", type=int, help="answer only the first N drawn prompts (categories interleaved)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="length cap of the target's responses")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts are not answered")
     p.add_argument("--epochs", type=float, default=8.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
@@ -95,7 +96,7 @@ def prepare_data(args, target: Target, layers: tuple[int, ...]) -> Path:
         sample.write_text("".join(json.dumps(r) + "\n" for r in chosen))
     model_dir = resolve_model(args.model)
     responses = data / "responses.jsonl"
-    generate_responses(model_dir, sample, responses, args.max_new_tokens)
+    generate_responses(model_dir, sample, responses, args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens)
     extract_features(model_dir, responses, data, layers)
     return data
 
