@@ -4,6 +4,7 @@ raise held-out acceptance above the untrained drafter's."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from whiflash_sgl.drafters.checkpoint import dflash_config, eagle3_config
 from whiflash_sgl.drafters.dflash import DFlashModel
 from whiflash_sgl.drafters.eagle3 import Eagle3Model
+from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.target import Target
 from whiflash_sgl.train.dflash import DFlashTrainer
 from whiflash_sgl.train.dflash import init_from_target as init_dflash
@@ -33,7 +35,7 @@ def looping_dir(tmp_path_factory, tiny_tokenizer, make_model):
 
 
 @pytest.fixture(scope="module")
-def dataset(looping_dir, tmp_path_factory):
+def distill_dir(looping_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("distill")
     prompts = data / "prompts.jsonl"
     words = ["alpha", "beta", "gamma", "delta", "fox", "dog", "json", "code"]
@@ -43,7 +45,23 @@ def dataset(looping_dir, tmp_path_factory):
     assert generate_responses(looping_dir, prompts, data / "responses.jsonl", max_new_tokens=24) == 72  # resumes
     extract_features(looping_dir, data / "responses.jsonl", data, LAYERS, shard_sequences=40)
     assert len(list(data.glob("features-*.safetensors"))) == 2
-    return FeatureDataset(data, LAYERS)
+    return data
+
+
+@pytest.fixture(scope="module")
+def dataset(distill_dir):
+    return FeatureDataset(distill_dir, LAYERS)
+
+
+def test_responses_added_after_their_features_are_an_error(distill_dir, looping_dir, tmp_path):
+    for f in distill_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    extract_features(looping_dir, tmp_path / "responses.jsonl", tmp_path, LAYERS, shard_sequences=40)  # complete
+    row = json.loads((tmp_path / "responses.jsonl").read_text().splitlines()[-1])
+    with (tmp_path / "responses.jsonl").open("a") as f:
+        f.write(json.dumps({**row, "id": "late"}) + "\n")  # falls into the last shard, which exists
+    with pytest.raises(WhiFlashError, match="holds features of 72 sequences but .* has 73 rows"):
+        extract_features(looping_dir, tmp_path / "responses.jsonl", tmp_path, LAYERS, shard_sequences=40)
 
 
 def test_features_equal_a_plain_forward(dataset, looping_dir):

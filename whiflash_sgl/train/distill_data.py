@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -104,6 +105,17 @@ def extract_features(model_dir: Path, responses_path: Path, out_dir: Path, layer
                    "prompt_lens": torch.tensor(prompt_lens, dtype=torch.int64),
                    "layers": torch.tensor(layers, dtype=torch.int64)}, str(path))
     bar.close()
+    stored = sum(_stored_sequences(p) for p in out_dir.glob("features-*.safetensors"))
+    if stored != len(rows):
+        raise WhiFlashError(
+            f"{out_dir} holds features of {stored} sequences but {responses_path} has {len(rows)} rows: the "
+            f"responses changed after their features were written (a shard that exists is never rewritten); "
+            f"delete the feature shards to write them again")
+
+
+def _stored_sequences(path: Path) -> int:
+    with safe_open(str(path), "pt") as f:
+        return f.get_slice("prompt_lens").get_shape()[0]
 
 
 class FeatureDataset:
