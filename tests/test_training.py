@@ -64,6 +64,16 @@ def test_responses_added_after_their_features_are_an_error(distill_dir, looping_
         extract_features(looping_dir, tmp_path / "responses.jsonl", tmp_path, LAYERS, shard_sequences=40)
 
 
+def test_prompts_over_the_cap_are_skipped_and_counted(looping_dir, tmp_path, capsys):
+    rows = [{"id": "short", "category": "chat", "messages": [{"role": "user", "content": "fox dog"}]},
+            {"id": "long", "category": "chat", "messages": [{"role": "user", "content": "fox dog " * 40}]}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert generate_responses(looping_dir, tmp_path / "prompts.jsonl", tmp_path / "responses.jsonl",
+                              max_new_tokens=4, max_prompt_tokens=40) == 1
+    assert "skipping 1 prompts longer than 40 tokens" in capsys.readouterr().err
+    assert [json.loads(line)["id"] for line in (tmp_path / "responses.jsonl").read_text().splitlines()] == ["short"]
+
+
 def test_features_equal_a_plain_forward(dataset, looping_dir):
     target = Target.load(str(looping_dir), capture_layers=LAYERS)
     tokens, features, prompt_len = dataset[5]
