@@ -25,6 +25,9 @@ from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.jsonl import read_jsonl
 
 
+MAX_PROMPT_TOKENS = 2048  # admits article-length contexts (specbench's summarization prompts run to 1,200 tokens)
+
+
 def _load(model_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -32,11 +35,11 @@ def _load(model_dir: Path):
 
 
 def generate_responses(model_dir: Path, prompts_path: Path, out_path: Path, max_new_tokens: int = 128,
-                       batch_size: int = 16, max_prompt_tokens: int = 2048) -> int:
+                       batch_size: int = 16, max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> int:
     """Append greedy responses for prompts not yet in ``out_path``; return how many rows it holds.
 
-    Prompts over ``max_prompt_tokens`` are skipped, and counted on stderr. The default admits article-length
-    contexts (specbench's summarization prompts run to 1,200 tokens), which the earlier 768 left out unnoticed.
+    Prompts over ``max_prompt_tokens`` are skipped, and counted on stderr (an earlier cap of 768 tokens left
+    article-length contexts out unnoticed).
     """
     model, tokenizer = _load(model_dir)
     eos = {model.config.eos_token_id, tokenizer.eos_token_id} - {None}

@@ -29,7 +29,7 @@ from whiflash_sgl.model_store import resolve_model
 from whiflash_sgl.target import Target
 from whiflash_sgl.train.dflash import DFlashTrainer
 from whiflash_sgl.train.dflash import init_from_target as init_dflash_from_target
-from whiflash_sgl.train.distill_data import FeatureDataset, extract_features, generate_responses
+from whiflash_sgl.train.distill_data import MAX_PROMPT_TOKENS, FeatureDataset, extract_features, generate_responses
 from whiflash_sgl.train.eagle3 import Eagle3Trainer, draft_vocabulary, set_vocabulary
 from whiflash_sgl.train.eagle3 import init_from_target as init_eagle3_from_target
 from whiflash_sgl.train.loop import TrainSettings, train
@@ -50,7 +50,7 @@ def add_arguments(p) -> None:
                    help="prompts drawn per category (seeded) for the target to answer")
     p.add_argument("--sample-limit", type=int, help="answer only the first N drawn prompts (categories interleaved)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="length cap of the target's responses")
-    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts are not answered")
+    p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS, help="longer prompts are not answered")
     p.add_argument("--epochs", type=float, default=8.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
