@@ -42,6 +42,11 @@ class WhiFlashDrafter(Drafter):
         self.drafters, self.router, self.tokenizer, self.mode = drafters, router, tokenizer, catch_up
         self.feature_layers = tuple(sorted({layer for d in drafters.values() for layer in d.feature_layers}))
         self.tree_size = {p: 8 for p in drafters}  # last draft size per paradigm, for the cost model
+        self._reset_sequence()
+
+    def _reset_sequence(self) -> None:
+        """Per-sequence state, cleared at every start: a sequence cut off between draft and verify leaves no draft
+        behind for the next one."""
         self.switch_seconds = self.catchup_seconds = 0.0
         self.action = ""
         self.trace: list[tuple[str, int]] = []  # (action, accepted draft tokens) per drafted round
@@ -51,10 +56,7 @@ class WhiFlashDrafter(Drafter):
         for drafter in self.drafters.values():
             drafter.start(state)
         self.router.reset()
-        self.action = ""
-        self.trace = []
-        self._trees = {}  # a sequence cut off between draft and verify leaves none behind
-        self.switch_seconds = self.catchup_seconds = 0.0
+        self._reset_sequence()
 
     def pending(self, state: SequenceState) -> int:
         return max(d.pending(state) for d in self.drafters.values())
