@@ -24,8 +24,8 @@ class WhiFlashConfig:
     ngram_tokens: int = 8
     ngram_width: int = 1
     # EAGLE-3 drafter: folder ("" = the committed one for the default target), dynamic tree shape. Wider trees buy
-    # acceptance with verify rows the 2-core target pays for: on specbench_dev (--limit 8, EAGLE-3 v6) these defaults
-    # give tau 1.83 at 1.25x vanilla, budget 32 with min_prob 0.01 tau 1.98 at 1.09x
+    # acceptance with verify rows the 2-core target pays for: on specbench_dev (--limit 8, EAGLE-3 v6, each run against
+    # its own vanilla) these defaults give tau 1.83 at 1.25x vanilla, budget 32 with min_prob 0.01 tau 1.98 at 1.09x
     eagle3_path: str = ""
     eagle3_depth: int = 6
     eagle3_topk: int = 4
