@@ -97,10 +97,14 @@ def test_streaming_equals_non_streaming(server):
             events = sse_events(response)
         texts = [e["text"] for e in events]
         assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # SGLang streams the text so far
-        assert events[-1]["meta_info"]["completion_tokens"] == len(events[-1]["output_ids"]) == 30
+        final = events[-1]
+        assert final["meta_info"]["completion_tokens"] == len(final["output_ids"]) <= 30
+        if len(final["output_ids"]) < 30:  # only a sample may draw the end token this early (it did, 18 tokens in)
+            assert sampling["temperature"] > 0
+            assert final["meta_info"]["finish_reason"] == {"type": "stop", "matched": final["output_ids"][-1]}
         if sampling["temperature"] == 0:
-            assert events[-1]["text"] == whole["text"] and events[-1]["output_ids"] == whole["output_ids"]
-            assert events[-1]["meta_info"]["finish_reason"] == whole["meta_info"]["finish_reason"]
+            assert final["text"] == whole["text"] and final["output_ids"] == whole["output_ids"]
+            assert final["meta_info"]["finish_reason"] == whole["meta_info"]["finish_reason"]
         assert all(e["meta_info"]["finish_reason"] is None for e in events[:-1])
 
 
