@@ -70,13 +70,23 @@ def test_generate_is_the_targets_greedy_output_with_sglang_meta_info(server, tar
     assert by_ids["output_ids"] == out["output_ids"]
 
 
+def assert_full_length_or_eos(output: dict, max_new_tokens: int) -> None:
+    """A sampled answer runs to ``max_new_tokens`` unless it draws the end token first. Which sample a routed
+    request draws depends on the router's latency-driven choices (see below), and one CI run drew it 18 tokens in."""
+    ids = output["output_ids"]
+    assert output["meta_info"]["completion_tokens"] == len(ids) <= max_new_tokens
+    if len(ids) < max_new_tokens:
+        assert output["meta_info"]["finish_reason"] == {"type": "stop", "matched": ids[-1]}
+
+
 def test_generate_batches_stop_strings_and_sampling(server, target):
     texts = [PROMPT, "for i in range(10):", "The quick brown fox"]
     batch = post(server, "/generate", {"text": texts, "rid": ["a", "b", "c"], "sampling_params": [
         {"max_new_tokens": 16, "temperature": 0}, {"max_new_tokens": 8, "temperature": 0.8, "sampling_seed": 3},
         {"max_new_tokens": 12, "temperature": 0}]}).json()
     assert [o["meta_info"]["id"] for o in batch] == ["a", "b", "c"]
-    assert [o["meta_info"]["completion_tokens"] for o in batch] == [16, 8, 12]
+    assert [batch[0]["meta_info"]["completion_tokens"], batch[2]["meta_info"]["completion_tokens"]] == [16, 12]
+    assert_full_length_or_eos(batch[1], 8)
     assert batch[0]["text"] == generate(server, max_new_tokens=16)["text"]
     full = generate(server, max_new_tokens=40)["text"]
     stop = full[10:13]
@@ -98,11 +108,9 @@ def test_streaming_equals_non_streaming(server):
         texts = [e["text"] for e in events]
         assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # SGLang streams the text so far
         final = events[-1]
-        assert final["meta_info"]["completion_tokens"] == len(final["output_ids"]) <= 30
-        if len(final["output_ids"]) < 30:  # only a sample may draw the end token this early (it did, 18 tokens in)
-            assert sampling["temperature"] > 0
-            assert final["meta_info"]["finish_reason"] == {"type": "stop", "matched": final["output_ids"][-1]}
+        assert_full_length_or_eos(final, 30)
         if sampling["temperature"] == 0:
+            assert len(final["output_ids"]) == 30
             assert final["text"] == whole["text"] and final["output_ids"] == whole["output_ids"]
             assert final["meta_info"]["finish_reason"] == whole["meta_info"]["finish_reason"]
         assert all(e["meta_info"]["finish_reason"] is None for e in events[:-1])
