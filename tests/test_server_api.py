@@ -70,12 +70,13 @@ def test_generate_is_the_targets_greedy_output_with_sglang_meta_info(server, tar
     assert by_ids["output_ids"] == out["output_ids"]
 
 
-def assert_full_length_or_eos(output: dict, max_new_tokens: int) -> None:
+def assert_full_length_or_eos(output: dict, max_new_tokens: int, eos_ids) -> None:
     """A sampled answer runs to ``max_new_tokens`` unless it draws the end token first. Which sample a routed
     request draws depends on the router's latency-driven choices (see below), and one CI run drew it 18 tokens in."""
     ids = output["output_ids"]
     assert output["meta_info"]["completion_tokens"] == len(ids) <= max_new_tokens
     if len(ids) < max_new_tokens:
+        assert ids[-1] in eos_ids
         assert output["meta_info"]["finish_reason"] == {"type": "stop", "matched": ids[-1]}
 
 
@@ -86,7 +87,7 @@ def test_generate_batches_stop_strings_and_sampling(server, target):
         {"max_new_tokens": 12, "temperature": 0}]}).json()
     assert [o["meta_info"]["id"] for o in batch] == ["a", "b", "c"]
     assert [batch[0]["meta_info"]["completion_tokens"], batch[2]["meta_info"]["completion_tokens"]] == [16, 12]
-    assert_full_length_or_eos(batch[1], 8)
+    assert_full_length_or_eos(batch[1], 8, target.eos_token_ids)
     assert batch[0]["text"] == generate(server, max_new_tokens=16)["text"]
     full = generate(server, max_new_tokens=40)["text"]
     stop = full[10:13]
@@ -95,7 +96,7 @@ def test_generate_batches_stop_strings_and_sampling(server, target):
     assert cut["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
 
 
-def test_streaming_equals_non_streaming(server):
+def test_streaming_equals_non_streaming(server, target):
     """Greedy, the streamed text is the whole text. A sampled request is an exact sample of the target, but under
     routing not always the same one: the acceptance rule draws per draft candidate and the router's choices use
     measured latencies (see the README); the stream must still add up."""
@@ -108,7 +109,7 @@ def test_streaming_equals_non_streaming(server):
         texts = [e["text"] for e in events]
         assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # SGLang streams the text so far
         final = events[-1]
-        assert_full_length_or_eos(final, 30)
+        assert_full_length_or_eos(final, 30, target.eos_token_ids)
         if sampling["temperature"] == 0:
             assert len(final["output_ids"]) == 30
             assert final["text"] == whole["text"] and final["output_ids"] == whole["output_ids"]
