@@ -22,7 +22,7 @@ from whiflash_sgl.train.eagle3 import init_from_target as init_eagle3
 from whiflash_sgl.train.loop import TrainSettings, train
 from whiflash_sgl.train.train_drafter import default_layer_ids
 
-LAYERS = (2, 3, 5)  # hidden_states indices for a 6-layer target: ids default_layer_ids(6) + 1
+LAYERS = tuple(i + 1 for i in default_layer_ids(6))  # hidden_states indices of the drafters' layers
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +135,15 @@ def test_a_sequence_with_nothing_to_learn_gives_a_zero_loss_that_backpropagates(
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("layers", range(3, 65))
+def test_default_layer_ids_are_distinct_sorted_and_capturable(layers):
+    """SGLang captures the input of layer i + 1 for id i, so ids lie in [-1, L - 2]; duplicates break EAGLE3."""
+    ids = default_layer_ids(layers)
+    assert len(ids) == 3 and ids == sorted(set(ids))
+    assert -1 <= ids[0] and ids[-1] <= layers - 2
+
+
+def test_default_layer_ids_keep_the_committed_drafters_layers():
+    assert default_layer_ids(30) == [1, 14, 26]  # SmolLM2-135M's drafters were trained on these

@@ -36,8 +36,16 @@ from whiflash_sgl.train.loop import TrainSettings, train
 
 
 def default_layer_ids(num_layers: int) -> list[int]:
-    """Target layer ids (SGLang convention: output of layer i) for both drafters: ``[1, L//2 - 1, L - 4]``."""
-    return [1, num_layers // 2 - 1, num_layers - 4]
+    """Target layer ids (SGLang convention: output of layer i, -1 the embeddings) for both drafters: distinct and
+    sorted, as SGLang's capture needs. ``[1, L//2 - 1, L - 4]`` from 7 layers on; below that, the three highest
+    layers whose output SGLang can capture (it captures the input of layer i + 1, so i <= L - 2)."""
+    if num_layers < 3:
+        raise WhiFlashError(f"drafters read three target layers; a {num_layers}-layer target has too few")
+    ids = [1, num_layers // 2 - 1, num_layers - 4]
+    if ids[0] < ids[1] < ids[2]:
+        return ids
+    top = min(2, num_layers - 2)
+    return [top - 2, top - 1, top]
 
 
 def add_arguments(p) -> None:
