@@ -8,8 +8,10 @@ included) and ``speedup_vs_vanilla`` is the ratio of tokens/s to ``vanilla``'s i
 from __future__ import annotations
 
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
@@ -41,6 +43,83 @@ class PromptRun:
     paradigm_accepts: list[dict]
     text: str
 
+    @property
+    def paradigm_rounds(self) -> dict[str, int]:
+        """Rounds per paradigm; a method without a routed paradigm per round is credited with all of them."""
+        return dict(Counter(self.paradigms or [self.method] * self.rounds))
+
+    @property
+    def switches(self) -> int:
+        return sum(a != b for a, b in zip(self.paradigms, self.paradigms[1:]))
+
+
+class RunFigures(Protocol):
+    """What :func:`summarize` reads of one method's run on one prompt. A figure a run cannot know (an HTTP endpoint
+    reports no drafting time) is ``None``, and so is any aggregate over it."""
+
+    method: str
+    category: str
+    new_tokens: int
+    seconds: float
+    rounds: int
+    tau: float
+    identical_to_vanilla: bool | None
+    paradigm_rounds: dict[str, int]
+    switches: int | None
+    switch_seconds: float | None
+    catchup_seconds: float | None
+    draft_seconds: float | None
+    verify_seconds: float | None
+
+
+def vanilla_first(methods: Sequence[str]) -> list[str]:
+    """The per-prompt running order: ``vanilla`` first, so every other method's output can be compared with it."""
+    return sorted(methods, key=lambda m: m != "vanilla")
+
+
+def interleave(
+    encoded: Sequence[tuple[ChatPrompt, list[int]]],
+    methods: Sequence[str],
+    run_one: Callable[[str, int, ChatPrompt, list[int]], tuple[list[int], RunFigures]],
+    greedy: bool,
+    reference: Callable[[int, list[int]], list[int]] | None = None,
+    progress: bool = True,
+) -> list[RunFigures]:
+    """Every method on every prompt, methods interleaved per prompt. ``run_one(method, index, prompt, ids)`` returns
+    the output token ids and the run's record, whose ``identical_to_vanilla`` is set here: for greedy runs, whether
+    the tokens equal ``vanilla``'s (or ``reference(index, ids)``'s when ``vanilla`` is not among the methods);
+    ``None`` for sampled runs or when there is nothing to compare with."""
+    runs: list[RunFigures] = []
+    bar = tqdm(total=len(encoded) * len(methods), desc="bench", disable=not progress, file=sys.stderr)
+    for index, (prompt, ids) in enumerate(encoded):
+        vanilla_tokens = reference(index, ids) if reference is not None and greedy else None
+        for method in vanilla_first(methods):
+            tokens, run = run_one(method, index, prompt, ids)
+            if method == "vanilla":
+                vanilla_tokens = tokens
+            run.identical_to_vanilla = tokens == vanilla_tokens if greedy and vanilla_tokens is not None else None
+            runs.append(run)
+            bar.update()
+    bar.close()
+    return runs
+
+
+def make_report(model: str, device: str, max_new_tokens: int, sampling: SamplingParams, seed: int,
+                methods: list[str], runs: list, **extra) -> dict:
+    """The bench JSON: run settings, ``extra`` fields, the summary rows and the per-prompt records."""
+    return {
+        "model": model,
+        "device": device,
+        **extra,
+        "max_new_tokens": max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "seed": seed,
+        "results": summarize(runs, methods),
+        "per_prompt": [asdict(r) for r in runs],
+    }
+
 
 def run_bench(
     target: Target,
@@ -55,89 +134,78 @@ def run_bench(
 ) -> dict:
     if not prompts:
         raise WhiFlashError("no prompts to run")
-    runners = [make_method(m, target, config, policy_params) for m in methods]
+    runners = {m: make_method(m, target, config, policy_params) for m in methods}
     reference = None if "vanilla" in methods else make_method("vanilla", target)
     encoded = [(p, encode_chat(target.tokenizer, p.messages)) for p in prompts]
     for p, ids in encoded:
         if len(ids) + max_new_tokens > target.context_length:
             raise WhiFlashError(f"prompt {p.id} has {len(ids)} tokens: with max_new_tokens it exceeds the context")
-    for runner in runners:  # warm-up: first-call allocations and kernel selection stay out of the figures
+    for runner in runners.values():  # warm-up: first-call allocations and kernel selection stay out of the figures
         runner.generate(encoded[0][1], 8, sampling, seed)
 
-    runs: list[PromptRun] = []
-    bar = tqdm(total=len(encoded) * len(runners), desc="bench", disable=not progress, file=sys.stderr)
-    for index, (prompt, ids) in enumerate(encoded):
-        vanilla_tokens = None
-        if reference is not None and sampling.greedy:
-            vanilla_tokens = reference.generate(ids, max_new_tokens, sampling, seed + index).tokens
-        for runner in runners:
-            result = runner.generate(ids, max_new_tokens, sampling, seed + index)
-            if runner.name == "vanilla":
-                vanilla_tokens = result.tokens
-            identical = (result.tokens == vanilla_tokens) if sampling.greedy else None
-            runs.append(PromptRun(
-                runner.name, prompt.id, prompt.category, len(result.tokens), result.seconds, result.rounds,
-                result.tau, identical, result.accept_lengths, result.draft_seconds, result.verify_seconds,
-                result.paradigms, result.switch_seconds, result.catchup_seconds, result.paradigm_accepts, result.text,
-            ))
-            bar.update()
-    bar.close()
+    def run_one(method: str, index: int, prompt: ChatPrompt, ids: list[int]) -> tuple[list[int], PromptRun]:
+        result = runners[method].generate(ids, max_new_tokens, sampling, seed + index)
+        return result.tokens, PromptRun(
+            method, prompt.id, prompt.category, len(result.tokens), result.seconds, result.rounds, result.tau,
+            None, result.accept_lengths, result.draft_seconds, result.verify_seconds, result.paradigms,
+            result.switch_seconds, result.catchup_seconds, result.paradigm_accepts, result.text,
+        )
+
+    def vanilla_tokens(index: int, ids: list[int]) -> list[int]:
+        return reference.generate(ids, max_new_tokens, sampling, seed + index).tokens
+
+    runs = interleave(encoded, methods, run_one, sampling.greedy, vanilla_tokens if reference else None, progress)
+    return make_report(target.name, str(target.device), max_new_tokens, sampling, seed, methods, runs,
+                       dtype=str(target.model.dtype).removeprefix("torch."), threads=torch.get_num_threads())
+
+
+def _sum(values) -> float | None:
+    """The total, or ``None`` when some run did not report the figure."""
+    values = list(values)
+    return None if None in values else sum(values)
+
+
+def _per(total: float | None, count: float, scale: float = 1.0, digits: int = 5) -> float | None:
+    return round(scale * total / count, digits) if total is not None and count else None
+
+
+def _row(method: str, category: str, group: list[RunFigures]) -> dict:
+    new_tokens = sum(r.new_tokens for r in group)
+    seconds = sum(r.seconds for r in group)
+    rounds = sum(r.rounds for r in group)
+    verified_tokens = sum(r.tau * r.rounds for r in group)
+    identical = [r.identical_to_vanilla for r in group]
+    paradigm_rounds: Counter = Counter()
+    for run in group:
+        paradigm_rounds.update(run.paradigm_rounds)
     return {
-        "model": target.name,
-        "device": str(target.device),
-        "dtype": str(target.model.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-        "max_new_tokens": max_new_tokens,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "top_k": sampling.top_k,
-        "seed": seed,
-        "results": summarize(runs, methods),
-        "per_prompt": [asdict(r) for r in runs],
+        "method": method,
+        "category": category,
+        "prompts": len(group),
+        "new_tokens": new_tokens,
+        "seconds": round(seconds, 4),
+        "tokens_per_s": round(new_tokens / seconds, 3) if seconds else None,
+        "tau": round(verified_tokens / rounds, 4) if rounds else None,
+        "rounds": rounds,
+        "speedup_vs_vanilla": None,
+        "identical_to_vanilla": None if None in identical else all(identical),
+        "paradigm_rounds": dict(paradigm_rounds),
+        "switches": _sum(r.switches for r in group),
+        "switch_overhead_frac": _per(_sum(r.switch_seconds for r in group), seconds),
+        "catchup_frac": _per(_sum(r.catchup_seconds for r in group), seconds),
+        "draft_ms_per_round": _per(_sum(r.draft_seconds for r in group), rounds, 1000, 2),
+        "verify_ms_per_round": _per(_sum(r.verify_seconds for r in group), rounds, 1000, 2),
     }
 
 
-def _paradigm_rounds(group: list[PromptRun], method: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for run in group:
-        for paradigm in run.paradigms or [method] * run.rounds:
-            counts[paradigm] = counts.get(paradigm, 0) + 1
-    return counts
-
-
-def summarize(runs: list[PromptRun], methods: list[str]) -> list[dict]:
-    groups: dict[tuple[str, str], list[PromptRun]] = defaultdict(list)
+def summarize(runs: list[RunFigures], methods: list[str]) -> list[dict]:
+    """One row per method and category, then an ``all`` row per method; speedups against ``vanilla``'s row."""
+    groups: dict[tuple[str, str], list[RunFigures]] = defaultdict(list)
     for run in runs:
         groups[(run.method, run.category)].append(run)
         groups[(run.method, "all")].append(run)
     categories = sorted({c for _, c in groups} - {"all"}) + ["all"]
-    rows = []
-    for method in methods:
-        for category in categories:
-            group = groups[(method, category)]
-            new_tokens = sum(r.new_tokens for r in group)
-            seconds = sum(r.seconds for r in group)
-            rounds = sum(r.rounds for r in group)
-            verified_tokens = sum(r.tau * r.rounds for r in group)
-            identical = [r.identical_to_vanilla for r in group]
-            rows.append({
-                "method": method,
-                "category": category,
-                "prompts": len(group),
-                "new_tokens": new_tokens,
-                "seconds": round(seconds, 4),
-                "tokens_per_s": round(new_tokens / seconds, 3) if seconds else None,
-                "tau": round(verified_tokens / rounds, 4) if rounds else None,
-                "rounds": rounds,
-                "speedup_vs_vanilla": None,
-                "identical_to_vanilla": None if None in identical else all(identical),
-                "paradigm_rounds": _paradigm_rounds(group, method),
-                "switches": sum(sum(a != b for a, b in zip(r.paradigms, r.paradigms[1:])) for r in group),
-                "switch_overhead_frac": round(sum(r.switch_seconds for r in group) / seconds, 5) if seconds else 0.0,
-                "catchup_frac": round(sum(r.catchup_seconds for r in group) / seconds, 5) if seconds else 0.0,
-                "draft_ms_per_round": round(1000 * sum(r.draft_seconds for r in group) / rounds, 2) if rounds else None,
-                "verify_ms_per_round": round(1000 * sum(r.verify_seconds for r in group) / rounds, 2) if rounds else None,
-            })
+    rows = [_row(method, category, groups[(method, category)]) for method in methods for category in categories]
     vanilla = {r["category"]: r["tokens_per_s"] for r in rows if r["method"] == "vanilla"}
     for row in rows:
         base = vanilla.get(row["category"])

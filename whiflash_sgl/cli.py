@@ -14,9 +14,12 @@ from whiflash_sgl.model_store import DEFAULT_MODEL
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local folders; never wait on a hub
 
+DEFAULT_METHODS = "vanilla,ngram"
+ENGINE_ONLY = ("config", "policy_config", "threads", "dtype", "device", "attention")  # meaningless with --endpoint
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"HF causal-LM folder, or '{DEFAULT_MODEL}' (default)")
+    p.add_argument("--model", help=f"HF causal-LM folder, or '{DEFAULT_MODEL}' (default)")
     p.add_argument("--config", help="YAML/JSON file of drafter and routing settings (whiflash_sgl/config.py)")
     p.add_argument("--policy-config", help="YAML/JSON file of parameters for the whiflash:<policy> method")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -38,7 +41,8 @@ def _load_target(args):
 
     from whiflash_sgl.target import Target
 
-    return Target.load(args.model, dtype=getattr(torch, args.dtype), attention=args.attention, device=args.device)
+    return Target.load(args.model or DEFAULT_MODEL, dtype=getattr(torch, args.dtype), attention=args.attention,
+                       device=args.device)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,10 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="JSONL: {id, category, messages} per line")
     p.add_argument("--categories", help="comma-separated categories to keep")
     p.add_argument("--limit", type=int, help="prompts per category")
-    p.add_argument("--methods", default="vanilla,ngram", help="comma-separated methods")
+    p.add_argument("--methods", help=f"comma-separated methods (default: {DEFAULT_METHODS}; with --endpoint: the "
+                                     f"endpoints' labels)")
+    p.add_argument("--endpoint", action="append", metavar="[METHOD=]URL",
+                   help="bench a running SGLang-API server (whiflash_sgl.launch_server or sglang.launch_server) "
+                        "instead of the reference engine; repeat it, one server per method, 'vanilla' being the "
+                        "reference for identical/speedup; plain URLs take --methods in order. --model then only "
+                        "picks the tokenizer (default: the servers' /model_info)")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--plot", action="store_true", help="also write PNG figures next to --out")
     _add_common(p)
+    p.set_defaults(engine_defaults={dest: p.get_default(dest) for dest in ENGINE_ONLY})
 
     from whiflash_sgl.train.train_drafter import add_arguments
 
@@ -144,28 +155,60 @@ def _generate(args) -> None:
     )
 
 
-def _bench(args) -> None:
-    from whiflash_sgl.bench import format_table, run_bench
-    from whiflash_sgl.chat import load_prompts
+def _method_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise WhiFlashError(f"--methods names {', '.join(twice)} more than once")
+    return methods
+
+
+def _bench_engine(args, prompts) -> dict:
+    from whiflash_sgl.bench import run_bench
 
     sampling, config, policy_params = _setup(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
-    prompts = load_prompts(args.prompts, categories, args.limit)
-    target = _load_target(args)
-    report = run_bench(target, prompts, methods, args.max_new_tokens, sampling, args.seed, config,
-                       policy_params=policy_params)
+    methods = _method_list(args.methods or DEFAULT_METHODS)
+    return run_bench(_load_target(args), prompts, methods, args.max_new_tokens, sampling, args.seed, config,
+                     policy_params=policy_params)
+
+
+def _bench_endpoints(args, prompts) -> dict:
+    from whiflash_sgl.bench_endpoint import parse_endpoints, run_endpoint_bench
+
+    given = [f"--{d.replace('_', '-')}" for d in ENGINE_ONLY if getattr(args, d) != args.engine_defaults[d]]
+    if given:
+        raise WhiFlashError(f"--endpoint measures running servers, which {', '.join(given)} (reference-engine "
+                            f"settings) cannot reach: give the servers their settings when you start them")
+    endpoints = parse_endpoints(args.endpoint, _method_list(args.methods))
+    sampling, _, _ = _setup(args)
+    return run_endpoint_bench(endpoints, prompts, args.max_new_tokens, sampling, args.seed, args.model)
+
+
+def _write_report(report: dict, out: str | None, plot: bool) -> None:
+    from whiflash_sgl.bench import format_table
+
     print(format_table(report))
-    if args.plot and not args.out:
-        raise WhiFlashError("--plot writes figures next to the JSON report: give --out too")
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out}", file=sys.stderr)
-    if args.plot:
+    if out:
+        Path(out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {out}", file=sys.stderr)
+    if plot:
         from whiflash_sgl.plots import write_plots
 
-        for path in write_plots(report, Path(args.out)):
+        for path in write_plots({"threads": "server", **report}, Path(out)):  # endpoints report no threads
             print(f"wrote {path}", file=sys.stderr)
+
+
+def _bench(args) -> None:
+    from whiflash_sgl.chat import load_prompts
+
+    if args.plot and not args.out:
+        raise WhiFlashError("--plot writes figures next to the JSON report: give --out too")
+    categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    prompts = load_prompts(args.prompts, categories, args.limit)
+    report = _bench_endpoints(args, prompts) if args.endpoint else _bench_engine(args, prompts)
+    _write_report(report, args.out, args.plot)
 
 
 def main(argv: list[str] | None = None) -> int:
