@@ -323,6 +323,7 @@ EXTEND_CASES = {
     "window": dict(window=3),
     "logit_cap_and_sinks": dict(cap=0.7, sinks=True),
     "kv_from_cache": dict(kv_none=True),
+    "kv_flat": dict(kv_flat=True),
 }
 
 
@@ -370,6 +371,8 @@ def test_extend_attention(case, dtype):
     o = torch.full((n_tok, hq, dv), float("nan"), dtype=dtype)
     scale = 0.3
     kx, vx = (None, None) if opts.get("kv_none") else (k_new, v_new)
+    if opts.get("kv_flat"):
+        kx, vx = k_new.flatten(1), v_new.flatten(1)
     ops.extend_attention_cpu(q, kx, vx, o, k_buf, v_buf, 1.0, 1.0, req_to_token, rows, seq_lens,
                              torch.tensor(exts, dtype=torch.int32), torch.tensor(starts, dtype=torch.int32),
                              max(exts), scale, cap, False, window, None, sinks, tree_mask, causal)
@@ -464,3 +467,165 @@ def test_thread_setup_ops():
     assert ops.initialize(1, 0) is None
     with pytest.raises(RuntimeError, match="tensor parallelism"):
         ops.initialize(2, 0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# speculative decoding
+#
+# A hand-built EAGLE draft with topk=2 and 3 steps. Candidate ids index the flattened per-step top-k lists:
+#   step 0: c0, c1 (children of the root); step 1 expands c0, c1: c2, c3 (of c0), c4, c5 (of c1);
+#   step 2 expands c2, c5: c6, c7 (of c2), c8, c9 (of c5).
+# parent_list[slot] is the candidate expanded into slot `slot` (slot = candidate // topk; slot 0 = the root).
+TOPK, DEPTH, N = 2, 3, 6
+PARENT_LIST = [-1, 0, 1, 2, 5]
+# request 0 selects c0 c1 c2 c5 c6 -> nodes 1..5; tree 0 -> {1, 2}, 1 -> 3, 3 -> 5, 2 -> 4
+# request 1 selects c0 c1 c2 c3 c4 -> tree 0 -> {1, 2}, 1 -> {3, 4}, 2 -> 5
+# request 2 selects c0 c1 c5 c6 c8: c6's parent c2 is not selected, so node 4 hangs off nothing
+SELECTED = [[0, 1, 2, 5, 6], [0, 1, 2, 3, 4], [0, 1, 5, 6, 8]]
+NEXT_TOKEN = [[1, 3, 4, 5, -1, -1], [1, 3, 5, -1, -1, -1], [1, -1, 3, 5, -1, -1]]
+NEXT_SIBLING = [[-1, 2, -1, -1, -1, -1], [-1, 2, -1, 4, -1, -1], [-1, 2, -1, -1, -1, -1]]
+DEPTHS = [[0, 1, 1, 2, 2, 3], [0, 1, 1, 2, 2, 2], [0, 1, 1, 2, 1, 3]]
+MASKS = [  # row = node, columns = root, self and ancestors
+    ["100000", "110000", "101000", "110100", "101010", "110101"],
+    ["100000", "110000", "101000", "110100", "110010", "101001"],
+    ["100000", "110000", "101000", "101100", "100010", "101101"],
+]
+
+
+def _mask_rows(rows: list[str]) -> torch.Tensor:
+    return torch.tensor([[c == "1" for c in r] for r in rows])
+
+
+def _build_tree(seq_lens, mode: int):
+    bs = len(seq_lens)
+    parent_list = torch.tensor([PARENT_LIST] * bs)
+    selected = torch.tensor(SELECTED[:bs])
+    if mode == 1:
+        tree_mask = torch.full((bs * N * N,), True)
+    else:
+        tree_mask = torch.full((sum(seq_lens) * N + bs * N * N,), True)
+    positions = torch.empty(bs * N, dtype=torch.int64)
+    retrive = torch.full((3, bs, N), -1, dtype=torch.int64)
+    sgl_kernel.build_tree_kernel_efficient_cpu(parent_list, selected, torch.tensor(seq_lens), tree_mask, positions,
+                                               retrive[0], retrive[1], retrive[2], TOPK, DEPTH, N, mode)
+    return tree_mask, positions, retrive
+
+
+def test_build_tree_qlen_only():
+    seq_lens = [7, 3, 5]
+    tree_mask, positions, (index, next_token, next_sibling) = _build_tree(seq_lens, 1)
+    assert index.tolist() == [list(range(b * N, (b + 1) * N)) for b in range(3)]
+    assert next_token.tolist() == NEXT_TOKEN
+    assert next_sibling.tolist() == NEXT_SIBLING
+    assert positions.view(3, N).tolist() == [[s + d for d in ds] for s, ds in zip(seq_lens, DEPTHS)]
+    for b in range(3):
+        assert torch.equal(tree_mask.view(3, N, N)[b], _mask_rows(MASKS[b])), b
+
+
+def test_build_tree_full_mask_layout():
+    seq_lens = [2, 4]
+    tree_mask, positions, _ = _build_tree(seq_lens, 0)
+    base = 0
+    for b, seq in enumerate(seq_lens):
+        block = tree_mask[base:base + N * (seq + N)].view(N, seq + N)
+        assert block[:, :seq].all()  # the prefix columns keep the caller's fill
+        assert torch.equal(block[:, seq:], _mask_rows(MASKS[b]))
+        base += N * (seq + N)
+    with pytest.raises(NotImplementedError):
+        _build_tree(seq_lens, 2)
+
+
+def test_verify_tree_greedy():
+    bs = 3
+    next_token = torch.tensor([NEXT_TOKEN[0]] * bs)
+    next_sibling = torch.tensor([NEXT_SIBLING[0]] * bs)
+    index = torch.arange(bs * N).view(bs, N)
+    candidates = torch.tensor([[50, 11, 12, 13, 14, 15]] * bs)  # node i proposes token 10 + i (root: the bonus)
+    target = torch.full((bs, N), 99)
+    # request 0: root predicts 12 (node 2, the second child), node 2 predicts 14 (node 4), node 4 predicts 77
+    target[0, 0], target[0, 2], target[0, 4] = 12, 14, 77
+    # request 1: the whole chain 0 -> 1 -> 3 -> 5 matches; node 5 (a leaf) predicts 88
+    target[1, 0], target[1, 1], target[1, 3], target[1, 5] = 11, 13, 15, 88
+    # request 2: nothing matches at the root
+    target[2, 0] = 42
+    predicts = torch.zeros(bs * N, dtype=torch.int32)
+    accept_index = torch.full((bs, DEPTH + 1), -1, dtype=torch.int32)
+    accept_num = torch.empty(bs, dtype=torch.int32)
+    sgl_kernel.verify_tree_greedy_cpu(predicts=predicts, accept_index=accept_index, accept_token_num=accept_num,
+                                      candidates=candidates, retrive_index=index, retrive_next_token=next_token,
+                                      retrive_next_sibling=next_sibling, target_predict=target)
+    assert accept_index.tolist() == [[0, 2, 4, -1], [6, 7, 9, 11], [12, -1, -1, -1]]
+    assert accept_num.tolist() == [2, 3, 0]
+    expected = [0] * (bs * N)
+    expected[0], expected[2], expected[4] = 12, 14, 77
+    expected[6], expected[7], expected[9], expected[11] = 11, 13, 15, 88
+    expected[12] = 42
+    assert predicts.tolist() == expected
+
+    # the path length is bounded by accept_index's width
+    short = torch.full((bs, 2), -1, dtype=torch.int32)
+    ops.verify_tree_greedy_cpu(predicts, short, accept_num, candidates, index, next_token, next_sibling, target)
+    assert short[1].tolist() == [6, 7] and accept_num[1] == 1
+
+
+def test_reconstruct_indices_from_tree_mask():
+    from sgl_kernel.speculative import reconstruct_indices_from_tree_mask
+
+    bs = 3
+    tree_mask = torch.cat([_mask_rows(m).flatten() for m in MASKS])
+    seq = torch.tensor([7, 3, 5])
+    positions = torch.empty(bs * N, dtype=torch.int64)
+    index, next_token, next_sibling = (torch.full((bs, N), -7, dtype=torch.int64) for _ in range(3))
+    reconstruct_indices_from_tree_mask(tree_mask, seq, positions, index, next_token, next_sibling, bs, N)
+    assert positions.view(bs, N).tolist() == [[s + d for d in ds] for s, ds in zip(seq.tolist(), DEPTHS)]
+    assert index.flatten().tolist() == list(range(bs * N))
+    # from the mask alone, request 2's orphan node 4 is the root's child: it becomes node 2's next sibling
+    assert next_token.tolist() == NEXT_TOKEN
+    assert next_sibling.tolist() == [NEXT_SIBLING[0], NEXT_SIBLING[1], [-1, 2, 4, -1, -1, -1]]
+
+
+def test_draft_and_extend_cache_locs():
+    req_to_token = torch.arange(4 * 20, dtype=torch.int32).view(4, 20) + 1000
+    out = torch.full((2 * 2 * 3,), -1, dtype=torch.int64)
+    sgl_kernel.assign_draft_cache_locs_contiguous_cpu(torch.tensor([3, 1]), req_to_token, torch.tensor([5, 2]), out,
+                                                      20, 2, 3)
+    assert out.tolist() == list(range(1065, 1071)) + list(range(1022, 1028))
+
+    out = torch.full((5,), -1, dtype=torch.int64)
+    sgl_kernel.assign_extend_cache_locs_cpu(torch.tensor([2, 0, 1]), req_to_token, torch.tensor([4, 9, 0], dtype=torch.int32),
+                                            torch.tensor([6, 9, 3], dtype=torch.int32), out, 20)
+    assert out.tolist() == [1044, 1045, 1020, 1021, 1022]
+
+
+def test_fill_accept_out_cache_loc_and_bonus_tokens():
+    accept_index = torch.tensor([[0, 2, -1], [3, -1, -1], [6, 7, 8]], dtype=torch.int32)
+    out_cache_loc = torch.arange(9, dtype=torch.int64) * 10 + 5
+    accepted = torch.zeros(9, dtype=torch.int64)
+    sgl_kernel.fill_accept_out_cache_loc_cpu(accept_index, out_cache_loc, accepted)
+    assert accepted.tolist() == [5, 25, 35, 65, 75, 85, 0, 0, 0]
+
+    accept_tokens = torch.tensor([[11, 12, 13], [21, 22, 23], [31, 32, 33]], dtype=torch.int32)
+    bonus = torch.zeros(3, dtype=torch.int32)
+    sgl_kernel.fill_bonus_tokens_cpu(accept_tokens, torch.tensor([2, 1, 3], dtype=torch.int32), bonus, 3)
+    assert bonus.tolist() == [12, 21, 33]
+
+
+def test_rotate_input_ids():
+    ids = torch.tensor([1, 2, 3, 4, 5, 6, 7])
+    sgl_kernel.rotate_input_ids_cpu(ids, torch.tensor([0, 4]), torch.tensor([4, 3]), torch.tensor([[90], [91]]))
+    assert ids.tolist() == [2, 3, 4, 90, 6, 7, 91]
+    ids = torch.tensor([1, 2, 3, 4, 5, 6, 7])
+    sgl_kernel.rotate_input_ids_cpu(ids, torch.tensor([0, 4]), torch.tensor([4, 0]), torch.tensor([90, 91]),
+                                    torch.tensor([1, 5]))
+    assert ids.tolist() == [2, 90, 4, 4, 5, 6, 7]  # request 1 is empty: untouched
+
+
+def test_build_draft_decode_metadata():
+    req_to_token = torch.arange(3 * 16, dtype=torch.int32).view(3, 16)
+    meta = sgl_kernel.build_draft_decode_metadata_cpu(req_to_token, torch.tensor([2, 0]), torch.tensor([3, 2]), 2, 3, 16)
+    assert meta.dtype == torch.int32 and meta.shape == (4, 16)
+    row2 = list(range(32, 48))
+    assert meta[0, :6].tolist() == row2[:3] + row2[3:6]  # request 0, branch 0: slots 3..5 after its 3 tokens
+    assert meta[1, :6].tolist() == row2[:3] + row2[6:9]  # branch 1: the next 3 slots
+    assert meta[2, :5].tolist() == [0, 1, 2, 3, 4]
+    assert meta[3, :5].tolist() == [0, 1, 5, 6, 7]

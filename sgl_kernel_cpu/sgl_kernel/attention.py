@@ -24,34 +24,48 @@ import torch
 _Q_BLOCK = 256
 
 
+def _softmax_attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, logit_cap: float,
+                    mask: Optional[torch.Tensor], sink: Optional[torch.Tensor]) -> torch.Tensor:
+    """Grouped attention core in float32: qg [X, Hk, R, D] (the R query rows of each KV head), k [X, Hk, L, D],
+    v [X, Hk, L, Dv]; mask broadcastable to [X, Hk, R, L] (True = visible); sink broadcastable to [X, Hk, R, 1].
+
+    A row that sees no key (and has no sink) gets zeros.
+    """
+    s = torch.matmul(qg, k.transpose(-1, -2)) * sm_scale
+    if logit_cap > 0:
+        s = logit_cap * torch.tanh(s / logit_cap)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    if sink is not None:
+        p = torch.softmax(torch.cat((s, sink.expand(*s.shape[:-1], 1)), dim=-1), dim=-1)[..., :-1]
+    else:
+        p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)
+    return torch.matmul(p, v)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, logit_cap: float,
             mask: Optional[torch.Tensor], sinks: Optional[torch.Tensor]) -> torch.Tensor:
     """Attention of q [Lq, Hq, D] over k [Lk, Hk, D], v [Lk, Hk, Dv]; mask [Lq, Lk] bool (True = visible).
 
-    Returns float32 [Lq, Hq, Dv]. A query that sees no key (and has no sink) gets zeros.
+    Returns float32 [Lq, Hq, Dv]. Query heads are grouped by KV head (h = kv_head * group + j), so K/V are never
+    repeated.
     """
     lq, hq = q.shape[0], q.shape[1]
-    lk, hk = k.shape[0], k.shape[1]
-    if lk == 0 and sinks is None:
-        return q.new_zeros((lq, hq, v.shape[-1]), dtype=torch.float32)
+    hk, dv = k.shape[1], v.shape[-1]
     group = hq // hk
-    k32 = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, Lk, D]
-    v32 = v.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, Lk, Dv]
+    k32 = k.float().transpose(0, 1).unsqueeze(0)  # [1, Hk, Lk, D]
+    v32 = v.float().transpose(0, 1).unsqueeze(0)
+    sink_g = None if sinks is None else sinks.float().view(1, hk, 1, group)
     out = []
     for lo in range(0, lq, _Q_BLOCK):
-        qb = q[lo:lo + _Q_BLOCK].float().transpose(0, 1)  # [Hq, lb, D]
-        s = torch.matmul(qb, k32.transpose(1, 2)) * sm_scale  # [Hq, lb, Lk]
-        if logit_cap > 0:
-            s = logit_cap * torch.tanh(s / logit_cap)
-        if mask is not None:
-            s = s.masked_fill(~mask[lo:lo + _Q_BLOCK].unsqueeze(0), float("-inf"))
-        if sinks is not None:
-            sink = sinks.float().view(hq, 1, 1).expand(hq, s.shape[1], 1)
-            p = torch.softmax(torch.cat((s, sink), dim=-1), dim=-1)[..., :-1]
-        else:
-            p = torch.softmax(s, dim=-1)
-        p = torch.nan_to_num(p, nan=0.0)  # rows with every key masked
-        out.append(torch.matmul(p, v32).transpose(0, 1))  # [lb, Hq, Dv]
+        qb = q[lo:lo + _Q_BLOCK].float()
+        lb = qb.shape[0]
+        qg = qb.view(lb, hk, group, -1).transpose(0, 1).reshape(1, hk, lb * group, -1)  # row = i * group + j
+        mb = None if mask is None else mask[lo:lo + lb].repeat_interleave(group, dim=0).view(1, 1, lb * group, -1)
+        sb = None if sink_g is None else sink_g.expand(1, hk, lb, group).reshape(1, hk, lb * group, 1)
+        o = _softmax_attend(qg, k32, v32, sm_scale, logit_cap, mb, sb)  # [1, Hk, lb * group, Dv]
+        out.append(o.view(hk, lb, group, dv).transpose(0, 1).reshape(lb, hq, dv))
     return torch.cat(out, dim=0)
 
 
@@ -89,16 +103,33 @@ def decode_attention_cpu(query: torch.Tensor, k_buffer: torch.Tensor, v_buffer: 
         slots = loc.long()
         k_buffer[slots] = key.reshape(-1, *k_buffer.shape[1:]).to(k_buffer.dtype)
         v_buffer[slots] = value.reshape(-1, *v_buffer.shape[1:]).to(v_buffer.dtype)
-    rows = req_pool_indices.tolist()
-    seqs = seq_lens.tolist()
-    for b, (row, seq) in enumerate(zip(rows, seqs)):
-        slots, _ = _kv_range(req_to_token[row], b, seq, is_cross_attention, encoder_lens)
-        if sliding_window_size > 0 and not is_cross_attention:
-            slots = slots[max(0, seq - sliding_window_size):]  # query position is seq - 1
-        k = _read_cache(k_buffer, slots, k_scale)
-        v = _read_cache(v_buffer, slots, v_scale)
-        out = _attend(query[b:b + 1], k, v, sm_scale, logit_cap, None, sinks)
-        output[b:b + 1].copy_(out)
+    bs = query.shape[0]
+    if bs == 0:
+        return
+    # Visible key range [lo, hi) of each request within its req_to_token row.
+    seq = seq_lens.long()
+    enc = encoder_lens.long() if encoder_lens is not None else torch.zeros_like(seq)
+    if is_cross_attention:
+        lo, hi = torch.zeros_like(seq), enc
+    else:
+        lo, hi = enc, enc + seq
+        if sliding_window_size > 0:  # the query sits at position seq - 1
+            lo = torch.maximum(lo, hi - sliding_window_size)
+    count = (hi - lo).clamp(min=0)
+    width = max(int(count.max()), 1)
+    col = torch.arange(width)
+    visible = col.unsqueeze(0) < count.unsqueeze(1)  # [B, L]
+    cols = (lo.unsqueeze(1) + col).clamp(max=req_to_token.shape[1] - 1)
+    slots = req_to_token[req_pool_indices.long().unsqueeze(1), cols].long()
+    slots = torch.where(visible, slots, torch.zeros_like(slots))  # padding reads slot 0, masked out below
+    hk, dv = k_buffer.shape[1], v_buffer.shape[-1]
+    group = query.shape[1] // hk
+    k = _read_cache(k_buffer, slots, k_scale).float().transpose(1, 2)  # [B, Hk, L, D]
+    v = _read_cache(v_buffer, slots, v_scale).float().transpose(1, 2)
+    qg = query.float().reshape(bs, hk, group, -1)  # [B, Hk, group, D]
+    sink = None if sinks is None else sinks.float().view(1, hk, group, 1)
+    out = _softmax_attend(qg, k, v, sm_scale, logit_cap, visible.view(bs, 1, 1, width), sink)
+    output.copy_(out.reshape(bs, hk * group, dv))
 
 
 def extend_attention_cpu(q_extend: torch.Tensor, k_extend: Optional[torch.Tensor], v_extend: Optional[torch.Tensor],
@@ -144,7 +175,8 @@ def extend_attention_cpu(q_extend: torch.Tensor, k_extend: Optional[torch.Tensor
         k_pre = _read_cache(k_buffer, slots[first:prefix], k_scale)
         v_pre = _read_cache(v_buffer, slots[first:prefix], v_scale)
         if k_extend is not None and v_extend is not None:
-            k_new, v_new = k_extend[start:start + ext], v_extend[start:start + ext]
+            k_new = k_extend[start:start + ext].reshape(ext, *k_buffer.shape[1:])  # [N, Hk*D] is accepted too
+            v_new = v_extend[start:start + ext].reshape(ext, *v_buffer.shape[1:])
         else:
             k_new = _read_cache(k_buffer, slots[prefix:seq], k_scale)
             v_new = _read_cache(v_buffer, slots[prefix:seq], v_scale)
