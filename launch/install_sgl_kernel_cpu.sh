@@ -30,7 +30,7 @@ if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
     exit 2
 fi
 
-"$PYTHON" -m pip install -q ./sgl_kernel_cpu 2> >(grep -v "^WARNING: Location" >&2)
+"$PYTHON" -m pip install -q -e ./sgl_kernel_cpu 2> >(grep -v "^WARNING: Location" >&2)
 "$PYTHON" - <<'EOF2'
 import importlib.metadata as m
 import torch

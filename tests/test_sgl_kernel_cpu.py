@@ -629,3 +629,14 @@ def test_build_draft_decode_metadata():
     assert meta[1, :6].tolist() == row2[:3] + row2[6:9]  # branch 1: the next 3 slots
     assert meta[2, :5].tolist() == [0, 1, 2, 3, 4]
     assert meta[3, :5].tolist() == [0, 1, 5, 6, 7]
+
+
+def test_unserved_ops_exist_and_refuse_by_name():
+    """SGLang binds these at import; calling one must say the stand-in does not serve it, not fail obscurely."""
+    from sgl_kernel import unserved
+
+    for name in unserved.NAMES:
+        op = getattr(torch.ops.sgl_kernel, name)
+        with pytest.raises(NotImplementedError, match=name):
+            op(torch.zeros(1), 2, flag=True)
+    assert not hasattr(torch.ops.sgl_kernel, "fused_qk_norm_rope_cpu")  # probed by SGLang: must stay absent

@@ -15,7 +15,7 @@ if torch.cuda.is_available():
         "machine with CUDA: uninstall it (pip uninstall whiflash-sgl-kernel-cpu) and install the real "
         "sglang-kernel wheel")
 
-from . import _ops, speculative  # noqa: E402  (registers torch.ops.sgl_kernel.*)
+from . import _ops, speculative, unserved  # noqa: E402  (registers torch.ops.sgl_kernel.*)
 from .memory import assign_req_to_token_pool_cpu, copy_all_layer_kv_cache_cpu  # noqa: E402
 from .speculative import (  # noqa: E402
     assign_draft_cache_locs_contiguous_cpu,
@@ -27,6 +27,8 @@ from .speculative import (  # noqa: E402
     rotate_input_ids_cpu,
     verify_tree_greedy_cpu,
 )
+
+unserved.install()
 
 WHIFLASH_CPU_STANDIN = True
 __version__ = "0.1.0"
