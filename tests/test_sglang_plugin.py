@@ -18,9 +18,7 @@ import pytest
 pytest.importorskip("sglang.srt.plugins",
                     reason="SGLang is not installed; run launch/install_sglang_cpu.sh (CI does) to run these tests")
 
-STUBS = Path(__file__).parent / "stubs"
-sys.path.insert(0, str(STUBS))
-import torchvision_stub  # noqa: E402
+from whiflash_sgl.sglang import torchvision_stub  # noqa: E402
 
 torchvision_stub.install()
 

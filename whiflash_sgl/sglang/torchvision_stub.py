@@ -1,10 +1,10 @@
-"""Test-only stand-in for ``torchvision``, which SGLang imports on paths the plugin tests walk.
+"""A stand-in for ``torchvision`` on CPU-only SGLang installs, which import it on paths that never use it.
 
 ``sglang.srt.configs`` imports ``torchvision.transforms`` (for vision models) whenever a model config is read, and
 PyPI's torchvision builds need CUDA, so a CPU-only test environment has no working one (installing it would also
 replace the CPU torch). ``install()`` puts a meta-path finder in front that fabricates ``torchvision`` and any
-submodule; every attribute of them is a placeholder class that raises if anything calls it. No code path the tests
-exercise uses torchvision for real.
+submodule; every attribute of them is a placeholder class that raises if anything calls it. No path the plugin
+tests or the CPU server (text models only) walk uses torchvision for real.
 """
 
 from __future__ import annotations
