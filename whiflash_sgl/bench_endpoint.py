@@ -10,6 +10,8 @@ round per token). Drafting and verify times are not visible over HTTP and stay `
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 import time
 import urllib.error
@@ -181,11 +183,13 @@ def endpoint_run(method: str, prompt: ChatPrompt, response: dict, seconds: float
     verify_passes = meta.get("spec_verify_ct") or 0
     speculative = verify_passes > 0
     rounds = verify_passes if speculative else new_tokens
+    paradigms = meta.get("spec_paradigms")  # WHIFLASH inside SGLang: the paradigm of every verify round
     return tokens, EndpointRun(
         method, prompt.id, prompt.category, new_tokens, seconds, meta.get("e2e_latency"), rounds,
         new_tokens / rounds if speculative else 1.0, None,
-        meta.get("spec_paradigm_rounds") or {method: rounds},
-        meta.get("spec_switches", None if speculative else 0),
+        meta.get("spec_paradigm_rounds") or (dict(Counter(paradigms)) if paradigms else {method: rounds}),
+        meta.get("spec_switches", sum(a != b for a, b in zip(paradigms, paradigms[1:])) if paradigms
+                 else None if speculative else 0),
         meta.get("spec_switch_seconds", None if speculative else 0.0),
         response.get("text", ""),
     )

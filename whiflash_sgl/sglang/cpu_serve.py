@@ -24,23 +24,27 @@ METHODS = ("vanilla", "eagle3", "dflash", "whiflash")
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m"
 MAX_TOTAL_TOKENS = 16384  # KV slots: SmolLM2 float32 holds 30 layers x 2 x 576 x 4 bytes = 138 KB a token
 MAX_RUNNING_REQUESTS = 16
+# SGLang imports every module of sglang.srt.models at start (255 in 0.5.23), several seconds of CPU in each server
+# process; the stand-in serves dense Llama/Qwen targets and the EAGLE-3/DFlash drafters, so the rest are skipped.
+SERVED_MODEL_MODULES = ("llama", "llama_eagle3", "qwen2", "qwen3", "dflash")
 EAGLE3_TREE = ("--speculative-num-steps", "6", "--speculative-eagle-topk", "4", "--speculative-num-draft-tokens", "16")
 
 
 def sglang_command(method: str, model_path: str, *, port: int, policy: str = "mlp", eagle3_path: str | None = None,
                    dflash_path: str | None = None, dtype: str = "float32", host: str = "127.0.0.1",
-                   extra: tuple[str, ...] = (), environ=None) -> tuple[list[str], dict]:
+                   max_total_tokens: int = MAX_TOTAL_TOKENS, extra: tuple[str, ...] = (),
+                   environ=None) -> tuple[list[str], dict]:
     """The command line and environment that serve ``model_path`` with ``method`` on SGLang's CPU engine."""
     if method not in METHODS:
         raise WhiFlashError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     eagle3_path = str(eagle3_path or WEIGHTS / "eagle3")
     dflash_path = str(dflash_path or WEIGHTS / "dflash")
     env = dict(os.environ if environ is None else environ)
-    env.update(SGLANG_USE_CPU_ENGINE="1", HF_HUB_OFFLINE="1")
+    env.update(SGLANG_USE_CPU_ENGINE="1", HF_HUB_OFFLINE="1", SGLANG_DISABLED_MODEL_ARCHS=_unserved_model_modules())
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--device", "cpu",
             "--attention-backend", "intel_amx", "--dtype", dtype, "--host", host, "--port", str(port),
-            "--max-total-tokens", str(MAX_TOTAL_TOKENS), "--max-running-requests", str(MAX_RUNNING_REQUESTS),
-            "--sleep-on-idle"]
+            "--max-total-tokens", str(max_total_tokens), "--max-running-requests", str(MAX_RUNNING_REQUESTS),
+            "--sleep-on-idle", "--enable-metrics"]
     if method == "eagle3":
         argv += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", eagle3_path, *EAGLE3_TREE]
     elif method == "dflash":
@@ -50,6 +54,16 @@ def sglang_command(method: str, model_path: str, *, port: int, policy: str = "ml
         argv += ["--speculative-algorithm", "WHIFLASH", "--speculative-draft-model-path", eagle3_path]
         env["WHIFLASH_CONFIG"] = json.dumps({"dflash_path": dflash_path, "policy": policy})
     return argv + list(extra), env
+
+
+def _unserved_model_modules() -> str:
+    """SGLang's SGLANG_DISABLED_MODEL_ARCHS: every model module but the served ones (found without importing)."""
+    import importlib.util
+    import pkgutil
+
+    models = Path(importlib.util.find_spec("sglang").submodule_search_locations[0]) / "srt" / "models"
+    return ",".join(m.name for m in pkgutil.iter_modules([str(models)])
+                    if not m.ispkg and m.name not in SERVED_MODEL_MODULES)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,6 +86,18 @@ def _mask_mode(target_worker) -> str:
                         f"with full or query-length masks (e.g. --attention-backend flashinfer)")
 
 
+PARADIGMS_META_KEY = "spec_paradigms"
+
+
+def _round_counter():
+    """A Prometheus counter of verify rounds by paradigm; SGLang's /metrics collects it across its processes
+    (prometheus_client is imported only now, after SGLang has set up its multiprocess directory)."""
+    from prometheus_client import Counter
+
+    return Counter("whiflash_paradigm_rounds", "WHIFLASH verify rounds (one per batch step) by the paradigm that "
+                   "drafted them", ["paradigm"])
+
+
 class WhiFlashWorker(BaseSpecWorker):
     def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
         super().__init__()
@@ -117,6 +129,7 @@ class WhiFlashWorker(BaseSpecWorker):
         self.router = Router(policy, SERVED_PARADIGMS, self.settings.fallback,
                              deadline_s=self.settings.policy_deadline_ms / 1000, record=False)
         self._root_stats = (0.0, 0.0)  # batch-mean entropy and margin at the bonus positions of the last verify
+        self._round_counter = _round_counter() if server_args.enable_metrics else None
 
     # ---- scopes: each sub-worker sees its own algorithm in get_spec() ----------------------------------------------
 
@@ -280,7 +293,20 @@ class WhiFlashWorker(BaseSpecWorker):
             self.eagle._draft_extend_for_decode(batch, out, kv_loc_plan=verify_input.kv_loc_plan)
         if not idle:
             self._observe(paradigm, out, drafted, self._synchronized(start) - drafted)
+            self._report(paradigm, out)
         return out
+
+    def _report(self, paradigm: str, out) -> None:
+        """What users see of the routing: each request's ``meta_info["spec_paradigms"]`` lists the paradigm of
+        every verify round it took part in (SGLang accumulates per-request ``customized_info``), and
+        ``whiflash_paradigm_rounds_total{paradigm}`` counts batch rounds in ``/metrics``."""
+        logits_output = out.logits_output
+        if logits_output is not None:
+            info = dict(logits_output.customized_info or {})
+            info[PARADIGMS_META_KEY] = [paradigm] * int(out.accept_lens.numel())
+            logits_output.customized_info = info
+        if self._round_counter is not None:
+            self._round_counter.labels(paradigm=paradigm).inc()
 
     def _synchronized(self, start: float) -> float:
         torch.get_device_module(self.device).synchronize()
