@@ -84,6 +84,30 @@ def prompt_ids(tiny_tokenizer):
     return tiny_tokenizer("def add(a, b):\n    return")["input_ids"]
 
 
+def save_random_drafters(target: Target, root) -> None:
+    """Randomly initialised drafters for ``target`` in ``root/eagle3`` (EAGLE-3 over a draft vocabulary of the first
+    128 tokens, so with d2t/t2d maps) and ``root/dflash`` (one layer, blocks of 5, ``<|endoftext|>`` as mask)."""
+    from whiflash_sgl.drafters.checkpoint import dflash_config, eagle3_config, save_drafter
+    from whiflash_sgl.drafters.dflash import DFlashModel
+    from whiflash_sgl.drafters.eagle3 import Eagle3Model
+    from whiflash_sgl.train.eagle3 import set_vocabulary
+    from whiflash_sgl.train.train_drafter import default_layer_ids
+
+    layer_ids = default_layer_ids(target.config.num_hidden_layers)
+    torch.manual_seed(3)
+    eagle = Eagle3Model(eagle3_config(target, 128, layer_ids))
+    set_vocabulary(eagle, torch.arange(128))
+    save_drafter(eagle, root / "eagle3", target)
+    mask_id = target.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    save_drafter(DFlashModel(dflash_config(target, 1, 5, layer_ids, mask_id)), root / "dflash", target)
+
+
+@pytest.fixture(scope="session")
+def random_drafters():
+    """``random_drafters(target, root)``: see :func:`save_random_drafters`."""
+    return save_random_drafters
+
+
 @pytest.fixture(scope="session")
 def served_dir(tmp_path_factory, tiny_tokenizer):
     """An HF folder of a 6-layer tiny Llama, randomly initialised EAGLE-3 and DFlash drafters for it, and a
@@ -91,24 +115,11 @@ def served_dir(tmp_path_factory, tiny_tokenizer):
     drafts well, so speculation accepts tokens even with untrained drafters."""
     import json
 
-    from whiflash_sgl.drafters.checkpoint import dflash_config, eagle3_config, save_drafter
-    from whiflash_sgl.drafters.dflash import DFlashModel
-    from whiflash_sgl.drafters.eagle3 import Eagle3Model
-    from whiflash_sgl.train.eagle3 import set_vocabulary
-    from whiflash_sgl.train.train_drafter import default_layer_ids
-
     root = tmp_path_factory.mktemp("served")
-    layers = 6
-    model = make_tiny_model(len(tiny_tokenizer), num_hidden_layers=layers, initializer_range=0.02)
+    model = make_tiny_model(len(tiny_tokenizer), num_hidden_layers=6, initializer_range=0.02)
     model.save_pretrained(root / "model")
     tiny_tokenizer.save_pretrained(root / "model")
-    target = Target(model, tiny_tokenizer, name="tiny-served")
-    torch.manual_seed(3)
-    eagle = Eagle3Model(eagle3_config(target, 128, default_layer_ids(layers)))
-    set_vocabulary(eagle, torch.arange(128))
-    mask_id = tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    save_drafter(eagle, root / "eagle3", target)
-    save_drafter(DFlashModel(dflash_config(target, 1, 5, default_layer_ids(layers), mask_id)), root / "dflash", target)
+    save_random_drafters(Target(model, tiny_tokenizer, name="tiny-served"), root)
     (root / "whiflash.json").write_text(json.dumps({
         "eagle3_path": str(root / "eagle3"), "dflash_path": str(root / "dflash"),
         "eagle3_depth": 3, "eagle3_topk": 2, "eagle3_budget": 6,

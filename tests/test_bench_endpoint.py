@@ -147,3 +147,16 @@ def test_endpoint_labels_and_order():
     assert parse_endpoints(["vanilla=http://a:1/", "whiflash:mlp=http://b:2"], ["whiflash:mlp", "vanilla"]) == [
         Endpoint("whiflash:mlp", "http://b:2"), Endpoint("vanilla", "http://a:1")]
     assert parse_endpoints(["http://a:1?x=1"], ["eagle3"]) == [Endpoint("eagle3", "http://a:1?x=1")]
+
+
+def test_sglang_whiflash_routing_in_meta_info_becomes_paradigm_rounds_and_switches():
+    """SGLang's WHIFLASH worker reports the paradigm of every verify round (meta_info.spec_paradigms)."""
+    from whiflash_sgl.bench_endpoint import endpoint_run
+    from whiflash_sgl.chat import ChatPrompt
+
+    meta = {"completion_tokens": 9, "spec_verify_ct": 4, "spec_paradigms": ["eagle3", "dflash", "dflash", "eagle3"]}
+    tokens, run = endpoint_run("whiflash:mlp", ChatPrompt("p", "code", ()), {"output_ids": list(range(9)),
+                                                                              "meta_info": meta}, 1.5)
+    assert tokens == list(range(9))
+    assert run.paradigm_rounds == {"eagle3": 2, "dflash": 2} and run.switches == 2
+    assert run.rounds == 4 and run.tau == 9 / 4

@@ -28,13 +28,8 @@ pytest.importorskip("sglang.srt.plugins", reason="SGLang is not installed; run l
 sgl_kernel = pytest.importorskip("sgl_kernel", reason="the sgl_kernel stand-in is not installed; run "
                                  "launch/install_sglang_cpu.sh (CI does)")
 
-from whiflash_sgl.drafters.checkpoint import dflash_config, eagle3_config, save_drafter  # noqa: E402
-from whiflash_sgl.drafters.dflash import DFlashModel  # noqa: E402
-from whiflash_sgl.drafters.eagle3 import Eagle3Model  # noqa: E402
 from whiflash_sgl.sglang.cpu_serve import sglang_command  # noqa: E402
 from whiflash_sgl.target import Target  # noqa: E402
-from whiflash_sgl.train.eagle3 import set_vocabulary  # noqa: E402
-from whiflash_sgl.train.train_drafter import default_layer_ids  # noqa: E402
 
 START_TIMEOUT_S = 420
 NEAR_TIE = 1e-3  # top-2 logit gap under which float rounding across kernel shapes may flip the argmax
@@ -142,28 +137,21 @@ def stop_all(servers) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_tokenizer):
+def tiny_dir(tmp_path_factory, tiny_tokenizer, random_drafters):
     """A 6-layer Qwen3 target; an EAGLE-3 drafter over 128 of its 320 tokens (d2t/t2d maps); a DFlash drafter whose
     config is laid out like the published z-lab checkpoints (block size at the top level, no mask token name)."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     root = tmp_path_factory.mktemp("sglang-tiny")
-    layers = 6
     config = Qwen3Config(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                          max_position_embeddings=512, eos_token_id=2, bos_token_id=1, pad_token_id=0,
                          tie_word_embeddings=True, initializer_range=0.02)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.save_pretrained(root / "target")
     tiny_tokenizer.save_pretrained(root / "target")
-    target = Target(model, tiny_tokenizer, name="tiny-qwen3")
-    torch.manual_seed(3)
-    eagle = Eagle3Model(eagle3_config(target, 128, default_layer_ids(layers)))
-    set_vocabulary(eagle, torch.arange(128))
-    save_drafter(eagle, root / "eagle3", target)
-    mask_id = tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    save_drafter(DFlashModel(dflash_config(target, 1, 5, default_layer_ids(layers), mask_id)), root / "dflash", target)
+    random_drafters(Target(model, tiny_tokenizer, name="tiny-qwen3"), root)
     dflash = json.loads((root / "dflash" / "config.json").read_text())
     dflash["block_size"] = dflash["dflash_config"].pop("block_size")
     dflash["dflash_config"].pop("mask_token")

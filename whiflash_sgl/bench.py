@@ -50,7 +50,12 @@ class PromptRun:
 
     @property
     def switches(self) -> int:
-        return sum(a != b for a, b in zip(self.paradigms, self.paradigms[1:]))
+        return switches(self.paradigms)
+
+
+def switches(paradigms: Sequence[str]) -> int:
+    """How often consecutive rounds were drafted by different paradigms."""
+    return sum(a != b for a, b in zip(paradigms, paradigms[1:]))
 
 
 class RunFigures(Protocol):

@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from whiflash_sgl.bench import interleave, make_report
+from whiflash_sgl.bench import interleave, make_report, switches
 from whiflash_sgl.chat import ChatPrompt, encode_chat
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.model_store import DEFAULT_MODEL, resolve_model
@@ -188,8 +188,7 @@ def endpoint_run(method: str, prompt: ChatPrompt, response: dict, seconds: float
         method, prompt.id, prompt.category, new_tokens, seconds, meta.get("e2e_latency"), rounds,
         new_tokens / rounds if speculative else 1.0, None,
         meta.get("spec_paradigm_rounds") or (dict(Counter(paradigms)) if paradigms else {method: rounds}),
-        meta.get("spec_switches", sum(a != b for a, b in zip(paradigms, paradigms[1:])) if paradigms
-                 else None if speculative else 0),
+        meta.get("spec_switches", switches(paradigms) if paradigms else None if speculative else 0),
         meta.get("spec_switch_seconds", None if speculative else 0.0),
         response.get("text", ""),
     )

@@ -60,47 +60,51 @@ def _chain_tree_topk(module) -> None:
         module.DFlashVerifyInput.tree_topk = 1
 
 
+def _wrap_once(owner, name: str, wrap: Callable) -> None:
+    """Replace ``owner.name`` by ``wrap(original)``, once however often a workaround is applied."""
+    original = getattr(owner, name)
+    if getattr(original, "_whiflash_cpu", False):
+        return
+    wrapper = wrap(original)
+    wrapper._whiflash_cpu = True
+    setattr(owner, name, wrapper)
+
+
 def _cpu_record_stream(module) -> None:
     import torch
 
-    original = torch.Tensor.record_stream
-    if getattr(original, "_whiflash_cpu", False):
-        return
+    def wrap(original):
+        def record_stream(tensor, stream):
+            if tensor.device.type != "cpu":
+                original(tensor, stream)
 
-    def record_stream(tensor, stream):
-        if tensor.device.type != "cpu":
-            original(tensor, stream)
+        return record_stream
 
-    record_stream._whiflash_cpu = True
-    torch.Tensor.record_stream = record_stream
+    _wrap_once(torch.Tensor, "record_stream", wrap)
 
 
 def _plain_dflash_qk_norm_rope(module) -> None:
-    original = module.DFlashAttention.__init__
-    if getattr(original, "_whiflash_cpu", False):
-        return
+    def wrap(original):
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            self.use_table_qk_norm_rope = False
 
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.use_table_qk_norm_rope = False
+        return __init__
 
-    __init__._whiflash_cpu = True
-    module.DFlashAttention.__init__ = __init__
+    _wrap_once(module.DFlashAttention, "__init__", wrap)
 
 
 def _embeds_in_model_dtype(module) -> None:
-    original = module.ModelRunner._extend_forward_kwargs
-    if getattr(original, "_whiflash_cpu", False):
-        return
+    def wrap(original):
+        def _extend_forward_kwargs(self, forward_batch, pp_proxy_tensors):
+            kwargs = original(self, forward_batch, pp_proxy_tensors)
+            if "input_embeds" in kwargs and forward_batch.input_embeds is not None:
+                kwargs["input_embeds"] = forward_batch.input_embeds.to(self.dtype)
+            return kwargs
 
-    def _extend_forward_kwargs(self, forward_batch, pp_proxy_tensors):
-        kwargs = original(self, forward_batch, pp_proxy_tensors)
-        if "input_embeds" in kwargs and forward_batch.input_embeds is not None:
-            kwargs["input_embeds"] = forward_batch.input_embeds.to(self.dtype)
-        return kwargs
+        return _extend_forward_kwargs
 
-    _extend_forward_kwargs._whiflash_cpu = True
-    module.ModelRunner._extend_forward_kwargs = _extend_forward_kwargs
+    _wrap_once(module.ModelRunner, "_extend_forward_kwargs", wrap)
 
 
 WORKAROUNDS = (

@@ -1,7 +1,8 @@
 """``WhiFlashWorker``: SGLang's EAGLE-3 draft worker and DFlash worker behind one target, routed every round.
 
 Written against SGLang 0.5.23 (``eagle_worker_v2``, ``dflash_worker_v2``, ``eagle_worker_common.run_eagle_verify``);
-every SGLang symbol used here is listed in ``whiflash_sgl.sglang.compat``. It needs CUDA: nothing below runs on CPU.
+every SGLang symbol used here is listed in ``whiflash_sgl.sglang.compat``. It runs on CUDA and on SGLang's CPU
+engine (``whiflash_sgl.sglang.cpu_engine``).
 
 Construction. The EAGLE-3 draft worker is built under ``get_spec().override(speculative_algorithm="EAGLE3")`` and
 the DFlash worker under an override naming DFLASH, the DFlash drafter and its block size, so each builds its draft
