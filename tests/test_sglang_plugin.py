@@ -21,6 +21,7 @@ pytest.importorskip("sglang.srt.plugins",
 from whiflash_sgl.sglang import torchvision_stub  # noqa: E402
 
 torchvision_stub.install()
+sys.path.insert(0, str(Path(__file__).parent / "stubs"))  # sglang_probe, imported by spawned children too
 
 import sglang.srt.model_executor.model_runner as model_runner  # noqa: E402  imported before the hooks apply
 from sglang.srt.arg_groups.overrides import resolved_view  # noqa: E402

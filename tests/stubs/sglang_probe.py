@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def probe() -> dict:
-    import torchvision_stub
+    from whiflash_sgl.sglang import torchvision_stub
 
     torchvision_stub.install()
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
