@@ -24,6 +24,10 @@ METHODS = ("vanilla", "eagle3", "dflash", "whiflash")
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m"
 MAX_TOTAL_TOKENS = 16384  # KV slots: SmolLM2 float32 holds 30 layers x 2 x 576 x 4 bytes = 138 KB a token
 MAX_RUNNING_REQUESTS = 16
+# SGLang sizes memory on CPU from the whole machine's available RAM before and after loading the weights, so servers
+# loading side by side see each other's weights as their own and refuse to start under the default 0.716; the KV pool
+# is bounded by MAX_TOTAL_TOKENS anyway.
+MEM_FRACTION_STATIC = 0.95
 # SGLang imports every module of sglang.srt.models at start (255 in 0.5.23), several seconds of CPU in each server
 # process; the stand-in serves dense Llama/Qwen targets and the EAGLE-3/DFlash drafters, so the rest are skipped.
 SERVED_MODEL_MODULES = ("llama", "llama_eagle3", "qwen2", "qwen3", "dflash")
@@ -44,7 +48,7 @@ def sglang_command(method: str, model_path: str, *, port: int, policy: str = "ml
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--device", "cpu",
             "--attention-backend", "intel_amx", "--dtype", dtype, "--host", host, "--port", str(port),
             "--max-total-tokens", str(max_total_tokens), "--max-running-requests", str(MAX_RUNNING_REQUESTS),
-            "--sleep-on-idle", "--enable-metrics"]
+            "--sleep-on-idle", "--enable-metrics", "--mem-fraction-static", str(MEM_FRACTION_STATIC)]
     if method == "eagle3":
         argv += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", eagle3_path, *EAGLE3_TREE]
     elif method == "dflash":
