@@ -117,10 +117,10 @@ WORKAROUNDS = (
                "falls back to flashinfer there; only an out-of-tree platform is asked", _cpu_platform_for_speculation),
     Workaround("sglang.srt.arg_groups.choices", "add_draft_attention_backend_choices = ",
                "SGLang's extension point for draft attention backends: the DFLASH draft worker falls back to "
-               "flashinfer for any backend missing from that list, and intel_amx (the CPU's) is", _intel_amx_drafts),
+               "flashinfer for any backend missing from that list, and the CPU's intel_amx is missing", _intel_amx_drafts),
     Workaround("sglang.srt.speculative.dflash_info", "class DFlashVerifyInput",
                "the intel_amx backend reads spec_info.tree_topk in TARGET_VERIFY (1 = a chain, no tree mask), which "
-               "DFlashVerifyInput lacks", _chain_tree_topk),
+               "DFlashVerifyInput lacks (a no-op once SGLang adds it)", _chain_tree_topk),
     Workaround("sglang.srt.speculative.dflash_worker_v2", "batch.seq_lens.record_stream(",
                "DFlashWorkerV2.forward_batch_generation calls Tensor.record_stream unguarded, which rejects CPU "
                "tensors; a stream has nothing to record on a CPU tensor", _cpu_record_stream),
