@@ -301,3 +301,12 @@ def test_target_aux_config_gets_the_dflash_half_next_to_eagle3s(whiflash_env, mo
     assert config.dflash_draft_num_layers == 1
     assert config.draft_model_config.model_path == str(models / "eagle3")  # EAGLE-3's private pool stays sized by it
     assert not draft_side.dflash_use_aux_hidden_state  # draft runners are left alone
+
+
+def test_the_routing_list_is_sent_whole_other_customized_info_token_sliced():
+    from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
+
+    is_request_level = SchedulerOutputStreamer.is_request_level_customized_info_key
+    assert is_request_level.__wrapped__ is not None
+    assert is_request_level(object.__new__(SchedulerOutputStreamer), hooks.PARADIGMS_META_KEY)
+    assert not is_request_level(object.__new__(SchedulerOutputStreamer), "per_token_info")

@@ -46,6 +46,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
         ("model", "eagle_use_aux_hidden_state", "eagle_aux_hidden_state_layer_ids", "dflash_use_aux_hidden_state",
          "dflash_target_layer_ids", "is_dspark"),
     f"{hooks.POOL_MODULE}:{hooks.POOL_NAME}": ("self", "kvc"),
+    f"{hooks.STREAMER_MODULE}:{hooks.STREAMER_NAME}": ("self", "key"),
     "sglang.srt.mem_cache.draft_kv_budget:resolve_dflash_draft_cell_size":
         ("draft_model_config", "draft_num_layers", "attn_tp_size"),
     "sglang.srt.configs.model_config:ModelConfig.from_server_args": ("server_args", "model_path", "is_draft_model"),

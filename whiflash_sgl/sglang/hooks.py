@@ -1,6 +1,7 @@
-"""Target-side hooks: what DFlash needs from the target runner when the algorithm presents itself as EAGLE-3.
+"""Hooks: what DFlash needs from the target runner when the algorithm presents itself as EAGLE-3, and the routing
+report.
 
-The target ``ModelRunner`` is built with algorithm WHIFLASH, for which only the EAGLE-3 branches of SGLang run. Three
+The target ``ModelRunner`` is built with algorithm WHIFLASH, for which only the EAGLE-3 branches of SGLang run. Four
 hooks, registered with SGLang's ``HookRegistry`` (which also rebinds names other modules imported earlier):
 
 * after ``resolve_spec_aux_hidden_state_config``: resolve the DFlash drafter's capture layers and
@@ -9,7 +10,9 @@ hooks, registered with SGLang's ``HookRegistry`` (which also rebinds names other
   instead of the DFlash setter overwriting EAGLE-3's list, and record the layout (each drafter's columns) on the
   model as ``whiflash_aux_layout`` for the worker;
 * after ``DefaultPoolConfigurator.__init__``: count the DFlash draft KV pool in the target's per-token
-  budget (EAGLE-3's is already counted), so the pools fit the memory fraction.
+  budget (EAGLE-3's is already counted), so the pools fit the memory fraction;
+* around ``SchedulerOutputStreamer.is_request_level_customized_info_key``: the worker's per-round routing list
+  (``meta_info["spec_paradigms"]``) reaches the client whole.
 
 Each hook changes nothing unless the runner is WHIFLASH's target runner.
 """
@@ -27,7 +30,10 @@ _RUNNER = "sglang.srt.model_executor.model_runner_components"
 AUX_MODULE, AUX_NAME = f"{_RUNNER}.spec_aux_hidden_state", "resolve_spec_aux_hidden_state_config"
 CAPTURE_MODULE, CAPTURE_NAME = f"{_RUNNER}.attention_backend_setup", "configure_aux_hidden_state_capture"
 POOL_MODULE, POOL_NAME = "sglang.srt.model_executor.pool_configurator", "DefaultPoolConfigurator.__init__"
+STREAMER_MODULE = "sglang.srt.managers.scheduler_components.output_streamer"
+STREAMER_NAME = "SchedulerOutputStreamer.is_request_level_customized_info_key"
 LAYOUT_ATTRIBUTE = "whiflash_aux_layout"
+PARADIGMS_META_KEY = "spec_paradigms"  # meta_info: the paradigm of every verify round of a request
 
 
 def add_dflash_aux_config(config, *, server_args, model_config, spec_algorithm, is_draft_worker):
@@ -99,9 +105,17 @@ def count_dflash_pool(_result, self, kvc):
     return None
 
 
+def paradigms_per_request(original, self, key):
+    """AROUND ``SchedulerOutputStreamer.is_request_level_customized_info_key``: the routing list is one entry per
+    verify round, not per token, so SGLang must send it whole (at the end, or with a stream's first chunk) instead
+    of slicing it by token offsets."""
+    return key == PARADIGMS_META_KEY or original(self, key)
+
+
 HOOKS = ((AUX_MODULE, AUX_NAME, add_dflash_aux_config, "AFTER"),
          (CAPTURE_MODULE, CAPTURE_NAME, capture_union, "AROUND"),
-         (POOL_MODULE, POOL_NAME, count_dflash_pool, "AFTER"))
+         (POOL_MODULE, POOL_NAME, count_dflash_pool, "AFTER"),
+         (STREAMER_MODULE, STREAMER_NAME, paradigms_per_request, "AROUND"))
 
 
 def register_hooks() -> None:

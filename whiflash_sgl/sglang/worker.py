@@ -65,7 +65,7 @@ from sglang.srt.utils import async_h2d
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.policies import load_policy
 from whiflash_sgl.router import Router
-from whiflash_sgl.sglang.hooks import LAYOUT_ATTRIBUTE
+from whiflash_sgl.sglang.hooks import LAYOUT_ATTRIBUTE, PARADIGMS_META_KEY
 from whiflash_sgl.sglang.layout import select_columns
 from whiflash_sgl.sglang.settings import SERVED_PARADIGMS, resolved_settings
 from whiflash_sgl.sglang.verify_layout import chain_proposals, verify_arrays
@@ -85,9 +85,6 @@ def _mask_mode(target_worker) -> str:
         return "qlen_only"
     raise WhiFlashError(f"WHIFLASH cannot build DFlash verify masks in {mode.name} layout; use an attention backend "
                         f"with full or query-length masks (e.g. --attention-backend flashinfer)")
-
-
-PARADIGMS_META_KEY = "spec_paradigms"
 
 
 def _round_counter():
@@ -299,8 +296,8 @@ class WhiFlashWorker(BaseSpecWorker):
 
     def _report(self, paradigm: str, out) -> None:
         """What users see of the routing: each request's ``meta_info["spec_paradigms"]`` lists the paradigm of
-        every verify round it took part in (SGLang accumulates per-request ``customized_info``), and
-        ``whiflash_paradigm_rounds_total{paradigm}`` counts batch rounds in ``/metrics``."""
+        every verify round it took part in (SGLang accumulates per-request ``customized_info``; a hook sends it
+        whole), and ``whiflash_paradigm_rounds_total{paradigm}`` counts batch rounds in ``/metrics``."""
         logits_output = out.logits_output
         if logits_output is not None:
             info = dict(logits_output.customized_info or {})
