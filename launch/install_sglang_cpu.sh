@@ -49,9 +49,7 @@ pip install -q -c "$constraints" numpy orjson packaging psutil pybase64 requests
 pip install -q -c "$constraints" transformers dill apache-tvm-ffi==0.1.11 sentencepiece==0.2.1 \
     compressed-tensors==0.18.0 gguf
 # Phase C
-# fastapi < 0.132: from 0.132 FastAPI refuses a JSON body sent without a Content-Type header, as `curl -d '{...}'`
-# sends it (SGLang's own examples do), with a 400 "Input should be a dictionary".
-pip install -q -c "$constraints" einops openai==2.8.0 partial_json_parser setproctitle uvicorn "fastapi<0.132" uvloop \
+pip install -q -c "$constraints" einops openai==2.8.0 partial_json_parser setproctitle uvicorn fastapi uvloop \
     python-multipart jsonschema xgrammar==0.2.7 soundfile
 # Phase D
 PYTHON="$PYTHON" bash launch/install_sgl_kernel_cpu.sh
