@@ -1,4 +1,4 @@
-"""The real SGLang server on this CPU: SmolLM2-135M (or any local target) with the committed drafters, one method.
+"""The real SGLang server on this CPU: SmolLM2-135M (or a local Llama/Qwen target) with its drafters, one method.
 
 ``python -m whiflash_sgl.sglang.cpu_serve --method whiflash --policy mlp --port 30000`` (what
 ``launch/serve_sglang_cpu.sh`` runs) becomes ``python -m sglang.launch_server --device cpu ...`` with SGLang's CPU
@@ -22,7 +22,7 @@ from whiflash_sgl.errors import WhiFlashError
 
 METHODS = ("vanilla", "eagle3", "dflash", "whiflash")
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m"
-MAX_TOTAL_TOKENS = 16384  # KV slots: SmolLM2 float32 holds 30 layers x 2 x 576 x 4 bytes = 138 KB a token
+MAX_TOTAL_TOKENS = 16384  # KV slots: SmolLM2 in float32 takes 30 layers x (K + V) x 3 heads x 64 x 4 B = 46 KB a token
 MAX_RUNNING_REQUESTS = 16
 # SGLang sizes memory on CPU from the whole machine's available RAM before and after loading the weights, so servers
 # loading side by side see each other's weights as their own and refuse to start under the default 0.716; the KV pool
