@@ -26,15 +26,17 @@ METHODS = ("vanilla", "hf-generate", "hf-prompt-lookup", "ngram", "eagle3", "dfl
 
 
 class EngineMethod:
-    """Our reference engine; ``drafter=None`` is the ``vanilla`` target-only loop."""
+    """Our reference engine; ``drafter=None`` is the ``vanilla`` target-only loop. ``attention`` (a path of
+    ``ATTENTION_PATHS``) is the target's attention during this method's generations; None keeps the target's own."""
 
-    def __init__(self, name: str, target: Target, drafter=None):
-        self.name, self.target, self.drafter = name, target, drafter
+    def __init__(self, name: str, target: Target, drafter=None, attention: str | None = None):
+        self.name, self.target, self.drafter, self.attention = name, target, drafter, attention
 
     def generate(self, prompt_ids, max_new_tokens, sampling: SamplingParams, seed: int, stop=(), on_text=None,
                  cancelled=None):
         engine = SpeculativeEngine(self.target, self.drafter, sampling, seed)
-        result = engine.generate(prompt_ids, max_new_tokens, stop=stop, on_text=on_text, cancelled=cancelled)
+        with self._attention():
+            result = engine.generate(prompt_ids, max_new_tokens, stop=stop, on_text=on_text, cancelled=cancelled)
         if isinstance(self.drafter, WhiFlashDrafter):
             result.paradigms = [paradigm for paradigm, _ in self.drafter.trace]
             result.switch_seconds = self.drafter.switch_seconds
@@ -44,16 +46,11 @@ class EngineMethod:
             result.paradigm_accepts = [t["accepted"] for t in self.drafter.traces[-len(self.drafter.trace):]]
         return result
 
-    @contextlib.contextmanager
     def _attention(self):
-        saved = self.target.attention
-        if self.attention is not None:
-            self.target.set_attention(self.attention)
-        try:
-            yield
-        finally:
-            if self.attention is not None:
-                self.target.set_attention(saved)
+        """The target on this method's attention path for one generation, restored afterwards."""
+        if self.attention is None:
+            return contextlib.nullcontext()
+        return self.target.attention_path(self.attention)
 
 
 class HFGenerateMethod:
@@ -181,6 +178,12 @@ def make_method(name: str, target: Target, config: WhiFlashConfig = WhiFlashConf
     method = _make_method(base, target, config, policy_params)
     if not isinstance(method, EngineMethod):
         raise WhiFlashError(f"{base} does not run on this engine's attention; drop '@{attention}'")
+    try:  # set up the path once now, so that a path this machine cannot run fails here, not in the first forward
+        with target.attention_path(attention):
+            pass
+    except WhiFlashError as exc:
+        others = ", ".join(f"{base}@{p}" for p in ATTENTION_PATHS if p not in (attention, "auto"))
+        raise WhiFlashError(f"{name}: {exc}. Run it where that backend can run, or use {others}") from exc
     method.name, method.attention = name, attention
     return method
 

@@ -7,6 +7,7 @@ which transformers hands to the attention function untouched; HF's own mask cons
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -95,11 +96,12 @@ class Target:
 
     def set_attention(self, name: str) -> None:
         """Route attention through backend ``name`` of ``whiflash_sgl.kernels`` (``auto``: FlashInfer on CUDA with a
-        16-bit model, else the PyTorch reference) or ``direct`` (the reference on HF's layout, no planning)."""
+        16-bit model, else the PyTorch reference) or ``direct`` (the reference on HF's layout, no planning). A path
+        that cannot run here raises and leaves the target on the path it was on."""
         if name not in ATTENTION_PATHS:
             raise WhiFlashError(f"unknown attention path {name!r}; choose one of {', '.join(ATTENTION_PATHS)}")
-        self.attention, self._backend = name, None
         if name == "direct":
+            self.attention, self._backend = name, None
             return
         dtype = self.model.dtype
         try:
@@ -111,7 +113,18 @@ class Target:
                 raise WhiFlashError(f"attention backend {name!r} does not compute in {dtype}; load the target in "
                                     f"one of {', '.join(map(str, backend.dtypes()))} (--dtype) or pick another")
             backend = get_backend("reference")
-        self._backend = backend
+        self.attention, self._backend = name, backend
+
+    @contextlib.contextmanager
+    def attention_path(self, name: str):
+        """Attention on path ``name`` (see :meth:`set_attention`, whose errors it raises on entry) for the body, then
+        the path and backend object in use before, whatever the body raised."""
+        saved = self.attention, self._backend
+        self.set_attention(name)
+        try:
+            yield
+        finally:
+            self.attention, self._backend = saved
 
     def _plan(self, rows: int, mask: torch.Tensor | None):
         """The backend's plan for one forward of ``rows`` new rows after the cache (``mask``: ``[1, 1, rows, kv]``,
