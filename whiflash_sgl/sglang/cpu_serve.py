@@ -19,9 +19,10 @@ import sys
 from pathlib import Path
 
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.model_store import WEIGHTS_DIR
 
 METHODS = ("vanilla", "eagle3", "dflash", "whiflash")
-WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m"
+WEIGHTS = WEIGHTS_DIR / "smollm2-135m"
 MAX_TOTAL_TOKENS = 16384  # KV slots: SmolLM2 in float32 takes 30 layers x (K + V) x 3 heads x 64 x 4 B = 46 KB a token
 MAX_RUNNING_REQUESTS = 16
 # SGLang sizes memory on CPU from the whole machine's available RAM before and after loading the weights, so servers
