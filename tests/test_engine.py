@@ -97,6 +97,41 @@ def test_streamed_pieces_add_up_to_the_text(tiny_target, prompt_ids):
     assert "".join(pieces) == result.text and len(pieces) > 1
 
 
+class TargetChainDrafter(Drafter):
+    """Drafts a chain with the target itself (full recompute, no cache): the best drafter there is. Under the keyed
+    rule it draws with the request's keyed noise, the row at position p keyed by p as the engine keys it."""
+
+    name = "self"
+
+    def __init__(self, target: Target, depth: int = 4):
+        self.target, self.depth = target, depth
+
+    @torch.inference_mode()
+    def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
+        tokens = list(state.tokens)
+        for _ in range(min(self.depth, max_depth)):
+            logits = self.target.model(torch.tensor([tokens])).logits[0, -1:].float()
+            position = torch.tensor([len(tokens) - 1])
+            pick = state.sampler.scores(logits, position) if state.sampler is not None else logits
+            tokens.append(int(pick.argmax(-1)))
+        return DraftTree.chain(tokens[len(state.tokens):])
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_keyed_rule_accepts_every_coupled_draft_of_the_target_itself(tiny_target, prompt_ids, temperature):
+    """A drafter with the target's own distribution that draws with the request's keyed noise guesses every keyed
+    sample: all drafts are accepted and the text is vanilla's for that seed. The rejection rule, drawing afresh,
+    accepts only some of the same drafts."""
+    params = SamplingParams(temperature=temperature, top_p=0.9)
+    reference = SpeculativeEngine(tiny_target, None, params, seed=99).generate(prompt_ids, 41)
+    keyed = SpeculativeEngine(tiny_target, TargetChainDrafter(tiny_target), params, seed=99).generate(prompt_ids, 41)
+    assert keyed.tokens == reference.tokens
+    assert keyed.accept_lengths == [4] * 8 and keyed.rounds == 8
+    rejection = SamplingParams(temperature=temperature, top_p=0.9, rule="rejection")
+    drawn = SpeculativeEngine(tiny_target, TargetChainDrafter(tiny_target), rejection, seed=99).generate(prompt_ids, 41)
+    assert sum(drawn.accept_lengths) < sum(keyed.accept_lengths)
+
+
 def test_sampling_is_reproducible_with_a_seed(tiny_target, prompt_ids):
     params = SamplingParams(temperature=0.8, top_p=0.95, top_k=50)
     runs = [SpeculativeEngine(tiny_target, NgramDrafter(min_ngram=1), params, seed=s).generate(prompt_ids, 40)

@@ -1,7 +1,8 @@
 """The reference engine: prefill, then rounds of draft -> verify (one target forward) -> accept -> commit.
 
 Greedy output is token-identical to the target's own greedy decoding, and sampled output follows the target's
-distribution, for any drafter: see ``verify.py``. Without a drafter every round verifies the root alone, which is
+distribution, for any drafter: see ``verify.py``. With the keyed rule (the default), sampled output is moreover
+token-identical to vanilla's for the same seed, and drafters draw with the same keyed noise (``SequenceState.sampler``). Without a drafter every round verifies the root alone, which is
 plain autoregressive decoding on the same prefill/KV code (the ``vanilla`` baseline).
 """
 
@@ -17,7 +18,8 @@ from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.target import Target
 from whiflash_sgl.tree import DraftTree
-from whiflash_sgl.verify import SamplingParams, accept
+from whiflash_sgl.sampling import KeyedSampler, SamplingParams, check_seed
+from whiflash_sgl.verify import accept
 
 
 @dataclass
@@ -111,7 +113,13 @@ class SpeculativeEngine:
         seed: int = 0,
     ):
         self.target, self.drafter, self.sampling = target, drafter, sampling
+        seed = check_seed(seed)
+        self.sampler = KeyedSampler(sampling, seed) if not sampling.greedy and sampling.rule == "keyed" else None
         self.generator = torch.Generator().manual_seed(seed)
+
+    def _accept(self, tree: DraftTree, logits: torch.Tensor, root_position: int) -> tuple[list[int], int]:
+        return accept(tree, logits, self.sampling, sampler=self.sampler, generator=self.generator,
+                      root_position=root_position)
 
     def check_request(self, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
         if not prompt_ids:
@@ -142,8 +150,8 @@ class SpeculativeEngine:
         tic = time.perf_counter()
         first = target.prefill(list(prompt_ids))
         state = SequenceState(tokens=list(prompt_ids), prompt_len=len(prompt_ids), features=first.hidden,
-                              feature_layers=target.capture_layers)
-        _, token = accept(DraftTree(), first.logits[-1:], self.sampling, self.generator)
+                              feature_layers=target.capture_layers, sampler=self.sampler)
+        _, token = self._accept(DraftTree(), first.logits[-1:], len(prompt_ids) - 1)
         state.tokens.append(token)
         state.root_logits = first.logits[-1]
         out.extend([token])
@@ -164,7 +172,7 @@ class SpeculativeEngine:
             t1 = time.perf_counter()
             start = target.cache.get_seq_length()
             step = target.verify(state.tokens[-1], tree)
-            path, bonus = accept(tree, step.logits, self.sampling, self.generator)
+            path, bonus = self._accept(tree, step.logits, start)
             target.commit(start, path)
             t2 = time.perf_counter()
             draft_seconds += t1 - t0

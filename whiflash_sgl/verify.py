@@ -1,60 +1,27 @@
-"""Lossless acceptance of a draft tree against the target's distributions at the verify rows.
+"""Lossless acceptance of a draft tree against the target at the verify rows: every rule emits exactly the tokens
+(greedy, keyed) or the distribution (rejection) the target alone would, whatever was drafted.
 
 Greedy: follow the child whose token is the target's argmax, as long as one exists; the argmax at the last accepted
 row is the bonus token. Output is token-identical to the target's own greedy decoding.
 
-Sampling (T > 0): every drafter here proposes *deterministic* candidates (a token, not a distribution), so the
+Keyed (T > 0, the default): the same walk with the target's keyed sample at each row (``sampling.py``) in place of
+the argmax, so the output is token-identical to vanilla sampling with the same seed.
+
+Rejection (T > 0): every drafter here proposes *deterministic* candidates (a token, not a distribution), so the
 speculative-sampling rule reduces to: at a node with children c1..cm in draft order, start from p~ = p; for each ci
 draw u ~ U[0,1) and accept ci if u < p~(ci), otherwise set p~(ci) = 0 and renormalise; if no child is accepted emit
 y ~ p~. Below a fully accepted path (a leaf) the bonus is y ~ p. Each emitted token is then distributed exactly as
-p, whatever the tree, which is what makes every drafter and every routing policy lossless.
+p, whatever the tree; the text, though, depends on what was drafted.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
+from whiflash_sgl.sampling import KeyedSampler, SamplingParams, target_probs
 from whiflash_sgl.tree import DraftTree
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-
-    def __post_init__(self) -> None:
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution the target samples from: temperature, then top-k, then top-p (nucleus), renormalised."""
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the mass strictly before it already reaches top_p (the top token always stays)
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
 
 def _children_table(tree: DraftTree) -> list[list[int]]:
     table: list[list[int]] = [[] for _ in range(len(tree) + 1)]  # index = parent + 1
@@ -63,18 +30,31 @@ def _children_table(tree: DraftTree) -> list[list[int]]:
     return table
 
 
-def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
-    """Accepted node indices (root to leaf) and the bonus token, from verify-row logits ``[n+1, V]``."""
-    best = logits.argmax(-1).tolist()
+def _walk(tree: DraftTree, pick: Callable[[int], int]) -> tuple[list[int], int]:
+    """Follow, from the root, the child holding the target's token ``pick(row)``; return the accepted node indices
+    (root to leaf) and the target's token at the last accepted row (the bonus)."""
     children = _children_table(tree)
     path: list[int] = []
     node = -1
     while True:
-        want = best[node + 1]
+        want = pick(node + 1)
         node = next((c for c in children[node + 1] if tree.tokens[c] == want), None)
         if node is None:
             return path, want
         path.append(node)
+
+
+def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+    """Accepted node indices and the bonus token, from verify-row logits ``[n+1, V]``."""
+    best = logits.argmax(-1).tolist()
+    return _walk(tree, best.__getitem__)
+
+
+def accept_keyed(tree: DraftTree, logits: torch.Tensor, sampler: KeyedSampler,
+                 root_position: int) -> tuple[list[int], int]:
+    """The greedy walk on the target's keyed samples; only the rows the walk reaches are sampled."""
+    positions = tree.positions(root_position)
+    return _walk(tree, lambda row: sampler.sample(logits[row : row + 1], positions[row : row + 1])[0])
 
 
 def accept_sampled(tree: DraftTree, probs: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
@@ -97,9 +77,13 @@ def accept_sampled(tree: DraftTree, probs: torch.Tensor, generator: torch.Genera
             return path, int(torch.multinomial(p, 1, generator=generator).item())
 
 
-def accept(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
-    """Greedy or sampled acceptance, as ``params`` say."""
+def accept(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, *, sampler: KeyedSampler | None = None,
+           generator: torch.Generator | None = None, root_position: int = 0) -> tuple[list[int], int]:
+    """Acceptance by ``params``: greedy, keyed (``sampler``; the root row sits at ``root_position``) or rejection
+    (``generator``)."""
     if params.greedy:
         return accept_greedy(tree, logits)
+    if params.rule == "keyed":
+        return accept_keyed(tree, logits, sampler, root_position)
     # one small transfer; the walk then samples with the engine's (CPU) generator wherever the target runs
     return accept_sampled(tree, target_probs(logits, params).cpu(), generator)

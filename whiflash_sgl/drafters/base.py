@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from whiflash_sgl.sampling import KeyedSampler
 from whiflash_sgl.tree import DraftTree
 
 
@@ -22,7 +23,8 @@ class SequenceState:
     ``features[t]`` (``[n-1, len(feature_layers), H]``) holds the target's hidden states at committed position ``t``
     for the HF ``hidden_states`` indices in ``feature_layers`` (the residual stream entering each of those layers),
     or is None when the engine captures nothing (model-free drafters). ``root_logits`` are the target's logits that
-    produced the root token (free after every verify pass).
+    produced the root token (free after every verify pass). ``sampler`` is the request's keyed draw when it samples
+    with the keyed rule: a drafter then guesses the target's keyed sample by drawing with the same noise.
     """
 
     tokens: list[int]
@@ -30,6 +32,7 @@ class SequenceState:
     features: torch.Tensor | None = None
     feature_layers: tuple[int, ...] = ()
     root_logits: torch.Tensor | None = None
+    sampler: KeyedSampler | None = None
 
     def context_features(self, layers: tuple[int, ...], start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         """Features of positions ``[start, end)`` for ``layers``, concatenated: ``[end-start, len(layers)*H]``, in

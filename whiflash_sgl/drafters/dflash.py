@@ -146,9 +146,12 @@ class DFlashDrafter(Drafter):
         block = torch.tensor([state.tokens[-1]] + [self.model.mask_token_id] * length, device=device)
         context = [(layer.keys, layer.values) for layer in self.cache.layers]
         hidden = self.model.block(self.embed(block), torch.arange(n - 1, n + length, device=device), context)
-        probs = torch.softmax(self.lm_head(hidden[1:]).float(), dim=-1)
+        logits = self.lm_head(hidden[1:]).float()
+        probs = torch.softmax(logits, dim=-1)
+        self.last_confidences = probs.max(dim=-1).values.tolist()
+        if state.sampler is not None:  # keyed rule: guess the target's keyed samples (block row j is keyed at n-1+j)
+            probs = torch.softmax(state.sampler.scores(logits, torch.arange(n - 1, n - 1 + length)), dim=-1)
         top_p, top_ids = probs.topk(max(self.tree_topk, 1), dim=-1)
-        self.last_confidences = top_p[:, 0].tolist()
         if self.tree_topk <= 1:
             return DraftTree.chain(top_ids[:, 0].tolist())
         return _marginal_tree(top_p, top_ids, self.tree_budget or 2 * length)

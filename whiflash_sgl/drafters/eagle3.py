@@ -25,6 +25,7 @@ from whiflash_sgl.drafters.base import Drafter, SequenceState
 from whiflash_sgl.drafters.layers import heads, rope_at, rotate
 from whiflash_sgl.kernels import tree_attention
 from whiflash_sgl.kv_cache import KVCache
+from whiflash_sgl.sampling import KeyedSampler
 from whiflash_sgl.tree import DraftTree
 
 
@@ -99,12 +100,14 @@ class Eagle3Drafter(Drafter):
         self.model, self.embed = model.eval(), embed
         self.depth, self.topk, self.budget = depth, topk, budget
         # nodes whose cumulative draft probability falls below this are neither expanded nor sent to verification:
-        # the draft stops early where the drafter is unsure, which saves draft steps and verify rows
-        self.min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
+        # the draft stops early where the drafter is unsure, which saves draft steps and verify rows; the floor is
+        # finite, so a token the draft gives no chance (-inf: filtered out by top-k/top-p) is never proposed
+        self.min_logp = math.log(min_prob) if min_prob > 0 else torch.finfo(torch.float32).min
         self.feature_layers = tuple(i + 1 for i in aux_layer_ids(model.config))
         self.cache = KVCache()
         self.frontier = 0  # committed pairs (F_t, x_{t+1}) whose K/V are cached: t < frontier
         self.last_scores: list[float] = []  # cumulative draft log-prob of each node of the last tree
+        self.sampler: KeyedSampler | None = None  # the sequence's keyed draw, while proposing
 
     def start(self, state: SequenceState) -> None:
         self.cache = KVCache()
@@ -138,11 +141,25 @@ class Eagle3Drafter(Drafter):
         k, v = m.midlayer.kv(x, rope)
         keys, values = self.cache.update(k, v, 0)
         out = m.midlayer(x, residual, rope, keys, values, mask)
-        return out, torch.log_softmax(m.lm_head(m.norm(out)).float(), dim=-1)
+        return out, self._draft_logp(m.lm_head(m.norm(out)).float(), positions)
+
+    def _draft_logp(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """What the tree is built from: the draft's log-probs, or under the keyed rule those of its keyed draw (the
+        target's noise on the draft's logits, mapped into the target vocabulary), so that the first child is the
+        draft's guess of the target's keyed sample. A row at draft position t predicts the token the target keys
+        at t + 1."""
+        if self.sampler is None:
+            return torch.log_softmax(logits, dim=-1)
+        m = self.model
+        ids = m.to_target_ids(torch.arange(logits.shape[-1], device=logits.device))
+        full = logits.new_full((logits.shape[0], m.t2d.numel()), -math.inf)
+        full[:, ids] = logits
+        return torch.log_softmax(self.sampler.scores(full, positions + 1)[:, ids], dim=-1)
 
     @torch.inference_mode()
     def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
         self.catch_up(state)
+        self.sampler = state.sampler
         n = len(state.tokens)
         root_pos = n - 2  # the newest pair (F_{n-2}, root token) sits at position n-2
         x, hidden = self._pairs(state, root_pos, n - 1)
