@@ -46,8 +46,31 @@ def test_bench_writes_the_contract_json(capsys, tiny_model_dir, tmp_path):
         assert key in rows[("ngram", "all")]
 
 
+def test_sampled_bench_is_identical_to_vanilla_and_compares_the_rules(capsys, tiny_model_dir, tmp_path):
+    """At T > 0 the keyed rule makes every method's text vanilla's for the seed; each speculative method also runs
+    under the rejection rule, whose rows are not compared, and the two rules' tau stand side by side."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"id": f"x{i}", "category": c, "messages": [
+        {"role": "user", "content": f"def add(a, b): return a + b  # {i}"}]}) for i, c in enumerate(["a", "b"])))
+    out_json = tmp_path / "out.json"
+    code, out, _ = _run(capsys, "bench", "--model", str(tiny_model_dir), "--prompts", str(prompts),
+                        "--methods", "vanilla,ngram", "--max-new-tokens", "12", "--temperature", "0.8",
+                        "--top-p", "0.9", "--seed", str(2**40), "--out", str(out_json))
+    assert code == 0 and "sampling rules" in out
+    report = json.loads(out_json.read_text())
+    rows = {(r["method"], r["category"]): r for r in report["results"]}
+    assert {m for m, _ in rows} == {"vanilla", "ngram", "ngram[rejection]"}
+    assert rows[("ngram", "all")]["identical_to_vanilla"] is True
+    assert rows[("ngram[rejection]", "all")]["identical_to_vanilla"] is None
+    comparison = {(r["method"], r["category"]): r for r in report["rule_comparison"]}
+    assert set(comparison) == {("ngram", c) for c in ("a", "b", "all")}
+    assert comparison[("ngram", "all")]["tau_rejection"] == rows[("ngram[rejection]", "all")]["tau"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--prompt", " "], "prompt is empty"),
+    (["--prompt", "hi", "--seed", str(2**64)], "seed must be an integer in [-2**63, 2**64)"),
+    (["--prompt", "hi", "--temperature", "1", "--sampling-rule", "coin"], "sampling rule must be one of keyed"),
     (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--prompt", "hi", "--max-new-tokens", "-3"], "--max-new-tokens must be >= 1"),
     (["--prompt", "hi", "--max-new-tokens", "600"], "exceed the model's context window of 512"),

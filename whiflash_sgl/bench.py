@@ -3,6 +3,10 @@
 Methods run interleaved per prompt (so slow drifts of a shared machine hit all of them alike) after a short warm-up.
 Rows are per method and category plus an ``all`` row; ``tau`` is committed tokens per target verify pass (bonus
 included) and ``speedup_vs_vanilla`` is the ratio of tokens/s to ``vanilla``'s in the same category and run.
+
+Sampled runs (T > 0) use the keyed rule, under which every method's text must equal vanilla's for the same seed
+(``identical_to_vanilla``); each speculative method also runs under the rejection rule (rows ``<method>[rejection]``)
+so that ``rule_comparison`` can set the two rules' tau side by side.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 import torch
@@ -20,8 +24,10 @@ from whiflash_sgl.chat import ChatPrompt, encode_chat
 from whiflash_sgl.config import WhiFlashConfig
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.methods import make_method
+from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.target import Target
-from whiflash_sgl.verify import SamplingParams
+
+REJECTION = "[rejection]"  # suffix of the rows that sample with the rejection rule
 
 
 @dataclass
@@ -86,23 +92,24 @@ def interleave(
     encoded: Sequence[tuple[ChatPrompt, list[int]]],
     methods: Sequence[str],
     run_one: Callable[[str, int, ChatPrompt, list[int]], tuple[list[int], RunFigures]],
-    greedy: bool,
+    compared: Callable[[str], bool],
     reference: Callable[[int, list[int]], list[int]] | None = None,
     progress: bool = True,
 ) -> list[RunFigures]:
     """Every method on every prompt, methods interleaved per prompt. ``run_one(method, index, prompt, ids)`` returns
-    the output token ids and the run's record, whose ``identical_to_vanilla`` is set here: for greedy runs, whether
-    the tokens equal ``vanilla``'s (or ``reference(index, ids)``'s when ``vanilla`` is not among the methods);
-    ``None`` for sampled runs or when there is nothing to compare with."""
+    the output token ids and the run's record, whose ``identical_to_vanilla`` is set here for the methods
+    ``compared`` names (those whose output is a function of prompt and seed): whether the tokens equal ``vanilla``'s
+    (or ``reference(index, ids)``'s when ``vanilla`` is not among the methods); ``None`` for the others or when
+    there is nothing to compare with."""
     runs: list[RunFigures] = []
     bar = tqdm(total=len(encoded) * len(methods), desc="bench", disable=not progress, file=sys.stderr)
     for index, (prompt, ids) in enumerate(encoded):
-        vanilla_tokens = reference(index, ids) if reference is not None and greedy else None
+        vanilla_tokens = reference(index, ids) if reference is not None else None
         for method in vanilla_first(methods):
             tokens, run = run_one(method, index, prompt, ids)
             if method == "vanilla":
                 vanilla_tokens = tokens
-            run.identical_to_vanilla = tokens == vanilla_tokens if greedy and vanilla_tokens is not None else None
+            run.identical_to_vanilla = tokens == vanilla_tokens if compared(method) and vanilla_tokens is not None else None
             runs.append(run)
             bar.update()
     bar.close()
@@ -121,9 +128,20 @@ def make_report(model: str, device: str, max_new_tokens: int, sampling: Sampling
         "top_p": sampling.top_p,
         "top_k": sampling.top_k,
         "seed": seed,
-        "results": summarize(runs, methods),
+        "results": (results := summarize(runs, methods)),
+        "rule_comparison": rule_comparison(results),
         "per_prompt": [asdict(r) for r in runs],
     }
+
+
+def rule_comparison(results: list[dict]) -> list[dict]:
+    """tau of each method under the keyed rule next to its ``[rejection]`` row, per category (empty when greedy)."""
+    rejection = {(r["method"].removesuffix(REJECTION), r["category"]): r["tau"] for r in results
+                 if r["method"].endswith(REJECTION)}
+    return [{"method": r["method"], "category": r["category"], "tau_keyed": r["tau"],
+             "tau_rejection": rejection[(r["method"], r["category"])],
+             "keyed_vs_rejection": round(r["tau"] / rejection[(r["method"], r["category"])], 4)}
+            for r in results if (r["method"], r["category"]) in rejection and r["tau"]]
 
 
 def run_bench(
@@ -139,6 +157,9 @@ def run_bench(
 ) -> dict:
     if not prompts:
         raise WhiFlashError("no prompts to run")
+    rules = {m: sampling for m in methods}
+    if not sampling.greedy and sampling.rule == "keyed":
+        rules.update({m + REJECTION: replace(sampling, rule="rejection") for m in methods if m != "vanilla"})
     runners = {m: make_method(m, target, config, policy_params) for m in methods}
     reference = None if "vanilla" in methods else make_method("vanilla", target)
     encoded = [(p, encode_chat(target.tokenizer, p.messages)) for p in prompts]
@@ -148,10 +169,10 @@ def run_bench(
     for runner in runners.values():  # warm-up: first-call allocations and kernel selection stay out of the figures
         runner.generate(encoded[0][1], 8, sampling, seed)
 
-    def run_one(method: str, index: int, prompt: ChatPrompt, ids: list[int]) -> tuple[list[int], PromptRun]:
-        result = runners[method].generate(ids, max_new_tokens, sampling, seed + index)
+    def run_one(label: str, index: int, prompt: ChatPrompt, ids: list[int]) -> tuple[list[int], PromptRun]:
+        result = runners[label.removesuffix(REJECTION)].generate(ids, max_new_tokens, rules[label], seed + index)
         return result.tokens, PromptRun(
-            method, prompt.id, prompt.category, len(result.tokens), result.seconds, result.rounds, result.tau,
+            label, prompt.id, prompt.category, len(result.tokens), result.seconds, result.rounds, result.tau,
             None, result.accept_lengths, result.draft_seconds, result.verify_seconds, result.paradigms,
             result.switch_seconds, result.catchup_seconds, result.paradigm_accepts, result.text,
         )
@@ -159,8 +180,11 @@ def run_bench(
     def vanilla_tokens(index: int, ids: list[int]) -> list[int]:
         return reference.generate(ids, max_new_tokens, sampling, seed + index).tokens
 
-    runs = interleave(encoded, methods, run_one, sampling.greedy, vanilla_tokens if reference else None, progress)
-    return make_report(target.name, str(target.device), max_new_tokens, sampling, seed, methods, runs,
+    def compared(label: str) -> bool:  # greedy and keyed output is a function of (prompt, seed)
+        return rules[label].greedy or rules[label].rule == "keyed"
+
+    runs = interleave(encoded, list(rules), run_one, compared, vanilla_tokens if reference else None, progress)
+    return make_report(target.name, str(target.device), max_new_tokens, sampling, seed, list(rules), runs,
                        dtype=str(target.model.dtype).removeprefix("torch."), threads=torch.get_num_threads())
 
 
@@ -233,5 +257,16 @@ def format_table(report: dict) -> str:
             f"{r['draft_ms_per_round']:.1f}" if r["draft_ms_per_round"] is not None else "-",
             f"{r['verify_ms_per_round']:.1f}" if r["verify_ms_per_round"] is not None else "-",
         ))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    table = _columns(lines)
+    comparison = report.get("rule_comparison")
+    if comparison:
+        rows = [("method", "category", "tau keyed", "tau rejection", "keyed/rejection")]
+        rows += [(r["method"], r["category"], f"{r['tau_keyed']:.2f}", f"{r['tau_rejection']:.2f}",
+                  f"{r['keyed_vs_rejection']:.2f}") for r in comparison]
+        table += "\n\nsampling rules (tau: committed tokens per verify)\n" + _columns(rows)
+    return table
+
+
+def _columns(lines: list[tuple[str, ...]]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)

@@ -220,7 +220,7 @@ def run_endpoint_bench(
         return endpoint_run(method, prompt, *generate(by_method[method], ids, params))
 
     methods = [e.method for e in endpoints]
-    runs = interleave(encoded, methods, run_one, sampling.greedy, progress=progress)
+    runs = interleave(encoded, methods, run_one, lambda _: sampling.greedy, progress=progress)
     urls = ", ".join(f"{e.method}={e.url}" for e in endpoints)
     return make_report(served, f"endpoint {urls}", max_new_tokens, sampling, seed, methods, runs,
                        endpoints={e.method: e.url for e in endpoints})

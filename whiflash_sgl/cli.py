@@ -26,7 +26,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="64-bit seed of sampled runs (the bench adds the prompt index)")
+    p.add_argument("--sampling-rule", default="keyed",
+                   help="T > 0: keyed (default; the text is a function of the seed, the same for every method) or "
+                        "rejection (classic speculative sampling: same distribution, text depends on the drafts)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="target weights (bfloat16 is ~2x faster on CPUs with AVX512-BF16/AMX, but not batch-invariant)")
@@ -107,14 +110,15 @@ def _setup(args):
     import torch
 
     from whiflash_sgl.config import WhiFlashConfig, read_mapping
-    from whiflash_sgl.verify import SamplingParams
+    from whiflash_sgl.sampling import SamplingParams, check_seed
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
+        sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.sampling_rule)
     except ValueError as exc:
         raise WhiFlashError(str(exc)) from exc
+    check_seed(args.seed)
     config = WhiFlashConfig.from_file(args.config) if args.config else WhiFlashConfig()
     if args.max_new_tokens < 1:
         raise WhiFlashError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
