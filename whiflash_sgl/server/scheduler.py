@@ -1,8 +1,9 @@
 """A fair FIFO queue in front of the single-sequence engine, served by one engine thread.
 
 The reference engine holds one sequence's KV caches (target and drafters), so requests run one at a time, in
-arrival order. A request waiting in the queue or running can be cancelled (its client left): a waiting one is
-skipped, a running one stops at its next round, and the engine moves on to the next request.
+arrival order. A request waiting in the queue or running can be cancelled (its client left): a waiting one leaves
+the queue (its place is free for another request at once), a running one stops at its next round, and the engine
+moves on to the next request.
 
 Jobs talk to the asyncio side through events posted onto the event loop that created them:
 ``("text", piece)`` while streaming, then one of ``("done", value)``, ``("error", exception)`` or
@@ -12,14 +13,11 @@ Jobs talk to the asyncio side through events posted onto the event loop that cre
 from __future__ import annotations
 
 import asyncio
-import logging
-import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
-
-log = logging.getLogger("whiflash_sgl.server")
 
 
 class QueueFull(Exception):
@@ -77,47 +75,75 @@ class Scheduler:
 
     def __init__(self, max_waiting: int = 256):
         self.max_waiting = max_waiting
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._queue: deque[Job] = deque()
+        self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
         self.running: Job | None = None
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        with self._changed:
+            self._drop_cancelled()
+            return len(self._queue)
 
     def start(self) -> None:
         if self._thread is None:
+            self._closing = False
             self._thread = threading.Thread(target=self._serve, name="whiflash-engine", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel the running job and everything queued, then end the thread."""
         if self._thread is not None:
-            self._closing = True
-            if (running := self.running) is not None:
-                running.cancel()
-            self._queue.put(None)
+            with self._changed:
+                self._closing = True
+                if (running := self.running) is not None:
+                    running.cancel()
+                while self._queue:
+                    self._queue.popleft().post("cancelled")
+                self._changed.notify_all()
             self._thread.join(timeout)
             self._thread = None
 
-    def submit(self, job: Job) -> None:
-        if self._queue.qsize() >= self.max_waiting:
-            raise QueueFull(f"{self._queue.qsize()} requests are already waiting (--max-queued-requests "
-                            f"{self.max_waiting}); retry later")
-        self._queue.put(job)
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue all of ``jobs`` (one request's prompts, kept together) or, when they do not fit, none."""
+        with self._changed:
+            self._drop_cancelled()
+            if len(self._queue) + len(jobs) > self.max_waiting:
+                raise QueueFull(f"{len(self._queue)} requests are already waiting (--max-queued-requests "
+                                f"{self.max_waiting}); retry later")
+            self._queue.extend(jobs)
+            self._changed.notify()
+
+    def _drop_cancelled(self) -> None:
+        """Under the lock: forget the waiting jobs whose clients left."""
+        if any(job.cancelled() for job in self._queue):
+            kept = deque()
+            for job in self._queue:
+                if job.cancelled():
+                    job.post("cancelled")
+                else:
+                    kept.append(job)
+            self._queue = kept
+
+    def _next(self) -> Job | None:
+        with self._changed:
+            while True:
+                self._drop_cancelled()
+                if self._closing:
+                    return None
+                if self._queue:
+                    self.running = job = self._queue.popleft()
+                    return job
+                self._changed.wait()
 
     def _serve(self) -> None:
-        while (job := self._queue.get()) is not None:
-            if job.cancelled() or self._closing:
-                job.post("cancelled")
-                continue
-            self.running = job
+        while (job := self._next()) is not None:
             job.started = time.perf_counter()
             try:
                 value = job.work(job)
             except Exception as exc:  # one bad request must not take the engine thread down
-                log.exception("request failed on the engine thread")
                 job.finished = time.perf_counter()
                 job.post("error", exc)
             else:

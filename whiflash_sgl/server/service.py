@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from whiflash_sgl.engine import GenerationResult
 from whiflash_sgl.server.metrics import ServerMetrics
 from whiflash_sgl.server.model import GenerationParams, ServedModel, TokenLogprobs
-from whiflash_sgl.server.scheduler import Job, Scheduler
+from whiflash_sgl.server.scheduler import Job, QueueFull, Scheduler
 from whiflash_sgl.server.schemas import BadRequest
 from whiflash_sgl.server.stats import SpecStats
 
@@ -114,19 +114,19 @@ class Service:
                 for r in requests]
 
     async def _wait(self, http_request, jobs: list[Job]) -> list:
-        gathered = asyncio.gather(*(job.result() for job in jobs))
+        results = asyncio.ensure_future(_results(jobs))
         watcher = asyncio.ensure_future(_disconnected(http_request))
         try:
-            done, _ = await asyncio.wait({gathered, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if gathered not in done:
+            done, _ = await asyncio.wait({results, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if results not in done:
                 self._count_aborted(jobs)
                 raise ClientGone()
-            return gathered.result()
+            return results.result()
         finally:
             watcher.cancel()
-            gathered.cancel()
+            results.cancel()
             for job in jobs:
-                job.cancel()  # frees the engine if a batch failed half-way; a no-op for finished jobs
+                job.cancel()  # frees the queue and the engine if the client left or a batch failed half-way
 
     def submit_stream(self, request: PromptRequest) -> Job:
         """Queue a streaming request now, so that a full queue is refused before the response starts."""
@@ -149,14 +149,9 @@ class Service:
 
     def _submit(self, requests: Sequence[PromptRequest], stream: bool) -> list[Job]:
         jobs = [Job(lambda job, r=r: self._work(job, r, stream)) for r in requests]
-        submitted: list[Job] = []
         try:
-            for job in jobs:
-                self.scheduler.submit(job)
-                submitted.append(job)
-        except Exception:
-            for job in submitted:
-                job.cancel()
+            self.scheduler.submit(jobs)
+        except QueueFull:
             self.metrics.refused.labels("503").inc()
             raise
         return jobs
@@ -213,6 +208,11 @@ class Service:
         for job in jobs:
             if job.finished is None:
                 self.metrics.finished.labels("abort").inc()
+
+
+async def _results(jobs: Sequence[Job]) -> list:
+    """The jobs' values; they finish in order, so awaiting them in turn loses no time."""
+    return [await job.result() for job in jobs]
 
 
 async def _disconnected(http_request) -> None:
