@@ -8,6 +8,7 @@ SGLang's ``select`` needs and which come from a real target forward, not from th
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +25,9 @@ from whiflash_sgl.verify import SamplingParams
 # SGLang's --speculative-algorithm names -> the reference engine's methods ("" = no speculation)
 ALGORITHMS = {"": "vanilla", "WHIFLASH": "whiflash", "EAGLE3": "eagle3", "DFLASH": "dflash", "NGRAM": "ngram"}
 GREEDY_BELOW = 1e-5  # SGLang samples greedily below this temperature
+# the smallest top_p taken: any nucleus this small keeps the most likely token alone already, and a float32 cannot
+# hold much smaller ones (below about 1e-45 top_p reads as 0 and would keep no token at all)
+MIN_TOP_P = 1e-6
 
 
 def method_name(algorithm: str | None, policy: str) -> str:
@@ -52,11 +56,23 @@ class TokenLogprobs:
     top: list[list[tuple[float, int, str | None]] | None] = field(default_factory=list)
 
 
+def generation_params(max_new_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None,
+                      stop: str | Sequence[str] | None, seed: int | None) -> GenerationParams:
+    """Both APIs' generation fields (``None``: not given) as engine parameters. Without a seed a request gets a fresh
+    random one, so that unseeded sampled requests differ, as with OpenAI and vLLM."""
+    stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    return GenerationParams(max_new_tokens, sampling_params(temperature, top_p, top_k),
+                            secrets.randbits(64) if seed is None else seed, stop)
+
+
 def sampling_params(temperature: float | None, top_p: float | None, top_k: int | None) -> SamplingParams:
     """SGLang's conventions (temperature 1 by default, greedy below 1e-5, top_k -1 = off) as engine parameters."""
     temperature = 1.0 if temperature is None else temperature
     if top_k is not None and top_k != -1 and top_k < 1:
         raise WhiFlashError(f"top_k must be -1 (off) or at least 1, got {top_k}")
+    if top_p is not None and not MIN_TOP_P <= top_p <= 1:
+        raise WhiFlashError(f"top_p must be in [{MIN_TOP_P:g}, 1], got {top_p:g} (a smaller top_p keeps only the most "
+                            f"likely token, as {MIN_TOP_P:g} does already)")
     if 0 <= temperature < GREEDY_BELOW:
         temperature = 0.0
     try:
@@ -141,9 +157,11 @@ class ServedModel:
         return GenerationResult(prompt_tokens=prompt_tokens, tokens=[], text="", finish_reason="length",
                                 seconds=0.0, rounds=0, drafted=0)
 
-    def logprobs(self, ids: Sequence[int], first: int, top_n: int, with_text: bool) -> TokenLogprobs:
+    def logprobs(self, ids: Sequence[int], first: int, top_n: int, with_text: bool,
+                 cancelled: Callable[[], bool] | None = None) -> TokenLogprobs:
         """``log p(ids[i] | ids[:i])`` for ``i`` in ``[first, len(ids))`` (``first >= 1``) from one target forward,
-        without temperature; with the ``top_n`` most likely tokens at each of those positions when ``top_n > 0``."""
+        without temperature; with the ``top_n`` most likely tokens at each of those positions when ``top_n > 0``.
+        ``cancelled`` is asked before each position; when it says so, the positions so far are returned."""
         ids = list(ids)
         out = TokenLogprobs()
         if first >= len(ids):
@@ -151,6 +169,8 @@ class ServedModel:
         text = self._token_text if with_text else (lambda _: None)
         logits = self.target.score(ids, len(ids) - first + 1)  # row j predicts ids[first + j]
         for row, token in zip(logits, ids[first:]):
+            if cancelled is not None and cancelled():
+                break
             logp = torch.log_softmax(row.float(), dim=-1)
             out.tokens.append((_finite(logp[token]), token, text(token)))
             if top_n > 0:

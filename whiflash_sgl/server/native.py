@@ -12,8 +12,9 @@ from importlib.metadata import version
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from whiflash_sgl.server.model import GenerationParams, sampling_params
-from whiflash_sgl.server.schemas import NATIVE_DEFAULT_MAX_NEW_TOKENS, GenerateBody, SamplingParamsBody, parse
+from whiflash_sgl.server.model import GenerationParams, generation_params
+from whiflash_sgl.server.schemas import (NATIVE_DEFAULT_MAX_NEW_TOKENS, BadRequest, GenerateBody, SamplingParamsBody,
+                                         parse)
 from whiflash_sgl.server.service import LogprobRequest, Outcome, PromptRequest, Service
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -26,21 +27,19 @@ def sse(data) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def generation_params(body: SamplingParamsBody | None) -> GenerationParams:
+def _params(body: SamplingParamsBody | None) -> GenerationParams:
     body = body or SamplingParamsBody()
-    stop = body.stop if body.stop is not None else ()
-    return GenerationParams(
-        max_new_tokens=NATIVE_DEFAULT_MAX_NEW_TOKENS if body.max_new_tokens is None else body.max_new_tokens,
-        sampling=sampling_params(body.temperature, body.top_p, body.top_k),
-        seed=body.sampling_seed or 0,
-        stop=(stop,) if isinstance(stop, str) else tuple(stop),
-    )
+    max_new_tokens = NATIVE_DEFAULT_MAX_NEW_TOKENS if body.max_new_tokens is None else body.max_new_tokens
+    return generation_params(max_new_tokens, body.temperature, body.top_p, body.top_k, body.stop, body.sampling_seed)
 
 
 def _logprob_request(body: GenerateBody, index: int, prompt_len: int) -> LogprobRequest | None:
     if not body.item("return_logprob", index):
         return None
     start = body.item("logprob_start_len", index)
+    if start is not None and start != -1 and start >= prompt_len:
+        raise BadRequest(f"logprob_start_len={start} is beyond the prompt's {prompt_len} tokens: give -1 (output "
+                         f"logprobs only) or a prompt position in [0, {prompt_len})")
     return LogprobRequest(start=prompt_len if start in (None, -1) else start,
                           top_n=body.item("top_logprobs_num", index) or 0,
                           with_text=body.return_text_in_logprobs)
@@ -91,7 +90,7 @@ def router(service: Service) -> APIRouter:
         prompts: list[PromptRequest] = []
         for i, prompt in enumerate(body.prompts()):
             ids = model.encode_text(prompt) if isinstance(prompt, str) else list(prompt)
-            prompts.append(service.prompt_request(ids, generation_params(body.item("sampling_params", i)),
+            prompts.append(service.prompt_request(ids, _params(body.item("sampling_params", i)),
                                                   body.item("rid", i), _logprob_request(body, i, len(ids))))
         if body.stream:
             return _stream(service, prompts[0])

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from whiflash_sgl.errors import WhiFlashError
-from whiflash_sgl.server.model import GenerationParams, sampling_params
+from whiflash_sgl.server.model import GenerationParams, generation_params
 from whiflash_sgl.server.native import SSE_DONE, SSE_HEADERS, sse
 from whiflash_sgl.server.schemas import COMPLETIONS_DEFAULT_MAX_TOKENS, ChatCompletionBody, CompletionBody, parse
 from whiflash_sgl.server.service import Outcome, PromptRequest, Service
@@ -43,10 +43,7 @@ def router(service: Service) -> APIRouter:
             raise ModelNotFound(f"the model {name!r} does not exist here; this server serves {model.served_name!r}")
 
     def params(body, max_tokens: int) -> GenerationParams:
-        stop = body.stop if body.stop is not None else ()
-        return GenerationParams(max_new_tokens=max_tokens,
-                                sampling=sampling_params(body.temperature, body.top_p, body.top_k),
-                                seed=body.seed or 0, stop=(stop,) if isinstance(stop, str) else tuple(stop))
+        return generation_params(max_tokens, body.temperature, body.top_p, body.top_k, body.stop, body.seed)
 
     @api.get("/v1/models")
     async def models():

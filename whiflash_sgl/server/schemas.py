@@ -4,24 +4,45 @@ Unknown fields and wrong types are refused, never coerced. Fields that SGLang or
 engine cannot honour (structured output, penalties, ``n > 1``, images, ...) are accepted only at their neutral value
 (``null`` or the documented default), because SGLang's own frontend sends several of them on every request; any other
 value is refused with a message saying the reference engine does not support it, rather than silently ignored.
+Values that JSON can carry but no field can take (lone surrogates, NaN, integers too long to convert, deep nesting)
+are refused before validation, with the field's path.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Literal
+import math
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.sampling import SEED_RANGE
 
 NATIVE_DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's SamplingParams default
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's /v1/completions default
+# top logprobs per position, native top_logprobs_num: OpenAI's cap on top_logprobs; each one costs a decode per
+# position, and SGLang's frontend asks for a handful at most
+MAX_TOP_LOGPROBS = 20
+MAX_JSON_DEPTH = 32  # the schemas need 4 levels; deeper input is refused before any recursive code sees it
 
 
 class BadRequest(WhiFlashError):
     """The request is malformed or asks for something the server cannot do: an HTTP 400 with this message."""
+
+
+def _seed(value: int) -> int:
+    if not SEED_RANGE[0] <= value < SEED_RANGE[1]:
+        shown = str(value) if abs(value) < 10**40 else f"an integer of {len(str(abs(value)))} digits"
+        raise PydanticCustomError("seed", "must be an integer in [-2**63, 2**64) (a negative seed is taken modulo "
+                                          "2**64), got {shown}", {"shown": shown})
+    return value
+
+
+Seed = Annotated[int, AfterValidator(_seed)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+LogprobStart = Annotated[int, Field(ge=-1)]  # -1: output logprobs only; else a prompt position (checked later)
 
 
 class _Body(BaseModel):
@@ -45,31 +66,92 @@ class _Body(BaseModel):
 def parse(model: type[_Body], body: bytes):
     """``body`` (raw JSON) validated as ``model``; a :class:`BadRequest` naming every problem otherwise."""
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_int=_int)
+    except RecursionError:
+        raise BadRequest(f"malformed JSON body: nested far deeper than the {MAX_JSON_DEPTH} levels allowed") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON body: {exc}") from exc
+    _check_values(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise BadRequest(describe(exc)) from exc
 
 
+class _LongInt:
+    """An integer literal longer than Python converts (``sys.get_int_max_str_digits``), kept for the error."""
+
+    def __init__(self, literal: str):
+        self.digits = len(literal.lstrip("-"))
+
+
+def _int(literal: str) -> int | _LongInt:
+    try:
+        return int(literal)
+    except ValueError:
+        return _LongInt(literal)
+
+
+def _check_values(data) -> None:
+    """Refuse what no field takes, naming where it is: nesting deeper than ``MAX_JSON_DEPTH``, lone surrogates
+    (which can neither be tokenized nor sent back), NaN and infinities, integers too long to convert. Iterative, so
+    depth costs no stack; ints, the bulk of ``input_ids``, are passed over first."""
+    stack = [((), data)] if isinstance(data, (dict, list)) else []
+    while stack:
+        path, container = stack.pop()
+        if len(path) >= MAX_JSON_DEPTH:
+            raise _bad(path[:3], f"nested deeper than {MAX_JSON_DEPTH} levels")
+        for key, value in container.items() if isinstance(container, dict) else enumerate(container):
+            if type(key) is str and (problem := _value_problem(key)):
+                raise _bad(path, f"a field name {problem}")
+            if type(value) is int:
+                continue
+            if isinstance(value, (dict, list)):
+                stack.append((path + (key,), value))
+            elif problem := _value_problem(value):
+                raise _bad(path + (key,), problem)
+
+
+def _value_problem(value) -> str | None:
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "is not valid Unicode: it holds a lone surrogate (a \\ud800-\\udfff escape without its pair)"
+    elif isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number (NaN and infinities are not)"
+    elif isinstance(value, _LongInt):
+        return f"is an integer of {value.digits} digits, out of range for every field"
+    return None
+
+
+def _bad(path: tuple, problem: str) -> BadRequest:
+    return BadRequest(f"invalid request: {'.'.join(map(str, path)) or 'the body'}: {problem}")
+
+
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _is_type_tag(part) -> bool:
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or part.startswith("constrained-"))
 
 
 def describe(exc: ValidationError) -> str:
     """One line for a validation error. Pydantic reports a union's failure once per member, with the member's type
-    in the location (``text.str``, ``text.list[str]``): those tags are dropped, the first message per location is
-    kept, and a location is dropped when a more specific one inside it failed too."""
-    by_location: dict[tuple, str] = {}
+    in the location (``text.str``, ``text.list[str]``): those tags are dropped, and per location the first message
+    is kept, preferring one that is not a plain type mismatch (``text: []`` is a list too short, more than it is not
+    a string); a location is dropped when a more specific one inside it failed too."""
+    by_location: dict[tuple, tuple[bool, str]] = {}
     for error in exc.errors(include_url=False):
-        loc = tuple(str(p) for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS)))
+        loc = tuple(str(p) for p in error["loc"] if not _is_type_tag(p))
         if error["type"] == "extra_forbidden":
             message = f"unknown field {'.'.join(loc)!r}"
         else:
             message = f"{'.'.join(loc)}: {error['msg']}" if loc else error["msg"]
-        by_location.setdefault(loc, message)
-    kept = [message for loc, message in by_location.items()
+        mismatch = error["type"].endswith("_type")
+        if loc not in by_location or by_location[loc][0] and not mismatch:
+            by_location[loc] = (mismatch, message)
+    kept = [message for loc, (_, message) in by_location.items()
             if not any(other != loc and other[:len(loc)] == loc for other in by_location)]
     return "invalid request: " + "; ".join(kept[:6])
 
@@ -85,7 +167,7 @@ class SamplingParamsBody(_Body):
     top_p: float | None = None
     top_k: int | None = None
     stop: str | list[str] | None = None
-    sampling_seed: int | None = None
+    sampling_seed: Seed | None = None
     spaces_between_special_tokens: bool | None = None  # no effect: special tokens are always skipped
     min_p: float | None = None
     stop_token_ids: list[int] | None = None
@@ -121,14 +203,14 @@ class SamplingParamsBody(_Body):
 class GenerateBody(_Body):
     """SGLang's ``/generate``: one prompt, or a batch when ``text``/``input_ids`` is a list of prompts."""
 
-    text: str | list[str] | None = None
+    text: str | Annotated[list[str], Field(min_length=1)] | None = None
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: SamplingParamsBody | list[SamplingParamsBody] | None = None
     rid: str | list[str] | None = None
     stream: bool = False
     return_logprob: bool | list[bool] | None = None
-    logprob_start_len: int | list[int] | None = None
-    top_logprobs_num: int | list[int] | None = None
+    logprob_start_len: LogprobStart | list[LogprobStart] | None = None
+    top_logprobs_num: TopLogprobs | list[TopLogprobs] | None = None
     return_text_in_logprobs: bool = False
     log_metrics: bool = True
     image_data: Any = None
@@ -198,7 +280,7 @@ class _OpenAIBody(_Body):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     user: str | None = None  # an end-user id for the caller's own bookkeeping; it does not change the output
     n: int | None = None
     frequency_penalty: float | None = None

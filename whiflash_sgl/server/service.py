@@ -16,7 +16,6 @@ from whiflash_sgl.engine import GenerationResult
 from whiflash_sgl.server.metrics import ServerMetrics
 from whiflash_sgl.server.model import GenerationParams, ServedModel, TokenLogprobs
 from whiflash_sgl.server.scheduler import Job, QueueFull, Scheduler
-from whiflash_sgl.server.schemas import BadRequest
 from whiflash_sgl.server.stats import SpecStats
 
 
@@ -100,8 +99,6 @@ class Service:
         """A checked request; :class:`WhiFlashError` (a 400) when the model cannot take it."""
         ids = list(prompt_ids)
         self.model.check(ids, params.max_new_tokens)
-        if logprobs is not None and logprobs.start > len(ids):
-            raise BadRequest(f"logprob_start_len={logprobs.start} is beyond the prompt's {len(ids)} tokens")
         return PromptRequest(ids, params, rid or new_rid(), logprobs)
 
     # --- running --------------------------------------------------------------------------------------------
@@ -166,7 +163,9 @@ class Service:
         lp = request.logprobs
         prompt_len = len(request.prompt_ids)
         first = lp.start + 1 if lp.start < prompt_len else prompt_len
-        scored = model.logprobs(request.prompt_ids + result.tokens, first, lp.top_n, lp.with_text)
+        scored = model.logprobs(request.prompt_ids + result.tokens, first, lp.top_n, lp.with_text, job.cancelled)
+        if job.cancelled():
+            return result, None, None
         n_in = prompt_len - first  # scored prompt positions
         inputs = TokenLogprobs(scored.tokens[:n_in], scored.top[:n_in])
         if lp.start < prompt_len:  # SGLang reports the first position with no logprob
