@@ -196,12 +196,16 @@ def test_bad_input_is_a_4xx_with_a_message(server, path, body, status, message):
     assert message in response.json()["error"]["message"]
 
 
+def responses(server, status: int) -> float:
+    return metric_samples(server).get(("whiflash_http_responses_total", (("status", str(status)),)), 0)
+
+
 def test_the_server_survives_bad_input_and_counts_it(server):
-    before = metric_samples(server).get(("whiflash_refused_requests_total", (("status", "400"),)), 0)
+    before = {status: responses(server, status) for status in (400, 404)}
     for path, body, *_ in BAD_REQUESTS:
         post(server, path, body)
-    after = metric_samples(server)[("whiflash_refused_requests_total", (("status", "400"),))]
-    assert after - before == sum(status == 400 for *_, status, _ in BAD_REQUESTS)
+    for status in before:
+        assert responses(server, status) - before[status] == sum(s == status for *_, s, _ in BAD_REQUESTS)
     assert generate(server, max_new_tokens=5)["meta_info"]["completion_tokens"] == 5
 
 

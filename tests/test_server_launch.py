@@ -31,6 +31,9 @@ def test_auto_backend_is_sglang_only_with_cuda_and_sglang(monkeypatch):
     (["--speculative-algorithm", "WHIFLASH", "--whiflash-policy", "nope"], "unknown routing policy 'nope'"),
     (["--speculative-algorithm", "MEDUSA"], "unknown --speculative-algorithm 'MEDUSA'"),
     (["--max-queued-requests", "0"], "--max-queued-requests must be >= 1"),
+    (["--max-prompt-chars", "0"], "--max-prompt-chars must be positive, got 0"),
+    (["--max-request-bytes", "0"], "--max-request-bytes must be positive, got 0"),
+    (["--timeout-read", "-1"], "--timeout-read must be positive, got -1.0"),
 ])
 def test_bad_settings_fail_before_serving(capsys, served_dir, flags, message):
     code = launch_server.main(["--backend", "reference", "--model-path", str(served_dir / "model"),

@@ -1,35 +1,30 @@
 """The ASGI application: both APIs, ``/metrics``, and one error shape for every failure.
 
 Every error is ``{"error": {"message", "type", "code"}}`` (OpenAI's shape, which SGLang's clients read too): 400 for
-bad input, 404 for an unknown model, 503 when the queue is full, 500 for a fault on the engine thread. A failure
-in one request never stops the server.
+bad input, 404 for an unknown model or route, 408 for a request that did not arrive in time, 413 for a body, prompt
+or batch over the server's limits, 431 for oversized headers, 503 when the queue is full, and 500, with only a
+request id, for a fault on the server's side (its detail goes to the log under that id). A failure in one request
+never stops the server. The application is wrapped in :class:`~whiflash_sgl.server.http.Guard`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.server import native, openai_api
+from whiflash_sgl.server.http import CLIENT_CLOSED, Guard, HttpLimits, error, failure, request_id
 from whiflash_sgl.server.metrics import CONTENT_TYPE
 from whiflash_sgl.server.scheduler import QueueFull
 from whiflash_sgl.server.service import ClientGone, Service
 
-log = logging.getLogger("whiflash_sgl.server")
 
-CLIENT_CLOSED = 499  # nginx's code for a client that left; nobody reads it
-
-
-def error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
-
-
-def build_app(service: Service) -> FastAPI:
+def build_app(service: Service, limits: HttpLimits = HttpLimits()) -> Guard:
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         service.start()
@@ -46,31 +41,25 @@ def build_app(service: Service) -> FastAPI:
     async def metrics():
         return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
 
-    @app.exception_handler(WhiFlashError)  # bad input, found by the schemas or by the model's checks
-    async def bad_request(_request: Request, exc: WhiFlashError):
-        service.metrics.refused.labels("400").inc()
-        return error(400, str(exc), "invalid_request_error")
-
-    @app.exception_handler(openai_api.ModelNotFound)
-    async def model_not_found(_request: Request, exc: openai_api.ModelNotFound):
-        service.metrics.refused.labels("404").inc()
-        return error(404, str(exc), "model_not_found")
+    @app.exception_handler(WhiFlashError)  # bad input, found by the schemas, the limits or the model's checks
+    @app.exception_handler(Exception)  # a fault on our side: Starlette re-raises it afterwards, the Guard drops it
+    async def failed(request: Request, exc: Exception):
+        status, message, kind = failure(exc, request_id(request.scope))
+        if status >= 500:
+            request.state.exception = exc  # for the Guard's log line
+        return error(status, message, kind)
 
     @app.exception_handler(QueueFull)
     async def queue_full(_request: Request, exc: QueueFull):
         return error(503, str(exc), "server_busy")
 
     @app.exception_handler(ClientGone)
-    async def client_gone(_request: Request, _exc: ClientGone):
+    @app.exception_handler(ClientDisconnect)  # the client left while its body was being read
+    async def client_gone(_request: Request, _exc: Exception):
         return Response(status_code=CLIENT_CLOSED)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):
         return error(exc.status_code, str(exc.detail), "invalid_request_error")
 
-    @app.exception_handler(Exception)
-    async def internal(_request: Request, exc: Exception):
-        log.exception("request failed")
-        return error(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
-
-    return app
+    return Guard(app, limits, service.metrics.count_response)

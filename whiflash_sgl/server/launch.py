@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.model_store import DEFAULT_MODEL
+from whiflash_sgl.server.http import HttpLimits
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local folders; never wait on a hub
 
@@ -36,12 +37,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--max-queued-requests", type=int, default=256,
-                        help="requests allowed to wait for the engine; more get HTTP 503")
+                        help="requests allowed to wait for the engine; more get HTTP 503 (a batch larger than this "
+                             "gets 413)")
+    limits = HttpLimits()
+    parser.add_argument("--max-request-bytes", type=int, default=limits.max_request_bytes,
+                        help="largest request body; a larger one gets HTTP 413 before it is read (default: 4 MiB)")
+    parser.add_argument("--max-prompt-chars", type=int, default=limits.max_prompt_chars,
+                        help="longest prompt in characters (chat: all messages), refused with HTTP 413 before it is "
+                             "tokenized (default: %(default)s)")
+    parser.add_argument("--max-header-bytes", type=int, default=limits.max_header_bytes,
+                        help="largest request line and headers; larger gets HTTP 431 (default: 32 KiB)")
+    parser.add_argument("--timeout-keep-alive", type=float, default=limits.timeout_keep_alive,
+                        help="seconds an idle connection stays open (default: %(default)s)")
+    parser.add_argument("--timeout-read", type=float, default=limits.timeout_read,
+                        help="seconds to send a request's head once begun, and again its body; later gets HTTP 408 "
+                             "(default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
-def load_service(args: argparse.Namespace):
+def http_limits(args: argparse.Namespace) -> HttpLimits:
+    """The HTTP server's limits, from parsed flags; raises :class:`WhiFlashError` for a bad one."""
+    limits = HttpLimits(args.max_request_bytes, args.max_prompt_chars, args.max_header_bytes, args.timeout_keep_alive,
+                        args.timeout_read)
+    limits.check()
+    return limits
+
+
+def load_service(args: argparse.Namespace, limits: HttpLimits):
     """The model and its service, from parsed flags; raises :class:`WhiFlashError` for any bad setting."""
     import torch
 
@@ -54,7 +77,7 @@ def load_service(args: argparse.Namespace):
         raise WhiFlashError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
     model = ServedModel.load(args.model_path, args.speculative_algorithm, args.whiflash_policy,
                              args.whiflash_config, args.whiflash_policy_config, args.served_model_name)
-    return Service(model, args.max_queued_requests)
+    return Service(model, args.max_queued_requests, limits.max_prompt_chars)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -64,7 +87,8 @@ def serve(args: argparse.Namespace) -> int:
     from whiflash_sgl.server.app import build_app
 
     try:
-        service = load_service(args)
+        limits = http_limits(args)
+        service = load_service(args, limits)
     except WhiFlashError as exc:
         print(f"launch_server: error: {exc}", file=sys.stderr)
         return 2
@@ -72,7 +96,8 @@ def serve(args: argparse.Namespace) -> int:
     model = service.model
     print(f"launch_server: serving {model.served_name} with the reference engine ({model.method.name}) on "
           f"http://{args.host}:{args.port}", file=sys.stderr)
-    uvicorn.run(build_app(service), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(build_app(service, limits), host=args.host, port=args.port, log_level=args.log_level,
+                **limits.uvicorn_settings(service.metrics.count_response))
     return 0
 
 
@@ -90,7 +115,8 @@ class BackgroundServer:
         self.thread.join(timeout)
 
 
-def start_background(service, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> BackgroundServer:
+def start_background(service, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0,
+                     limits: HttpLimits = HttpLimits()) -> BackgroundServer:
     """Serve ``service`` on ``host:port`` (0 = a free port) from a daemon thread; returns once it accepts."""
     import uvicorn
 
@@ -99,7 +125,8 @@ def start_background(service, host: str = "127.0.0.1", port: int = 0, timeout: f
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(build_app(service), log_level="warning", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(build_app(service, limits), log_level="warning", timeout_graceful_shutdown=5,
+                                           **limits.uvicorn_settings(service.metrics.count_response)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="whiflash-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

@@ -27,8 +27,8 @@ class ServerMetrics:
         Gauge("whiflash_queue_running_requests", "Requests on the engine (0 or 1)", registry=r).set_function(running)
         self.finished = Counter("whiflash_requests", "Generation requests that finished, by finish reason",
                                 ["finish_reason"], registry=r)
-        self.refused = Counter("whiflash_refused_requests", "Requests refused before reaching the engine",
-                               ["status"], registry=r)
+        self.responses = Counter("whiflash_http_responses", "HTTP responses by status, on every route (499: the "
+                                 "client left before its answer)", ["status"], registry=r)
         self.latency = Histogram("whiflash_request_latency_seconds", "Arrival to last token, per prompt",
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("whiflash_queue_wait_seconds", "Time waiting for the engine, per prompt",
@@ -69,6 +69,9 @@ class ServerMetrics:
             self.switches.inc(stats.switches)
             self.switch_seconds.inc(stats.switch_seconds)
             self._totals["switch"] += stats.switch_seconds
+
+    def count_response(self, status: int) -> None:
+        self.responses.labels(str(status)).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,6 +12,7 @@ from importlib.metadata import version
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from whiflash_sgl.server.http import error_body, failure, log_failure, request_id
 from whiflash_sgl.server.model import GenerationParams, generation_params
 from whiflash_sgl.server.schemas import (NATIVE_DEFAULT_MAX_NEW_TOKENS, BadRequest, GenerateBody, SamplingParamsBody,
                                          parse)
@@ -25,6 +26,14 @@ def sse(data) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(exc: Exception, request: Request) -> str:
+    """A failure after a stream's status line went out: logged, and told in the stream in the errors' shape."""
+    rid = request_id(request.scope)
+    status, message, kind = failure(exc, rid)
+    log_failure(rid, f"{request.method} {request.url.path}", status, message, exc if status >= 500 else None)
+    return sse(error_body(status, message, kind))
 
 
 def _params(body: SamplingParamsBody | None) -> GenerationParams:
@@ -84,16 +93,22 @@ def router(service: Service) -> APIRouter:
     api = APIRouter()
     model = service.model
 
-    @api.post("/generate")
-    async def generate(request: Request):
-        body = parse(GenerateBody, await request.body())
+    def prepare(raw: bytes) -> tuple[GenerateBody, list[PromptRequest]]:
+        body = parse(GenerateBody, raw)
+        texts = body.prompts()
+        service.check_batch(len(texts))
         prompts: list[PromptRequest] = []
-        for i, prompt in enumerate(body.prompts()):
-            ids = model.encode_text(prompt) if isinstance(prompt, str) else list(prompt)
+        for i, prompt in enumerate(texts):
+            ids = service.encode_text(prompt) if isinstance(prompt, str) else list(prompt)
             prompts.append(service.prompt_request(ids, _params(body.item("sampling_params", i)),
                                                   body.item("rid", i), _logprob_request(body, i, len(ids))))
+        return body, prompts
+
+    @api.post("/generate")
+    async def generate(request: Request):
+        body, prompts = await service.prepare(prepare, await request.body())
         if body.stream:
-            return _stream(service, prompts[0])
+            return _stream(service, prompts[0], request)
         outcomes = await service.complete(request, prompts)
         objects = [response_object(o) for o in outcomes]
         return JSONResponse(objects if body.batch_size is not None else objects[0])
@@ -143,7 +158,7 @@ def router(service: Service) -> APIRouter:
     return api
 
 
-def _stream(service: Service, prompt: PromptRequest) -> StreamingResponse:
+def _stream(service: Service, prompt: PromptRequest, request: Request) -> StreamingResponse:
     job = service.submit_stream(prompt)
 
     async def events():
@@ -157,7 +172,7 @@ def _stream(service: Service, prompt: PromptRequest) -> StreamingResponse:
                 else:
                     yield sse(response_object(value))
         except Exception as exc:  # the status line is gone: report in the stream
-            yield sse({"error": {"message": str(exc), "type": type(exc).__name__}})
+            yield sse_error(exc, request)
         yield SSE_DONE
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)

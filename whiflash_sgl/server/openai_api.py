@@ -13,15 +13,18 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.server.http import HttpError
 from whiflash_sgl.server.model import GenerationParams, generation_params
-from whiflash_sgl.server.native import SSE_DONE, SSE_HEADERS, sse
+from whiflash_sgl.server.native import SSE_DONE, SSE_HEADERS, sse, sse_error
 from whiflash_sgl.server.schemas import COMPLETIONS_DEFAULT_MAX_TOKENS, ChatCompletionBody, CompletionBody, parse
 from whiflash_sgl.server.service import Outcome, PromptRequest, Service
 
 
-class ModelNotFound(WhiFlashError):
-    """The request names another model than the one served: an HTTP 404."""
+class ModelNotFound(HttpError):
+    """The request names another model than the one served."""
+
+    status = 404
+    kind = "model_not_found"
 
 
 def _finish_reason(outcome: Outcome) -> str:
@@ -52,19 +55,34 @@ def router(service: Service) -> APIRouter:
             "root": model.model_path, "max_model_len": model.context_length,
         }]}
 
-    @api.post("/v1/completions")
-    async def completions(request: Request):
-        body = parse(CompletionBody, await request.body())
+    def prepare_completion(raw: bytes) -> tuple[CompletionBody, list[PromptRequest]]:
+        body = parse(CompletionBody, raw)
         check_model(body.model)
         budget = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        texts = body.prompts()
+        service.check_batch(len(texts))
         prompts = []
-        for prompt in body.prompts():
-            ids = model.encode_text(prompt) if isinstance(prompt, str) else list(prompt)
+        for prompt in texts:
+            ids = service.encode_text(prompt) if isinstance(prompt, str) else list(prompt)
             prompts.append(service.prompt_request(ids, params(body, budget)))
+        return body, prompts
+
+    def prepare_chat(raw: bytes) -> tuple[ChatCompletionBody, PromptRequest]:
+        body = parse(ChatCompletionBody, raw)
+        check_model(body.model)
+        ids = service.encode_chat([m.as_template_message() for m in body.messages])
+        budget = body.token_budget
+        if budget is None:  # OpenAI's default: as much as the context window leaves
+            budget = max(model.context_length - len(ids), 0)
+        return body, service.prompt_request(ids, params(body, budget))
+
+    @api.post("/v1/completions")
+    async def completions(request: Request):
+        body, prompts = await service.prepare(prepare_completion, await request.body())
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         if body.stream:
-            return _stream(service, prompts[0], head, body, chat=False)
+            return _stream(service, prompts[0], head, body, request, chat=False)
         outcomes = await service.complete(request, prompts)
         choices = [{"index": i, "text": o.result.text, "logprobs": None, "finish_reason": _finish_reason(o),
                     "matched_stop": o.matched_stop} for i, o in enumerate(outcomes)]
@@ -72,17 +90,11 @@ def router(service: Service) -> APIRouter:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = parse(ChatCompletionBody, await request.body())
-        check_model(body.model)
-        ids = model.encode_chat([m.as_template_message() for m in body.messages])
-        budget = body.token_budget
-        if budget is None:  # OpenAI's default: as much as the context window leaves
-            budget = max(model.context_length - len(ids), 0)
-        prompt = service.prompt_request(ids, params(body, budget))
+        body, prompt = await service.prepare(prepare_chat, await request.body())
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": body.model}
         if body.stream:
-            return _stream(service, prompt, {**head, "object": "chat.completion.chunk"}, body, chat=True)
+            return _stream(service, prompt, {**head, "object": "chat.completion.chunk"}, body, request, chat=True)
         (outcome,) = await service.complete(request, [prompt])
         choice = {"index": 0, "message": {"role": "assistant", "content": outcome.result.text}, "logprobs": None,
                   "finish_reason": _finish_reason(outcome), "matched_stop": outcome.matched_stop}
@@ -91,7 +103,8 @@ def router(service: Service) -> APIRouter:
     return api
 
 
-def _stream(service: Service, prompt: PromptRequest, head: dict, body, chat: bool) -> StreamingResponse:
+def _stream(service: Service, prompt: PromptRequest, head: dict, body, request: Request,
+            chat: bool) -> StreamingResponse:
     job = service.submit_stream(prompt)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
@@ -116,7 +129,7 @@ def _stream(service: Service, prompt: PromptRequest, head: dict, body, chat: boo
                     if include_usage:
                         yield sse({**head, "choices": [], "usage": _usage([value])})
         except Exception as exc:  # the status line is gone: report in the stream
-            yield sse({"error": {"message": str(exc), "type": type(exc).__name__}})
+            yield sse_error(exc, request)
         yield SSE_DONE
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)

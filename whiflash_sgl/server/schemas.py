@@ -17,8 +17,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.sampling import SEED_RANGE
+from whiflash_sgl.server.http import HttpError
 
 NATIVE_DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's SamplingParams default
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's /v1/completions default
@@ -28,7 +28,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_JSON_DEPTH = 32  # the schemas need 4 levels; deeper input is refused before any recursive code sees it
 
 
-class BadRequest(WhiFlashError):
+class BadRequest(HttpError):
     """The request is malformed or asks for something the server cannot do: an HTTP 400 with this message."""
 
 

@@ -9,14 +9,19 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from whiflash_sgl.engine import GenerationResult
+from whiflash_sgl.server.http import HttpLimits, TooLarge
 from whiflash_sgl.server.metrics import ServerMetrics
 from whiflash_sgl.server.model import GenerationParams, ServedModel, TokenLogprobs
-from whiflash_sgl.server.scheduler import Job, QueueFull, Scheduler
+from whiflash_sgl.server.scheduler import Job, Scheduler
 from whiflash_sgl.server.stats import SpecStats
+
+T = TypeVar("T")
 
 
 class ClientGone(Exception):
@@ -71,11 +76,18 @@ def new_rid() -> str:
 
 
 class Service:
-    """Owns the served model, the scheduler and the metrics."""
+    """Owns the served model, the scheduler, the metrics and the thread that prepares requests.
 
-    def __init__(self, model: ServedModel, max_waiting: int = 256):
+    Preparing a request (parsing its body, tokenizing its prompts, checking them) is work in proportion to its
+    size, so it runs on that thread, off the event loop, one request at a time; prompts longer than
+    ``max_prompt_chars`` characters are refused before they are tokenized."""
+
+    def __init__(self, model: ServedModel, max_waiting: int = 256,
+                 max_prompt_chars: int = HttpLimits.max_prompt_chars):
         self.model = model
+        self.max_prompt_chars = max_prompt_chars
         self.scheduler = Scheduler(max_waiting)
+        self._preparer: ThreadPoolExecutor | None = None
         self.metrics = ServerMetrics(
             {"model": model.served_name, "speculative_algorithm": model.algorithm or "none",
              "policy": model.policy, "backend": "reference"},
@@ -87,12 +99,40 @@ class Service:
         self.accept_lengths: list[float] = []  # spec_accept_length of recent requests, for /server_info
 
     def start(self) -> None:
+        self._preparer = ThreadPoolExecutor(1, thread_name_prefix="whiflash-prepare")
         self.scheduler.start()
 
     def stop(self) -> None:
         self.scheduler.stop()
+        if self._preparer is not None:
+            self._preparer.shutdown(wait=False, cancel_futures=True)
+            self._preparer = None
 
-    # --- building requests ----------------------------------------------------------------------------------
+    # --- building requests (on the preparing thread) --------------------------------------------------------
+
+    async def prepare(self, work: Callable[..., T], *args) -> T:
+        """``work(*args)`` on the preparing thread: the event loop keeps serving other clients meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._preparer, work, *args)
+
+    def check_batch(self, prompts: int) -> None:
+        """A batch must fit the queue whole (checked before its prompts are tokenized)."""
+        limit = self.scheduler.max_waiting
+        if prompts > limit:
+            raise TooLarge(f"the request has {prompts} prompts, but at most {limit} can wait for the engine "
+                           f"(--max-queued-requests): send at most {limit} per request")
+
+    def _check_length(self, chars: int) -> None:
+        if chars > self.max_prompt_chars:
+            raise TooLarge(f"the prompt has {chars} characters; this server takes at most {self.max_prompt_chars} "
+                           f"(--max-prompt-chars)")
+
+    def encode_text(self, text: str) -> list[int]:
+        self._check_length(len(text))
+        return self.model.encode_text(text)
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        self._check_length(sum(len(m["content"]) for m in messages))
+        return self.model.encode_chat(messages)
 
     def prompt_request(self, prompt_ids: Sequence[int], params: GenerationParams, rid: str | None = None,
                        logprobs: LogprobRequest | None = None) -> PromptRequest:
@@ -146,11 +186,7 @@ class Service:
 
     def _submit(self, requests: Sequence[PromptRequest], stream: bool) -> list[Job]:
         jobs = [Job(lambda job, r=r: self._work(job, r, stream)) for r in requests]
-        try:
-            self.scheduler.submit(jobs)
-        except QueueFull:
-            self.metrics.refused.labels("503").inc()
-            raise
+        self.scheduler.submit(jobs)
         return jobs
 
     def _work(self, job: Job, request: PromptRequest, stream: bool):
