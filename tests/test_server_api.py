@@ -70,6 +70,19 @@ def test_generate_is_the_targets_greedy_output_with_sglang_meta_info(server, tar
     assert by_ids["output_ids"] == out["output_ids"]
 
 
+def test_a_seed_gives_one_text_and_it_is_vanilla_s(server, target):
+    """The same seeded sampled request ten times through the routed, speculating server: one text, the reference
+    engine's vanilla text for that seed; a seed differing only above bit 32 gives another text."""
+    from whiflash_sgl.sampling import SamplingParams
+
+    seed, ids = 2**40 + 3, target.tokenizer(PROMPT)["input_ids"]
+    sampling = {"max_new_tokens": 32, "temperature": 0.8, "top_p": 0.9, "sampling_seed": seed}
+    texts = {generate(server, **sampling)["text"] for _ in range(10)}
+    reference = SpeculativeEngine(target, None, SamplingParams(0.8, 0.9), seed=seed).generate(ids, 32)
+    assert texts == {reference.text}
+    assert generate(server, **{**sampling, "sampling_seed": 3})["text"] != reference.text
+
+
 def assert_full_length_or_eos(output: dict, max_new_tokens: int, eos_ids) -> None:
     """A sampled answer runs to ``max_new_tokens`` unless it draws the end token first. Which sample a routed
     request draws depends on the router's latency-driven choices (see below), and one CI run drew it 18 tokens in."""

@@ -67,15 +67,19 @@ def check_seed(seed: int) -> int:
     return seed % 2**64
 
 
-def ranked_logprobs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+def ranked_logprobs(logits: torch.Tensor, params: SamplingParams,
+                    cut: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """float64 log-probabilities of the filtered distribution (unnormalised; ``-inf`` where dropped) by noise column,
     and the token id of each column (``None``: the column is the token id). Filtered rows are cut to the longest
-    kept prefix of ranks, which is all the noise the draw needs."""
+    kept prefix of ranks, which is all the noise the draw needs; ``cut=False`` keeps every rank unfiltered (the
+    columns still keyed by rank)."""
     temperature = torch.full((logits.shape[0], 1), params.temperature, dtype=torch.float32, device=logits.device)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if not params.filtered:
         return torch.log(probs).double(), None
     probs, order = probs.sort(dim=-1, descending=True)
+    if not cut:
+        return probs.double().log(), order
     before = probs.cumsum(dim=-1) - probs
     ranks = torch.arange(probs.shape[-1], device=probs.device)
     if params.top_k:
@@ -145,8 +149,8 @@ class KeyedSampler:
             raise ValueError("a keyed sampler needs temperature > 0")
         self.params, self.seed = params, check_seed(seed)
 
-    def _perturbed(self, logits: torch.Tensor, positions) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logp, order = ranked_logprobs(logits, self.params)
+    def _perturbed(self, logits: torch.Tensor, positions, cut: bool = True):
+        logp, order = ranked_logprobs(logits, self.params, cut)
         positions = torch.as_tensor(positions).reshape(-1).cpu()
         return logp.cpu() + gumbel_noise(self.seed, positions.numpy(), logp.shape[-1]), order
 
@@ -158,9 +162,28 @@ class KeyedSampler:
 
     def scores(self, logits: torch.Tensor, positions) -> torch.Tensor:
         """float64 ``[R, V]`` perturbed log-probabilities by token id (``-inf`` where filtered out), on the logits'
-        device: their argmax is :meth:`sample`'s token, and a drafter ranks its guesses of the target's draw by them."""
+        device: their argmax is :meth:`sample`'s token."""
         perturbed, order = self._perturbed(logits, positions)
         if order is not None:
             full = torch.full(logits.shape, -math.inf, dtype=torch.float64)
             perturbed = full.scatter_(-1, order.cpu(), perturbed)
         return perturbed.to(logits.device)
+
+    def guesses(self, logits: torch.Tensor, positions) -> torch.Tensor:
+        """A drafter's guess of the target's keyed draw at each row: the same draw on the drafter's own logits, its
+        distribution uncut (top-k/top-p of a draft distribution, often sharper than the target's, would cut tokens
+        the target keeps). Token ids ``[R]`` on the logits' device."""
+        perturbed, order = self._perturbed(logits, positions, cut=False)
+        best = perturbed.argmax(-1, keepdim=True)
+        return (best if order is None else order.cpu().gather(-1, best)).view(-1).to(logits.device)
+
+
+def lead_with(logp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Draft log-probs ``[R, C]`` with column ``index[r]`` of each row raised just above the row's best: a drafter's
+    keyed guess leads its candidates and its own ranking fills the rest. Ranking every candidate by the perturbed
+    scores instead loses tau (measured: a small drafter is flatter than the target, and the noise then reorders
+    its runners-up away from the target's likely tokens)."""
+    rows = torch.arange(logp.shape[0], device=logp.device)
+    logp = logp.clone()
+    logp[rows, index] = logp.max(dim=-1).values + 1e-4
+    return logp

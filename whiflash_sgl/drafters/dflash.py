@@ -23,6 +23,7 @@ from whiflash_sgl.drafters.base import Drafter, SequenceState
 from whiflash_sgl.drafters.layers import heads, rope_at, rotate
 from whiflash_sgl.kernels import tree_attention
 from whiflash_sgl.kv_cache import KVCache
+from whiflash_sgl.sampling import lead_with
 from whiflash_sgl.tree import DraftTree
 
 
@@ -147,11 +148,11 @@ class DFlashDrafter(Drafter):
         context = [(layer.keys, layer.values) for layer in self.cache.layers]
         hidden = self.model.block(self.embed(block), torch.arange(n - 1, n + length, device=device), context)
         logits = self.lm_head(hidden[1:]).float()
-        probs = torch.softmax(logits, dim=-1)
-        self.last_confidences = probs.max(dim=-1).values.tolist()
-        if state.sampler is not None:  # keyed rule: guess the target's keyed samples (block row j is keyed at n-1+j)
-            probs = torch.softmax(state.sampler.scores(logits, torch.arange(n - 1, n - 1 + length)), dim=-1)
-        top_p, top_ids = probs.topk(max(self.tree_topk, 1), dim=-1)
+        logp = torch.log_softmax(logits, dim=-1)
+        self.last_confidences = logp.max(dim=-1).values.exp().tolist()
+        if state.sampler is not None:  # keyed rule: the guess of the target's keyed sample leads (row j keyed n-1+j)
+            logp = lead_with(logp, state.sampler.guesses(logits, torch.arange(n - 1, n - 1 + length)))
+        top_p, top_ids = logp.exp().topk(max(self.tree_topk, 1), dim=-1)
         if self.tree_topk <= 1:
             return DraftTree.chain(top_ids[:, 0].tolist())
         return _marginal_tree(top_p, top_ids, self.tree_budget or 2 * length)

@@ -25,7 +25,7 @@ from whiflash_sgl.drafters.base import Drafter, SequenceState
 from whiflash_sgl.drafters.layers import heads, rope_at, rotate
 from whiflash_sgl.kernels import tree_attention
 from whiflash_sgl.kv_cache import KVCache
-from whiflash_sgl.sampling import KeyedSampler
+from whiflash_sgl.sampling import KeyedSampler, lead_with
 from whiflash_sgl.tree import DraftTree
 
 
@@ -144,17 +144,18 @@ class Eagle3Drafter(Drafter):
         return out, self._draft_logp(m.lm_head(m.norm(out)).float(), positions)
 
     def _draft_logp(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """What the tree is built from: the draft's log-probs, or under the keyed rule those of its keyed draw (the
-        target's noise on the draft's logits, mapped into the target vocabulary), so that the first child is the
-        draft's guess of the target's keyed sample. A row at draft position t predicts the token the target keys
-        at t + 1."""
+        """What the tree is built from: the draft's log-probs, and under the keyed rule with the draft's guess of
+        the target's keyed sample leading (``sampling.lead_with``). A row at draft position t predicts the token
+        the target keys at t + 1; the guess is drawn in the target vocabulary, where the target's noise lives."""
+        logp = torch.log_softmax(logits, dim=-1)
         if self.sampler is None:
-            return torch.log_softmax(logits, dim=-1)
+            return logp
         m = self.model
         ids = m.to_target_ids(torch.arange(logits.shape[-1], device=logits.device))
         full = logits.new_full((logits.shape[0], m.t2d.numel()), -math.inf)
         full[:, ids] = logits
-        return torch.log_softmax(self.sampler.scores(full, positions + 1)[:, ids], dim=-1)
+        guesses = self.sampler.guesses(full, positions + 1)
+        return lead_with(logp, (ids[None, :] == guesses[:, None]).int().argmax(-1))
 
     @torch.inference_mode()
     def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
