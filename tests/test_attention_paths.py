@@ -11,8 +11,8 @@ from whiflash_sgl.config import WhiFlashConfig
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.kernels import ReferencePlan, available_backends
 from whiflash_sgl.methods import make_method
+from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.target import Target
-from whiflash_sgl.verify import SamplingParams
 
 
 @pytest.fixture

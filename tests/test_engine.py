@@ -10,9 +10,9 @@ from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.methods import make_method
+from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.target import PackedLinear, Target
 from whiflash_sgl.tree import DraftTree
-from whiflash_sgl.verify import SamplingParams
 
 
 class KnownContinuationDrafter(Drafter):

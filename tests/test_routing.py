@@ -23,10 +23,10 @@ from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.policies import load_policy
 from whiflash_sgl.router import CostModel, Decision, RoundFeatures, Router, best_paradigm, syntax_state
+from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.target import Target
 from whiflash_sgl.train.eagle3 import set_vocabulary
 from whiflash_sgl.train.train_drafter import default_layer_ids
-from whiflash_sgl.verify import SamplingParams
 
 LAYERS = 6
 

@@ -6,8 +6,8 @@ import pytest
 
 from whiflash_sgl.chat import encode_chat
 from whiflash_sgl.methods import METHODS, make_method
+from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.target import Target
-from whiflash_sgl.verify import SamplingParams
 
 pytestmark = pytest.mark.slow
 

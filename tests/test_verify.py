@@ -8,7 +8,8 @@ import torch
 from scipy.stats import chisquare
 
 from whiflash_sgl.tree import DraftTree
-from whiflash_sgl.verify import SamplingParams, accept_greedy, accept_sampled, target_probs
+from whiflash_sgl.sampling import SamplingParams, target_probs
+from whiflash_sgl.verify import accept_greedy, accept_sampled
 
 # vocabulary of 5; the root has three candidate children (tokens 1, 3, 0) and node 0 has two (tokens 2, 4)
 TREE = DraftTree(tokens=(1, 3, 0, 2, 4), parents=(-1, -1, -1, 0, 0))

@@ -23,7 +23,7 @@ from whiflash_sgl.bench import interleave, make_report, switches
 from whiflash_sgl.chat import ChatPrompt, encode_chat
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.model_store import DEFAULT_MODEL, resolve_model
-from whiflash_sgl.verify import SamplingParams
+from whiflash_sgl.sampling import SamplingParams
 
 REQUEST_TIMEOUT_S = 600.0
 START_HINT = "start it first (python -m whiflash_sgl.launch_server --port PORT, or python -m sglang.launch_server)"

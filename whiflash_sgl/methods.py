@@ -15,12 +15,12 @@ from whiflash_sgl.drafters.eagle3 import Eagle3Drafter
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.drafters.oracle import OracleDrafter
 from whiflash_sgl.drafters.whiflash import WhiFlashDrafter
-from whiflash_sgl.policies import load_policy
-from whiflash_sgl.router import Router
 from whiflash_sgl.engine import GenerationResult, SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.policies import load_policy
+from whiflash_sgl.router import Router
+from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.target import Target
-from whiflash_sgl.verify import SamplingParams
 
 METHODS = ("vanilla", "hf-generate", "hf-prompt-lookup", "ngram", "eagle3", "dflash", "whiflash:<policy>", "oracle")
 

@@ -19,8 +19,8 @@ from whiflash_sgl.config import WhiFlashConfig, read_mapping
 from whiflash_sgl.engine import GenerationResult
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.methods import EngineMethod, make_method
+from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.target import Target
-from whiflash_sgl.verify import SamplingParams
 
 # SGLang's --speculative-algorithm names -> the reference engine's methods ("" = no speculation)
 ALGORITHMS = {"": "vanilla", "WHIFLASH": "whiflash", "EAGLE3": "eagle3", "DFLASH": "dflash", "NGRAM": "ngram"}

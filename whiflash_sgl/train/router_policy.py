@@ -20,7 +20,7 @@ from whiflash_sgl.jsonl import read_jsonl
 from whiflash_sgl.methods import make_method
 from whiflash_sgl.policies.mlp import RouterMLP
 from whiflash_sgl.router import RoundFeatures, hedge, members
-from whiflash_sgl.verify import SamplingParams
+from whiflash_sgl.sampling import SamplingParams
 
 
 def collect_traces(target, prompts_path: Path, out_path: Path, config, limit: int | None, max_new_tokens: int,
