@@ -38,3 +38,39 @@ def test_speculative_view_answers_as_an_out_of_tree_platform_and_delegates_the_r
     assert not view.supports_speculative_algorithm("DSPARK")
     assert view.get_default_speculative_draft_attention_backend("DFLASH") == "intel_amx"
     assert not view.supports_speculative_draft_attention_backend("DFLASH", "flashinfer")
+
+
+def test_deterministic_inference_workarounds_apply_once_and_only_on_cpu():
+    import types
+
+    import torch
+
+    choices = types.SimpleNamespace(DETERMINISTIC_ATTENTION_BACKEND_CHOICES=["fa3"])
+    choices.add_deterministic_attention_backend_choices = choices.DETERMINISTIC_ATTENTION_BACKEND_CHOICES.extend
+    cpu_engine._intel_amx_deterministic(choices)
+    cpu_engine._intel_amx_deterministic(choices)
+    assert choices.DETERMINISTIC_ATTENTION_BACKEND_CHOICES == ["fa3", "intel_amx"]
+
+    def draw(x):
+        return x + 1
+
+    sampler = types.SimpleNamespace(multinomial_with_seed=torch.compile(draw, dynamic=True))
+    cpu_engine._eager_seeded_multinomial(sampler)
+    cpu_engine._eager_seeded_multinomial(sampler)
+    assert sampler.multinomial_with_seed is draw
+
+    class ModelRunner:
+        enabled = []
+
+        def __init__(self, device):
+            self.device = device
+
+        def maybe_enable_batch_invariant_mode(self):
+            self.enabled.append(self.device)
+
+    runner = types.SimpleNamespace(ModelRunner=ModelRunner)
+    cpu_engine._no_batch_invariant_kernels_on_cpu(runner)
+    cpu_engine._no_batch_invariant_kernels_on_cpu(runner)
+    for device in ("cpu", "cuda:0", "cpu"):
+        ModelRunner(device).maybe_enable_batch_invariant_mode()
+    assert ModelRunner.enabled == ["cuda:0"]

@@ -60,6 +60,11 @@ def _chain_tree_topk(module) -> None:
         module.DFlashVerifyInput.tree_topk = 1
 
 
+def _intel_amx_deterministic(module) -> None:
+    if DRAFT_ATTENTION_BACKEND not in module.DETERMINISTIC_ATTENTION_BACKEND_CHOICES:
+        module.add_deterministic_attention_backend_choices([DRAFT_ATTENTION_BACKEND])
+
+
 def _wrap_once(owner, name: str, wrap: Callable) -> None:
     """Replace ``owner.name`` by ``wrap(original)``, once however often a workaround is applied."""
     original = getattr(owner, name)
@@ -107,6 +112,22 @@ def _embeds_in_model_dtype(module) -> None:
     _wrap_once(module.ModelRunner, "_extend_forward_kwargs", wrap)
 
 
+def _no_batch_invariant_kernels_on_cpu(module) -> None:
+    def wrap(original):
+        def maybe_enable_batch_invariant_mode(self):
+            if str(self.device).split(":")[0] != "cpu":
+                original(self)
+
+        return maybe_enable_batch_invariant_mode
+
+    _wrap_once(module.ModelRunner, "maybe_enable_batch_invariant_mode", wrap)
+
+
+def _eager_seeded_multinomial(module) -> None:
+    compiled = module.multinomial_with_seed
+    module.multinomial_with_seed = getattr(compiled, "_torchdynamo_orig_callable", compiled)
+
+
 WORKAROUNDS = (
     Workaround("sglang.srt.utils.common", "is_amx_tile_supported = torch.cpu._is_amx_tile_supported()",
                "SGLang's CPU kernels (norms, rope, packed linears, intel_amx attention, store_cache) are all gated on "
@@ -130,6 +151,21 @@ WORKAROUNDS = (
                "a float32 server's DFlash draft block (embedded by the worker) meets float32 weights as bf16; cast "
                "to the runner's dtype instead (float32 is what keeps greedy output identical on CPU)",
                _embeds_in_model_dtype),
+    Workaround("sglang.srt.arg_groups.choices", "add_deterministic_attention_backend_choices = (",
+               "--enable-deterministic-inference (the only mode in which SGLang samples with the request's seed) "
+               "refuses every attention backend outside DETERMINISTIC_ATTENTION_BACKEND_CHOICES, which lacks the "
+               "CPU's intel_amx; the stand-in's attention gives the same result for the same input on every run",
+               _intel_amx_deterministic),
+    Workaround("sglang.srt.model_executor.model_runner",
+               "from sglang.srt.batch_invariant_ops import enable_batch_invariant_mode",
+               "with deterministic inference ModelRunner registers Triton matmul/log-softmax/mean kernels for the "
+               "accelerator's dispatch key (get_dispatch_device_backend() raises on CPU); they have no CPU meaning, "
+               "so the CPU's own ATen kernels stay", _no_batch_invariant_kernels_on_cpu),
+    Workaround("sglang.srt.layers.sampler",
+               "@torch.compile(dynamic=True, disable=is_npu())\ndef multinomial_with_seed(",
+               "the seeded Gumbel-max draw is torch.compile'd: on CPU inductor builds C++ for it at the first "
+               "sampled request of each scheduler process (6 s on 2 cores, more under load) and is no faster after; "
+               "eager PyTorch draws the same tokens", _eager_seeded_multinomial),
     Workaround("sglang.srt.models.dflash", "self.use_table_qk_norm_rope = (",
                "DFlashAttention takes a Triton kernel (table_qk_norm_rope_) for bf16 q/k norm + rope on every "
                "non-NPU device; on CPU the plain RMSNorm + rotary path runs instead", _plain_dflash_qk_norm_rope),

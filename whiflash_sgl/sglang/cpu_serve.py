@@ -8,6 +8,13 @@ names another; drafters default to the committed ones for SmolLM2. float32 by de
 same for every method (``--dtype bfloat16`` is faster, and may flip near-ties between kernel shapes). The KV pool is
 bounded (``--max-total-tokens``) so that two servers fit on a 24 GiB machine. ``sglang_command`` is also what the
 tests use to start servers with tiny models.
+
+Every method runs with ``--enable-deterministic-inference``: only then does SGLang sample with the request's
+``sampling_seed`` (default 42), as a Gumbel-max draw keyed by (seed, position); without it a sampled token is an
+unseeded ``torch.multinomial`` draw, so the same request gives a different text each time and no speculative
+server could give the non-speculative one's. With it, one seed means one text on the vanilla server, and WHIFLASH,
+which verifies sampled requests with that same keyed draw (``worker``), gives the same text. (SGLang then also turns
+off the radix cache for ``intel_amx``, as for every attention backend it does not list as deterministic with it.)
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ def sglang_command(method: str, model_path: str, *, port: int, policy: str = "ml
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--device", "cpu",
             "--attention-backend", "intel_amx", "--dtype", dtype, "--host", host, "--port", str(port),
             "--max-total-tokens", str(max_total_tokens), "--max-running-requests", str(MAX_RUNNING_REQUESTS),
-            "--sleep-on-idle", "--enable-metrics", "--mem-fraction-static", str(MEM_FRACTION_STATIC)]
+            "--sleep-on-idle", "--enable-metrics", "--mem-fraction-static", str(MEM_FRACTION_STATIC),
+            "--enable-deterministic-inference"]
     if method == "eagle3":
         argv += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", eagle3_path, *EAGLE3_TREE]
     elif method == "dflash":
