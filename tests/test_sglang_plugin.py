@@ -89,6 +89,19 @@ def test_installed_sglang_has_everything_the_plugin_uses():
     assert compat.problems() == []
 
 
+def test_compat_finds_fields_and_imported_names_and_reports_missing_ones():
+    spec = "sglang.srt.speculative"
+    assert compat.problems({f"{spec}.eagle_worker_common:eagle_sample": (),  # imported there from eagle_utils
+                            "sglang.srt.sampling.sampling_params:SamplingParams.sampling_seed": (),  # a struct field
+                            "sglang.srt.sampling.sampling_params:TOP_K_ALL": ()}) == []  # a module constant
+    assert compat.problems({f"{spec}.eagle_worker_common:no_such_name": (),
+                            "sglang.srt.sampling.sampling_params:SamplingParams.no_such_field": (),
+                            f"{spec}.eagle_utils:eagle_sample": ("no_such_parameter",)}) == [
+        f"{spec}.eagle_worker_common.no_such_name: not defined",
+        "sglang.srt.sampling.sampling_params.SamplingParams.no_such_field: not defined",
+        f"{spec}.eagle_utils.eagle_sample: no parameter(s) no_such_parameter"]
+
+
 def test_from_string_returns_the_spec_with_the_eagle3_face():
     algo = SpeculativeAlgorithm.from_string("whiflash")
     assert isinstance(algo, WhiflashSpecAlgo) and algo is SpeculativeAlgorithm.from_string("WHIFLASH")

@@ -5,6 +5,8 @@ cpu_serve``): a tiny Qwen3-architecture target with an EAGLE-3 drafter over a re
 DFlash drafter in the published checkpoints' layout, served with every method and WhiFlash policy; and SmolLM2-135M
 with the committed drafters. Greedy output of every speculative method must be token-identical to the same model's
 non-speculative server, one prompt at a time and as one batch; a batched divergence passes only at a proven near-tie.
+Every server runs with deterministic inference (seeded sampling), and WHIFLASH verifies sampled requests with the
+keyed rule, so its seeded sampled text must be the non-speculative server's too, and one seed must give one text.
 """
 
 from __future__ import annotations
@@ -97,8 +99,9 @@ class Server:
             pass
         self.signal(signal.SIGKILL)
 
-    def generate(self, text, max_new_tokens: int, **extra) -> dict | list:
-        body = {"text": text, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens}, **extra}
+    def generate(self, text, max_new_tokens: int, sampling: dict | None = None, **extra) -> dict | list:
+        body = {"text": text, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens,
+                                                  **(sampling or {})}, **extra}
         response = requests.post(f"{self.url}/generate", json=body, timeout=600)
         assert response.status_code == 200, response.text
         return response.json()
@@ -304,3 +307,65 @@ def test_a_frontend_program_runs_against_the_real_server(servers):
         answers[name] = (state["continuation"], state["verdict"])
     assert answers["tiny/whiflash:entropy"] == answers["tiny/vanilla"]
     assert answers["tiny/vanilla"][1] in ("yes", "no")
+
+
+# ---- seeded sampling: WHIFLASH's keyed verification ---------------------------------------------------------------
+
+SAMPLED_WHIFLASH = [f"tiny/whiflash:{policy}" for policy in ("heuristic", "entropy", "mlp")] + ["smol/whiflash:mlp"]
+# (family, prompt index, temperature, seed): both temperatures, seeds beyond 32 bits and a negative one (SGLang takes
+# any int64 and hashes it as uint64); SmolLM2's requests are the slow ones, so fewer of them
+SAMPLED = {"tiny": [(p, t, seed) for p in (0, 2, 4) for t, seed in ((0.7, 3), (1.0, 2**40 + 7), (1.0, -5))],
+           "smol": [(0, 0.7, 2**40 + 7), (1, 1.0, 3), (4, 1.0, 2**63 - 1), (6, 0.7, 11)]}
+
+
+def sampling(temperature: float, seed: int) -> dict:
+    return {"temperature": temperature, "top_p": 0.9, "sampling_seed": seed}
+
+
+@pytest.fixture(scope="module")
+def sampled(servers, prompts):
+    """Each family's seeded sampled requests, sent one by one to its vanilla and WHIFLASH servers (side by side)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one_by_one(name):
+        family = name.split("/")[0]
+        texts, max_new_tokens = prompts[family]
+        return [servers[name].generate(texts[p], max_new_tokens, sampling(t, seed)) for p, t, seed in SAMPLED[family]]
+
+    names = ["tiny/vanilla", "smol/vanilla", *SAMPLED_WHIFLASH]
+    with ThreadPoolExecutor(len(names)) as pool:
+        return dict(zip(names, pool.map(one_by_one, names)))
+
+
+@pytest.mark.parametrize("name", SAMPLED_WHIFLASH)
+def test_seeded_sampled_text_is_the_non_speculative_servers(sampled, name):
+    """SGLang alone verifies sampled requests greedily on CPU; WHIFLASH accepts a draft iff it is the target's keyed
+    sample, which is the non-speculative server's seeded draw, so the texts are the same token for token."""
+    family = name.split("/")[0]
+    for request, ours, theirs in zip(SAMPLED[family], sampled[name], sampled[f"{family}/vanilla"]):
+        assert ours["output_ids"] == theirs["output_ids"], f"{name}, (prompt, T, seed) = {request}"
+        assert ours["meta_info"]["spec_verify_ct"] > 0
+
+
+def test_sampled_requests_are_sampled_and_speculated_on_smollm2(sampled, solo):
+    """The seeded requests really sample (not SGLang's greedy text), and with the trained drafters WHIFLASH commits
+    more than one token per verify round for them."""
+    greedy = [solo["smol/vanilla"][p]["output_ids"] for p, _, _ in SAMPLED["smol"]]
+    assert [r["output_ids"] for r in sampled["smol/vanilla"]] != greedy
+    meta = [r["meta_info"] for r in sampled["smol/whiflash:mlp"]]
+    assert sum(m["completion_tokens"] for m in meta) / sum(m["spec_verify_ct"] for m in meta) > 1
+
+
+def test_one_seeded_request_ten_times_at_once_gives_one_text(servers, prompts, solo):
+    """Ten copies of one seeded request, concurrent (so batched with each other as the scheduler likes), give one
+    text, the non-speculative server's for that seed, and not the greedy one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts, max_new_tokens = prompts["smol"]
+    request = (texts[2], max_new_tokens, {"temperature": 0.8, "top_p": 0.9, "sampling_seed": 2**32 + 1})
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: servers["smol/whiflash:mlp"].generate(*request), range(10)))
+    texts_out = {tuple(a["output_ids"]) for a in answers}
+    assert len(texts_out) == 1, [a["text"] for a in answers]
+    assert list(texts_out.pop()) == servers["smol/vanilla"].generate(*request)["output_ids"]
+    assert answers[0]["output_ids"] != solo["smol/vanilla"][2]["output_ids"]

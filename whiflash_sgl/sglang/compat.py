@@ -95,6 +95,20 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "sglang.srt.model_executor.forward_batch_info:CaptureHiddenMode": (),
     "sglang.srt.model_executor.forward_batch_info:ForwardBatch": (),
     f"{_SPEC}.spec_utils:get_plan_stream": ("device",),
+    # keyed verification (keyed_verify): run_eagle_verify calls eagle_sample by its name in eagle_worker_common, and
+    # eagle_sample calls verify_tree_greedy_func by its name in eagle_utils; both names are swapped for one verify
+    f"{_SPEC}.eagle_worker_common:eagle_sample": (),
+    f"{_SPEC}.eagle_utils:eagle_sample": ("verify_input", "batch", "logits_output"),
+    f"{_SPEC}.eagle_utils:verify_tree_greedy_func": (),
+    "sglang.kernels.ops.speculative.spec_tree:verify_tree_greedy_func":
+        ("predicts", "accept_index", "accept_token_num", "candidates", "retrieve_index", "retrieve_next_token",
+         "retrieve_next_sibling", "target_predict", "topk"),
+    f"{_SPEC}.eagle_info:EagleVerifyInput.positions": (),
+    f"{_SPEC}.eagle_info:EagleVerifyInput.draft_token_num": (),
+    "sglang.srt.layers.logits_processor:LogitsProcessorOutput.next_token_logits": (),
+    "sglang.srt.sampling.sampling_params:TOP_K_ALL": (),
+    **{f"sglang.srt.sampling.sampling_params:SamplingParams.{field}": ()
+       for field in ("temperature", "top_p", "top_k", "min_p", "sampling_seed")},
 }
 
 
@@ -120,15 +134,29 @@ def _module_tree(module: str) -> ast.Module | None:
     return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
 
+def _defines(node: ast.AST, name: str) -> bool:
+    """Whether a statement of a module or class body binds ``name``: a def or class, an assignment (annotated or
+    not; dataclass and struct fields are annotated assignments), or an import."""
+    if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        return node.name == name
+    if isinstance(node, ast.AnnAssign):
+        return isinstance(node.target, ast.Name) and node.target.id == name
+    if isinstance(node, ast.Assign):
+        return any(isinstance(t, ast.Name) and t.id == name for t in node.targets)
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return any((a.asname or a.name.split(".")[0]) == name for a in node.names)
+    return False
+
+
 def _find(tree: ast.AST, qualname: str):
     node = tree
     for part in qualname.split("."):
         body = getattr(node, "body", [])
-        matches = [n for n in body if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                   and n.name == part]
+        matches = [n for n in body if _defines(n, part)]
         if not matches:
             return None
-        node = matches[-1]
+        defs = [n for n in matches if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        node = (defs or matches)[-1]
     return node
 
 

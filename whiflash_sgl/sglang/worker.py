@@ -21,15 +21,23 @@ A round (decode):
    path), greedy tokens from the target's head, then the chain as an ``EagleVerifyInput`` of the same width built by
    ``verify_layout`` (the mask in the layout the target's attention backend reads).
 3. **Verify** with ``run_eagle_verify`` (finalize on, so the accepted path, hidden states included, is at the front
-   of each request's block).
+   of each request's block). Greedy requests: SGLang's own greedy tree walk. Sampled requests (T > 0): the same walk
+   against the target's keyed sample at each row instead of its argmax (``keyed_verify``), the draw SGLang's
+   sampler makes for the request's seed with ``--enable-deterministic-inference``; so a seeded request's text is the
+   non-speculative server's, whatever was drafted and routed. (SGLang alone, on CPU, verifies sampled requests
+   greedily, which is not lossless at T > 0.)
 4. **Keep both drafters current (eager catch-up).** DFlash: the committed tokens' target features go into its KV
    (``_append_target_hidden_to_draft_kv_by_loc``, KV-only: no queries, no attention, no MLP). EAGLE-3: its
    draft-extend over the verify block, which also yields the next round's top-k. Both read their own columns of the
    union capture (``hooks`` sets it up). Prefill materialises both drafters' prompt KV, so radix-cached prefixes
    are valid for either.
 
-Only plain DFlash drafters (no candidate selector, LiLiCorr or Domino head) and greedy draft sampling are supported;
-the target's acceptance (greedy or sampled) is SGLang's own, so routing cannot change the output distribution.
+Only plain DFlash drafters (no candidate selector, LiLiCorr or Domino head) are supported. Both drafters draft
+greedily (SGLang's EAGLE-3 top-k tree and DFlash's argmax block), sampled requests included: drafts only decide how
+many tokens a round commits, never which, because acceptance is the target's (argmax, or keyed sample), so neither
+the drafts nor the routing can change the output. Where SGLang verifies sampled requests with its own sampling kernel
+instead of the greedy walk (CUDA: ``tree_speculative_sampling_target_only``), that kernel's rule stands: the same
+distribution, but a text that depends on the drafts.
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.policies import load_policy
 from whiflash_sgl.router import Router
 from whiflash_sgl.sglang.hooks import LAYOUT_ATTRIBUTE, PARADIGMS_META_KEY
+from whiflash_sgl.sglang.keyed_verify import keyed_verify
 from whiflash_sgl.sglang.layout import select_columns
 from whiflash_sgl.sglang.settings import SERVED_PARADIGMS, resolved_settings
 from whiflash_sgl.sglang.verify_layout import chain_proposals, verify_arrays
@@ -276,11 +285,14 @@ class WhiFlashWorker(BaseSpecWorker):
         drafted = self._synchronized(start)
 
         batch.spec_info = verify_input
-        out = run_eagle_verify(batch, target_worker=self._target_worker, req_to_token_pool=self.req_to_token_pool,
-                               token_to_kv_pool_allocator=self.token_to_kv_pool_allocator,
-                               plan_stream=self.plan_stream, plan_stream_ctx=self.plan_stream_ctx, topk=verify_topk,
-                               num_draft_tokens=self.width, device=self.device, metadata_ready_pre_pad=False,
-                               finalize_tree_path=True, grammar_barrier=grammar_barrier)
+        with keyed_verify(batch.reqs if not idle else ()):
+            out = run_eagle_verify(batch, target_worker=self._target_worker,
+                                   req_to_token_pool=self.req_to_token_pool,
+                                   token_to_kv_pool_allocator=self.token_to_kv_pool_allocator,
+                                   plan_stream=self.plan_stream, plan_stream_ctx=self.plan_stream_ctx,
+                                   topk=verify_topk, num_draft_tokens=self.width, device=self.device,
+                                   metadata_ready_pre_pad=False, finalize_tree_path=True,
+                                   grammar_barrier=grammar_barrier)
         if on_publish is not None:
             on_publish(out.new_seq_lens)
         if not idle:
