@@ -69,12 +69,14 @@ class MLPPolicy:
 
     def decide(self, f: RoundFeatures) -> Decision:
         actions = self.model.actions
-        missing = sorted({p for a in actions for p in members(a)} - set(f.ema_tau))
-        if missing:
-            raise ValueError(f"the MLP was trained for actions {actions}; the router lacks {missing}")
         with torch.no_grad():
             tau = self.model(torch.tensor([f.vector()]))[0].tolist()
-        served = {a: t for a, t in zip(actions, tau) if a in f.predicted_seconds}  # hedges only where servable
+        # the choice is among what this router serves: a router without n-gram (SGLang's worker) or without hedges
+        # still gets the best of the rest
+        served = {a: t for a, t in zip(actions, tau) if a in f.predicted_seconds}
+        if not served:
+            raise ValueError(f"the MLP was trained for actions {actions}, none of which the router serves "
+                             f"({sorted(f.predicted_seconds)})")
         return Decision(self._hedged(best_paradigm(served, f.predicted_seconds, self.lam), served))
 
     def _hedged(self, choice: str, tau: dict[str, float]) -> str:

@@ -94,6 +94,21 @@ def test_the_committed_router_mlp_routes_copy_spans_to_ngram():
     assert policy.decide(features).paradigm != "ngram"
 
 
+def test_the_mlp_routes_among_what_the_router_serves(tmp_path):
+    """A router without the n-gram paradigm (SGLang's worker serves eagle3 and dflash) gets the better of those two,
+    not a fallback every round; a router serving none of the MLP's actions gets a clear error."""
+    path = _fixed_mlp(tmp_path / "mlp", {"dflash": 2.5, "eagle3": 2.0, "ngram": 3.0, "eagle3+ngram": 3.4})
+    features = RoundFeatures(
+        entropy=0.5, margin=0.5, last_tau=2.0, last_paradigm="eagle3", ema_tau={"eagle3": 2.0, "dflash": 2.0},
+        pending={"eagle3": 0, "dflash": 0}, predicted_seconds={"eagle3": 0.05, "dflash": 0.05}, dflash_expected=0.0,
+        eagle_top1=0.6, ngram_draft=6, in_code=False, in_json=False, bracket_depth=0)
+    policy = load_policy("mlp", {"path": str(path)})
+    assert policy.decide(features).paradigm == "dflash"
+    features.predicted_seconds = {"medusa": 0.05}
+    with pytest.raises(ValueError, match="none of which the router serves"):
+        policy.decide(features)
+
+
 def _fixed_mlp(path, tau: dict[str, float]):
     """A router MLP whose prediction is ``tau`` whatever the features (zero weights, biases inverting softplus)."""
     model = RouterMLP(len(RoundFeatures.VECTOR_FIELDS), list(tau))
