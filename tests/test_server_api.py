@@ -83,6 +83,20 @@ def test_a_seed_gives_one_text_and_it_is_vanilla_s(server, target):
     assert generate(server, **{**sampling, "sampling_seed": 3})["text"] != reference.text
 
 
+def test_the_server_samples_by_the_rule_it_was_given(served_dir, target):
+    """``--sampling-rule rejection`` reaches the engine: the routed server's sampled text then follows the drafts,
+    not vanilla's keyed draw (the same seed, another text)."""
+    from whiflash_sgl.sampling import SamplingParams
+    from whiflash_sgl.server.model import GenerationParams, ServedModel
+
+    model = ServedModel.load(str(served_dir / "model"), "WHIFLASH", "heuristic", str(served_dir / "whiflash.json"),
+                             sampling_rule="rejection")
+    ids, params = target.tokenizer(PROMPT)["input_ids"], SamplingParams(1.0)
+    drawn = [model.generate(ids, GenerationParams(24, params, seed)).tokens for seed in range(4)]
+    keyed = [SpeculativeEngine(target, None, params, seed=seed).generate(ids, 24).tokens for seed in range(4)]
+    assert drawn != keyed
+
+
 def assert_full_length_or_eos(output: dict, max_new_tokens: int, eos_ids) -> None:
     """A sampled answer runs to ``max_new_tokens`` unless it draws the end token first. Which sample a routed
     request draws depends on the router's latency-driven choices (see below), and one CI run drew it 18 tokens in."""

@@ -34,6 +34,7 @@ def test_auto_backend_is_sglang_only_with_cuda_and_sglang(monkeypatch):
     (["--max-prompt-chars", "0"], "--max-prompt-chars must be positive, got 0"),
     (["--max-request-bytes", "0"], "--max-request-bytes must be positive, got 0"),
     (["--timeout-read", "-1"], "--timeout-read must be positive, got -1.0"),
+    (["--sampling-rule", "coin"], "--sampling-rule must be one of keyed, rejection, got 'coin'"),
 ])
 def test_bad_settings_fail_before_serving(capsys, served_dir, flags, message):
     code = launch_server.main(["--backend", "reference", "--model-path", str(served_dir / "model"),

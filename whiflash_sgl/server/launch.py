@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--whiflash-policy", default="heuristic", help="routing policy for WHIFLASH")
     parser.add_argument("--whiflash-config", help="YAML/JSON drafter and routing settings (whiflash_sgl/config.py)")
     parser.add_argument("--whiflash-policy-config", help="YAML/JSON parameters of the routing policy")
+    parser.add_argument("--sampling-rule", default="keyed",
+                        help="sampled requests: keyed (default; the text is a function of the seed, whatever the "
+                             "method) or rejection (classic speculative sampling)")
     parser.add_argument("--served-model-name", help="the model name clients pass (default: --model-path)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
@@ -76,7 +79,8 @@ def load_service(args: argparse.Namespace, limits: HttpLimits):
     if args.max_queued_requests < 1:
         raise WhiFlashError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
     model = ServedModel.load(args.model_path, args.speculative_algorithm, args.whiflash_policy,
-                             args.whiflash_config, args.whiflash_policy_config, args.served_model_name)
+                             args.whiflash_config, args.whiflash_policy_config, args.served_model_name,
+                             args.sampling_rule)
     return Service(model, args.max_queued_requests, limits.max_prompt_chars)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -19,7 +19,7 @@ from whiflash_sgl.config import WhiFlashConfig, read_mapping
 from whiflash_sgl.engine import GenerationResult
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.methods import EngineMethod, make_method
-from whiflash_sgl.sampling import SamplingParams
+from whiflash_sgl.sampling import RULES, SamplingParams
 from whiflash_sgl.target import Target
 
 # SGLang's --speculative-algorithm names -> the reference engine's methods ("" = no speculation)
@@ -86,8 +86,8 @@ class ServedModel:
     """A target with a generation method; not thread-safe: the scheduler's single engine thread drives it."""
 
     def __init__(self, target: Target, method: EngineMethod, model_path: str, served_name: str | None = None,
-                 algorithm: str = "", policy: str = ""):
-        self.target, self.method = target, method
+                 algorithm: str = "", policy: str = "", sampling_rule: str = "keyed"):
+        self.target, self.method, self.sampling_rule = target, method, sampling_rule
         self.model_path = model_path
         self.served_name = served_name or model_path
         self.algorithm, self.policy = algorithm.upper(), policy if algorithm.upper() == "WHIFLASH" else ""
@@ -97,14 +97,16 @@ class ServedModel:
     @classmethod
     def load(cls, model_path: str, algorithm: str | None = None, policy: str = "heuristic",
              config_path: str | None = None, policy_config: str | None = None,
-             served_name: str | None = None) -> "ServedModel":
+             served_name: str | None = None, sampling_rule: str = "keyed") -> "ServedModel":
         """Everything a server needs before it binds its port; any problem is a :class:`WhiFlashError`."""
+        if sampling_rule not in RULES:
+            raise WhiFlashError(f"--sampling-rule must be one of {', '.join(RULES)}, got {sampling_rule!r}")
         name = method_name(algorithm, policy)
         config = WhiFlashConfig.from_file(config_path) if config_path else WhiFlashConfig()
         params = read_mapping(policy_config) if policy_config else None
         target = Target.load(model_path)
         return cls(target, make_method(name, target, config, params), model_path, served_name, algorithm or "",
-                   policy)
+                   policy, sampling_rule)
 
     @property
     def speculative(self) -> bool:
@@ -148,7 +150,8 @@ class ServedModel:
                  cancelled: Callable[[], bool] | None = None) -> GenerationResult:
         if params.max_new_tokens == 0:  # SGLang's way to tokenize/prefill only
             return self.prompt_only(len(prompt_ids))
-        return self.method.generate(list(prompt_ids), params.max_new_tokens, params.sampling, params.seed,
+        sampling = replace(params.sampling, rule=self.sampling_rule)
+        return self.method.generate(list(prompt_ids), params.max_new_tokens, sampling, params.seed,
                                     stop=params.stop, on_text=on_text, cancelled=cancelled)
 
     @staticmethod
