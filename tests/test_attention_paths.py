@@ -1,4 +1,5 @@
-"""``<method>@<attention>``: the target's attention during that method's generations is the path named, and only then."""
+"""``<method>@<attention>``: the target's attention during that method's generations is the path named, and only
+then."""
 
 from __future__ import annotations
 

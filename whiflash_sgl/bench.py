@@ -109,7 +109,8 @@ def interleave(
             tokens, run = run_one(method, index, prompt, ids)
             if method == "vanilla":
                 vanilla_tokens = tokens
-            run.identical_to_vanilla = tokens == vanilla_tokens if compared(method) and vanilla_tokens is not None else None
+            if compared(method) and vanilla_tokens is not None:
+                run.identical_to_vanilla = tokens == vanilla_tokens
             runs.append(run)
             bar.update()
     bar.close()

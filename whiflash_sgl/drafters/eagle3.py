@@ -100,9 +100,8 @@ class Eagle3Drafter(Drafter):
         self.model, self.embed = model.eval(), embed
         self.depth, self.topk, self.budget = depth, topk, budget
         # nodes whose cumulative draft probability falls below this are neither expanded nor sent to verification:
-        # the draft stops early where the drafter is unsure, which saves draft steps and verify rows; the floor is
-        # finite, so a token the draft gives no chance (-inf: filtered out by top-k/top-p) is never proposed
-        self.min_logp = math.log(min_prob) if min_prob > 0 else torch.finfo(torch.float32).min
+        # the draft stops early where the drafter is unsure, which saves draft steps and verify rows
+        self.min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
         self.feature_layers = tuple(i + 1 for i in aux_layer_ids(model.config))
         self.cache = KVCache()
         self.frontier = 0  # committed pairs (F_t, x_{t+1}) whose K/V are cached: t < frontier
