@@ -111,9 +111,8 @@ class TargetChainDrafter(Drafter):
         tokens = list(state.tokens)
         for _ in range(min(self.depth, max_depth)):
             logits = self.target.model(torch.tensor([tokens])).logits[0, -1:].float()
-            position = torch.tensor([len(tokens) - 1])
-            pick = state.sampler.scores(logits, position) if state.sampler is not None else logits
-            tokens.append(int(pick.argmax(-1)))
+            sampler = state.sampler
+            tokens.append(sampler.sample(logits, [len(tokens) - 1])[0] if sampler else int(logits.argmax(-1)))
         return DraftTree.chain(tokens[len(state.tokens):])
 
 

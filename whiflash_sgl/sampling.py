@@ -12,7 +12,7 @@ when nothing is filtered and the token's rank otherwise, exactly as SGLang 0.5.2
 (``multinomial_with_seed``) keys it. Because the noise depends on (seed, position) only, the text of vanilla decoding
 is a pure function of (prompt, parameters, seed), and a speculative decoder reproduces it token for token by
 accepting a draft token iff it equals the target's keyed sample at that position (``verify.accept_keyed``).
-Drafters that draw with the same noise on their own logits (:meth:`KeyedSampler.scores`) guess that sample well.
+Drafters that draw with the same noise on their own logits (:meth:`KeyedSampler.guesses`) guess that sample well.
 
 The other rule, ``rejection``, is classic speculative sampling with a per-request random stream: the same
 distribution, but the text depends on what was drafted.
@@ -149,33 +149,22 @@ class KeyedSampler:
             raise ValueError("a keyed sampler needs temperature > 0")
         self.params, self.seed = params, check_seed(seed)
 
-    def _perturbed(self, logits: torch.Tensor, positions, cut: bool = True):
+    def _draw(self, logits: torch.Tensor, positions, cut: bool) -> torch.Tensor:
+        """Token ids ``[R]`` (on the CPU): the Gumbel-max of each row, row ``r`` keyed at ``positions[r]``."""
         logp, order = ranked_logprobs(logits, self.params, cut)
-        positions = torch.as_tensor(positions).reshape(-1).cpu()
-        return logp.cpu() + gumbel_noise(self.seed, positions.numpy(), logp.shape[-1]), order
+        positions = torch.as_tensor(positions).reshape(-1).cpu().numpy()
+        best = (logp.cpu() + gumbel_noise(self.seed, positions, logp.shape[-1])).argmax(-1, keepdim=True)
+        return (best if order is None else order.cpu().gather(-1, best)).view(-1)
 
     def sample(self, logits: torch.Tensor, positions) -> list[int]:
         """The token drawn from each row of ``logits`` ``[R, V]``, row ``r`` sitting at ``positions[r]``."""
-        perturbed, order = self._perturbed(logits, positions)
-        best = perturbed.argmax(-1, keepdim=True)
-        return (best if order is None else order.cpu().gather(-1, best)).view(-1).tolist()
-
-    def scores(self, logits: torch.Tensor, positions) -> torch.Tensor:
-        """float64 ``[R, V]`` perturbed log-probabilities by token id (``-inf`` where filtered out), on the logits'
-        device: their argmax is :meth:`sample`'s token."""
-        perturbed, order = self._perturbed(logits, positions)
-        if order is not None:
-            full = torch.full(logits.shape, -math.inf, dtype=torch.float64)
-            perturbed = full.scatter_(-1, order.cpu(), perturbed)
-        return perturbed.to(logits.device)
+        return self._draw(logits, positions, cut=True).tolist()
 
     def guesses(self, logits: torch.Tensor, positions) -> torch.Tensor:
         """A drafter's guess of the target's keyed draw at each row: the same draw on the drafter's own logits, its
         distribution uncut (top-k/top-p of a draft distribution, often sharper than the target's, would cut tokens
         the target keeps). Token ids ``[R]`` on the logits' device."""
-        perturbed, order = self._perturbed(logits, positions, cut=False)
-        best = perturbed.argmax(-1, keepdim=True)
-        return (best if order is None else order.cpu().gather(-1, best)).view(-1).to(logits.device)
+        return self._draw(logits, positions, cut=False).to(logits.device)
 
 
 def lead_with(logp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
