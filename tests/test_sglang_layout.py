@@ -28,7 +28,7 @@ from whiflash_sgl.sglang.settings import (
 from whiflash_sgl.sglang.launch import main as launch_main
 from whiflash_sgl.sglang.launch import sglang_command
 from whiflash_sgl.sglang.shape import resolve_tree_shape
-from whiflash_sgl.sglang.verify_layout import Proposals, chain_proposals, verify_arrays
+from whiflash_sgl.sglang.verify_layout import Proposals, chain_proposals, merge_rows, verify_arrays
 from whiflash_sgl.tree import DraftTree
 
 
@@ -251,3 +251,48 @@ def test_full_mask_prefixes_each_request_with_its_committed_length():
 def test_proposals_that_do_not_fit_the_width_are_refused():
     with pytest.raises(ValueError, match="more than the width 3"):
         chain_proposals(torch.tensor([1]), torch.tensor([[2, 3, 4]]), width=3)
+
+
+# ---- one verify input for a batch routed per request ---------------------------------------------------------------
+
+def stacked(proposals: list[Proposals]) -> Proposals:
+    return Proposals(*(torch.cat([getattr(p, f) for p in proposals]) for f in ("tokens", "parents", "lengths")))
+
+
+@pytest.mark.parametrize("mask_mode", ["full", "qlen_only"])
+def test_eagle_trees_and_padded_dflash_chains_merge_into_one_batch(mask_mode):
+    """Requests 0 and 3 chose EAGLE-3 (a top-k tree), 1 and 2 DFlash (a chain, padded to the width): the merged
+    arrays are exactly those of the batch laid out in one piece, and the greedy walk accepts each request's own path."""
+    width = 8
+    trees = {0: tree_proposals(10, DraftTree((11, 12, 13, 14, 15), (-1, -1, 0, 0, 2)), width),
+             3: tree_proposals(40, DraftTree((41, 42, 43), (-1, 0, 0)), width)}
+    chains = chain_proposals(torch.tensor([20, 30]), torch.tensor([[21, 22, 23, 24, 25], [31, 32, 33, 34, 35]]),
+                             width, lengths=torch.tensor([6, 4]))
+    seq_lens = torch.tensor([7, 3, 12, 5])
+    eagle_rows, dflash_rows = [0, 3], [1, 2]
+    eagle = verify_arrays(stacked(list(trees.values())), seq_lens[eagle_rows], mask_mode)
+    dflash = verify_arrays(chains, seq_lens[dflash_rows], mask_mode)
+    merged = merge_rows([(eagle_rows, eagle), (dflash_rows, dflash)], seq_lens, mask_mode)
+
+    one_piece = stacked([trees[0], Proposals(chains.tokens[:1], chains.parents[:1], chains.lengths[:1]),
+                         Proposals(chains.tokens[1:], chains.parents[1:], chains.lengths[1:]), trees[3]])
+    expected = verify_arrays(one_piece, seq_lens, mask_mode)
+    for field in ("tokens", "positions", "mask", "retrieve_index", "retrieve_next_token", "retrieve_next_sibling"):
+        assert torch.equal(getattr(merged, field), getattr(expected, field)), field
+
+    # the target agrees with: tree 0 down 11 -> 13 -> 15, chains 1 and 2 on three tokens each, tree 3 down 41 -> 43
+    predict = torch.full((4 * width,), -1)
+    predict[0], predict[3], predict[5] = 11, 15, 99  # rows of tree 0: root, 11 (row 1), 13 (row 3), 15 (row 5)
+    predict[1] = 13
+    predict[width:width + 4] = torch.tensor([21, 22, 23, 77])
+    predict[2 * width:2 * width + 4] = torch.tensor([31, 32, 33, 88])
+    predict[3 * width:3 * width + 2] = torch.tensor([41, 43])  # tree 3: 41, then its second child
+    assert greedy_accept(merged, width, predict) == [[0, 1, 3, 5], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 3]]
+
+
+def test_merging_refuses_parts_that_do_not_cover_the_batch_once():
+    arrays = verify_arrays(chain_proposals(torch.tensor([1]), torch.tensor([[2]]), 4), torch.tensor([3]))
+    with pytest.raises(ValueError, match="do not cover a batch of 2 once"):
+        merge_rows([([0], arrays), ([0], arrays)], torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match="has retrieve_index"):
+        merge_rows([([0, 1], arrays)], torch.tensor([3, 3]))

@@ -111,3 +111,45 @@ def verify_arrays(proposals: Proposals, seq_lens: torch.Tensor, mask_mode: str =
             for b, n in enumerate(seq_lens.tolist())
         ]) if bs else mask.new_zeros(0)
     return VerifyArrays(tokens.reshape(-1), positions, flat_mask, retrieve_index, next_token, next_sibling)
+
+
+def merge_rows(parts, seq_lens: torch.Tensor, mask_mode: str = "full") -> VerifyArrays:
+    """One batch's verify arrays from its sub-batches' (per-request routing: EAGLE-3's tree for the requests that
+    chose it, DFlash's padded chain for the others, all verified in one target forward).
+
+    ``parts`` holds ``(rows, arrays)`` pairs: ``rows`` lists where each request of that sub-batch sits in the batch
+    (sub-batch order), ``arrays`` are its verify arrays at the batch's width, built over ``seq_lens[rows]``; the rows
+    of all parts cover the batch once. Tokens, positions and the first-child/next-sibling links (local rows) move
+    with their request, ``retrieve_index`` (global rows) is shifted to the request's place, and each request's mask block (its
+    size depends on its committed length in the full layout) moves there too. Dtypes are the first part's."""
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    bs = len(seq_lens)
+    order = [b for rows, _ in parts for b in rows]
+    if sorted(order) != list(range(bs)):
+        raise ValueError(f"the parts' rows {order} do not cover a batch of {bs} once")
+    first = parts[0][1]
+    width = first.retrieve_index.shape[1]
+    lens = seq_lens.tolist()
+    tokens = first.tokens.new_empty(bs, width)
+    positions = first.positions.new_empty(bs, width)
+    next_token = first.retrieve_next_token.new_empty(bs, width)
+    next_sibling = first.retrieve_next_sibling.new_empty(bs, width)
+    retrieve_index = first.retrieve_index.new_empty(bs, width)
+    blocks: list = [None] * bs
+    for rows, arrays in parts:
+        if arrays.retrieve_index.shape != (len(rows), width):
+            raise ValueError(f"a part of {len(rows)} requests has retrieve_index {tuple(arrays.retrieve_index.shape)}"
+                             f", not ({len(rows)}, {width})")
+        index = torch.tensor(rows, dtype=torch.long, device=tokens.device)
+        tokens[index] = arrays.tokens.view(len(rows), width).to(tokens.dtype)
+        positions[index] = arrays.positions.view(len(rows), width).to(positions.dtype)
+        next_token[index] = arrays.retrieve_next_token.to(next_token.dtype)
+        next_sibling[index] = arrays.retrieve_next_sibling.to(next_sibling.dtype)
+        shift = (index - torch.arange(len(rows), device=index.device)) * width  # sub-batch place -> batch place
+        retrieve_index[index] = (arrays.retrieve_index + shift[:, None]).to(retrieve_index.dtype)
+        sizes = [width * width if mask_mode == "qlen_only" else width * (lens[b] + width) for b in rows]
+        for b, block in zip(rows, arrays.mask.split(sizes)):
+            blocks[b] = block.to(first.mask.dtype)
+    mask = torch.cat(blocks) if bs else first.mask.new_zeros(0)
+    return VerifyArrays(tokens.reshape(-1), positions.reshape(-1), mask, retrieve_index, next_token, next_sibling)
