@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -27,6 +28,7 @@ from whiflash_sgl.sglang.settings import (
 )
 from whiflash_sgl.sglang.launch import main as launch_main
 from whiflash_sgl.sglang.launch import sglang_command
+from whiflash_sgl.sglang.routing import STALE_ROUNDS, RequestRoutes
 from whiflash_sgl.sglang.shape import resolve_tree_shape
 from whiflash_sgl.sglang.verify_layout import Proposals, chain_proposals, merge_rows, verify_arrays
 from whiflash_sgl.tree import DraftTree
@@ -99,6 +101,44 @@ def test_launcher_refuses_before_starting_sglang(tmp_path, monkeypatch):
     with pytest.raises(WhiFlashError, match="--speculative-algorithm EAGLE3 is not WHIFLASH"):
         sglang_command(["--whiflash-config", '{"dflash_path": "/d"}', "--speculative-algorithm", "EAGLE3"], {})
     assert launch_main(["--whiflash-config", str(tmp_path / "missing.yaml")]) == 2
+
+
+# ---- per-request routing ------------------------------------------------------------------------------------------
+
+class Recorder:
+    """A policy that answers from each request's own state: the other paradigm than its last round's."""
+
+    def __init__(self):
+        self.seen = []
+
+    def decide(self, features):
+        self.seen.append(features)
+        return "dflash" if features.last_paradigm == "eagle3" else "eagle3"
+
+
+def test_each_request_routes_on_its_own_state_and_the_costs_are_shared():
+    policy = Recorder()
+    routes = RequestRoutes(policy, "eagle3", deadline_s=1.0, width=8)
+    assert routes.route(["a"], [0.9]) == ["eagle3"]
+    routes.observe(["a"], ["eagle3"], [4.0], [(0.5, 0.25)])
+    routes.costs.observe_draft("dflash", 0.01)
+    # "b" joins: a fresh state (neutral tau, no root statistics), while "a" goes on from its own
+    assert routes.route(["a", "b"], [0.9, 0.1]) == ["dflash", "eagle3"]
+    a, b = policy.seen[-2:]
+    assert (a.last_tau, a.entropy, a.margin, a.eagle_top1) == (4.0, 0.5, 0.25, 0.9)
+    assert (b.last_tau, b.entropy, b.last_paradigm, b.eagle_top1) == (1.0, 0.0, "", 0.1)
+    assert a.ema_tau["eagle3"] > b.ema_tau["eagle3"]
+    assert a.predicted_seconds == b.predicted_seconds and a.predicted_seconds["dflash"] > 0
+    routes.drop("a")
+    assert len(routes) == 1 and routes.route(["a"], [0.0]) == ["eagle3"]
+
+
+def test_states_of_requests_gone_without_a_finish_report_are_forgotten():
+    routes = RequestRoutes(Recorder(), "eagle3", deadline_s=1.0, width=8)
+    routes.route(["gone", "stays"], [0.0, 0.0])
+    for _ in range(STALE_ROUNDS + 1):
+        routes.route(["stays"], [0.0])
+    assert len(routes) == 1
 
 
 # ---- tree shape ---------------------------------------------------------------------------------------------------
@@ -271,6 +311,8 @@ def test_eagle_trees_and_padded_dflash_chains_merge_into_one_batch(mask_mode):
     seq_lens = torch.tensor([7, 3, 12, 5])
     eagle_rows, dflash_rows = [0, 3], [1, 2]
     eagle = verify_arrays(stacked(list(trees.values())), seq_lens[eagle_rows], mask_mode)
+    # SGLang may allocate EAGLE's mask past its blocks (an upper bound on the committed lengths): ignored
+    eagle = dataclasses.replace(eagle, mask=torch.cat([eagle.mask, eagle.mask.new_ones(7)]))
     dflash = verify_arrays(chains, seq_lens[dflash_rows], mask_mode)
     merged = merge_rows([(eagle_rows, eagle), (dflash_rows, dflash)], seq_lens, mask_mode)
 

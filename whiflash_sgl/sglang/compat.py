@@ -58,6 +58,15 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     f"{_SPEC}.eagle_worker_v2:EagleDraftWorker.init_attention_backends": (),
     f"{_SPEC}.eagle_worker_v2:EagleDraftWorker.init_cuda_graphs": (),
     f"{_SPEC}.eagle_worker_v2:EagleDraftWorker.draft": ("batch",),
+    f"{_SPEC}.base_spec_worker:BaseSpecWorker.note_request_finished": ("rid", "natural_stop"),
+    # sub_batch: a decode batch narrowed to the requests that chose EAGLE-3
+    f"{_SPEC}.eagle_info:EagleDraftInput.filter_batch": ("new_indices", "new_indices_cpu"),
+    **{f"sglang.srt.managers.schedule_batch:ScheduleBatch.{field}": ()
+       for field in ("reqs", "multimodal_inputs", "req_pool_indices", "req_pool_indices_cpu", "seq_lens",
+                     "orig_seq_lens", "seq_lens_cpu", "seq_lens_sum", "out_cache_loc", "input_ids", "return_logprob",
+                     "top_logprobs_nums", "token_ids_logprobs", "has_grammar", "sampling_info", "spec_info")},
+    **{f"sglang.srt.sampling.sampling_batch_info:SamplingBatchInfo.{field}": ()
+       for field in ("temperatures", "top_ps", "top_ks", "min_ps", "sampling_seed")},
     f"{_SPEC}.eagle_worker_v2:EagleDraftWorker._draft_extend_for_prefill":
         ("batch", "target_hidden_states", "next_token_ids", "mm_input_embeds", "kv_loc_plan"),
     f"{_SPEC}.eagle_worker_v2:EagleDraftWorker._draft_extend_for_decode": ("batch", "batch_result", "kv_loc_plan"),

@@ -120,8 +120,10 @@ def merge_rows(parts, seq_lens: torch.Tensor, mask_mode: str = "full") -> Verify
     ``parts`` holds ``(rows, arrays)`` pairs: ``rows`` lists where each request of that sub-batch sits in the batch
     (sub-batch order), ``arrays`` are its verify arrays at the batch's width, built over ``seq_lens[rows]``; the rows
     of all parts cover the batch once. Tokens, positions and the first-child/next-sibling links (local rows) move
-    with their request, ``retrieve_index`` (global rows) is shifted to the request's place, and each request's mask block (its
-    size depends on its committed length in the full layout) moves there too. Dtypes are the first part's."""
+    with their request, ``retrieve_index`` (global rows) is shifted to the request's place, and each request's mask
+    block (its size depends on its committed length in the full layout) moves there too; a part's mask may run
+    past its blocks (SGLang sizes EAGLE's full mask by an upper bound when it has no CPU lengths). Dtypes are the
+    first part's."""
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
     bs = len(seq_lens)
@@ -149,7 +151,7 @@ def merge_rows(parts, seq_lens: torch.Tensor, mask_mode: str = "full") -> Verify
         shift = (index - torch.arange(len(rows), device=index.device)) * width  # sub-batch place -> batch place
         retrieve_index[index] = (arrays.retrieve_index + shift[:, None]).to(retrieve_index.dtype)
         sizes = [width * width if mask_mode == "qlen_only" else width * (lens[b] + width) for b in rows]
-        for b, block in zip(rows, arrays.mask.split(sizes)):
+        for b, block in zip(rows, arrays.mask[:sum(sizes)].split(sizes)):
             blocks[b] = block.to(first.mask.dtype)
     mask = torch.cat(blocks) if bs else first.mask.new_zeros(0)
     return VerifyArrays(tokens.reshape(-1), positions.reshape(-1), mask, retrieve_index, next_token, next_sibling)

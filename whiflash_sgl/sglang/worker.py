@@ -11,26 +11,30 @@ a sub-worker re-enters the same scope, because SGLang reads ``get_spec()`` again
 
 A round (decode):
 
-1. **Route.** The core ``Router`` (the same policies as the reference engine, loaded by name) picks the paradigm for
-   the whole batch from features of the last verify: the target's entropy and top-1 margin at each request's bonus
-   position (batch means), last and EMA tau, EAGLE's first-step top-1 probability, and the measured cost of each
-   paradigm's draft and verify. Text-syntax features are not available in the scheduler process and stay off, and
-   so are hedges (two paradigms' drafts verified as one tree): the router is built without them.
-2. **Draft.** EAGLE-3: ``EagleDraftWorker.draft`` builds its top-k tree as an ``EagleVerifyInput`` of width ``N``.
-   DFlash: one draft-runner forward over ``[bonus, MASK x (B-1)]`` (``TARGET_VERIFY`` mode, SGLang's DFlash draft
-   path), greedy tokens from the target's head, then the chain as an ``EagleVerifyInput`` of the same width built by
-   ``verify_layout`` (the mask in the layout the target's attention backend reads).
-3. **Verify** with ``run_eagle_verify`` (finalize on, so the accepted path, hidden states included, is at the front
-   of each request's block). Greedy requests: SGLang's own greedy tree walk. Sampled requests (T > 0): the same walk
-   against the target's keyed sample at each row instead of its argmax (``keyed_verify``), the draw SGLang's
-   sampler makes for the request's seed with ``--enable-deterministic-inference``; so a seeded request's text is the
-   non-speculative server's, whatever was drafted and routed. (SGLang alone, on CPU, verifies sampled requests
-   greedily, which is not lossless at T > 0.)
-4. **Keep both drafters current (eager catch-up).** DFlash: the committed tokens' target features go into its KV
-   (``_append_target_hidden_to_draft_kv_by_loc``, KV-only: no queries, no attention, no MLP). EAGLE-3: its
-   draft-extend over the verify block, which also yields the next round's top-k. Both read their own columns of the
-   union capture (``hooks`` sets it up). Prefill materialises both drafters' prompt KV, so radix-cached prefixes
-   are valid for either.
+1. **Route, per request.** Each request of the batch has its own router state (``routing.RequestRoutes``, keyed by
+   its rid, dropped when it finishes), so its policy picks its own paradigm from its own features: the target's
+   entropy and top-1 margin at its bonus position, its last and EMA tau, EAGLE's first-step top-1 probability for
+   it, and the measured cost of each paradigm's draft and verify (one cost model for the batch). Text-syntax
+   features are not available in the scheduler process and stay off, and so are hedges (two paradigms' drafts
+   verified as one tree): the routers are built without them.
+2. **Draft**, each drafter once, for the requests that chose it. EAGLE-3: ``EagleDraftWorker.draft`` on a view of
+   the batch narrowed to those requests (``sub_batch``) builds their top-k trees as an ``EagleVerifyInput`` of width
+   ``N``. DFlash: one draft-runner forward over ``[bonus, MASK x (B-1)]`` for its requests (``TARGET_VERIFY`` mode,
+   SGLang's DFlash draft path), greedy tokens from the target's head, then the chains padded to the same width by
+   ``verify_layout`` (the mask in the layout the target's attention backend reads). A DFlash block is a
+   single-branch tree, so a mixed round merges both into one ``EagleVerifyInput``, each request's rows in its place
+   (``verify_layout.merge_rows``); a round where all chose one paradigm is that drafter's input alone.
+3. **Verify** every request in one target forward, ``run_eagle_verify`` (finalize on, so the accepted path, hidden
+   states included, is at the front of each request's block). Greedy requests: SGLang's own greedy tree walk.
+   Sampled requests (T > 0): the same walk against the target's keyed sample at each row instead of its argmax
+   (``keyed_verify``), the draw SGLang's sampler makes for the request's seed with
+   ``--enable-deterministic-inference``; so a seeded request's text is the non-speculative server's, whatever was
+   drafted and routed. (SGLang alone, on CPU, verifies sampled requests greedily, which is not lossless at T > 0.)
+4. **Keep both drafters current (eager catch-up)** for every request, whichever drafter it chose. DFlash: the
+   committed tokens' target features go into its KV (``_append_target_hidden_to_draft_kv_by_loc``, KV-only: no
+   queries, no attention, no MLP). EAGLE-3: its draft-extend over the verify block, which also yields the next
+   round's top-k. Both run over the whole batch and read their own columns of the union capture (``hooks`` sets it
+   up). Prefill materialises both drafters' prompt KV, so radix-cached prefixes are valid for either.
 
 Only plain DFlash drafters (no candidate selector, LiLiCorr or Domino head) are supported. Both drafters draft
 greedily (SGLang's EAGLE-3 top-k tree and DFlash's argmax block), sampled requests included: drafts only decide how
@@ -45,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import replace
 
 import torch
 from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
@@ -72,22 +75,25 @@ from sglang.srt.utils import async_h2d
 
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.policies import load_policy
-from whiflash_sgl.router import Router
 from whiflash_sgl.sglang.hooks import LAYOUT_ATTRIBUTE, PARADIGMS_META_KEY
 from whiflash_sgl.sglang.keyed_verify import keyed_verify
 from whiflash_sgl.sglang.layout import select_columns
+from whiflash_sgl.sglang.routing import RequestRoutes
 from whiflash_sgl.sglang.settings import SERVED_PARADIGMS, resolved_settings
-from whiflash_sgl.sglang.verify_layout import chain_proposals, verify_arrays
+from whiflash_sgl.sglang.sub_batch import decode_sub_batch
+from whiflash_sgl.sglang.verify_layout import VerifyArrays, chain_proposals, merge_rows, verify_arrays
 
 log = logging.getLogger(__name__)
 
 
-def _mask_mode(target_worker) -> str:
-    """The tree-mask layout the target's attention backend reads (SGLang's ``TreeMaskMode``)."""
+def _mask_mode(target_worker, default) -> str:
+    """The tree-mask layout the target's attention backend reads (SGLang's ``TreeMaskMode``): its verify-mask
+    buffer's, or else ``default``, the one SGLang's EAGLE verify builds (``EagleDraftWorker.tree_mask_mode``: full
+    on GPU, query-length only for the CPU engine)."""
     from sglang.kernels.ops.speculative.spec_tree import TreeMaskMode
 
     verify_mask = target_worker.model_runner.attn_backend.verify_mask
-    mode = TreeMaskMode.FULL_MASK if verify_mask is None else verify_mask.mode
+    mode = default if verify_mask is None else verify_mask.mode
     if mode == TreeMaskMode.FULL_MASK:
         return "full"
     if mode == TreeMaskMode.QLEN_ONLY:
@@ -96,13 +102,16 @@ def _mask_mode(target_worker) -> str:
                         f"with full or query-length masks (e.g. --attention-backend flashinfer)")
 
 
-def _round_counter():
-    """A Prometheus counter of verify rounds by paradigm; SGLang's /metrics collects it across its processes
-    (prometheus_client is imported only now, after SGLang has set up its multiprocess directory)."""
+def _round_counters():
+    """Prometheus counters of verify rounds (one per batch step): by paradigm that drafted for some request, and the
+    rounds where both did. SGLang's /metrics collects them across its processes (prometheus_client is imported only
+    now, after SGLang has set up its multiprocess directory)."""
     from prometheus_client import Counter
 
-    return Counter("whiflash_paradigm_rounds", "WHIFLASH verify rounds (one per batch step) by the paradigm that "
-                   "drafted them", ["paradigm"])
+    return (Counter("whiflash_paradigm_rounds", "WHIFLASH verify rounds (one per batch step) in which the paradigm "
+                    "drafted for at least one request", ["paradigm"]),
+            Counter("whiflash_mixed_rounds", "WHIFLASH verify rounds in which some requests were drafted by EAGLE-3 "
+                    "and others by DFlash, all verified in one target forward"))
 
 
 class WhiFlashWorker(BaseSpecWorker):
@@ -133,10 +142,9 @@ class WhiFlashWorker(BaseSpecWorker):
         self.plan_stream, self.plan_stream_ctx = get_plan_stream(self.device)
 
         policy = load_policy(self.settings.policy, self.settings.policy_params)
-        self.router = Router(policy, SERVED_PARADIGMS, self.settings.fallback,
-                             deadline_s=self.settings.policy_deadline_ms / 1000, record=False)
-        self._root_stats = (0.0, 0.0)  # batch-mean entropy and margin at the bonus positions of the last verify
-        self._round_counter = _round_counter() if server_args.enable_metrics else None
+        self.routes = RequestRoutes(policy, self.settings.fallback, self.settings.policy_deadline_ms / 1000,
+                                    self.width)
+        self._round_counters = _round_counters() if server_args.enable_metrics else None
 
     # ---- scopes: each sub-worker sees its own algorithm in get_spec() ----------------------------------------------
 
@@ -261,36 +269,27 @@ class WhiFlashWorker(BaseSpecWorker):
                                                  topk=self.topk, capture_hidden_mode=CaptureHiddenMode.LAST,
                                                  vocab_size=self._target_worker.model_config.vocab_size)
 
-    def _route(self, draft_input: EagleDraftInput) -> str:
-        eagle_top1 = float(draft_input.topk_p[:, 0].mean()) if draft_input.topk_p is not None else 0.0
-        features = self.router.features(None, "", {p: 0 for p in SERVED_PARADIGMS},
-                                        {p: self.width - 1 for p in SERVED_PARADIGMS}, [], eagle_top1)
-        entropy, margin = self._root_stats
-        return self.router.decide(replace(features, entropy=entropy, margin=margin))
+    def _eagle_top1(self, draft_input: EagleDraftInput, bs: int) -> list[float]:
+        if draft_input.topk_p is None:
+            return [0.0] * bs
+        return draft_input.topk_p[:, 0].float().tolist()
 
     def _decode(self, batch, on_publish, grammar_barrier):
         if batch.spec_info is None:
             batch.spec_info = self._idle_draft_input()
         idle = batch.forward_mode.is_idle()
-        paradigm = self.settings.fallback if idle else self._route(batch.spec_info)
+        rids = [] if idle else [req.rid for req in batch.reqs]
+        paradigms = [] if idle else self.routes.route(rids, self._eagle_top1(batch.spec_info, len(rids)))
 
+        verify_input, draft_seconds = self._draft(batch, paradigms)
         start = time.perf_counter()
-        if paradigm == "eagle3" or idle:
-            with self._eagle_run_scope():
-                verify_input = self.eagle.draft(batch)
-            verify_topk = self.topk
-        else:
-            verify_input = self._dflash_verify_input(batch)
-            verify_topk = 1
-        drafted = self._synchronized(start)
-
         batch.spec_info = verify_input
         with keyed_verify(batch.reqs if not idle else ()):
             out = run_eagle_verify(batch, target_worker=self._target_worker,
                                    req_to_token_pool=self.req_to_token_pool,
                                    token_to_kv_pool_allocator=self.token_to_kv_pool_allocator,
                                    plan_stream=self.plan_stream, plan_stream_ctx=self.plan_stream_ctx,
-                                   topk=verify_topk, num_draft_tokens=self.width, device=self.device,
+                                   topk=verify_input.topk, num_draft_tokens=self.width, device=self.device,
                                    metadata_ready_pre_pad=False, finalize_tree_path=True,
                                    grammar_barrier=grammar_barrier)
         if on_publish is not None:
@@ -302,62 +301,130 @@ class WhiFlashWorker(BaseSpecWorker):
         with self._eagle_run_scope():
             self.eagle._draft_extend_for_decode(batch, out, kv_loc_plan=verify_input.kv_loc_plan)
         if not idle:
-            self._observe(paradigm, out, drafted, self._synchronized(start) - drafted)
-            self._report(paradigm, out)
+            self._observe(rids, paradigms, out, draft_seconds, self._synchronized(start))
+            self._report(paradigms, out)
         return out
 
-    def _report(self, paradigm: str, out) -> None:
+    def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
+        self.routes.drop(rid)
+
+    def _report(self, paradigms: list[str], out) -> None:
         """What users see of the routing: each request's ``meta_info["spec_paradigms"]`` lists the paradigm of
         every verify round it took part in (SGLang accumulates per-request ``customized_info``; a hook sends it
-        whole), and ``whiflash_paradigm_rounds_total{paradigm}`` counts batch rounds in ``/metrics``."""
+        whole); in ``/metrics``, ``whiflash_paradigm_rounds_total{paradigm}`` counts the batch rounds in which a
+        paradigm drafted for some request, and ``whiflash_mixed_rounds_total`` those in which both did."""
         logits_output = out.logits_output
         if logits_output is not None:
             info = dict(logits_output.customized_info or {})
-            info[PARADIGMS_META_KEY] = [paradigm] * int(out.accept_lens.numel())
+            info[PARADIGMS_META_KEY] = list(paradigms)
             logits_output.customized_info = info
-        if self._round_counter is not None:
-            self._round_counter.labels(paradigm=paradigm).inc()
+        if self._round_counters is not None:
+            by_paradigm, mixed = self._round_counters
+            for paradigm in sorted(set(paradigms)):
+                by_paradigm.labels(paradigm=paradigm).inc()
+            if len(set(paradigms)) > 1:
+                mixed.inc()
 
     def _synchronized(self, start: float) -> float:
         torch.get_device_module(self.device).synchronize()
         return time.perf_counter() - start
 
-    def _observe(self, paradigm: str, out, draft_seconds: float, verify_seconds: float) -> None:
-        """Feed the router: tau (committed tokens per verify, bonus included), costs, and the root statistics the
-        next round's features use (the target's distribution at each request's last accepted row, which predicted
-        the bonus token)."""
+    def _observe(self, rids: list[str], paradigms: list[str], out, draft_seconds: dict[str, float],
+                 verify_seconds: float) -> None:
+        """Feed the routers: each request's tau (committed tokens in its verify, bonus included) and the root
+        statistics its next round's features use (the target's distribution at its last accepted row, which
+        predicted the bonus token); the shared cost model gets each drafter's time and the verify's."""
         # logits stay in tree order (finalize compacts KV, predictions and hidden states only): find the row by index
         last = (out.accept_lens.long() - 1).unsqueeze(1)
         rows = out.accept_index.long().gather(1, last).squeeze(1)
         logits = out.logits_output.next_token_logits
+        roots = None
         if logits is not None:
             probs = torch.softmax(logits[rows].float(), dim=-1)
-            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
             top2 = probs.topk(2, dim=-1).values
-            self._root_stats = (float(entropy), float((top2[:, 0] - top2[:, 1]).mean()))
-        self.router.update(paradigm, float(out.accept_lens.float().mean()))
-        self.router.costs.observe_draft(paradigm, draft_seconds)
-        self.router.costs.observe_verify(self.width, verify_seconds)
+            roots = list(zip(entropy.tolist(), (top2[:, 0] - top2[:, 1]).tolist()))
+        self.routes.observe(rids, paradigms, out.accept_lens.float().tolist(), roots)
+        for paradigm, seconds in draft_seconds.items():
+            self.routes.costs.observe_draft(paradigm, seconds)
+        self.routes.costs.observe_verify(self.width, verify_seconds)
 
-    # ---- DFlash: draft a block, verify it as a chain, keep its KV current ----------------------------------------
+    # ---- drafting: each drafter for the requests that chose it, one verify input -----------------------------------
 
-    def _dflash_verify_input(self, batch) -> EagleVerifyInput:
-        dflash, width = self.dflash, self.width
-        bs = len(batch.seq_lens)
-        prefix = batch.seq_lens
+    def _draft(self, batch, paradigms: list[str]) -> tuple[EagleVerifyInput, dict[str, float]]:
+        """The round's verify input and each drafter's time. EAGLE-3 alone (or an idle batch): its own input. Else
+        DFlash drafts its requests, EAGLE-3 (on a narrowed view of the batch) its own, and their rows merge."""
+        rows = {p: [i for i, chosen in enumerate(paradigms) if chosen == p] for p in SERVED_PARADIGMS}
+        seconds = {}
+        start = time.perf_counter()
+        if not rows["dflash"]:
+            with self._eagle_run_scope():
+                verify_input = self.eagle.draft(batch)
+            return verify_input, {"eagle3": self._synchronized(start)}
+        mask_mode = _mask_mode(self._target_worker, self.eagle.tree_mask_mode)
+        parts = []
+        if rows["eagle3"]:
+            with self._eagle_run_scope():
+                tree = self.eagle.draft(decode_sub_batch(batch, rows["eagle3"]))
+            parts.append((rows["eagle3"], VerifyArrays(tree.draft_token, tree.positions, tree.custom_mask,
+                                                       tree.retrieve_index, tree.retrieve_next_token,
+                                                       tree.retrieve_next_sibling)))
+            seconds["eagle3"] = self._synchronized(start)
+            start = time.perf_counter()
+        window = self._window(batch, None)
+        dflash_window = window if not rows["eagle3"] else self._window(batch, rows["dflash"])
+        parts.append((rows["dflash"], self._dflash_chains(batch, rows["dflash"], dflash_window, mask_mode)))
+        seconds["dflash"] = self._synchronized(start)
+
+        arrays = parts[0][1] if len(parts) == 1 else merge_rows(parts, batch.seq_lens, mask_mode)
+        _, kv_loc_plan = window
+        # depth up to the width (a DFlash chain); top-k > 1 where EAGLE-3 trees are in, so that run_eagle_verify
+        # moves each accepted path to the front of its block (an identity for a chain)
+        verify_input = EagleVerifyInput(
+            draft_token=arrays.tokens, custom_mask=arrays.mask, positions=arrays.positions,
+            retrieve_index=arrays.retrieve_index, retrieve_next_token=arrays.retrieve_next_token,
+            retrieve_next_sibling=arrays.retrieve_next_sibling, retrieve_cum_len=None, spec_steps=self.width - 1,
+            topk=self.topk if rows["eagle3"] else 1, draft_token_num=self.width, capture_hidden_mode=None,
+            seq_lens_sum=None, seq_lens_cpu=None, prepared_out_cache_loc=kv_loc_plan.write_virtual,
+            kv_loc_plan=kv_loc_plan)
+        return verify_input, seconds
+
+    def _seq_lens_cpu(self, batch) -> torch.Tensor:
+        if batch.seq_lens_cpu is not None:
+            return batch.seq_lens_cpu
+        return torch.tensor([r.kv.kv_allocated_len for r in batch.reqs], dtype=torch.int32)
+
+    def _window(self, batch, rows: list[int] | None):
+        """The ``N`` KV slots past each committed prefix (of ``rows``, or of every request) and their plan."""
+        req_pool_indices, prefix, seq_lens_cpu = batch.req_pool_indices, batch.seq_lens, self._seq_lens_cpu(batch)
+        if rows is not None:
+            index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            req_pool_indices, prefix, seq_lens_cpu = req_pool_indices[index], prefix[index], seq_lens_cpu[rows]
         req_to_token = self._target_worker.model_runner.req_to_token_pool.req_to_token
-        bonus = batch.spec_info.bonus_tokens.view(-1)
+        cache_loc = assign_extend_cache_locs_func(req_pool_indices=req_pool_indices, req_to_token=req_to_token,
+                                                  start_offset=prefix, end_offset=prefix + self.width,
+                                                  batch_size=len(prefix), draft_token_num=self.width,
+                                                  device=self.device)
+        kv_loc_plan = self._target_worker.model_runner.kv_index_translator.plan(
+            req_pool_indices=req_pool_indices, seq_lens=prefix, seq_lens_cpu=seq_lens_cpu, write_virtual=cache_loc,
+            read_extent=self.width)
+        return cache_loc, kv_loc_plan
+
+    # ---- DFlash: draft blocks, verify them as chains, keep its KV current ------------------------------------------
+
+    def _dflash_chains(self, batch, rows: list[int], window, mask_mode: str) -> VerifyArrays:
+        """DFlash's blocks for the requests ``rows`` (batch order), as chains padded to the verify width: one
+        draft-runner forward over ``[bonus, MASK x (B-1)]`` per request, writing the draft KV in ``window``."""
+        dflash, width = self.dflash, self.width
+        bs = len(rows)
+        index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        prefix, req_pool_indices = batch.seq_lens[index], batch.req_pool_indices[index]
+        seq_lens_cpu = self._seq_lens_cpu(batch)[rows]
+        cache_loc, kv_loc_plan = window
+        bonus = batch.spec_info.bonus_tokens.view(-1)[index]
         block_ids = torch.full((bs, width), int(dflash._mask_token_id), dtype=torch.long, device=self.device)
         block_ids[:, 0] = bonus
         positions = (prefix.unsqueeze(1) + torch.arange(width, device=self.device)).reshape(-1)
-        cache_loc = assign_extend_cache_locs_func(req_pool_indices=batch.req_pool_indices, req_to_token=req_to_token,
-                                                  start_offset=prefix, end_offset=prefix + width, batch_size=bs,
-                                                  draft_token_num=width, device=self.device)
-        seq_lens_cpu = (batch.seq_lens_cpu if batch.seq_lens_cpu is not None
-                        else torch.tensor([r.kv.kv_allocated_len for r in batch.reqs], dtype=torch.int32))
-        kv_loc_plan = self._target_worker.model_runner.kv_index_translator.plan(
-            req_pool_indices=batch.req_pool_indices, seq_lens=prefix, seq_lens_cpu=seq_lens_cpu,
-            write_virtual=cache_loc, read_extent=width)
 
         target_model = self._target_worker.model_runner.model
         if dflash._full_embed_gpu is not None:
@@ -369,7 +436,7 @@ class WhiFlashWorker(BaseSpecWorker):
         draft_seq_lens_cpu = seq_lens_cpu + width
         forward_batch = ForwardBatch(
             forward_mode=ForwardMode.TARGET_VERIFY, batch_size=bs, input_ids=block_ids.flatten(),
-            req_pool_indices=batch.req_pool_indices, seq_lens=prefix, out_cache_loc=cache_loc,
+            req_pool_indices=req_pool_indices, seq_lens=prefix, out_cache_loc=cache_loc,
             seq_lens_sum=int(draft_seq_lens_cpu.sum()), seq_lens_cpu=draft_seq_lens_cpu, positions=positions,
             input_embeds=embeds.view(bs * width, -1), spec_algorithm=SpeculativeAlgorithm.DFLASH,
             spec_info=dflash._draft_block_spec_info, capture_hidden_mode=CaptureHiddenMode.NULL,
@@ -386,15 +453,7 @@ class WhiFlashWorker(BaseSpecWorker):
                 drafts = dflash._greedy_sample_from_vocab_parallel_head(
                     hidden_states=hidden[:, 1:, :].reshape(-1, hidden.shape[-1]),
                     lm_head=unwrap_lora_layer(target_model.lm_head)).view(bs, width - 1)
-
-        arrays = verify_arrays(chain_proposals(bonus, drafts, width), prefix, _mask_mode(self._target_worker))
-        verify_input = EagleVerifyInput(
-            draft_token=arrays.tokens, custom_mask=arrays.mask, positions=arrays.positions,
-            retrieve_index=arrays.retrieve_index, retrieve_next_token=arrays.retrieve_next_token,
-            retrieve_next_sibling=arrays.retrieve_next_sibling, retrieve_cum_len=None, spec_steps=width - 1, topk=1,
-            draft_token_num=width, capture_hidden_mode=None, seq_lens_sum=None, seq_lens_cpu=None,
-            prepared_out_cache_loc=kv_loc_plan.write_virtual, kv_loc_plan=kv_loc_plan)
-        return verify_input
+        return verify_arrays(chain_proposals(bonus, drafts, width), prefix, mask_mode)
 
     def _catch_up_dflash(self, batch, verify_input: EagleVerifyInput, out) -> None:
         """KV-only: the committed tokens' target features into the DFlash draft KV at their slots."""
