@@ -1,9 +1,10 @@
 """FlashInfer backend for CUDA, driven the way SGLang 0.5.23 drives it for EAGLE tree verification.
 
-One ``BatchPrefillWithPagedKVCacheWrapper`` (NHD, page size 1: every KV row is a page, ``kv_indices`` the row ids,
-``kv_last_page_len`` all ones), planned once per batch with the flattened boolean ``custom_mask`` (FlashInfer packs
-it itself with ``segment_packbits(..., bitorder="little")``), then run once per layer. A layout without a mask plans
-``causal=True``, FlashInfer's bottom-right-aligned causal, as SGLang does for DFlash verify.
+One ``BatchPrefillWithPagedKVCacheWrapper`` (NHD, page size 1: every KV row is a page, ``kv_indices`` the layout's
+page table into a token pool or else the flat rows, ``kv_last_page_len`` all ones), planned once per batch with the
+flattened boolean ``custom_mask`` (FlashInfer packs it itself with ``segment_packbits(..., bitorder="little")``),
+then run once per layer. A layout without a mask plans ``causal=True``, FlashInfer's bottom-right-aligned causal, as
+SGLang does for DFlash verify.
 
 The mask is handed over unpacked on purpose: given ``packed_custom_mask`` directly, ``plan()`` keeps a *bit*-offset
 ``mask_indptr`` while the kernel reads it as a *byte* offset, which is only right for a single request. flashinfer is
@@ -57,11 +58,10 @@ class FlashInferBackend:
     ) -> "FlashInferPlan":
         check_plan_args(num_qo_heads, num_kv_heads, head_dim, dtype, self.dtypes())
         layout = layout.to(self.device)
-        total_kv = int(layout.kv_indptr[-1])
         self._wrapper.plan(
             layout.qo_indptr.to(torch.int32),
             layout.kv_indptr.to(torch.int32),
-            torch.arange(total_kv, dtype=torch.int32, device=self.device),
+            layout.key_rows().to(torch.int32),
             torch.ones(layout.batch_size, dtype=torch.int32, device=self.device),
             num_qo_heads,
             num_kv_heads,

@@ -7,6 +7,10 @@ mask of request ``i`` is a dense ``q_len_i x kv_len_i`` boolean (True = may atte
 included, flattened row-major and concatenated: request ``i`` is ``mask[mask_indptr[i]:mask_indptr[i+1]]``. This is
 what SGLang hands FlashInfer as ``custom_mask`` for EAGLE verify. ``mask=None`` means causal aligned to the bottom
 right (query ``r`` sees keys ``0 .. kv_len - q_len + r``), which is what SGLang uses for DFlash's block verify.
+
+``kv_indices`` makes the keys paged (FlashInfer's page table with page size 1): request ``i``'s keys are then the
+rows ``kv_indices[kv_indptr[i]:kv_indptr[i+1]]`` of a KV pool shared by all requests, in that order, instead of the
+flat rows ``kv_indptr[i]:`` themselves. A batched engine keeps every request's KV in one token pool this way.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class AttentionLayout:
     kv_indptr: torch.Tensor
     mask: torch.Tensor | None = None
     mask_indptr: torch.Tensor | None = None
+    kv_indices: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         device = self.mask.device if self.mask is not None else torch.as_tensor(self.qo_indptr).device
@@ -44,6 +49,11 @@ class AttentionLayout:
             raise ValueError("indptr arrays must start at 0 and never decrease")
         if ((q_lens > 0) & (kv_lens == 0)).any():
             raise ValueError("every request with queries needs at least one key")
+        if self.kv_indices is not None:
+            indices = torch.as_tensor(self.kv_indices, dtype=torch.long, device=device)
+            if indices.shape != (int(self.kv_indptr[-1]),) or (indices < 0).any():
+                raise ValueError(f"kv_indices must be {int(self.kv_indptr[-1])} non-negative pool rows")
+            object.__setattr__(self, "kv_indices", indices)
         if self.mask is None:
             if self.mask_indptr is not None:
                 raise ValueError("mask_indptr given without a mask")
@@ -105,7 +115,14 @@ class AttentionLayout:
 
     def to(self, device: torch.device | str) -> "AttentionLayout":
         mask = None if self.mask is None else self.mask.to(device)
-        return AttentionLayout(self.qo_indptr.to(device), self.kv_indptr.to(device), mask)
+        indices = None if self.kv_indices is None else self.kv_indices.to(device)
+        return AttentionLayout(self.qo_indptr.to(device), self.kv_indptr.to(device), mask, kv_indices=indices)
+
+    def key_rows(self) -> torch.Tensor:
+        """Where each request's keys are, flat: the page table, or the flat rows themselves when unpaged."""
+        if self.kv_indices is not None:
+            return self.kv_indices
+        return torch.arange(int(self.kv_indptr[-1]), device=self.device)
 
     def packed_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(packed uint8, byte indptr)`` as ``flashinfer.segment_packbits(mask, mask_indptr, "little")`` returns."""

@@ -50,6 +50,10 @@ class ReferencePlan:
         self.layout, self.scale = layout, scale
         self._q_index, self._q_inside = _padded_rows(layout.qo_indptr)
         self._kv_index, _ = _padded_rows(layout.kv_indptr)
+        self._needed_kv = int(layout.kv_indptr[-1])
+        if layout.kv_indices is not None and layout.kv_indices.numel():  # paged: gather from the pool's rows
+            self._kv_index = layout.kv_indices[self._kv_index]
+            self._needed_kv = int(layout.kv_indices.max()) + 1
         mask = layout.padded_mask()
         self._sees_nothing = ~mask.any(-1)
         mask[..., 0] |= self._sees_nothing
@@ -57,10 +61,10 @@ class ReferencePlan:
 
     def run(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """``[total_q, Hq, Dv]`` attention outputs in the row order of ``query``."""
-        total_q, total_kv = int(self.layout.qo_indptr[-1]), int(self.layout.kv_indptr[-1])
-        if query.dim() != 3 or query.shape[0] != total_q or key.shape[0] < total_kv or key.shape[:2] != value.shape[:2]:
+        total_q, needed_kv = int(self.layout.qo_indptr[-1]), self._needed_kv
+        if query.dim() != 3 or query.shape[0] != total_q or key.shape[0] < needed_kv or key.shape[:2] != value.shape[:2]:
             raise ValueError(
-                f"expected query [{total_q}, Hq, D] and key/value [>= {total_kv}, Hkv, D], "
+                f"expected query [{total_q}, Hq, D] and key/value [>= {needed_kv}, Hkv, D], "
                 f"got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
             )
         if total_q == 0:

@@ -153,3 +153,26 @@ def pytest_runtest_makereport(item, call):
     if report.skipped and os.environ.get(REQUIRE_SERVER_ENV) == "1" and item.get_closest_marker("sglang_server"):
         report.outcome = "failed"
         report.longrepr = f"{item.nodeid} skipped, but {REQUIRE_SERVER_ENV}=1 requires it to run: {report.longrepr}"
+
+
+def _verify_logits(target: Target, prefix: list[int], root: int, tree) -> torch.Tensor:
+    """The target's logits at the verify rows of ``tree`` below ``root`` after ``prefix``: two forwards through
+    ``Target.forward`` on pool slots, freed afterwards."""
+    from whiflash_sgl.target import Chunk
+
+    pool = target.pool
+    cached, rows = pool.alloc(len(prefix)), pool.alloc(len(tree) + 1)
+    try:
+        target.forward([Chunk(list(prefix), torch.arange(len(prefix)), cached[:0], cached)])
+        mask = None if tree.is_chain else tree.ancestor_mask()
+        verify = Chunk([root, *tree.tokens], tree.positions(len(prefix)), cached, rows, mask, logits=len(tree) + 1)
+        return target.forward([verify])[0].logits
+    finally:
+        pool.free(cached)
+        pool.free(rows)
+
+
+@pytest.fixture(scope="session")
+def verify_logits():
+    """``verify_logits(target, prefix, root, tree)``: see :func:`_verify_logits`."""
+    return _verify_logits

@@ -139,7 +139,7 @@ def test_sampling_is_reproducible_with_a_seed(tiny_target, prompt_ids):
     assert runs[0].tokens != runs[2].tokens
 
 
-def test_attention_through_the_kernels_api_matches_the_direct_path(tiny_target, prompt_ids):
+def test_attention_through_the_kernels_api_matches_the_direct_path(tiny_target, prompt_ids, verify_logits):
     """Verification planned through ``whiflash_sgl.kernels`` (the engine's default) gives the direct path's logits on
     a branching tree, and the same greedy output with a tree drafter."""
     target = tiny_target
@@ -147,8 +147,7 @@ def test_attention_through_the_kernels_api_matches_the_direct_path(tiny_target, 
     logits = {}
     for path in ("direct", "auto"):  # auto is the reference backend on a CPU
         target.set_attention(path)
-        target.prefill(prompt_ids)
-        logits[path] = target.verify(prompt_ids[-1], tree).logits
+        logits[path] = verify_logits(target, prompt_ids[:-1], prompt_ids[-1], tree)
     torch.testing.assert_close(logits["auto"], logits["direct"], rtol=1e-5, atol=1e-5)
     full = _vanilla(target, prompt_ids).tokens
     outputs = {}
@@ -168,7 +167,7 @@ def test_unknown_attention_path_is_a_clear_error(tiny_target):
         make_method("hf-generate@direct", tiny_target)
 
 
-def test_prepacked_linears_keep_the_output(tiny_tokenizer, make_model, prompt_ids):
+def test_prepacked_linears_keep_the_output(tiny_tokenizer, make_model, prompt_ids, verify_logits):
     """oneDNN-prepacked linears (what ``Target.load`` uses on a CPU) give the dense model's logits up to float32
     rounding, the same greedy text for every engine method and for transformers' own generate on the same modules;
     the dense LM head stays available to drafters."""
@@ -178,8 +177,7 @@ def test_prepacked_linears_keep_the_output(tiny_tokenizer, make_model, prompt_id
     tree = DraftTree.from_paths([[5, 6, 7], [5, 8]])
     logits = []
     for target in (dense, packed):
-        target.prefill(prompt_ids)
-        logits.append(target.verify(prompt_ids[-1], tree).logits)
+        logits.append(verify_logits(target, prompt_ids[:-1], prompt_ids[-1], tree))
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
     expected = _vanilla(dense, prompt_ids).tokens
     for name in ("vanilla", "ngram", "hf-generate"):

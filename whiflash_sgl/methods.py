@@ -36,15 +36,7 @@ class EngineMethod:
                  cancelled=None):
         engine = SpeculativeEngine(self.target, self.drafter, sampling, seed)
         with self._attention():
-            result = engine.generate(prompt_ids, max_new_tokens, stop=stop, on_text=on_text, cancelled=cancelled)
-        if isinstance(self.drafter, WhiFlashDrafter):
-            result.paradigms = [paradigm for paradigm, _ in self.drafter.trace]
-            result.switch_seconds = self.drafter.switch_seconds
-            result.catchup_seconds = self.drafter.catchup_seconds
-        if isinstance(self.drafter, OracleDrafter):
-            result.paradigms = [paradigm for paradigm, _ in self.drafter.trace]
-            result.paradigm_accepts = [t["accepted"] for t in self.drafter.traces[-len(self.drafter.trace):]]
-        return result
+            return engine.generate(prompt_ids, max_new_tokens, stop=stop, on_text=on_text, cancelled=cancelled)
 
     def _attention(self):
         """The target on this method's attention path for one generation, restored afterwards."""

@@ -12,6 +12,7 @@ once per kind. Policies only choose proposals, so routing never changes the outp
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import threading
@@ -117,36 +118,36 @@ class LinearFit:
 
 
 class CostModel:
-    """Online latency estimates: per-paradigm draft time (EMA); verify time as ``a + b * tokens`` and each
-    paradigm's catch-up time as ``a + b * backlog``, both fitted by least squares over everything seen.
+    """Online latency estimates, shared by every sequence a router serves: each paradigm's draft time as
+    ``a + b * sequences`` (one call drafts all the sequences that chose it), verify time as ``a + b * rows`` over the
+    rows of the whole batched forward, and each paradigm's catch-up time as ``a + b * backlog``, all fitted by least
+    squares over everything seen.
 
     Catch-up needs the intercept: a KV-only prefill of a few positions costs mostly its fixed overhead, and a
     per-position rate measured there, times the long backlog an idle drafter builds up, would price that drafter
     out of ever being chosen again."""
 
-    def __init__(self, decay: float = 0.9):
-        self.decay = decay
-        self.draft: dict[str, float] = {}
+    def __init__(self) -> None:
+        self.draft: dict[str, LinearFit] = {}
         self.catchup: dict[str, LinearFit] = {}
         self.verify_seconds = LinearFit()
 
-    def observe_draft(self, paradigm: str, seconds: float) -> None:
-        old = self.draft.get(paradigm)
-        self.draft[paradigm] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+    def observe_draft(self, paradigm: str, seconds: float, sequences: int = 1) -> None:
+        self.draft.setdefault(paradigm, LinearFit()).observe(sequences, seconds)
 
     def observe_catchup(self, paradigm: str, positions: int, seconds: float) -> None:
         if positions > 0:
             self.catchup.setdefault(paradigm, LinearFit()).observe(positions, seconds)
 
-    def observe_verify(self, tokens: int, seconds: float) -> None:
-        self.verify_seconds.observe(tokens, seconds)
+    def observe_verify(self, rows: int, seconds: float) -> None:
+        self.verify_seconds.observe(rows, seconds)
 
     def predict(self, action: str, draft_tokens: dict[str, int], pending: dict[str, int]) -> float:
-        """An action's round: each of its paradigms drafts (after catching up), then one verify of all their
-        tokens (shared prefixes would merge, so this is an upper bound for a hedge)."""
+        """An action's round for one sequence alone: each of its paradigms drafts (after catching up), then one
+        verify of all their tokens (shared prefixes would merge, so this is an upper bound for a hedge)."""
         seconds = self.verify_seconds(sum(draft_tokens[p] for p in members(action)) + 1)
         for p in members(action):
-            seconds += self.draft.get(p, 0.0)
+            seconds += self.draft[p](1) if p in self.draft else 0.0
             if pending[p] > 0 and p in self.catchup:
                 seconds += self.catchup[p](pending[p])
         return seconds
@@ -179,6 +180,13 @@ class Router:
         self._logged: set[str] = set()
         self._stuck: threading.Thread | None = None
         self.reset()
+
+    def fork(self) -> "Router":
+        """A router for another sequence: the same policy, cost model, statistics and decision log."""
+        twin = copy.copy(self)
+        twin._stuck = None
+        twin.reset()
+        return twin
 
     def reset(self) -> None:
         """A new sequence: tau statistics start from neutral values (cost estimates carry over).

@@ -1,13 +1,17 @@
-"""The target model: an HF causal LM driven with our KV cache and tree-masked attention.
+"""The target model: an HF causal LM run over ragged batches of sequences, their KV in one token pool.
 
-Attention goes through the ``whiflash`` entry of transformers' attention-function registry, so any HF causal LM
-whose attention modules use that registry works. The verify mask travels as the ``whiflash_mask`` forward kwarg,
-which transformers hands to the attention function untouched; HF's own mask construction is switched off for it.
+A forward takes :class:`Chunk` s, one per sequence: prefill chunks and draft trees of any requests, flattened into
+one row batch (HF sees a batch of one sequence whose rows carry their own positions). Attention goes through the
+``whiflash`` entry of transformers' attention-function registry, so any HF causal LM whose attention modules use
+that registry works: the cache (``kv_pool.PoolCache``) writes the new rows' KV into the pool, and the attention plan,
+built once per forward from the chunks' page tables and masks and passed as the ``whiflash_plan`` kwarg, runs every
+layer. HF's own mask construction is switched off.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,19 +21,31 @@ from transformers.masking_utils import AttentionMaskInterface
 from whiflash_sgl.config import ATTENTION_PATHS
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.kernels import AttentionLayout, BackendUnavailableError, get_backend, tree_attention
-from whiflash_sgl.kv_cache import KVCache
+from whiflash_sgl.kernels.layout import indptr_from_lengths
+from whiflash_sgl.kv_pool import PoolCache, TokenPool
 from whiflash_sgl.model_store import resolve_model
-from whiflash_sgl.tree import DraftTree
 
 ATTN_IMPLEMENTATION = "whiflash"
+DEFAULT_KV_BUDGET = 1 << 30  # bytes of target KV (keys and values, all layers) for all running sequences together
+MAX_POOL_CONTEXTS = 64  # a pool never holds more tokens than this many full context windows, whatever the budget
 
 
 def _whiflash_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    plan = kwargs.get("whiflash_plan")
-    if plan is None:
-        return tree_attention(query, key, value, kwargs.get("whiflash_mask"), scaling), None
-    # HF's [1, heads, rows, head_dim] to the backends' ragged NHD rows [rows, heads, head_dim], and back
-    return plan.run(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1))[None], None
+    """In :meth:`Target.forward`, ``query`` is HF's ``[1, Hq, rows, D]`` and ``key``/``value`` the whole pool as
+    ``[1, Hkv, capacity, D]``; a plain call of the model (no chunks) is causal attention over what HF passes."""
+    plan, chunks = kwargs.get("whiflash_plan"), kwargs.get("whiflash_chunks")
+    if plan is not None:  # the backends' ragged NHD rows [rows, heads, head_dim], and back
+        return plan.run(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1))[None], None
+    if chunks is None:
+        return tree_attention(query, key, value, None, scaling), None
+    outputs, start = [], 0  # the "direct" path: SDPA per chunk on its own gathered keys, nothing planned
+    for chunk in chunks:
+        n, rows = len(chunk.tokens), torch.cat([chunk.cached, chunk.rows]).to(key.device)
+        mask = None if chunk.tree is None else chunk.mask().to(query.device)[None, None]
+        outputs.append(tree_attention(query[:, :, start : start + n], key[:, :, rows], value[:, :, rows], mask,
+                                      scaling)[0])
+        start += n
+    return torch.cat(outputs)[None], None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, _whiflash_attention)
@@ -87,7 +103,8 @@ class Target:
         self.config = model.config
         self.model.config._attn_implementation = ATTN_IMPLEMENTATION
         self.capture_layers = tuple(capture_layers)  # HF hidden_states indices to return with every forward
-        self.cache = KVCache()
+        self.kv_budget, self._pool = DEFAULT_KV_BUDGET, None
+        self._cache: PoolCache | None = None  # the HF view of the pool, remade when the pool is
         self.eos_token_ids = self._eos_ids()
         attn = next(m for m in self.model.modules() if hasattr(m, "scaling") and hasattr(m, "head_dim"))
         self._heads = dict(num_qo_heads=self.config.num_attention_heads, num_kv_heads=self.config.num_key_value_heads,
@@ -126,14 +143,6 @@ class Target:
         finally:
             self.attention, self._backend = saved
 
-    def _plan(self, rows: int, mask: torch.Tensor | None):
-        """The backend's plan for one forward of ``rows`` new rows after the cache (``mask``: ``[1, 1, rows, kv]``,
-        or None for causal)."""
-        kv = self.cache.get_seq_length() + rows
-        layout = AttentionLayout(torch.tensor([0, rows]), torch.tensor([0, kv]),
-                                 None if mask is None else mask.reshape(-1)).to(self.device)
-        return self._backend.plan(layout, dtype=self.model.dtype, **self._heads)
-
     @classmethod
     def load(cls, name_or_path: str, capture_layers: tuple[int, ...] = (), dtype=torch.float32,
              attention: str = "auto", pack: bool = True, device: str = "cpu") -> "Target":
@@ -166,52 +175,119 @@ class Target:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _forward(self, ids, positions: torch.Tensor, mask: torch.Tensor | None, keep_logits: int) -> ForwardOut:
+    @property
+    def pool(self) -> TokenPool:
+        """The KV token pool every sequence on this target shares, made on first use with the budget in force."""
+        if self._pool is None:
+            self._pool = TokenPool(self.config.num_hidden_layers, self._heads["num_kv_heads"],
+                                   self._heads["head_dim"], self._pool_capacity(), self.model.dtype, self.device)
+        return self._pool
+
+    def set_kv_budget(self, budget_bytes: int) -> None:
+        """Size the KV pool for ``budget_bytes`` (keys and values of every layer); only while no sequence holds KV."""
+        if self._pool is not None and self._pool.reserved:
+            raise WhiFlashError("the KV budget cannot change while sequences hold KV")
+        per_token = TokenPool.bytes_per_token(self.config.num_hidden_layers, self._heads["num_kv_heads"],
+                                              self._heads["head_dim"], self.model.dtype)
+        if budget_bytes < per_token:
+            raise WhiFlashError(f"a KV budget of {budget_bytes} bytes holds no token: one token's KV takes "
+                                f"{per_token} bytes on this model; raise the budget (--kv-budget-mb)")
+        self.kv_budget, self._pool = budget_bytes, None
+
+    def _pool_capacity(self) -> int:
+        per_token = TokenPool.bytes_per_token(self.config.num_hidden_layers, self._heads["num_kv_heads"],
+                                              self._heads["head_dim"], self.model.dtype)
+        return min(self.kv_budget // per_token, MAX_POOL_CONTEXTS * self.context_length)
+
+    @torch.inference_mode()
+    def forward(self, chunks: Sequence[Chunk]) -> list[ForwardOut]:
+        """One forward over every chunk's rows (any mix of prefill chunks and verify trees, of any requests): each
+        chunk's rows write their KV to ``chunk.rows`` and attend to ``chunk.cached`` and to one another (causally, or
+        as ``chunk.tree`` says). Per chunk: the logits of its last ``chunk.logits`` rows, hidden states of all."""
         device = self.device
+        lengths = torch.tensor([len(c.tokens) for c in chunks])
+        offsets = indptr_from_lengths(lengths)
+        keep = torch.cat([torch.arange(int(offsets[i + 1]) - c.logits, int(offsets[i + 1]))
+                          for i, c in enumerate(chunks)])
+        if self._cache is None or self._cache.pool is not self.pool:
+            self._cache = PoolCache(self.pool)
+        self._cache.write_rows = torch.cat([c.rows for c in chunks]).to(device)
+        plan = None
+        if self._backend is not None:
+            plan = self._backend.plan(_layout(chunks).to(device), dtype=self.model.dtype, **self._heads)
         out = self.model(
-            input_ids=torch.as_tensor(ids, dtype=torch.long, device=device)[None],
-            position_ids=positions.to(device)[None],
-            cache=self.cache,
+            input_ids=torch.tensor([t for c in chunks for t in c.tokens], dtype=torch.long, device=device)[None],
+            position_ids=torch.cat([c.positions for c in chunks]).to(device)[None],
+            cache=self._cache,
             use_cache=True,
-            whiflash_mask=None if mask is None else mask.to(device),
-            whiflash_plan=None if self._backend is None else self._plan(len(ids), mask),
+            whiflash_plan=plan,
+            whiflash_chunks=chunks,
             output_hidden_states=bool(self.capture_layers),
-            logits_to_keep=keep_logits,  # the last N positions' logits; 0 = all
+            logits_to_keep=keep.to(device),
         )
-        hidden = None
-        if self.capture_layers:
-            hidden = torch.stack([out.hidden_states[i][0] for i in self.capture_layers], dim=1)
-        return ForwardOut(out.logits[0], hidden)
+        logit_offsets = indptr_from_lengths(torch.tensor([c.logits for c in chunks]))
+        results = []
+        for i in range(len(chunks)):
+            logits = out.logits[0, int(logit_offsets[i]) : int(logit_offsets[i + 1])]
+            hidden = None
+            if self.capture_layers:
+                rows = slice(int(offsets[i]), int(offsets[i + 1]))
+                hidden = torch.stack([out.hidden_states[j][0, rows] for j in self.capture_layers], dim=1)
+            results.append(ForwardOut(logits, hidden))
+        return results
 
-    @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> ForwardOut:
-        """Start a sequence: cache all of ``ids``; logits of the last position only, hidden states of all."""
-        self.cache = KVCache()
-        return self._forward(ids, torch.arange(len(ids)), None, keep_logits=1)
+    def prefill(self, ids: list[int], logits: int = 1) -> ForwardOut:
+        """One causal forward over ``ids`` as a sequence of its own, on pool slots borrowed for the call: the logits
+        of the last ``logits`` positions and the hidden states of all (tools and tests; generation goes through the
+        engine, which keeps the KV)."""
+        pool = self.pool
+        if not pool.reserve(len(ids)):
+            raise WhiFlashError(f"a forward over {len(ids)} tokens needs that many KV slots and the KV pool has "
+                                f"{pool.capacity - pool.reserved} unreserved; retry when fewer requests run")
+        rows = pool.alloc(len(ids))
+        try:
+            return self.forward([Chunk(list(ids), torch.arange(len(ids)), rows[:0], rows, logits=logits)])[0]
+        finally:
+            pool.free(rows)
+            pool.release(len(ids))
 
-    @torch.inference_mode()
-    def verify(self, root: int, tree: DraftTree) -> ForwardOut:
-        """One forward over ``[root, *tree.tokens]`` after the cached prefix; logits and hidden of every row."""
-        start = self.cache.get_seq_length()
-        mask = None
-        if not tree.is_chain:  # a chain is plain causal attention over the cache tail
-            mask = torch.ones(len(tree) + 1, start + len(tree) + 1, dtype=torch.bool)
-            mask[:, start:] = tree.ancestor_mask()
-            mask = mask[None, None]
-        return self._forward([root, *tree.tokens], tree.positions(start), mask, keep_logits=0)
-
-    @torch.inference_mode()
     def score(self, ids: list[int], last: int) -> torch.Tensor:
-        """Logits of the ``last`` positions of ``ids`` in one causal forward (for log-probabilities of given
-        tokens, not generation); resets the cache like ``prefill`` and captures no hidden states."""
-        self.cache = KVCache()
+        """Logits of the ``last`` positions of ``ids`` (for log-probabilities of given tokens, not generation)."""
         capture, self.capture_layers = self.capture_layers, ()
         try:
-            return self._forward(ids, torch.arange(len(ids)), None, keep_logits=last).logits
+            return self.prefill(ids, last).logits
         finally:
             self.capture_layers = capture
 
-    @torch.inference_mode()
-    def commit(self, start: int, path: list[int]) -> None:
-        """Keep the root's KV (row ``start``) and the accepted ``path``'s rows, contiguous after the prefix."""
-        self.cache.compact(start, [start, *(start + 1 + i for i in path)])
+
+@dataclass
+class Chunk:
+    """One sequence's new rows in a batched target forward.
+
+    ``cached``: pool rows of the positions already in KV, in position order. ``rows``: the pool rows the new tokens'
+    KV goes to. ``tree``: ``[n, n]`` bool, which new rows each new row sees (itself and its ancestors, for a draft
+    tree), or None for causal (a prefill chunk, a chain). ``logits``: how many of the last rows need logits."""
+
+    tokens: list[int]
+    positions: torch.Tensor
+    cached: torch.Tensor
+    rows: torch.Tensor
+    tree: torch.Tensor | None = None
+    logits: int = 0
+
+    def mask(self) -> torch.Tensor:
+        """``[n, len(cached) + n]``: the whole prefix, then the new rows as ``tree`` (or causality) allows."""
+        n = len(self.tokens)
+        inner = self.tree if self.tree is not None else torch.ones(n, n, dtype=torch.bool).tril()
+        return torch.cat([torch.ones(n, len(self.cached), dtype=torch.bool), inner], dim=1)
+
+
+def _layout(chunks: Sequence[Chunk]) -> AttentionLayout:
+    """The forward's attention layout: paged over the pool, causal unless some chunk is a tree."""
+    q_lens = torch.tensor([len(c.tokens) for c in chunks])
+    kv_lens = torch.tensor([len(c.cached) + len(c.tokens) for c in chunks])
+    mask = None
+    if any(c.tree is not None for c in chunks):
+        mask = torch.cat([c.mask().reshape(-1) for c in chunks])
+    return AttentionLayout(indptr_from_lengths(q_lens), indptr_from_lengths(kv_lens), mask,
+                           kv_indices=torch.cat([torch.cat([c.cached, c.rows]) for c in chunks]))

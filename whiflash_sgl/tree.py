@@ -104,6 +104,10 @@ class DraftTree:
             tuple(-1 if self.parents[i] < 0 else new_index[self.parents[i]] for i in keep),
         )
 
+    def first(self, n: int) -> "DraftTree":
+        """The first ``n`` nodes: a tree still, since every node's parent comes before it."""
+        return self if len(self) <= n else DraftTree(self.tokens[:n], self.parents[:n])
+
     def ancestor_mask(self) -> torch.Tensor:
         """``[n+1, n+1]`` bool over verify rows: row r may attend to row c iff c is r or an ancestor of r."""
         n = len(self.tokens)

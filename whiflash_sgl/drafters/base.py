@@ -1,5 +1,10 @@
 """The drafter interface: given the committed sequence, propose a draft tree below its last token.
 
+A drafter object serves one sequence; :meth:`Drafter.fork` makes one for another sequence, sharing the weights (and,
+for a router, its cost model and statistics). :func:`propose_all` drafts for many sequences in one round, handing
+each drafter class its sequences at once (:meth:`Drafter.propose_batch`) so that a model-based drafter can run one
+batched forward for all of them.
+
 A model-based drafter keeps its own KV cache over committed positions. Its *frontier* is how many positions that
 cache covers; :meth:`Drafter.catch_up` brings it to the committed length from the target's stored features with
 projections only (KV-only prefill), and :meth:`Drafter.propose` catches up first if it must. Keeping the two apart
@@ -8,6 +13,8 @@ lets the router bring an idle drafter up to date lazily, only when it is chosen.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +56,8 @@ class RoundReport:
     tree: DraftTree
     path: list[int]  # accepted node indices
     new_tokens: list[int]  # accepted draft tokens + bonus
-    verify_seconds: float
+    verify_seconds: float  # the whole verify forward, shared with the other sequences in it
+    forward_rows: int = 0  # rows of that forward, all sequences' together (0: not known, taken as this tree's)
 
 
 class Drafter:
@@ -57,6 +65,11 @@ class Drafter:
 
     name = ""
     feature_layers: tuple[int, ...] = ()  # target hidden_states indices this drafter reads (empty: model-free)
+
+    def fork(self) -> "Drafter":
+        """A drafter for another sequence: same weights and settings, its own per-sequence state (set up by
+        :meth:`start`)."""
+        return copy.copy(self)
 
     def start(self, state: SequenceState) -> None:
         """A new sequence begins (its prompt is prefilled); drop any per-sequence state."""
@@ -72,5 +85,29 @@ class Drafter:
         """A draft below ``state.tokens[-1]`` no deeper than ``max_depth`` (may be empty)."""
         raise NotImplementedError
 
+    @classmethod
+    def propose_batch(cls, drafters: Sequence["Drafter"], states: Sequence[SequenceState],
+                      max_depths: Sequence[int]) -> list[DraftTree]:
+        """``drafters[i].propose(states[i], max_depths[i])`` for every i, all instances of this class; a drafter
+        that can batch its forwards over sequences overrides this."""
+        return [d.propose(s, depth) for d, s, depth in zip(drafters, states, max_depths)]
+
     def observe(self, report: RoundReport) -> None:
         """Called after each verify pass with its outcome."""
+
+    def summary(self) -> dict:
+        """Per-sequence figures for the sequence's ``GenerationResult`` (routed drafters: each round's paradigm)."""
+        return {}
+
+
+def propose_all(drafters: Sequence[Drafter], states: Sequence[SequenceState],
+                max_depths: Sequence[int]) -> list[DraftTree]:
+    """Every sequence's draft, each drafter class handed all of its sequences in one call."""
+    trees: list[DraftTree | None] = [None] * len(drafters)
+    for kind in dict.fromkeys(type(d) for d in drafters):
+        group = [i for i, d in enumerate(drafters) if type(d) is kind]
+        proposed = kind.propose_batch([drafters[i] for i in group], [states[i] for i in group],
+                                      [max_depths[i] for i in group])
+        for i, tree in zip(group, proposed):
+            trees[i] = tree
+    return trees

@@ -7,6 +7,7 @@ measured draft times: the traces a learned policy is trained on (``whiflash coll
 
 from __future__ import annotations
 
+import copy
 import time
 
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState
@@ -26,11 +27,23 @@ class OracleDrafter(Drafter):
         self.trace: list[tuple[str, int]] = []  # (best paradigm, accepted draft tokens) per round
         self._round: dict = {}
 
+    def fork(self) -> "OracleDrafter":
+        """Another sequence's drafters and router state; weights, cost model and the ``traces`` log shared."""
+        twin = copy.copy(self)
+        twin.drafters = {p: d.fork() for p, d in self.drafters.items()}
+        twin.router = self.router.fork()
+        twin.tree_size = dict(self.tree_size)
+        return twin
+
     def start(self, state: SequenceState) -> None:
         for drafter in self.drafters.values():
             drafter.start(state)
         self.router.reset()
         self.trace = []
+        self.accepts: list[dict[str, int]] = []  # what each paradigm alone would have accepted, per round
+
+    def summary(self) -> dict:
+        return {"paradigms": [paradigm for paradigm, _ in self.trace], "paradigm_accepts": self.accepts}
 
     def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
         features = round_features(self.router, self.drafters, state, self.tree_size, self.tokenizer)
@@ -49,6 +62,7 @@ class OracleDrafter(Drafter):
         accepted = {p: tree.matched(report.new_tokens) for p, tree in self._round["trees"].items()}
         best = max(accepted, key=lambda p: (accepted[p], -len(self._round["trees"][p])))
         self.trace.append((best, len(report.path)))
+        self.accepts.append(accepted)
         self.router.update(best, len(report.path) + 1)
         self.traces.append({
             "features": self._round["features"],

@@ -8,10 +8,12 @@ round, for comparison. Catch-up spent on rounds that switched action is the swit
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+from collections.abc import Sequence
 
-from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState
+from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
 from whiflash_sgl.router import RoundFeatures, Router, members
 from whiflash_sgl.tree import DraftTree
 
@@ -52,11 +54,24 @@ class WhiFlashDrafter(Drafter):
         self.trace: list[tuple[str, int]] = []  # (action, accepted draft tokens) per drafted round
         self._trees: dict[str, DraftTree] = {}  # this round's draft per paradigm of the action
 
+    def fork(self) -> "WhiFlashDrafter":
+        """Another sequence's router state and drafters (their caches); weights, cost model and statistics shared."""
+        twin = copy.copy(self)
+        twin.drafters = {p: d.fork() for p, d in self.drafters.items()}
+        twin.router = self.router.fork()
+        twin.tree_size = dict(self.tree_size)
+        twin._reset_sequence()
+        return twin
+
     def start(self, state: SequenceState) -> None:
         for drafter in self.drafters.values():
             drafter.start(state)
         self.router.reset()
         self._reset_sequence()
+
+    def summary(self) -> dict:
+        return {"paradigms": [action for action, _ in self.trace], "switch_seconds": self.switch_seconds,
+                "catchup_seconds": self.catchup_seconds}
 
     def pending(self, state: SequenceState) -> int:
         return max(d.pending(state) for d in self.drafters.values())
@@ -73,7 +88,8 @@ class WhiFlashDrafter(Drafter):
         self.router.costs.observe_catchup(paradigm, backlog, seconds)
         return seconds
 
-    def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
+    def _route(self, state: SequenceState) -> tuple[str, ...]:
+        """This round's action for this sequence, with the chosen drafters caught up (all of them when eager)."""
         features = round_features(self.router, self.drafters, state, self.tree_size, self.tokenizer)
         previous, self.action = self.action, self.router.decide(features)
         chosen = members(self.action)
@@ -83,12 +99,28 @@ class WhiFlashDrafter(Drafter):
         if previous and previous != self.action:
             self.switch_seconds += catchup
         self.catchup_seconds += catchup
-        for paradigm in chosen:
+        return chosen
+
+    def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
+        return self.propose_batch([self], [state], [max_depth])[0]
+
+    @classmethod
+    def propose_batch(cls, drafters: Sequence["WhiFlashDrafter"], states: Sequence[SequenceState],
+                      max_depths: Sequence[int]) -> list[DraftTree]:
+        """Every sequence routes on its own; then each paradigm drafts, in one call, the sequences that chose it (a
+        hedge's sequence is in several such calls, and its trees are verified together as one)."""
+        chosen = [d._route(s) for d, s in zip(drafters, states)]
+        for paradigm in dict.fromkeys(p for c in chosen for p in c):
+            group = [i for i, c in enumerate(chosen) if paradigm in c]
             tic = time.perf_counter()
-            self._trees[paradigm] = self.drafters[paradigm].propose(state, max_depth)
-            self.router.costs.observe_draft(paradigm, time.perf_counter() - tic)
-            self.tree_size[paradigm] = len(self._trees[paradigm])
-        return DraftTree.union(self._trees.values()) if len(chosen) > 1 else self._trees[chosen[0]]
+            trees = propose_all([drafters[i].drafters[paradigm] for i in group], [states[i] for i in group],
+                                [max_depths[i] for i in group])
+            drafters[group[0]].router.costs.observe_draft(paradigm, time.perf_counter() - tic, len(group))
+            for i, tree in zip(group, trees):
+                drafters[i]._trees[paradigm] = tree
+                drafters[i].tree_size[paradigm] = len(tree)
+        return [DraftTree.union(d._trees.values()) if len(d._trees) > 1 else next(iter(d._trees.values()))
+                for d in drafters]
 
     def observe(self, report: RoundReport) -> None:
         if not self._trees:  # the engine verified without asking for a draft (one token left)
@@ -96,5 +128,5 @@ class WhiFlashDrafter(Drafter):
         each = {p: tree.matched(report.new_tokens) + 1 for p, tree in self._trees.items()}
         self._trees = {}
         self.router.update(self.action, len(report.path) + 1, each)
-        self.router.costs.observe_verify(len(report.tree) + 1, report.verify_seconds)
+        self.router.costs.observe_verify(report.forward_rows or len(report.tree) + 1, report.verify_seconds)
         self.trace.append((self.action, len(report.path)))
