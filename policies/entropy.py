@@ -22,4 +22,4 @@ class EntropyPolicy:
         if self.block in expected:
             gate = 2 / (1 + math.exp(self.sharpness * (f.entropy - self.threshold)))  # 2 at H=0, 1 at threshold
             expected[self.block] *= gate
-        return Decision(best_paradigm(expected, f.predicted_seconds, self.lam))
+        return Decision(best_paradigm(expected, f.predicted_seconds, self.lam, f.others))

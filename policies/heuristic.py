@@ -8,7 +8,7 @@ throughput (42.4 against 46.7 tokens/s)."""
 
 from __future__ import annotations
 
-from whiflash_sgl.router import Decision, RoundFeatures, best_paradigm
+from whiflash_sgl.router import Decision, RoundFeatures, batch_rate, best_paradigm
 
 
 class HeuristicPolicy:
@@ -19,10 +19,10 @@ class HeuristicPolicy:
         expected = f.expected_tau()
         if "dflash" in expected and (f.in_code or f.in_json):
             expected["dflash"] += self.structured_bonus
-        choice = best_paradigm(expected, f.predicted_seconds, self.lam)
+        choice = best_paradigm(expected, f.predicted_seconds, self.lam, f.others)
         current = f.last_paradigm
         if current in expected and choice != current:
-            rate = {p: expected[p] / max(f.predicted_seconds.get(p, 0.0), 1e-6) for p in expected}
+            rate = {p: batch_rate(expected[p], f.predicted_seconds.get(p, 0.0), f.others) for p in expected}
             if rate[choice] < (1 + self.hysteresis) * rate[current]:
                 choice = current
         return Decision(choice)

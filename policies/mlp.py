@@ -77,7 +77,7 @@ class MLPPolicy:
         if not served:
             raise ValueError(f"the MLP was trained for actions {actions}, none of which the router serves "
                              f"({sorted(f.predicted_seconds)})")
-        return Decision(self._hedged(best_paradigm(served, f.predicted_seconds, self.lam), served))
+        return Decision(self._hedged(best_paradigm(served, f.predicted_seconds, self.lam, f.others), served))
 
     def _hedged(self, choice: str, tau: dict[str, float]) -> str:
         if self.hedge_margin is None:

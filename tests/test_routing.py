@@ -283,3 +283,29 @@ def test_ngram_without_a_proposal_is_never_chosen(policy):
     assert load_policy(policy, {}).decide(features).paradigm == "eagle3"
     features.ngram_draft = 6
     assert load_policy(policy, {}).decide(features).paradigm == "ngram"
+
+
+def test_each_request_routes_on_its_own_and_mixed_paradigms_verify_in_one_forward(target, models, prompt,
+                                                                                    tiny_tokenizer):
+    """Batched requests: ``Alternate`` is one policy object for every request's router, so within a round
+    consecutive requests get different actions; each round is still one target forward for all of them, and every
+    output equals the request's solo vanilla output."""
+    prompts = [prompt] + [tiny_tokenizer(t)["input_ids"] for t in ("The quick brown fox", "for i in range(10):\n")]
+    solo = [SpeculativeEngine(target).generate(p, 24).tokens for p in prompts]
+    engine = SpeculativeEngine(target, _whiflash(target, models, Alternate()))
+    forwards = []
+    forward = target.forward
+    target.forward = lambda chunks: forwards.append(len(chunks)) or forward(chunks)
+    try:
+        requests = [engine.submit(p, 24) for p in prompts]
+        steps = 0
+        while any(r.result is None for r in requests):
+            engine.step()
+            steps += 1
+    finally:
+        del target.forward
+    assert [r.result.tokens for r in requests] == solo
+    assert len(forwards) == steps and max(forwards) == 3  # one forward per round, all three requests in it
+    paradigms = [r.result.paradigms for r in requests]
+    mixed = [k for k in range(min(map(len, paradigms))) if len({p[k] for p in paradigms}) > 1]
+    assert len(mixed) >= 3

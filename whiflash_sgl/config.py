@@ -50,6 +50,10 @@ class WhiFlashConfig:
     catch_up: str = "lazy"
     fallback: str = "eagle3"
     policy_deadline_ms: float = 50.0
+    # the target's measured forward cost against rows per forward (``whiflash cost-curve``): "" = the committed
+    # curve when the target is the embedded default on a CPU, "none" = no curve (no trimming of trees by value; the
+    # router learns verify cost online), else a JSON file
+    cost_curve: str = ""
 
     @classmethod
     def from_mapping(cls, values: dict, source: str = "config") -> "WhiFlashConfig":

@@ -19,10 +19,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from whiflash_sgl.cost_curve import trim_to_value
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.sampling import KeyedSampler, SamplingParams, check_seed
@@ -252,9 +253,13 @@ class SpeculativeEngine:
         for (request, chunk), out in zip(prefilling.items(), outputs):
             self._prefilled(request, chunk, out)
         t2 = time.perf_counter()
-        rows = sum(len(c.tokens) for c in chunks)
-        for request, tree, chunk, out in zip(decoding, trees, chunks[len(prefilling):], outputs[len(prefilling):]):
-            self._commit(request, tree, chunk, out, rows, t2 - t1)
+        verified = list(zip(decoding, trees, chunks[len(prefilling):], outputs[len(prefilling):]))
+        accepted = [accept(tree, out.logits, r.sampling, sampler=r.sampler, generator=r.generator,
+                           root_position=len(r.slots)) for r, tree, _, out in verified]
+        load = RoundReport(DraftTree(), [], [], t2 - t1, sum(len(c.tokens) for c in chunks),
+                           sum(len(path) + 1 for path, _ in accepted), t1 - t0)
+        for (request, tree, chunk, out), (path, bonus) in zip(verified, accepted):
+            self._commit(request, tree, chunk, out, path, bonus, load)
             request.draft_seconds += t1 - t0
             request.verify_seconds += time.perf_counter() - t1
         return done + self._leave()
@@ -342,7 +347,8 @@ class SpeculativeEngine:
 
     def _draft(self, requests: list[Request]) -> list[DraftTree]:
         """Each request's tree (empty when one token is left, or without a drafter); drafters of one kind draft
-        their requests together."""
+        their requests together. With the target's cost curve known, the batch's verify rows then go to the likeliest
+        nodes of all trees, as many as pay (``cost_curve.trim_to_value``)."""
         trees = [DraftTree()] * len(requests)
         asks = [(i, r) for i, r in enumerate(requests)
                 if r.drafter is not None and r.max_new_tokens - len(r.out.tokens) > 1]
@@ -350,7 +356,8 @@ class SpeculativeEngine:
         proposed = propose_all([r.drafter for _, r in asks], [r.state for _, r in asks], depths)
         for (i, _), tree, depth in zip(asks, proposed, depths):
             trees[i] = tree.pruned(depth).first(MAX_TREE_NODES)
-        return trees
+        curve = self.target.cost_curve
+        return trees if curve is None else trim_to_value(trees, curve)
 
     def _verify_chunk(self, request: Request, tree: DraftTree) -> Chunk:
         start = len(request.slots)  # the root's position: every earlier position is in the pool
@@ -358,11 +365,10 @@ class SpeculativeEngine:
                      self.target.pool.alloc(len(tree) + 1), None if tree.is_chain else tree.ancestor_mask(),
                      logits=len(tree) + 1)
 
-    def _commit(self, request: Request, tree: DraftTree, chunk: Chunk, out, forward_rows: int,
-                forward_seconds: float) -> None:
-        """Accept the request's path, keep the KV rows of root and path, free the rest, extend the output."""
-        path, bonus = accept(tree, out.logits, request.sampling, sampler=request.sampler,
-                             generator=request.generator, root_position=len(request.slots))
+    def _commit(self, request: Request, tree: DraftTree, chunk: Chunk, out, path: list[int], bonus: int,
+                load: RoundReport) -> None:
+        """Keep the KV rows of the root and the accepted path, free the rest, extend the output. ``load`` is the
+        round's forward as a whole (its seconds, rows and committed tokens), for the drafter's cost model."""
         keep = [0, *(1 + i for i in path)]
         kept = torch.zeros(len(chunk.rows), dtype=torch.bool)
         kept[keep] = True
@@ -376,7 +382,7 @@ class SpeculativeEngine:
         state.tokens.extend(new_tokens)
         state.root_logits = out.logits[keep[-1]]
         if request.drafter is not None:
-            request.drafter.observe(RoundReport(tree, path, new_tokens, forward_seconds, forward_rows))
+            request.drafter.observe(replace(load, tree=tree, path=path, new_tokens=new_tokens))
         request.commit_seconds.append(time.perf_counter() - request.submitted)
         request.out.extend(new_tokens)
         request.rounds += 1

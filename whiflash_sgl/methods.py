@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from pathlib import Path
 
 import torch
 
 from whiflash_sgl.config import ATTENTION_PATHS, WhiFlashConfig
+from whiflash_sgl.cost_curve import COST_CURVE_FILE, CostCurve
 from whiflash_sgl.drafters.checkpoint import default_drafter_path, load_drafter_model
 from whiflash_sgl.drafters.dflash import DFlashDrafter
 from whiflash_sgl.drafters.eagle3 import Eagle3Drafter
@@ -144,6 +146,18 @@ def _build_drafter(kind: str, target: Target, config: WhiFlashConfig):
     raise WhiFlashError(f"unknown drafter {kind!r}; available: ngram, eagle3, dflash")
 
 
+def cost_curve(target: Target, config: WhiFlashConfig) -> CostCurve | None:
+    """The cost curve ``config.cost_curve`` names for ``target``, resolved as ``WhiFlashConfig`` documents."""
+    if config.cost_curve == "none":
+        return None
+    if config.cost_curve:
+        return CostCurve.load(Path(config.cost_curve))
+    committed = default_drafter_path("eagle3", target)  # present only for the embedded default target
+    if committed is None or target.device.type != "cpu" or not (committed.parent / COST_CURVE_FILE).is_file():
+        return None
+    return CostCurve.load(committed.parent / COST_CURVE_FILE)
+
+
 def _paradigms(target: Target, config: WhiFlashConfig) -> dict:
     names = [p.strip() for p in config.paradigms.split(",") if p.strip()]
     if len(names) < 2 or len(set(names)) != len(names):
@@ -161,6 +175,7 @@ def make_method(name: str, target: Target, config: WhiFlashConfig = WhiFlashConf
     ``<method>@<path>`` runs an engine method with the target's attention on another path (``direct``, ``reference``,
     ``flashinfer``, ``auto``): two paths compared in one bench run.
     """
+    target.cost_curve = cost_curve(target, config)
     base, _, attention = name.partition("@")
     if not attention:
         return _make_method(name, target, config, policy_params)
@@ -194,7 +209,8 @@ def _make_method(name: str, target: Target, config: WhiFlashConfig, policy_param
             params = params.get(policy_name, {})
         policy = load_policy(policy_name, params)
         drafters = _paradigms(target, config)
-        router = Router(policy, tuple(drafters), config.fallback, config.policy_deadline_ms / 1000, hedging=True)
+        router = Router(policy, tuple(drafters), config.fallback, config.policy_deadline_ms / 1000, hedging=True,
+                        curve=target.cost_curve)
         return EngineMethod(name, target, WhiFlashDrafter(drafters, router, target.tokenizer, config.catch_up))
     if name == "oracle":
         drafters = _paradigms(target, config)

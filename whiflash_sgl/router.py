@@ -8,6 +8,13 @@ hedge such as ``eagle3+ngram``, whose drafts are verified together as one tree (
 them reaches, for the price of both drafts and a wider verify). The router guards the call: a policy that raises,
 overruns its deadline or returns something invalid yields the fallback paradigm, and the event is counted and logged
 once per kind. Policies only choose proposals, so routing never changes the output.
+
+In a batch, a sequence's round is everyone's round: the rows it adds to the shared forward delay every other
+sequence. So each action is priced at what it adds on top of the rest of the batch (its share of its drafter's
+batched call, and the verify rows it adds at the batch's place on the target's cost curve), and the objective is the
+batch's rate, ``(others' tokens + tau) / (others' seconds + the action's)``, which at batch 1 is ``tau / seconds``.
+Where no action beats drafting nothing by that objective, the router drafts nothing (``NO_DRAFT``), probing again
+every few rounds.
 """
 
 from __future__ import annotations
@@ -20,9 +27,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from whiflash_sgl.cost_curve import CostCurve
+
 log = logging.getLogger(__name__)
 
 PARADIGMS = ("eagle3", "dflash", "ngram")
+NO_DRAFT = "none"  # the router's own action: verify the root alone this round
+PROBE_EVERY = 4  # after this many rounds without drafting, draft once to refresh the tau statistics
 
 
 def members(action: str) -> tuple[str, ...]:
@@ -50,6 +61,8 @@ class RoundFeatures:
     in_code: bool
     in_json: bool
     bracket_depth: int
+    batch_tokens: float = 0.0  # tokens the rest of the batch commits per round (last round's)
+    batch_seconds: float = 0.0  # the rest of the batch's round time without this sequence (cost model)
 
     # What a learned policy sees: only what does not depend on which paradigm drafted before. It is trained on
     # oracle traces (every paradigm drafts every round), so the last paradigm, the tau EMAs, backlogs and the last
@@ -63,9 +76,22 @@ class RoundFeatures:
             expected["ngram"] = 1.0
         return expected
 
+    @property
+    def others(self) -> tuple[float, float]:
+        return self.batch_tokens, self.batch_seconds
+
     def vector(self) -> list[float]:
         """A flat numeric view for learned policies."""
         return [float(getattr(self, f)) for f in self.VECTOR_FIELDS]
+
+
+@dataclass(frozen=True)
+class BatchLoad:
+    """The rest of the batch in a sequence's last round: rows it verified, tokens it committed, its drafting time."""
+
+    rows: int = 0
+    tokens: float = 0.0
+    draft_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -73,11 +99,19 @@ class Decision:
     paradigm: str  # an action: a paradigm or a hedge
 
 
-def best_paradigm(expected_tau: dict[str, float], seconds: dict[str, float], lam: float | None) -> str:
-    """The objective: ``argmax E[tau_m] / T_m`` (``lam`` None), or ``argmax E[tau_m] - lam * T_m`` with ``T`` in
-    milliseconds (``lam`` > 0 trades expected tokens against latency; 0 ignores latency)."""
+def batch_rate(tau: float, seconds: float, others: tuple[float, float] = (0.0, 0.0)) -> float:
+    """Tokens per second of the batch's round when this sequence commits ``tau`` tokens for ``seconds`` added to
+    the rest of the batch's ``others`` = (tokens, seconds); ``tau / seconds`` alone."""
+    return (others[0] + tau) / max(others[1] + seconds, 1e-6)
+
+
+def best_paradigm(expected_tau: dict[str, float], seconds: dict[str, float], lam: float | None,
+                  others: tuple[float, float] = (0.0, 0.0)) -> str:
+    """The objective: ``argmax`` of the batch's rate with action ``m`` (``lam`` None; ``E[tau_m] / T_m`` alone), or
+    ``argmax E[tau_m] - lam * T_m`` with ``T`` the action's added milliseconds (``lam`` > 0 trades expected tokens
+    against latency; 0 ignores latency)."""
     if lam is None:
-        return max(expected_tau, key=lambda p: expected_tau[p] / max(seconds.get(p, 0.0), 1e-6))
+        return max(expected_tau, key=lambda p: batch_rate(expected_tau[p], seconds.get(p, 0.0), others))
     return max(expected_tau, key=lambda p: expected_tau[p] - lam * 1000 * seconds.get(p, 0.0))
 
 
@@ -118,22 +152,25 @@ class LinearFit:
 
 
 class CostModel:
-    """Online latency estimates, shared by every sequence a router serves: each paradigm's draft time as
-    ``a + b * sequences`` (one call drafts all the sequences that chose it), verify time as ``a + b * rows`` over the
-    rows of the whole batched forward, and each paradigm's catch-up time as ``a + b * backlog``, all fitted by least
-    squares over everything seen.
+    """Latency estimates, shared by every sequence a router serves: each paradigm's draft time as
+    ``a + b * sequences`` (one call drafts all the sequences that chose it), the target's verify time against the
+    rows of the whole batched forward (the measured ``curve`` when there is one, else a least-squares line over the
+    forwards seen), and each paradigm's catch-up time as ``a + b * backlog``.
 
     Catch-up needs the intercept: a KV-only prefill of a few positions costs mostly its fixed overhead, and a
     per-position rate measured there, times the long backlog an idle drafter builds up, would price that drafter
     out of ever being chosen again."""
 
-    def __init__(self) -> None:
+    def __init__(self, curve: CostCurve | None = None) -> None:
+        self.curve = curve
         self.draft: dict[str, LinearFit] = {}
         self.catchup: dict[str, LinearFit] = {}
         self.verify_seconds = LinearFit()
+        self.group: dict[str, int] = {}  # sequences in each paradigm's last batched draft call
 
     def observe_draft(self, paradigm: str, seconds: float, sequences: int = 1) -> None:
         self.draft.setdefault(paradigm, LinearFit()).observe(sequences, seconds)
+        self.group[paradigm] = sequences
 
     def observe_catchup(self, paradigm: str, positions: int, seconds: float) -> None:
         if positions > 0:
@@ -142,12 +179,25 @@ class CostModel:
     def observe_verify(self, rows: int, seconds: float) -> None:
         self.verify_seconds.observe(rows, seconds)
 
-    def predict(self, action: str, draft_tokens: dict[str, int], pending: dict[str, int]) -> float:
-        """An action's round for one sequence alone: each of its paradigms drafts (after catching up), then one
-        verify of all their tokens (shared prefixes would merge, so this is an upper bound for a hedge)."""
-        seconds = self.verify_seconds(sum(draft_tokens[p] for p in members(action)) + 1)
+    def verify(self, rows: float) -> float:
+        """Seconds of a forward of ``rows`` rows (0 for none)."""
+        if rows <= 0:
+            return 0.0
+        return self.curve(rows) if self.curve is not None else self.verify_seconds(rows)
+
+    def predict(self, action: str, draft_tokens: dict[str, int], pending: dict[str, int],
+                others_rows: int = 0) -> float:
+        """What an action adds to a round in which the rest of the batch verifies ``others_rows`` rows: each of its
+        paradigms drafts (after catching up; a fair share of a batched call), then its rows (all its paradigms'
+        tokens and the root; shared prefixes would merge, so this bounds a hedge) join the forward."""
+        if action == NO_DRAFT:
+            return self.verify(others_rows + 1) - self.verify(others_rows)
+        rows = sum(draft_tokens[p] for p in members(action)) + 1
+        seconds = self.verify(others_rows + rows) - self.verify(others_rows)
         for p in members(action):
-            seconds += self.draft[p](1) if p in self.draft else 0.0
+            if p in self.draft:
+                n = self.group.get(p, 1) if others_rows else 1
+                seconds += self.draft[p](n) / n
             if pending[p] > 0 and p in self.catchup:
                 seconds += self.catchup[p](pending[p])
         return seconds
@@ -167,14 +217,14 @@ class Router:
     then every paradigm and every set of two or more of them."""
 
     def __init__(self, policy, paradigms: tuple[str, ...], fallback: str, deadline_s: float = 0.05,
-                 ema: float = 0.9, record: bool = True, hedging: bool = False):
+                 ema: float = 0.9, record: bool = True, hedging: bool = False, curve: CostCurve | None = None):
         if fallback not in paradigms:
             raise ValueError(f"fallback paradigm {fallback!r} is not one of {paradigms}")
         self.policy, self.paradigms, self.fallback = policy, paradigms, fallback
         sets = range(2, len(paradigms) + 1) if hedging else ()
         self.actions = paradigms + tuple(hedge(c) for n in sets for c in itertools.combinations(paradigms, n))
         self.deadline_s, self.ema, self.record = deadline_s, ema, record
-        self.costs = CostModel()
+        self.costs = CostModel(curve)
         self.stats = RouterStats()
         self.decisions: list[dict] = []
         self._logged: set[str] = set()
@@ -198,10 +248,11 @@ class Router:
         self.ema_tau = {p: 2.0 for p in self.paradigms}
         self.last_tau = 1.0
         self.last_paradigm = ""  # none yet
+        self.idle = 0  # rounds in a row without a draft
 
     def features(self, root_logits: torch.Tensor | None, text: str, pending: dict[str, int],
                  draft_tokens: dict[str, int], dflash_confidences: list[float], eagle_top1: float,
-                 ngram_draft: int = 0) -> RoundFeatures:
+                 ngram_draft: int = 0, batch: BatchLoad = BatchLoad()) -> RoundFeatures:
         entropy = margin = 0.0
         if root_logits is not None:
             probs = torch.softmax(root_logits.float(), dim=-1)
@@ -216,9 +267,11 @@ class Router:
         return RoundFeatures(
             entropy=entropy, margin=margin, last_tau=self.last_tau, last_paradigm=self.last_paradigm,
             ema_tau=dict(self.ema_tau), pending=dict(pending),
-            predicted_seconds={a: self.costs.predict(a, draft_tokens, pending) for a in self.actions},
+            predicted_seconds={a: self.costs.predict(a, draft_tokens, pending, batch.rows)
+                               for a in (*self.actions, NO_DRAFT)},
             dflash_expected=expected, eagle_top1=eagle_top1, ngram_draft=ngram_draft, in_code=in_code,
-            in_json=in_json, bracket_depth=depth,
+            in_json=in_json, bracket_depth=depth, batch_tokens=batch.tokens,
+            batch_seconds=self.costs.verify(batch.rows) + batch.draft_seconds if batch.rows else 0.0,
         )
 
     def _fault(self, kind: str, detail: str) -> str:
@@ -256,8 +309,10 @@ class Router:
         return action
 
     def decide(self, features: RoundFeatures) -> str:
-        """The action for this round (a paradigm or a hedge)."""
+        """The action for this round: a paradigm, a hedge, or ``NO_DRAFT`` where drafting does not pay."""
         action = self._call_policy(features)
+        if self._idle_pays(features, action):
+            action = NO_DRAFT
         if self.last_paradigm and action != self.last_paradigm:
             self.stats.switches += 1
         self.stats.rounds[action] = self.stats.rounds.get(action, 0) + 1
@@ -266,9 +321,27 @@ class Router:
         self.last_paradigm = action
         return action
 
+    def _idle_pays(self, f: RoundFeatures, action: str) -> bool:
+        """In a batch, whether verifying the root alone beats ``action`` by the batch's rate (a probe round every
+        ``PROBE_EVERY`` keeps the statistics fresh). Alone, the policy's choice stands: its objective weighs tau
+        against cost already, and its actions are what it was tuned on."""
+        if f.batch_seconds <= 0:
+            return False
+        if self.idle >= PROBE_EVERY:
+            self.idle = 0
+            return False
+        tau = max(f.expected_tau().get(p, 1.0) for p in members(action))
+        idle = batch_rate(1.0, f.predicted_seconds[NO_DRAFT], f.others)
+        if idle > batch_rate(tau, f.predicted_seconds[action], f.others):
+            self.idle += 1
+            return True
+        self.idle = 0
+        return False
+
     def update(self, action: str, tau: float, each: dict[str, float] | None = None) -> None:
         """After verifying ``action``'s draft: the round's tau and, for a hedge, each paradigm's own tau (what its
         tree alone would have accepted), which feed the per-paradigm EMAs."""
         self.last_tau = tau
-        for paradigm, value in (each or {action: tau}).items():
-            self.ema_tau[paradigm] = self.ema * self.ema_tau[paradigm] + (1 - self.ema) * value
+        for paradigm, value in (each if each is not None else {action: tau}).items():
+            if paradigm in self.ema_tau:  # not NO_DRAFT
+                self.ema_tau[paradigm] = self.ema * self.ema_tau[paradigm] + (1 - self.ema) * value

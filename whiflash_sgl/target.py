@@ -19,6 +19,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import AttentionMaskInterface
 
 from whiflash_sgl.config import ATTENTION_PATHS
+from whiflash_sgl.cost_curve import CostCurve
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.kernels import AttentionLayout, BackendUnavailableError, get_backend, tree_attention
 from whiflash_sgl.kernels.layout import indptr_from_lengths
@@ -104,6 +105,7 @@ class Target:
         self.model.config._attn_implementation = ATTN_IMPLEMENTATION
         self.capture_layers = tuple(capture_layers)  # HF hidden_states indices to return with every forward
         self.kv_budget, self._pool = DEFAULT_KV_BUDGET, None
+        self.cost_curve: CostCurve | None = None  # this target's forward cost on this machine, when measured
         self._cache: PoolCache | None = None  # the HF view of the pool, remade when the pool is
         self.eos_token_ids = self._eos_ids()
         attn = next(m for m in self.model.modules() if hasattr(m, "scaling") and hasattr(m, "head_dim"))

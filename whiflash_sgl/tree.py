@@ -17,11 +17,16 @@ import torch
 class DraftTree:
     tokens: tuple[int, ...] = ()
     parents: tuple[int, ...] = ()
+    # the drafter's estimate that each node gets accepted (its path's probability), never above its parent's;
+    # empty when the drafter has none. The engine spends a batch's verify rows on the likeliest nodes by it.
+    probs: tuple[float, ...] = field(default=(), compare=False)
     depths: tuple[int, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents):
             raise ValueError(f"tree has {len(self.tokens)} tokens but {len(self.parents)} parents")
+        if self.probs and len(self.probs) != len(self.tokens):
+            raise ValueError(f"tree has {len(self.tokens)} tokens but {len(self.probs)} node probabilities")
         depths = []
         for i, p in enumerate(self.parents):
             if not -1 <= p < i:
@@ -94,19 +99,24 @@ class DraftTree:
         return [i for i, p in enumerate(self.parents) if p == node]
 
     def pruned(self, max_depth: int) -> "DraftTree":
-        """The subtree of nodes at depth ``<= max_depth`` (indices renumbered, order kept)."""
-        keep = [i for i, d in enumerate(self.depths) if d <= max_depth]
+        """The subtree of nodes at depth ``<= max_depth``."""
+        return self.subtree([i for i, d in enumerate(self.depths) if d <= max_depth])
+
+    def first(self, n: int) -> "DraftTree":
+        """The first ``n`` nodes: a tree still, since every node's parent comes before it."""
+        return self.subtree(range(min(n, len(self))))
+
+    def subtree(self, keep) -> "DraftTree":
+        """The nodes ``keep`` (ascending, every kept node's parent kept too), renumbered in their order."""
+        keep = list(keep)
         if len(keep) == len(self):
             return self
         new_index = {old: new for new, old in enumerate(keep)}
         return DraftTree(
             tuple(self.tokens[i] for i in keep),
             tuple(-1 if self.parents[i] < 0 else new_index[self.parents[i]] for i in keep),
+            tuple(self.probs[i] for i in keep) if self.probs else (),
         )
-
-    def first(self, n: int) -> "DraftTree":
-        """The first ``n`` nodes: a tree still, since every node's parent comes before it."""
-        return self if len(self) <= n else DraftTree(self.tokens[:n], self.parents[:n])
 
     def ancestor_mask(self) -> torch.Tensor:
         """``[n+1, n+1]`` bool over verify rows: row r may attend to row c iff c is r or an ancestor of r."""

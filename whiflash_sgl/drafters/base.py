@@ -58,6 +58,8 @@ class RoundReport:
     new_tokens: list[int]  # accepted draft tokens + bonus
     verify_seconds: float  # the whole verify forward, shared with the other sequences in it
     forward_rows: int = 0  # rows of that forward, all sequences' together (0: not known, taken as this tree's)
+    forward_tokens: int = 0  # tokens that forward committed, all sequences' together
+    draft_seconds: float = 0.0  # the round's drafting, all sequences' together
 
 
 class Drafter:

@@ -14,12 +14,12 @@ import time
 from collections.abc import Sequence
 
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
-from whiflash_sgl.router import RoundFeatures, Router, members
+from whiflash_sgl.router import NO_DRAFT, BatchLoad, RoundFeatures, Router, members
 from whiflash_sgl.tree import DraftTree
 
 
 def round_features(router: Router, drafters: dict[str, Drafter], state: SequenceState, draft_tokens: dict,
-                   tokenizer) -> RoundFeatures:
+                   tokenizer, batch: BatchLoad = BatchLoad()) -> RoundFeatures:
     """The router's features for this round, from what the last verify pass and the drafters left behind, and the
     n-gram drafter's proposal (a lookup: cheap enough to peek at every round, and cached for when it is chosen)."""
     dflash, eagle, ngram = drafters.get("dflash"), drafters.get("eagle3"), drafters.get("ngram")
@@ -32,6 +32,7 @@ def round_features(router: Router, drafters: dict[str, Drafter], state: Sequence
         getattr(dflash, "last_confidences", []),
         math.exp(eagle.last_scores[0]) if getattr(eagle, "last_scores", None) else 0.0,
         ngram_draft,
+        batch,
     )
 
 
@@ -51,6 +52,7 @@ class WhiFlashDrafter(Drafter):
         behind for the next one."""
         self.switch_seconds = self.catchup_seconds = 0.0
         self.action = ""
+        self.load = BatchLoad()  # the rest of the batch, as the last round saw it
         self.trace: list[tuple[str, int]] = []  # (action, accepted draft tokens) per drafted round
         self._trees: dict[str, DraftTree] = {}  # this round's draft per paradigm of the action
 
@@ -90,8 +92,11 @@ class WhiFlashDrafter(Drafter):
 
     def _route(self, state: SequenceState) -> tuple[str, ...]:
         """This round's action for this sequence, with the chosen drafters caught up (all of them when eager)."""
-        features = round_features(self.router, self.drafters, state, self.tree_size, self.tokenizer)
+        features = round_features(self.router, self.drafters, state, self.tree_size, self.tokenizer, self.load)
         previous, self.action = self.action, self.router.decide(features)
+        if self.action == NO_DRAFT:
+            self._trees = {NO_DRAFT: DraftTree()}
+            return ()
         chosen = members(self.action)
         catchup = 0.0
         for paradigm in (self.drafters if self.mode == "eager" else chosen):
@@ -125,8 +130,12 @@ class WhiFlashDrafter(Drafter):
     def observe(self, report: RoundReport) -> None:
         if not self._trees:  # the engine verified without asking for a draft (one token left)
             return
-        each = {p: tree.matched(report.new_tokens) + 1 for p, tree in self._trees.items()}
+        each = {p: tree.matched(report.new_tokens) + 1 for p, tree in self._trees.items() if p != NO_DRAFT}
         self._trees = {}
         self.router.update(self.action, len(report.path) + 1, each)
-        self.router.costs.observe_verify(report.forward_rows or len(report.tree) + 1, report.verify_seconds)
+        rows = report.forward_rows or len(report.tree) + 1
+        self.router.costs.observe_verify(rows, report.verify_seconds)
         self.trace.append((self.action, len(report.path)))
+        others = rows - len(report.tree) - 1
+        self.load = BatchLoad(others, max(report.forward_tokens - len(report.new_tokens), 0),
+                              report.draft_seconds * others / rows)
