@@ -15,6 +15,7 @@ from whiflash_sgl.drafters.dflash import DFlashDrafter, DFlashModel, _marginal_t
 from whiflash_sgl.drafters.eagle3 import Eagle3Drafter, Eagle3Model, _best_subtree
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.sampling import KeyedSampler, SamplingParams
 from whiflash_sgl.target import Target
 from whiflash_sgl.train.dflash import DFlashTrainer
 from whiflash_sgl.train.eagle3 import Eagle3Trainer, set_vocabulary
@@ -67,8 +68,9 @@ def test_eagle3_kv_only_prefill_equals_full_forward(target, eagle):
     kv_only = [t.clone() for t in (drafter.cache.layers[0].keys, drafter.cache.layers[0].values)]
     drafter.start(state)
     with torch.inference_mode():
-        x, hidden = drafter._pairs(state, 0, len(state.tokens) - 2)
-        drafter._rows(x, hidden, torch.arange(len(state.tokens) - 2), None)  # the full layer, causal
+        m = len(state.tokens) - 2
+        x, hidden = drafter._pairs([state], [(0, m)])
+        drafter._rows([drafter], x, hidden, torch.arange(m), [m], [None])  # the full layer, causal
     torch.testing.assert_close(kv_only[0], drafter.cache.layers[0].keys)
     torch.testing.assert_close(kv_only[1], drafter.cache.layers[0].values)
 
@@ -82,8 +84,8 @@ def test_eagle3_lazy_catch_up_matches_the_training_forward(target, eagle):
     with torch.inference_mode():
         drafter.catch_up(state)
         n = len(state.tokens)
-        x, hidden = drafter._pairs(state, n - 2, n - 1)
-        _, logp = drafter._rows(x, hidden, torch.tensor([n - 2]), None)
+        x, hidden = drafter._pairs([state], [(n - 2, n - 1)])
+        _, logp = drafter._rows([drafter], x, hidden, torch.tensor([n - 2]), [1], [None])
         tokens = torch.tensor(state.tokens + [0])  # one more token, so the newest pair has a label row
         feats = torch.cat([state.features, torch.zeros_like(state.features[:2])])
         step0_logits, _ = Eagle3Trainer(eagle, target.model.get_input_embeddings(), steps=1)._unroll(
@@ -122,15 +124,15 @@ def _path_scores(drafter: Eagle3Drafter, state: SequenceState, tree: DraftTree) 
         with torch.inference_mode():
             drafter.catch_up(state)
             n = len(state.tokens)
-            x, hidden = drafter._pairs(state, n - 2, n - 1)
-            out, logp = drafter._rows(x, hidden, torch.tensor([n - 2]), None)
+            x, hidden = drafter._pairs([state], [(n - 2, n - 1)])
+            out, logp = drafter._rows([drafter], x, hidden, torch.tensor([n - 2]), [1], [None])
             total = 0.0
             for depth, i in enumerate(path, start=1):
                 draft_id = drafter.model.t2d[: tree.tokens[i]].sum()  # target id -> draft id
                 total += float(logp[0, draft_id])
                 if depth < len(path):
                     x = drafter.model.midlayer.attention_input(drafter.embed(torch.tensor([tree.tokens[i]])), out)
-                    out, logp = drafter._rows(x, out, torch.tensor([n - 2 + depth]), None)
+                    out, logp = drafter._rows([drafter], x, out, torch.tensor([n - 2 + depth]), [1], [None])
         scores.append(total)
     return scores
 
@@ -186,6 +188,65 @@ def test_marginal_tree_grows_best_first():
     tree = _marginal_tree(top_p, top_ids, budget=4)
     # path probabilities: 10 .9, 10-20 .54, 10-21 .36, 10-20-30 .27 (ties 10-20-31; the first candidate wins), 11 .1
     assert tree.tokens == (10, 20, 21, 30) and tree.parents == (-1, 0, 0, 1)
+
+
+def _states(target, layers, lengths, keyed=()):
+    """Sequences of the given lengths (different tokens each); those at indices ``keyed`` sample with a keyed draw."""
+    target.capture_layers = layers
+    states = []
+    for j, n in enumerate(lengths):
+        ids = [(7 * i + 3 + 5 * j) % len(target.tokenizer) for i in range(n)]
+        sampler = KeyedSampler(SamplingParams(temperature=0.8), seed=j) if j in keyed else None
+        states.append(SequenceState(ids, n - 1, target.prefill(ids[:-1]).hidden, layers, sampler=sampler))
+    return states
+
+
+def _prefix(state: SequenceState, n: int) -> SequenceState:
+    """The sequence as it stood when it was ``n`` tokens long (an earlier round)."""
+    return SequenceState(state.tokens[:n], state.prompt_len, state.features[: n - 1], state.feature_layers,
+                         sampler=state.sampler)
+
+
+def _assert_batched_equals_solo(make, states, depths, last):
+    """Two rounds (the second after a different backlog per sequence): ``propose_batch`` gives each sequence the
+    tree, scores (``last``) and cache length that ``propose`` gives it alone."""
+    solo, batched = make(), make()
+    for d, s in zip(solo + batched, states + states):
+        d.start(_prefix(s, len(s.tokens) // 2))
+    for round_states in ([_prefix(s, len(s.tokens) // 2) for s in states], states):
+        alone = [d.propose(s, depth) for d, s, depth in zip(solo, round_states, depths)]
+        together = type(batched[0]).propose_batch(batched, round_states, depths)
+        for i, (a, b, d, e) in enumerate(zip(alone, together, solo, batched)):
+            assert (a.tokens, a.parents) == (b.tokens, b.parents), i
+            torch.testing.assert_close(torch.tensor(getattr(d, last)), torch.tensor(getattr(e, last)),
+                                       atol=1e-5, rtol=1e-5)
+            assert d.cache.get_seq_length() == e.cache.get_seq_length() and d.frontier == e.frontier
+    return together
+
+
+def test_eagle3_batched_trees_equal_solo_trees(target, eagle):
+    embed = target.model.get_input_embeddings()
+    settings = [dict(depth=3, topk=3, budget=20), dict(depth=5, topk=2, budget=10, min_prob=0.01),
+                dict(depth=4, topk=4, budget=16), dict(depth=6, topk=1), dict(depth=3, topk=3, budget=8),
+                dict(depth=4, topk=3, budget=12)]
+    states = _states(target, Eagle3Drafter(eagle, embed).feature_layers, [30, 17, 41, 23, 12, 26], keyed=(2, 3))
+    depths = [5, 5, 2, 6, 0, 4]  # a shorter depth than the drafter's, and a sequence that wants no draft
+    trees = _assert_batched_equals_solo(lambda: [Eagle3Drafter(eagle, embed, **kw) for kw in settings], states,
+                                        depths, "last_scores")
+    assert [t.depth for t in trees][2:5] == [2, 6, 0]  # cut to its max depth; a chain; no draft
+    assert len(trees[0]) == 20 and not trees[0].is_chain and len(trees[1]) < 10  # min_prob prunes
+
+
+def test_dflash_batched_drafts_equal_solo_drafts(target, dflash):
+    embed, head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
+    settings = [dict(), dict(tree_topk=2, tree_budget=8), dict(block_size=4, tree_topk=3), dict(), dict(),
+                dict(block_size=3)]
+    states = _states(target, DFlashDrafter(dflash, embed, head).feature_layers, [30, 17, 41, 23, 12, 26],
+                     keyed=(1, 3))
+    depths = [10, 10, 10, 2, 0, 10]
+    trees = _assert_batched_equals_solo(lambda: [DFlashDrafter(dflash, embed, head, **kw) for kw in settings],
+                                        states, depths, "last_confidences")
+    assert [len(t) for t in trees] == [5, 8, 6, 2, 0, 2] and not trees[1].is_chain and trees[0].is_chain
 
 
 @pytest.mark.parametrize("kind", ["eagle3-tree", "eagle3-chain", "dflash-chain", "dflash-tree"])

@@ -13,6 +13,7 @@ context is not propagated through the layers. So the context K/V of committed po
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -20,8 +21,7 @@ from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from whiflash_sgl.drafters.base import Drafter, SequenceState
-from whiflash_sgl.drafters.layers import heads, rope_at, rotate
-from whiflash_sgl.kernels import tree_attention
+from whiflash_sgl.drafters.layers import attend_each, heads, per_weight_group, rope_at, rotate
 from whiflash_sgl.kv_cache import KVCache
 from whiflash_sgl.sampling import lead_with
 from whiflash_sgl.tree import DraftTree
@@ -52,17 +52,19 @@ class DFlashLayer(nn.Module):
         attn, n, hd = self.self_attn, self.num_kv_heads, self.head_dim
         return rotate(attn.k_norm(heads(x, attn.k_proj, n, hd)), rope), heads(x, attn.v_proj, n, hd)
 
-    def forward(self, hidden, rope, context_k, context_v, mask=None):
-        """One layer over block rows ``hidden``; they see every context row and each other (``mask`` narrows that)."""
+    def forward(self, hidden, rope, counts, contexts):
+        """One layer over the block rows ``hidden`` of several sequences, ``counts[i]`` rows of sequence ``i``: a
+        block's rows see every row of its own context ``contexts[i]`` (K, V) and each other."""
         attn = self.self_attn
         x = self.input_layernorm(hidden)
         q = rotate(attn.q_norm(heads(x, attn.q_proj, self.num_heads, self.head_dim)), rope)
         k, v = self.kv(x, rope)
-        keys, values = torch.cat([context_k, k], dim=2), torch.cat([context_v, v], dim=2)
-        if mask is None:
-            mask = torch.ones(1, 1, q.shape[2], keys.shape[2], dtype=torch.bool, device=q.device)
-        out = tree_attention(q, keys, values, mask, self.head_dim**-0.5)[0].reshape(x.shape[0], -1)
-        hidden = hidden + attn.o_proj(out)
+        keys_values_masks = [
+            (torch.cat([context_k, k_i], dim=2), torch.cat([context_v, v_i], dim=2),
+             torch.ones(1, 1, count, context_k.shape[2] + count, dtype=torch.bool, device=q.device))
+            for (context_k, context_v), k_i, v_i, count in zip(contexts, k.split(counts, dim=2), v.split(counts, dim=2),
+                                                               counts)]
+        hidden = hidden + attn.o_proj(attend_each(q, counts, keys_values_masks, self.head_dim**-0.5))
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -92,12 +94,13 @@ class DFlashModel(nn.Module):
         rope = rope_at(self.rotary_emb, positions, c)
         return [layer.kv(c, rope) for layer in self.layers]
 
-    def block(self, embeds: torch.Tensor, positions: torch.Tensor, context_kv) -> torch.Tensor:
-        """Normed hidden states of the block rows, given each layer's context K/V."""
+    def block(self, embeds: torch.Tensor, positions: torch.Tensor, counts, context_kv) -> torch.Tensor:
+        """Normed hidden states of the block rows of several sequences (``counts[i]`` rows of sequence ``i``), given
+        per layer each sequence's context K/V (``context_kv[layer][i]``)."""
         rope = rope_at(self.rotary_emb, positions, embeds)
         hidden = embeds
-        for layer, (k, v) in zip(self.layers, context_kv):
-            hidden = layer(hidden, rope, k, v)
+        for layer, contexts in zip(self.layers, context_kv):
+            hidden = layer(hidden, rope, counts, contexts)
         return self.norm(hidden)
 
 
@@ -125,37 +128,77 @@ class DFlashDrafter(Drafter):
     def pending(self, state: SequenceState) -> int:
         return len(state.tokens) - 1 - self.frontier
 
-    @torch.inference_mode()
     def catch_up(self, state: SequenceState) -> None:
-        end = len(state.tokens) - 1
-        if end <= self.frontier:
-            return
-        features = state.context_features(self.feature_layers, self.frontier, end, self.model.fc.weight.dtype)
-        positions = torch.arange(self.frontier, end, device=features.device)
-        for i, (k, v) in enumerate(self.model.context_kv(features, positions)):
-            self.cache.update(k, v, i)
-        self.frontier = end
+        self.catch_up_batch([self], [state])
 
+    @staticmethod
     @torch.inference_mode()
+    def catch_up_batch(drafters: Sequence["DFlashDrafter"], states: Sequence[SequenceState]) -> None:
+        """KV-only prefill of every committed position, for drafters sharing one network: one projection per layer
+        over all their backlogs."""
+        behind = [(d, s, d.frontier, len(s.tokens) - 1) for d, s in zip(drafters, states)
+                  if len(s.tokens) - 1 > d.frontier]
+        if not behind:
+            return
+        first = behind[0][0]
+        dtype = first.model.fc.weight.dtype
+        features = torch.cat([s.context_features(first.feature_layers, a, b, dtype) for _, s, a, b in behind])
+        positions = torch.cat([torch.arange(a, b) for _, _, a, b in behind]).to(features.device)
+        counts = [b - a for _, _, a, b in behind]
+        for layer, (k, v) in enumerate(first.model.context_kv(features, positions)):
+            for (d, *_), k_i, v_i in zip(behind, k.split(counts, dim=2), v.split(counts, dim=2)):
+                d.cache.update(k_i, v_i, layer)
+        for d, _, _, end in behind:
+            d.frontier = end
+
     def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
-        self.catch_up(state)
-        length = min(self.block_size - 1, max_depth)
-        if length < 1:
-            return DraftTree()
-        n = len(state.tokens)
-        device = self.model.fc.weight.device
-        block = torch.tensor([state.tokens[-1]] + [self.model.mask_token_id] * length, device=device)
-        context = [(layer.keys, layer.values) for layer in self.cache.layers]
-        hidden = self.model.block(self.embed(block), torch.arange(n - 1, n + length, device=device), context)
-        logits = self.lm_head(hidden[1:]).float()
+        return self.propose_batch([self], [state], [max_depth])[0]
+
+    @classmethod
+    def propose_batch(cls, drafters: Sequence["DFlashDrafter"], states: Sequence[SequenceState],
+                      max_depths: Sequence[int]) -> list[DraftTree]:
+        """Every sequence's draft from one forward over all their blocks (each block attends to its own context and
+        itself) and one LM head over all drafted rows; each tree is the one it would get alone."""
+        return per_weight_group(cls._propose_group, drafters, states, max_depths)
+
+    @classmethod
+    @torch.inference_mode()
+    def _propose_group(cls, drafters, states, max_depths) -> list[DraftTree]:
+        cls.catch_up_batch(drafters, states)
+        trees = [DraftTree()] * len(drafters)
+        lengths = [min(d.block_size - 1, max_depth) for d, max_depth in zip(drafters, max_depths)]
+        live = [i for i, length in enumerate(lengths) if length >= 1]
+        if not live:
+            return trees
+        first = drafters[live[0]]
+        m, device = first.model, first.model.fc.weight.device
+        blocks = [[states[i].tokens[-1]] + [m.mask_token_id] * lengths[i] for i in live]
+        positions = torch.cat([torch.arange(len(states[i].tokens) - 1, len(states[i].tokens) + lengths[i])
+                               for i in live]).to(device)
+        counts = [len(block) for block in blocks]
+        context = [[(drafters[i].cache.layers[layer].keys, drafters[i].cache.layers[layer].values) for i in live]
+                   for layer in range(len(m.layers))]
+        hidden = m.block(first.embed(torch.tensor([t for block in blocks for t in block], device=device)), positions,
+                         counts, context)
+        drafted = torch.cat([torch.arange(start + 1, start + count)  # every row but the anchors
+                             for start, count in zip(torch.tensor([0] + counts).cumsum(0).tolist(), counts)])
+        logits = first.lm_head(hidden[drafted.to(device)]).float()
         logp = torch.log_softmax(logits, dim=-1)
+        drafted_counts = [lengths[i] for i in live]
+        for i, logits_i, logp_i in zip(live, logits.split(drafted_counts), logp.split(drafted_counts)):
+            trees[i] = drafters[i]._tree(states[i], logits_i, logp_i)
+        return trees
+
+    def _tree(self, state: SequenceState, logits: torch.Tensor, logp: torch.Tensor) -> DraftTree:
+        """The draft from the block's drafted rows (row j drafts position n + j): a greedy chain or a small tree."""
         self.last_confidences = logp.max(dim=-1).values.exp().tolist()
         if state.sampler is not None:  # keyed rule: the guess of the target's keyed sample leads (row j keyed n-1+j)
-            logp = lead_with(logp, state.sampler.guesses(logits, torch.arange(n - 1, n - 1 + length)))
+            n = len(state.tokens)
+            logp = lead_with(logp, state.sampler.guesses(logits, torch.arange(n - 1, n - 1 + logits.shape[0])))
         top_p, top_ids = logp.exp().topk(max(self.tree_topk, 1), dim=-1)
         if self.tree_topk <= 1:
             return DraftTree.chain(top_ids[:, 0].tolist())
-        return _marginal_tree(top_p, top_ids, self.tree_budget or 2 * length)
+        return _marginal_tree(top_p, top_ids, self.tree_budget or 2 * logits.shape[0])
 
 
 def _marginal_tree(top_p: torch.Tensor, top_ids: torch.Tensor, budget: int) -> DraftTree:

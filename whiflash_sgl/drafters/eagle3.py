@@ -15,6 +15,7 @@ the newest pair runs the full layer, giving the hidden state and logits that see
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -22,8 +23,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from whiflash_sgl.drafters.base import Drafter, SequenceState
-from whiflash_sgl.drafters.layers import heads, rope_at, rotate
-from whiflash_sgl.kernels import tree_attention
+from whiflash_sgl.drafters.layers import attend_each, heads, per_weight_group, rope_at, rotate
 from whiflash_sgl.kv_cache import KVCache
 from whiflash_sgl.sampling import KeyedSampler, lead_with
 from whiflash_sgl.tree import DraftTree
@@ -56,10 +56,12 @@ class Eagle3Layer(nn.Module):
         attn, n, hd = self.self_attn, self.num_kv_heads, self.head_dim
         return rotate(heads(x, attn.k_proj, n, hd), rope), heads(x, attn.v_proj, n, hd)
 
-    def forward(self, x, residual, rope, keys, values, mask):
-        """Full layer for rows ``x`` (attention inputs) whose own K/V are already at the end of ``keys``/``values``."""
+    def forward(self, x, residual, rope, counts, keys_values_masks):
+        """Full layer for rows ``x`` (attention inputs) of several sequences, ``counts[i]`` rows of sequence ``i``,
+        whose own K/V are already at the end of that sequence's ``keys_values_masks[i]`` (see
+        :func:`~whiflash_sgl.drafters.layers.attend_each`)."""
         q = rotate(heads(x, self.self_attn.q_proj, self.num_heads, self.head_dim), rope)
-        attn = tree_attention(q, keys, values, mask, self.head_dim**-0.5)[0].reshape(x.shape[0], -1)
+        attn = attend_each(q, counts, keys_values_masks, self.head_dim**-0.5)
         h = residual + self.self_attn.o_proj(attn)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -115,40 +117,62 @@ class Eagle3Drafter(Drafter):
     def pending(self, state: SequenceState) -> int:
         return max(len(state.tokens) - 2 - self.frontier, 0)
 
-    def _pairs(self, state: SequenceState, start: int, end: int):
-        """Attention inputs and residuals of the committed pairs ``t in [start, end)``."""
+    def _pairs(self, states: Sequence[SequenceState], spans: Sequence[tuple[int, int]]):
+        """Attention inputs and residuals of the committed pairs ``t in [start, end)`` of each sequence (one span
+        each), concatenated."""
         m = self.model
-        hidden = m.fc(state.context_features(self.feature_layers, start, end, m.fc.weight.dtype))
-        tokens = torch.tensor(state.tokens[start + 1 : end + 1], device=hidden.device)
+        features = [s.context_features(self.feature_layers, a, b, m.fc.weight.dtype) for s, (a, b) in zip(states, spans)]
+        hidden = m.fc(torch.cat(features) if len(features) > 1 else features[0])
+        tokens = torch.tensor([t for s, (a, b) in zip(states, spans) for t in s.tokens[a + 1 : b + 1]],
+                              device=hidden.device)
         return m.midlayer.attention_input(self.embed(tokens), hidden), hidden
 
-    @torch.inference_mode()
     def catch_up(self, state: SequenceState) -> None:
-        """KV-only prefill of every committed pair but the newest (which :meth:`propose` runs in full)."""
-        end = len(state.tokens) - 2
-        if end <= self.frontier:
-            return
-        x, _ = self._pairs(state, self.frontier, end)
-        k, v = self.model.midlayer.kv(x, self.model.rope(torch.arange(self.frontier, end, device=x.device), x))
-        self.cache.update(k, v, 0)
-        self.frontier = end
+        self.catch_up_batch([self], [state])
 
-    def _rows(self, x, residual, positions, mask):
-        """Full layer on new rows: write their K/V, attend, return (pre-norm hidden, draft log-probs)."""
-        m = self.model
+    @staticmethod
+    @torch.inference_mode()
+    def catch_up_batch(drafters: Sequence["Eagle3Drafter"], states: Sequence[SequenceState]) -> None:
+        """KV-only prefill of every committed pair but the newest (which :meth:`propose` runs in full), for drafters
+        sharing one network: one projection over all their backlogs."""
+        behind = [(d, s, d.frontier, len(s.tokens) - 2) for d, s in zip(drafters, states)
+                  if len(s.tokens) - 2 > d.frontier]
+        if not behind:
+            return
+        m = behind[0][0].model
+        x, _ = behind[0][0]._pairs([s for _, s, _, _ in behind], [(a, b) for _, _, a, b in behind])
+        positions = torch.cat([torch.arange(a, b) for _, _, a, b in behind]).to(x.device)
+        k, v = m.midlayer.kv(x, m.rope(positions, x))
+        counts = [b - a for _, _, a, b in behind]
+        for (d, _, _, end), k_i, v_i in zip(behind, k.split(counts, dim=2), v.split(counts, dim=2)):
+            d.cache.update(k_i, v_i, 0)
+            d.frontier = end
+
+    @staticmethod
+    def _rows(drafters: Sequence["Eagle3Drafter"], x, residual, positions, counts: Sequence[int], masks):
+        """Full layer on new rows of several sequences (``counts[i]`` rows of ``drafters[i]``'s, attending as
+        ``masks[i]`` says): write each one's K/V into its own cache, attend, return (pre-norm hidden, draft
+        log-probs), rows in input order."""
+        m = drafters[0].model
         rope = m.rope(positions, x)
         k, v = m.midlayer.kv(x, rope)
-        keys, values = self.cache.update(k, v, 0)
-        out = m.midlayer(x, residual, rope, keys, values, mask)
-        return out, self._draft_logp(m.lm_head(m.norm(out)).float(), positions)
-
-    def _draft_logp(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """What the tree is built from: the draft's log-probs, and under the keyed rule with the draft's guess of
-        the target's keyed sample leading (``sampling.lead_with``). A row at draft position t predicts the token
-        the target keys at t + 1; the guess is drawn in the target vocabulary, where the target's noise lives."""
+        keys_values_masks = [(*d.cache.update(k_i, v_i, 0), mask) for d, k_i, v_i, mask
+                             in zip(drafters, k.split(counts, dim=2), v.split(counts, dim=2), masks)]
+        out = m.midlayer(x, residual, rope, counts, keys_values_masks)
+        logits = m.lm_head(m.norm(out)).float()
         logp = torch.log_softmax(logits, dim=-1)
-        if self.sampler is None:
-            return logp
+        first = 0
+        for d, count in zip(drafters, counts):
+            if d.sampler is not None:
+                rows = slice(first, first + count)
+                logp[rows] = d._keyed(logits[rows], logp[rows], positions[rows])
+            first += count
+        return out, logp
+
+    def _keyed(self, logits: torch.Tensor, logp: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Under the keyed rule, what the tree is built from: the draft's log-probs with the draft's guess of the
+        target's keyed sample leading (``sampling.lead_with``). A row at draft position t predicts the token the
+        target keys at t + 1; the guess is drawn in the target vocabulary, where the target's noise lives."""
         m = self.model
         ids = m.to_target_ids(torch.arange(logits.shape[-1], device=logits.device))
         full = logits.new_full((logits.shape[0], m.t2d.numel()), -math.inf)
@@ -156,60 +180,99 @@ class Eagle3Drafter(Drafter):
         guesses = self.sampler.guesses(full, positions + 1)
         return lead_with(logp, (ids[None, :] == guesses[:, None]).int().argmax(-1))
 
-    @torch.inference_mode()
     def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
-        self.catch_up(state)
-        self.sampler = state.sampler
-        n = len(state.tokens)
-        root_pos = n - 2  # the newest pair (F_{n-2}, root token) sits at position n-2
-        x, hidden = self._pairs(state, root_pos, n - 1)
-        out, logp = self._rows(x, hidden, torch.tensor([root_pos], device=x.device), None)
-        self.frontier = n - 1
-        depth = min(self.depth, max_depth)
-        if depth < 1:
-            return DraftTree()
-        tree, self.last_scores = self._expand(out, logp[0], root_pos, depth)
-        self.cache.truncate(n - 1)
-        return tree
+        return self.propose_batch([self], [state], [max_depth])[0]
 
-    def _expand(self, root_out, root_logp, root_pos: int, depth: int) -> tuple[DraftTree, list[float]]:
-        """EAGLE-2 dynamic tree: expand the ``topk`` best frontier nodes per step, rerank all by cumulative log-prob."""
-        k = self.topk
-        scores, ids = root_logp.topk(k)
+    @classmethod
+    def propose_batch(cls, drafters: Sequence["Eagle3Drafter"], states: Sequence[SequenceState],
+                      max_depths: Sequence[int]) -> list[DraftTree]:
+        """Every sequence's tree, drafted together: one forward for all roots, then one per tree depth over every
+        sequence's frontier (attention per sequence over its own cache); each tree is the one it would get alone."""
+        return per_weight_group(cls._propose_group, drafters, states, max_depths)
+
+    @classmethod
+    @torch.inference_mode()
+    def _propose_group(cls, drafters, states, max_depths) -> list[DraftTree]:
+        cls.catch_up_batch(drafters, states)
+        lengths = [len(s.tokens) for s in states]
+        for d, s in zip(drafters, states):
+            d.sampler = s.sampler
+        # the newest pair (F_{n-2}, root token) of each sequence sits at position n-2
+        x, hidden = drafters[0]._pairs(states, [(n - 2, n - 1) for n in lengths])
+        roots = torch.tensor([n - 2 for n in lengths], device=x.device)
+        out, logp = cls._rows(drafters, x, hidden, roots, [1] * len(drafters), [None] * len(drafters))
+        growing: list[_Growth | None] = []
+        for i, (d, n, max_depth) in enumerate(zip(drafters, lengths, max_depths)):
+            d.frontier = n - 1
+            depth = min(d.depth, max_depth)
+            growing.append(_Growth(d, out[i : i + 1], logp[i], n - 2, depth) if depth >= 1 else None)
+        live = [g for g in growing if g is not None]
+        step = 1
+        while live := [g for g in live if g.frontier and step < g.depth]:
+            inputs = [g.inputs(step) for g in live]
+            counts = [len(g.frontier) for g in live]
+            embeds = live[0].drafter.embed(torch.tensor([t for tokens, *_ in inputs for t in tokens], device=x.device))
+            residual = torch.cat([parent_out for _, parent_out, _ in inputs])
+            x = live[0].drafter.model.midlayer.attention_input(embeds, residual)
+            positions = torch.cat([torch.full((c,), g.root_pos + step) for g, c in zip(live, counts)]).to(x.device)
+            out, logp = cls._rows([g.drafter for g in live], x, residual, positions, counts,
+                                  [mask.to(x.device) for *_, mask in inputs])
+            for g, out_g, logp_g in zip(live, out.split(counts), logp.split(counts)):
+                g.take(step, out_g, logp_g)
+            step += 1
+        trees = []
+        for d, n, g in zip(drafters, lengths, growing):
+            if g is None:
+                trees.append(DraftTree())
+                continue
+            tree, d.last_scores = _best_subtree(g.nodes, d.budget, d.min_logp)
+            d.cache.truncate(n - 1)
+            trees.append(tree)
+        return trees
+
+
+class _Growth:
+    """One sequence's EAGLE-2 dynamic tree while it grows: each step expands the ``topk`` best frontier nodes; at the
+    end all nodes are reranked by cumulative log-prob (:func:`_best_subtree`)."""
+
+    def __init__(self, drafter: Eagle3Drafter, root_out, root_logp, root_pos: int, depth: int):
+        self.drafter, self.root_pos, self.depth = drafter, root_pos, depth
+        scores, ids = root_logp.topk(drafter.topk)
         # every generated node: (score, depth, parent node index or -1, target token)
-        nodes = [(float(s), 1, -1, int(t)) for s, t in zip(scores, self.model.to_target_ids(ids))]
-        frontier = [i for i in range(len(nodes)) if nodes[i][0] >= self.min_logp]
-        parent_out = root_out.expand(len(frontier), -1)
-        rows: dict[int, int] = {}  # node -> its row in the draft cache once expanded
-        committed = self.cache.get_seq_length()
-        for d in range(1, depth):
-            if not frontier:
-                break
-            tokens = torch.tensor([nodes[i][3] for i in frontier], device=root_out.device)
-            x = self.model.midlayer.attention_input(self.embed(tokens), parent_out)
-            first_row = self.cache.get_seq_length()
-            for offset, i in enumerate(frontier):
-                rows[i] = first_row + offset
-            mask = torch.zeros(len(frontier), first_row + len(frontier), dtype=torch.bool)
-            mask[:, :committed] = True
-            for r, i in enumerate(frontier):
-                j = i
-                while j >= 0:
-                    mask[r, rows[j]] = True
-                    j = nodes[j][2]
-            positions = torch.full((len(frontier),), root_pos + d, device=x.device)
-            out, logp = self._rows(x, parent_out, positions, mask[None, None].to(x.device))
-            child_scores, child_ids = logp.topk(k, dim=-1)
-            child_scores = child_scores.cpu() + torch.tensor([nodes[i][0] for i in frontier])[:, None]
-            child_tokens = self.model.to_target_ids(child_ids).cpu()
-            first_child = len(nodes)
-            for r, i in enumerate(frontier):
-                nodes.extend((float(child_scores[r, c]), d + 1, i, int(child_tokens[r, c])) for c in range(k))
-            flat = child_scores.flatten()
-            best = [b for b in flat.topk(min(k, flat.numel())).indices.tolist() if flat[b] >= self.min_logp]
-            frontier = [first_child + b for b in best]
-            parent_out = out[[b // k for b in best]]
-        return _best_subtree(nodes, self.budget, self.min_logp)
+        self.nodes = [(float(s), 1, -1, int(t)) for s, t in zip(scores, drafter.model.to_target_ids(ids))]
+        self.frontier = [i for i in range(len(self.nodes)) if self.nodes[i][0] >= drafter.min_logp]
+        self.parent_out = root_out.expand(len(self.frontier), -1)
+        self.rows: dict[int, int] = {}  # node -> its row in the draft cache once expanded
+        self.committed = drafter.cache.get_seq_length()
+
+    def inputs(self, step: int):
+        """The frontier's tokens, their parents' outputs, and its attention mask ``[1, 1, F, cached + F]`` over the
+        committed rows and each node's expanded ancestors (itself included)."""
+        first_row = self.drafter.cache.get_seq_length()
+        for offset, i in enumerate(self.frontier):
+            self.rows[i] = first_row + offset
+        mask = torch.zeros(len(self.frontier), first_row + len(self.frontier), dtype=torch.bool)
+        mask[:, : self.committed] = True
+        for r, i in enumerate(self.frontier):
+            j = i
+            while j >= 0:
+                mask[r, self.rows[j]] = True
+                j = self.nodes[j][2]
+        return [self.nodes[i][3] for i in self.frontier], self.parent_out, mask[None, None]
+
+    def take(self, step: int, out: torch.Tensor, logp: torch.Tensor) -> None:
+        """The frontier's children from its rows' outputs; the next frontier is the ``topk`` best of them."""
+        k, min_logp = self.drafter.topk, self.drafter.min_logp
+        child_scores, child_ids = logp.topk(k, dim=-1)
+        child_scores = child_scores.cpu() + torch.tensor([self.nodes[i][0] for i in self.frontier])[:, None]
+        child_tokens = self.drafter.model.to_target_ids(child_ids).cpu()
+        first_child = len(self.nodes)
+        for r, i in enumerate(self.frontier):
+            self.nodes.extend((float(child_scores[r, c]), step + 1, i, int(child_tokens[r, c])) for c in range(k))
+        flat = child_scores.flatten()
+        best = [b for b in flat.topk(min(k, flat.numel())).indices.tolist() if flat[b] >= min_logp]
+        self.frontier = [first_child + b for b in best]
+        self.parent_out = out[[b // k for b in best]]
 
 
 def _best_subtree(nodes: list[tuple[float, int, int, int]], budget: int,
