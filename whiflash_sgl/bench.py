@@ -7,23 +7,39 @@ included) and ``speedup_vs_vanilla`` is the ratio of tokens/s to ``vanilla``'s i
 Sampled runs (T > 0) use the keyed rule, under which every method's text must equal vanilla's for the same seed
 (``identical_to_vanilla``); each speculative method also runs under the rejection rule (rows ``<method>[rejection]``)
 so that ``rule_comparison`` can set the two rules' tau side by side.
+
+With ``--concurrency 1,4,8,16`` (:func:`run_load_bench`) every method runs at every level as a closed loop on one
+batched engine per (method, level), ``max_running`` = the level: that many requests in flight, the next prompt (file
+order) submitted as soon as one finishes, every prompt once. Rows are per method, level and category plus ``all``:
+``tokens_per_s`` is generated tokens over the run's wall time (a category's: over its requests' share of it, each
+instant split equally among the requests in flight), TTFT is from submission to the first token, and ITL is per
+token (:data:`ITL_DEFINITION`): the gap between a request's consecutive commits divided by the tokens the later
+commit carries, one sample per token, so a round that commits 4 tokens after 40 ms gives four samples of 10 ms
+(SGLang bench_serving's adjusted ITL; vLLM's per-chunk ITL would be one sample of 40 ms). Greedy output of every
+request must equal vanilla's at concurrency 1 (run on its own when it is not among the runs); a divergence where the
+reference's two best logits at the first differing position are within ``NEAR_TIE`` of each other, and the two
+tokens are those, is a near tie (float rounding of another batch shape), counted in ``near_ties``, not a failure.
 """
 
 from __future__ import annotations
 
 import sys
-from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+import time
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from whiflash_sgl.chat import ChatPrompt, encode_chat
 from whiflash_sgl.config import WhiFlashConfig
 from whiflash_sgl.errors import WhiFlashError
-from whiflash_sgl.methods import make_method
+from whiflash_sgl.engine import SpeculativeEngine
+from whiflash_sgl.methods import EngineMethod, make_method
 from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.target import Target
 
@@ -117,9 +133,8 @@ def interleave(
     return runs
 
 
-def make_report(model: str, device: str, max_new_tokens: int, sampling: SamplingParams, seed: int,
-                methods: list[str], runs: list, **extra) -> dict:
-    """The bench JSON: run settings, ``extra`` fields, the summary rows and the per-prompt records."""
+def settings(model: str, device: str, max_new_tokens: int, sampling: SamplingParams, seed: int, **extra) -> dict:
+    """The run settings every bench JSON starts with, ``extra`` fields after the model and device."""
     return {
         "model": model,
         "device": device,
@@ -129,6 +144,14 @@ def make_report(model: str, device: str, max_new_tokens: int, sampling: Sampling
         "top_p": sampling.top_p,
         "top_k": sampling.top_k,
         "seed": seed,
+    }
+
+
+def make_report(model: str, device: str, max_new_tokens: int, sampling: SamplingParams, seed: int,
+                methods: list[str], runs: list, **extra) -> dict:
+    """The bench JSON: run settings, ``extra`` fields, the summary rows and the per-prompt records."""
+    return {
+        **settings(model, device, max_new_tokens, sampling, seed, **extra),
         "results": (results := summarize(runs, methods)),
         "rule_comparison": rule_comparison(results),
         "per_prompt": [asdict(r) for r in runs],
@@ -163,10 +186,7 @@ def run_bench(
         rules.update({m + REJECTION: replace(sampling, rule="rejection") for m in methods if m != "vanilla"})
     runners = {m: make_method(m, target, config, policy_params) for m in methods}
     reference = None if "vanilla" in methods else make_method("vanilla", target)
-    encoded = [(p, encode_chat(target.tokenizer, p.messages)) for p in prompts]
-    for p, ids in encoded:
-        if len(ids) + max_new_tokens > target.context_length:
-            raise WhiFlashError(f"prompt {p.id} has {len(ids)} tokens: with max_new_tokens it exceeds the context")
+    encoded = _encode(target, prompts, max_new_tokens)
     for runner in runners.values():  # warm-up: first-call allocations and kernel selection stay out of the figures
         runner.generate(encoded[0][1], 8, sampling, seed)
 
@@ -205,9 +225,7 @@ def _row(method: str, category: str, group: list[RunFigures]) -> dict:
     rounds = sum(r.rounds for r in group)
     verified_tokens = sum(r.tau * r.rounds for r in group)
     identical = [r.identical_to_vanilla for r in group]
-    paradigm_rounds: Counter = Counter()
-    for run in group:
-        paradigm_rounds.update(run.paradigm_rounds)
+    paradigm_rounds = _paradigm_rounds(r.paradigm_rounds for r in group)
     return {
         "method": method,
         "category": category,
@@ -219,13 +237,20 @@ def _row(method: str, category: str, group: list[RunFigures]) -> dict:
         "rounds": rounds,
         "speedup_vs_vanilla": None,
         "identical_to_vanilla": None if None in identical else all(identical),
-        "paradigm_rounds": dict(paradigm_rounds),
+        "paradigm_rounds": paradigm_rounds,
         "switches": _sum(r.switches for r in group),
         "switch_overhead_frac": _per(_sum(r.switch_seconds for r in group), seconds),
         "catchup_frac": _per(_sum(r.catchup_seconds for r in group), seconds),
         "draft_ms_per_round": _per(_sum(r.draft_seconds for r in group), rounds, 1000, 2),
         "verify_ms_per_round": _per(_sum(r.verify_seconds for r in group), rounds, 1000, 2),
     }
+
+
+def _paradigm_rounds(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: Counter = Counter()
+    for count in counts:
+        total.update(count)
+    return dict(total)
 
 
 def summarize(runs: list[RunFigures], methods: list[str]) -> list[dict]:
@@ -245,6 +270,8 @@ def summarize(runs: list[RunFigures], methods: list[str]) -> list[dict]:
 
 
 def format_table(report: dict) -> str:
+    if "concurrency" in report:
+        return format_load_table(report)
     header = ("method", "category", "prompts", "tokens", "tok/s", "tau", "speedup", "identical", "draft ms",
               "verify ms")
     lines = [header]
@@ -271,3 +298,349 @@ def format_table(report: dict) -> str:
 def _columns(lines: list[tuple[str, ...]]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+# ---- load: closed-loop concurrency against the batched engine (``--concurrency``) ------------------------------
+
+NEAR_TIE = 1e-3  # a divergence between two tokens whose logits (or log-probabilities) differ by less is a near tie
+TOP_SCORES = 4  # how many of the reference's best tokens the near-tie check looks at
+ITL_DEFINITION = (
+    "per token: the gap between a request's consecutive commits (engine rounds, or stream chunks over HTTP) is "
+    "shared equally by the tokens the later commit carries, one sample per generated token after the first "
+    "(SGLang bench_serving's adjusted ITL); TTFT is from submission to the first commit"
+)
+
+
+@dataclass
+class LoadRun:
+    """One request of a closed-loop (method, concurrency) run. Times are seconds: ``start`` and ``end`` since the
+    run began, ``commit_seconds`` since the request's submission (each engine round, or stream chunk, that brought
+    tokens), ``commit_tokens`` how many tokens each commit carried."""
+
+    method: str
+    concurrency: int
+    index: int
+    prompt_id: str
+    category: str
+    new_tokens: int
+    start: float
+    end: float
+    commit_seconds: list[float]
+    commit_tokens: list[int]
+    rounds: int
+    tau: float
+    paradigm_rounds: dict[str, int]
+    text: str
+    tokens: list[int] = field(repr=False)
+    identical_to_vanilla: bool | None = None
+    near_tie: bool | None = None  # it diverged from the reference, at a near tie (None: identical, or not compared)
+    divergence: dict | None = None  # where it diverged: position, the reference's and its token, the score gap
+
+    @property
+    def ttft(self) -> float | None:
+        return self.commit_seconds[0] if self.commit_seconds else None
+
+    @property
+    def itl(self) -> list[float]:
+        """Inter-token latencies as :data:`ITL_DEFINITION` defines them."""
+        samples = []
+        for t0, t1, n in zip(self.commit_seconds, self.commit_seconds[1:], self.commit_tokens[1:]):
+            samples += [(t1 - t0) / n] * n
+        return samples
+
+    def record(self) -> dict:
+        """The JSON record (without the token ids)."""
+        record = asdict(self)
+        del record["tokens"]
+        return record
+
+
+@dataclass
+class LoadLevel:
+    """All requests of one (method, concurrency) run, its wall seconds and the most requests that ran at once
+    (``None`` where it is not visible, over HTTP)."""
+
+    runs: list[LoadRun]
+    wall_seconds: float
+    peak_running: int | None
+
+
+def commit_tokens(result) -> list[int]:
+    """Tokens per commit of an engine result: the prefill's one, then each round's accepted drafts and bonus, the
+    last cut where generation stopped."""
+    counts, left = [], len(result.tokens)
+    for n in [1, *(a + 1 for a in result.accept_lengths)][: len(result.commit_seconds)]:
+        counts.append(min(n, left))
+        left -= counts[-1]
+    return counts
+
+
+def load_run(method: str, concurrency: int, index: int, prompt: ChatPrompt, result, start: float) -> LoadRun:
+    """The record of an engine ``GenerationResult`` submitted ``start`` seconds into the run."""
+    return LoadRun(
+        method, concurrency, index, prompt.id, prompt.category, len(result.tokens), start, start + result.seconds,
+        list(result.commit_seconds), commit_tokens(result), result.rounds, result.tau,
+        dict(Counter(result.paradigms or [method] * result.rounds)), result.text, list(result.tokens),
+    )
+
+
+def engine_load(method, encoded: Sequence[tuple[ChatPrompt, list[int]]], max_new_tokens: int,
+                sampling: SamplingParams, seed: int, concurrency: int, bar=None) -> LoadLevel:
+    """Closed loop: ``concurrency`` requests in flight on one batched engine, the next prompt (file order) submitted
+    as soon as one finishes; prompt ``i`` is seeded ``seed + i``. A method off the engine (transformers' loop) runs
+    its prompts one after another, at concurrency 1 only."""
+    runs: dict[int, LoadRun] = {}
+    if not isinstance(method, EngineMethod):
+        if concurrency != 1:
+            raise WhiFlashError(f"{method.name} generates one request at a time: bench it at --concurrency 1 only")
+        t0 = time.perf_counter()
+        for i, (prompt, ids) in enumerate(encoded):
+            start = time.perf_counter() - t0
+            runs[i] = load_run(method.name, 1, i, prompt, method.generate(ids, max_new_tokens, sampling, seed + i),
+                               start)
+            if bar is not None:
+                bar.update()
+        return LoadLevel([runs[i] for i in sorted(runs)], time.perf_counter() - t0, 1)
+    engine = SpeculativeEngine(method.target, method.drafter, sampling, seed, max_running=concurrency)
+    waiting, flight, peak = deque(range(len(encoded))), {}, 0
+    attention = nullcontext() if method.attention is None else method.target.attention_path(method.attention)
+    with attention:
+        t0 = time.perf_counter()
+        while waiting or flight:
+            while waiting and len(flight) < concurrency:
+                i = waiting.popleft()
+                flight[engine.submit(encoded[i][1], max_new_tokens, seed=seed + i)] = i
+            finished = engine.step()
+            peak = max(peak, len(engine.running) + len(finished))
+            for request in finished:
+                i = flight.pop(request)
+                runs[i] = load_run(method.name, concurrency, i, encoded[i][0], request.result, request.submitted - t0)
+                if bar is not None:
+                    bar.update()
+        wall = time.perf_counter() - t0
+    return LoadLevel([runs[i] for i in sorted(runs)], wall, peak)
+
+
+def near_tie(scores: dict[int, float], reference_token: int, token: int,
+             threshold: float = NEAR_TIE) -> tuple[bool, float | None]:
+    """Whether a divergence from ``reference_token`` to ``token`` is a near tie of the reference's ``scores`` (its
+    best tokens' logits or log-probabilities): both tokens score within ``threshold`` of the best, so the top-2 gap
+    is below it. Returns that and the larger of the two tokens' distances to the best (None when one of them is not
+    among ``scores``)."""
+    if reference_token not in scores or token not in scores:
+        return False, None
+    best = max(scores.values())
+    gap = best - min(scores[reference_token], scores[token])
+    return gap < threshold, gap
+
+
+def target_top_scores(target: Target) -> Callable[[list[int]], dict[int, float]]:
+    """The target's best logits after ``ids``, from one forward over them (a sequence of its own)."""
+
+    def top(ids: list[int]) -> dict[int, float]:
+        values, tokens = target.score(ids, 1)[-1].float().topk(TOP_SCORES)
+        return dict(zip(tokens.tolist(), values.tolist()))
+
+    return top
+
+
+def judge(runs: list[LoadRun], prompt_ids: Sequence[list[int]], reference: Sequence[list[int]],
+          top_scores: Callable[[list[int]], dict[int, float]] | None) -> None:
+    """Set each run's ``identical_to_vanilla`` against the reference's tokens of its prompt, and for a divergence
+    whether it is a near tie of the reference's scores at the first differing position (``top_scores`` of the
+    prompt and the reference's tokens before it; None: no divergence is a near tie, as for sampled runs)."""
+    for run in runs:
+        ref = reference[run.index]
+        run.identical_to_vanilla = run.tokens == ref
+        if run.identical_to_vanilla:
+            continue
+        k = next((i for i, (a, b) in enumerate(zip(ref, run.tokens)) if a != b), min(len(ref), len(run.tokens)))
+        both = k < min(len(ref), len(run.tokens))
+        tie, gap = (near_tie(top_scores(prompt_ids[run.index] + ref[:k]), ref[k], run.tokens[k])
+                    if both and top_scores is not None else (False, None))
+        run.near_tie = tie
+        run.divergence = {"position": k, "reference_token": ref[k] if k < len(ref) else None,
+                          "token": run.tokens[k] if k < len(run.tokens) else None, "gap": gap}
+
+
+def load_levels(methods: Sequence[str], levels: Sequence[int], run_level: Callable[[str, int], LoadLevel],
+                prompt_ids: Sequence[list[int]], compared: Callable[[str], bool],
+                reference: Callable[[], list[list[int]]] | None,
+                top_scores: Callable[[list[int]], dict[int, float]] | None) -> list[tuple[str, int, LoadLevel]]:
+    """Every (method, level) run, levels ascending and ``vanilla`` first in each. Runs of the methods ``compared``
+    names are judged against vanilla at concurrency 1, which ``reference()`` produces beforehand when that run is
+    not among them (``reference`` None: nothing to compare with)."""
+    done, tokens = [], None
+    if reference is not None and not ("vanilla" in methods and 1 in levels):
+        tokens = reference()
+    for level in sorted(levels):
+        for method in vanilla_first(methods):
+            result = run_level(method, level)
+            if tokens is None and method == "vanilla" and level == 1:
+                tokens = [r.tokens for r in result.runs]
+            if tokens is not None and compared(method):
+                judge(result.runs, prompt_ids, tokens, top_scores)
+            running = result.peak_running
+            if running is not None and running < min(level, len(prompt_ids)):
+                print(f"warning: {method} at concurrency {level}: at most {running} requests ran at once (the KV "
+                      f"pool holds no more of them)", file=sys.stderr)
+            done.append((method, level, result))
+    return done
+
+
+def run_load_bench(
+    target: Target,
+    prompts: list[ChatPrompt],
+    methods: list[str],
+    levels: list[int],
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    seed: int = 0,
+    config: WhiFlashConfig = WhiFlashConfig(),
+    progress: bool = True,
+    policy_params: dict | None = None,
+) -> dict:
+    """The concurrency bench: every method at every level (:func:`engine_load`), one JSON report."""
+    if not prompts:
+        raise WhiFlashError("no prompts to run")
+    runners = {m: make_method(m, target, config, policy_params) for m in methods}
+    for name, runner in runners.items():
+        if not isinstance(runner, EngineMethod) and max(levels) > 1:
+            raise WhiFlashError(f"{name} generates one request at a time: bench it at --concurrency 1 only, or "
+                                f"leave it out")
+    encoded = _encode(target, prompts, max_new_tokens)
+    for runner in runners.values():  # warm-up
+        runner.generate(encoded[0][1], 8, sampling, seed)
+    bar = tqdm(total=len(encoded) * len(methods) * len(levels), desc="bench", disable=not progress, file=sys.stderr)
+
+    def run_level(method: str, level: int) -> LoadLevel:
+        return engine_load(runners[method], encoded, max_new_tokens, sampling, seed, level, bar)
+
+    def reference() -> list[list[int]]:
+        return [r.tokens for r in engine_load(make_method("vanilla", target), encoded, max_new_tokens, sampling, seed,
+                                              1).runs]
+
+    keyed = sampling.greedy or sampling.rule == "keyed"
+    done = load_levels(methods, levels, run_level, [ids for _, ids in encoded], lambda m: keyed or m == "vanilla",
+                       reference, target_top_scores(target) if sampling.greedy else None)
+    bar.close()
+    return make_load_report(
+        settings(target.name, str(target.device), max_new_tokens, sampling, seed,
+                 dtype=str(target.model.dtype).removeprefix("torch."), threads=torch.get_num_threads()),
+        levels, done)
+
+
+def _encode(target: Target, prompts: list[ChatPrompt], max_new_tokens: int) -> list[tuple[ChatPrompt, list[int]]]:
+    encoded = [(p, encode_chat(target.tokenizer, p.messages)) for p in prompts]
+    for p, ids in encoded:
+        if len(ids) + max_new_tokens > target.context_length:
+            raise WhiFlashError(f"prompt {p.id} has {len(ids)} tokens: with max_new_tokens it exceeds the context")
+    return encoded
+
+
+def make_load_report(head: dict, levels: list[int], done: list[tuple[str, int, LoadLevel]]) -> dict:
+    """The concurrency bench JSON: ``head`` (the settings), the levels, the rows, each run's wall time and peak,
+    and the per-request records."""
+    return {
+        **head,
+        "concurrency": sorted(levels),
+        "itl_definition": ITL_DEFINITION,
+        "near_tie_threshold": NEAR_TIE,
+        "results": load_rows(done),
+        "runs": [{"method": m, "concurrency": c, "wall_seconds": round(r.wall_seconds, 4),
+                  "peak_running": r.peak_running} for m, c, r in done],
+        "per_prompt": [run.record() for _, _, r in done for run in r.runs],
+    }
+
+
+def time_shares(runs: Sequence[LoadRun]) -> list[float]:
+    """Each request's share of its run's time: every instant is split equally among the requests in flight."""
+    edges = sorted({t for r in runs for t in (r.start, r.end)})
+    shares = [0.0] * len(runs)
+    for a, b in zip(edges, edges[1:]):
+        active = [i for i, r in enumerate(runs) if r.start <= a and r.end >= b]
+        for i in active:
+            shares[i] += (b - a) / len(active)
+    return shares
+
+
+def _ms(values: list[float], q: float) -> float | None:
+    return round(1000 * float(np.percentile(values, q)), 3) if values else None
+
+
+def _load_row(method: str, category: str, level: int, group: list[LoadRun], seconds: float,
+              peak: int | None) -> dict:
+    new_tokens = sum(r.new_tokens for r in group)
+    rounds = sum(r.rounds for r in group)
+    ttft = [r.ttft for r in group if r.ttft is not None]
+    itl = [x for r in group for x in r.itl]
+    compared = [r.identical_to_vanilla for r in group]
+    paradigm_rounds = _paradigm_rounds(r.paradigm_rounds for r in group)
+    total = sum(paradigm_rounds.values())
+    return {
+        "method": method,
+        "category": category,
+        "concurrency": level,
+        "prompts": len(group),
+        "new_tokens": new_tokens,
+        "seconds": round(seconds, 4),
+        "tokens_per_s": round(new_tokens / seconds, 3) if seconds else None,
+        "speedup_vs_vanilla": None,
+        "tau": round(sum(r.tau * r.rounds for r in group) / rounds, 4) if rounds else None,
+        "rounds": rounds,
+        "ttft_p50_ms": _ms(ttft, 50),
+        "ttft_p99_ms": _ms(ttft, 99),
+        "itl_p50_ms": _ms(itl, 50),
+        "itl_p99_ms": _ms(itl, 99),
+        "identical_to_vanilla": None if None in compared else all(r.identical_to_vanilla or r.near_tie
+                                                                  for r in group),
+        "near_ties": None if None in compared else sum(bool(r.near_tie) for r in group),
+        "paradigm_rounds": paradigm_rounds,
+        "paradigm_shares": {p: round(n / total, 4) for p, n in paradigm_rounds.items()},
+        "peak_running": peak,
+    }
+
+
+def load_rows(done: list[tuple[str, int, LoadLevel]]) -> list[dict]:
+    """Per (method, level): a row per category, then ``all``. ``all`` divides the tokens by the run's wall time; a
+    category by its requests' :func:`time_shares`. Speedups are against ``vanilla`` at the same level and category."""
+    rows = []
+    for method, level, result in done:
+        shares = dict(zip(map(id, result.runs), time_shares(result.runs)))
+        by_category: dict[str, list[LoadRun]] = defaultdict(list)
+        for run in result.runs:
+            by_category[run.category].append(run)
+        for category in sorted(by_category):
+            group = by_category[category]
+            rows.append(_load_row(method, category, level, group, sum(shares[id(r)] for r in group),
+                                  result.peak_running))
+        rows.append(_load_row(method, "all", level, result.runs, result.wall_seconds, result.peak_running))
+    vanilla = {(r["concurrency"], r["category"]): r["tokens_per_s"] for r in rows if r["method"] == "vanilla"}
+    for row in rows:
+        base = vanilla.get((row["concurrency"], row["category"]))
+        if base and row["tokens_per_s"]:
+            row["speedup_vs_vanilla"] = round(row["tokens_per_s"] / base, 4)
+    return rows
+
+
+def format_load_table(report: dict) -> str:
+    """The ``all`` rows of a concurrency report (the categories' rows are in the JSON)."""
+    lines = [("method", "concurrency", "tok/s", "speedup", "tau", "ttft p50/p99 ms", "itl p50/p99 ms", "identical",
+              "near ties")]
+    for r in report["results"]:
+        if r["category"] != "all":
+            continue
+        lines.append((
+            r["method"], str(r["concurrency"]),
+            f"{r['tokens_per_s']:.2f}" if r["tokens_per_s"] else "-",
+            f"{r['speedup_vs_vanilla']:.2f}x" if r["speedup_vs_vanilla"] else "-",
+            f"{r['tau']:.2f}" if r["tau"] else "-",
+            _pair(r["ttft_p50_ms"], r["ttft_p99_ms"]), _pair(r["itl_p50_ms"], r["itl_p99_ms"]),
+            {True: "yes", False: "NO", None: "-"}[r["identical_to_vanilla"]],
+            "-" if r["near_ties"] is None else str(r["near_ties"]),
+        ))
+    return _columns(lines)
+
+
+def _pair(a: float | None, b: float | None) -> str:
+    return "-" if a is None else f"{a:.1f}/{b:.1f}"

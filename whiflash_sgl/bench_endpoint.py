@@ -6,20 +6,33 @@ are tokenized here with the target's chat template, exactly as the reference ben
 reference bench's (:func:`whiflash_sgl.bench.make_report`). ``seconds`` is the client's wall time per request;
 ``tau`` and ``rounds`` come from ``meta_info.spec_verify_ct`` (a server that does not speculate reports none: one
 round per token). Drafting and verify times are not visible over HTTP and stay ``null``.
+
+With ``--concurrency`` (:func:`run_endpoint_load_bench`) each server gets, per level, a closed loop of that many
+client threads sending streaming requests (the next prompt, in file order, as soon as a thread's request ends), and
+the rows are the engine's concurrency rows (:func:`whiflash_sgl.bench.load_rows`). TTFT and ITL come from the stream:
+a commit is a server-sent event that brings new text (a later event without new text, such as the final one carrying
+only EOS, adds its tokens to the previous commit); its token count is ``meta_info.completion_tokens`` where the
+server sends it in every chunk (SGLang), else the fewest output tokens whose decoded text covers the text streamed so
+far. Greedy outputs are compared with the ``vanilla`` server's at concurrency 1; the near-tie check reads that
+server's top log-probabilities at the first differing position (``return_logprob``, ``top_logprobs_num``): the gap
+between two log-probabilities is the gap between their logits.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
+import contextlib
 import json
+import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from whiflash_sgl.bench import interleave, make_report, switches
+from whiflash_sgl.bench import (TOP_SCORES, LoadLevel, LoadRun, interleave, load_levels, make_load_report, make_report,
+                                 settings, switches)
 from whiflash_sgl.chat import ChatPrompt, encode_chat
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.model_store import DEFAULT_MODEL, resolve_model
@@ -94,14 +107,16 @@ def _split_label(value: str) -> tuple[str | None, str]:
     return (label.strip() if label else None), url.rstrip("/")
 
 
-def call(endpoint: Endpoint, path: str, body: dict | None = None) -> dict:
-    """GET (or POST ``body`` as JSON to) ``path`` on the endpoint's server and return its JSON answer."""
+@contextlib.contextmanager
+def _open(endpoint: Endpoint, path: str, body: dict | None = None):
+    """The response of GET (or POST ``body`` as JSON to) ``path``; HTTP and network failures, while opening or
+    reading it, become one-line errors naming the server."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(endpoint.url + path, data=data, headers={"Content-Type": "application/json"})
-    where = f"{endpoint.method}'s server at {endpoint.url}"
+    where = _where(endpoint)
     try:
         with _DIRECT.open(request, timeout=REQUEST_TIMEOUT_S) as response:
-            raw = response.read()
+            yield response
     except urllib.error.HTTPError as exc:
         excerpt = exc.read().decode(errors="replace").strip().replace("\n", " ")[:300]
         raise WhiFlashError(f"{where} answered HTTP {exc.code} to {'POST' if data else 'GET'} {path}: "
@@ -111,10 +126,25 @@ def call(endpoint: Endpoint, path: str, body: dict | None = None) -> dict:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise WhiFlashError(f"cannot reach {where} ({reason}): {START_HINT}") from exc
+
+
+def _where(endpoint: Endpoint) -> str:
+    return f"{endpoint.method}'s server at {endpoint.url}"
+
+
+def _json(endpoint: Endpoint, path: str, raw: bytes | str):
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise WhiFlashError(f"{where} answered {path} with something that is not JSON: {raw[:200]!r}") from exc
+        raise WhiFlashError(f"{_where(endpoint)} answered {path} with something that is not JSON: "
+                            f"{raw[:200]!r}") from exc
+
+
+def call(endpoint: Endpoint, path: str, body: dict | None = None) -> dict:
+    """GET (or POST ``body`` as JSON to) ``path`` on the endpoint's server and return its JSON answer."""
+    with _open(endpoint, path, body) as response:
+        raw = response.read()
+    return _json(endpoint, path, raw)
 
 
 def model_info(endpoint: Endpoint) -> dict:
@@ -224,3 +254,174 @@ def run_endpoint_bench(
     urls = ", ".join(f"{e.method}={e.url}" for e in endpoints)
     return make_report(served, f"endpoint {urls}", max_new_tokens, sampling, seed, methods, runs,
                        endpoints={e.method: e.url for e in endpoints})
+
+
+# ---- load: closed-loop concurrency with streaming clients (``--concurrency``) ------------------------------------
+
+
+def stream(endpoint: Endpoint, ids: list[int], sampling_params: dict) -> tuple[list[tuple[float, dict]], float]:
+    """One streaming ``/generate``: every server-sent event's object with its seconds since the request went out,
+    and the request's wall seconds."""
+    body = {"input_ids": ids, "sampling_params": sampling_params, "return_logprob": False, "stream": True}
+    events = []
+    start = time.perf_counter()
+    with _open(endpoint, "/generate", body) as response:
+        for line in response:
+            line = line.decode(errors="replace").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line.removeprefix("data:").strip()
+            if data == "[DONE]":
+                break
+            event = _json(endpoint, "/generate", data)
+            if "error" in event:
+                error = event["error"]
+                raise WhiFlashError(f"{_where(endpoint)} failed a streaming /generate: "
+                                    f"{error.get('message', error) if isinstance(error, dict) else error}")
+            events.append((time.perf_counter() - start, event))
+    if not events:
+        raise WhiFlashError(f"{_where(endpoint)} answered a streaming /generate with no events")
+    return events, time.perf_counter() - start
+
+
+def stream_tokens(events: list[tuple[float, dict]]) -> list[int]:
+    """The output ids of a stream: the final event's, or every event's concatenated where the server streams them
+    incrementally."""
+    final = events[-1][1]
+    tokens = list(final.get("output_ids") or [])
+    total = (final.get("meta_info") or {}).get("completion_tokens", len(tokens))
+    if len(tokens) != total:
+        tokens = [t for _, event in events for t in event.get("output_ids") or []]
+    return tokens
+
+
+def stream_commits(events: list[tuple[float, dict]], tokens: list[int], tokenizer) -> tuple[list[float], list[int]]:
+    """Commit times (since the request went out) and tokens per commit of a stream (see the module docstring)."""
+    decoded: list[int] = []  # decoded[n]: length of the text of the first n tokens, computed as far as needed
+
+    def covering(length: int) -> int:
+        """The fewest tokens whose text is at least ``length`` characters long."""
+        n = next((n for n, chars in enumerate(decoded) if chars >= length), None)
+        while n is None and len(decoded) <= len(tokens):
+            decoded.append(len(tokenizer.decode(tokens[: len(decoded)], skip_special_tokens=True)))
+            n = len(decoded) - 1 if decoded[-1] >= length else None
+        return len(tokens) if n is None else n
+
+    times: list[float] = []
+    counts: list[int] = []
+    seen = shown = 0
+    for seconds, event in events:
+        text = event.get("text") or ""
+        count = (event.get("meta_info") or {}).get("completion_tokens")
+        count = min(len(tokens), max(seen, covering(len(text)) if count is None else count))
+        if count == seen:
+            continue
+        if len(text) > shown or not times:
+            times.append(seconds)
+            counts.append(count - seen)
+        else:
+            counts[-1] += count - seen
+        seen, shown = count, max(shown, len(text))
+    if times and seen < len(tokens):
+        counts[-1] += len(tokens) - seen
+    return times, counts
+
+
+def endpoint_load(endpoint: Endpoint, encoded: list[tuple[ChatPrompt, list[int]]], params, level: int, tokenizer,
+                  bar=None) -> LoadLevel:
+    """Closed loop: ``level`` client threads, each streaming the next prompt (file order) as soon as its request
+    ends; ``params(i)`` is prompt ``i``'s ``sampling_params``."""
+    runs: dict[int, LoadRun] = {}
+    lock, failed = threading.Lock(), threading.Event()
+    order = iter(range(len(encoded)))
+
+    def client() -> None:
+        while not failed.is_set():
+            with lock:
+                i = next(order, None)
+            if i is None:
+                return
+            prompt, ids = encoded[i]
+            start = time.perf_counter() - t0
+            try:
+                events, seconds = stream(endpoint, ids, params(i))
+            except BaseException:
+                failed.set()
+                raise
+            tokens = stream_tokens(events)
+            _, run = endpoint_run(endpoint.method, prompt, {**events[-1][1], "output_ids": tokens}, seconds)
+            times, counts = stream_commits(events, tokens, tokenizer)
+            with lock:
+                runs[i] = LoadRun(endpoint.method, level, i, prompt.id, prompt.category, run.new_tokens, start,
+                                  start + seconds, times, counts, run.rounds, run.tau, run.paradigm_rounds,
+                                  run.text, tokens)
+                if bar is not None:
+                    bar.update()
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(level) as pool:
+        clients = [pool.submit(client) for _ in range(level)]
+    wall = time.perf_counter() - t0
+    for future in clients:
+        future.result()  # the first failure, raised here
+    return LoadLevel([runs[i] for i in sorted(runs)], wall, None)
+
+
+def endpoint_top_scores(endpoint: Endpoint):
+    """The server's best log-probabilities of the next token after ``ids`` (one greedy token with logprobs)."""
+
+    def top(ids: list[int]) -> dict[int, float]:
+        response = call(endpoint, "/generate", {
+            "input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": 1}, "return_logprob": True,
+            "top_logprobs_num": TOP_SCORES, "stream": False})
+        entries = ((response.get("meta_info") or {}).get("output_top_logprobs") or [None])[0]
+        if not entries:
+            raise WhiFlashError(f"{_where(endpoint)} returned no output_top_logprobs: the near-tie check needs "
+                                f"them")
+        return {int(entry[1]): float(entry[0]) for entry in entries}
+
+    return top
+
+
+def run_endpoint_load_bench(
+    endpoints: list[Endpoint],
+    prompts: list[ChatPrompt],
+    levels: list[int],
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    seed: int = 0,
+    model: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """The concurrency bench on running servers: every endpoint at every level (:func:`endpoint_load`)."""
+    from tqdm import tqdm
+
+    if not prompts:
+        raise WhiFlashError("no prompts to run")
+    served, tokenizer_path = served_model(endpoints, model)
+    tokenizer = load_tokenizer(tokenizer_path)
+    encoded = [(p, encode_chat(tokenizer, p.messages)) for p in prompts]
+    by_method = {e.method: e for e in endpoints}
+    for endpoint in endpoints:  # warm-up
+        generate(endpoint, encoded[0][1], sampling_body(8, sampling, seed))
+    methods = [e.method for e in endpoints]
+    bar = tqdm(total=len(encoded) * len(methods) * len(levels), desc="bench", disable=not progress)
+
+    def params(i: int) -> dict:
+        return sampling_body(max_new_tokens, sampling, seed + i)
+
+    def run_level(method: str, level: int) -> LoadLevel:
+        return endpoint_load(by_method[method], encoded, params, level, tokenizer, bar)
+
+    def reference() -> list[list[int]]:
+        return [list(generate(by_method["vanilla"], ids, params(i))[0]["output_ids"])
+                for i, (_, ids) in enumerate(encoded)]
+
+    vanilla = "vanilla" in by_method
+    done = load_levels(methods, levels, run_level, [ids for _, ids in encoded], lambda _: sampling.greedy,
+                       reference if vanilla else None,
+                       endpoint_top_scores(by_method["vanilla"]) if vanilla and sampling.greedy else None)
+    bar.close()
+    urls = ", ".join(f"{e.method}={e.url}" for e in endpoints)
+    return make_load_report(settings(served, f"endpoint {urls}", max_new_tokens, sampling, seed,
+                                     endpoints={e.method: e.url for e in endpoints}), levels, done)

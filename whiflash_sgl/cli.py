@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
                         "instead of the reference engine; repeat it, one server per method, 'vanilla' being the "
                         "reference for identical/speedup; plain URLs take --methods in order. --model then only "
                         "picks the tokenizer (default: the servers' /model_info)")
+    p.add_argument("--concurrency", metavar="C1,C2,...",
+                   help="comma-separated concurrency levels, e.g. 1,4,8,16: per method and level a closed loop "
+                        "keeps that many requests in flight on one batched engine (with --endpoint: that many "
+                        "streaming client threads) and reports throughput, TTFT and ITL percentiles")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--plot", action="store_true", help="also write PNG figures next to --out")
     _add_common(p)
@@ -169,17 +173,35 @@ def _method_list(text: str | None) -> list[str] | None:
     return methods
 
 
+def _levels(text: str | None) -> list[int] | None:
+    """``--concurrency``: distinct positive integers."""
+    if text is None:
+        return None
+    try:
+        levels = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1 or len(set(levels)) != len(levels):
+        raise WhiFlashError(f"--concurrency takes distinct positive integers separated by commas (e.g. 1,4,8,16), "
+                            f"got {text!r}")
+    return levels
+
+
 def _bench_engine(args, prompts) -> dict:
-    from whiflash_sgl.bench import run_bench
+    from whiflash_sgl.bench import run_bench, run_load_bench
 
     sampling, config, policy_params = _setup(args)
     methods = _method_list(args.methods or DEFAULT_METHODS)
+    levels = _levels(args.concurrency)
+    if levels:
+        return run_load_bench(_load_target(args), prompts, methods, levels, args.max_new_tokens, sampling, args.seed,
+                              config, policy_params=policy_params)
     return run_bench(_load_target(args), prompts, methods, args.max_new_tokens, sampling, args.seed, config,
                      policy_params=policy_params)
 
 
 def _bench_endpoints(args, prompts) -> dict:
-    from whiflash_sgl.bench_endpoint import parse_endpoints, run_endpoint_bench
+    from whiflash_sgl.bench_endpoint import parse_endpoints, run_endpoint_bench, run_endpoint_load_bench
 
     given = [f"--{d.replace('_', '-')}" for d in ENGINE_ONLY if getattr(args, d) != args.engine_defaults[d]]
     if given:
@@ -187,6 +209,10 @@ def _bench_endpoints(args, prompts) -> dict:
                             f"settings) cannot reach: give the servers their settings when you start them")
     endpoints = parse_endpoints(args.endpoint, _method_list(args.methods))
     sampling, _, _ = _setup(args)
+    levels = _levels(args.concurrency)
+    if levels:
+        return run_endpoint_load_bench(endpoints, prompts, levels, args.max_new_tokens, sampling, args.seed,
+                                       args.model)
     return run_endpoint_bench(endpoints, prompts, args.max_new_tokens, sampling, args.seed, args.model)
 
 

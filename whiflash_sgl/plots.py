@@ -1,5 +1,6 @@
 """Figures next to a bench report: acceptance along one sequence per paradigm with the router's and the oracle's
-choices, and tokens/s per category by method. matplotlib is imported only here (the ``plot`` extra)."""
+choices, tokens/s per category by method, and (a concurrency report) tokens/s against the concurrency level.
+matplotlib is imported only here (the ``plot`` extra)."""
 
 from __future__ import annotations
 
@@ -95,7 +96,36 @@ def plot_throughput(report: dict, path: Path) -> Path:
     return path
 
 
+def plot_concurrency(report: dict, path: Path) -> Path:
+    """Throughput (the ``all`` rows) against the concurrency level, one line per method."""
+    plt = _pyplot()
+    rows = [r for r in report["results"] if r["category"] == "all"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r["concurrency"], r["tokens_per_s"] or 0) for r in rows if r["method"] == method)
+        ax.plot([c for c, _ in points], [t for _, t in points], "-o", ms=4, label=method,
+                color=COLORS.get(method))
+    levels = report["concurrency"]
+    if len(levels) > 1 and max(levels) / min(levels) >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.set_xlabel("concurrency (requests in flight)")
+    ax.set_ylabel("tokens/s (all requests)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{report['model']}, {report['threads']} threads, {report['max_new_tokens']} new tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(report: dict, out_json: Path) -> list[Path]:
+    """The figures of a report next to ``out_json``: a concurrency report's throughput curve as ``<stem>.png``;
+    otherwise ``<stem>_throughput.png`` and, with an oracle run, ``<stem>_routing.png``."""
+    if "concurrency" in report:
+        return [plot_concurrency(report, out_json.with_suffix(".png"))]
     stem = out_json.with_suffix("")
     written = [plot_throughput(report, stem.with_name(stem.name + "_throughput.png"))]
     routing = plot_routing(report, stem.with_name(stem.name + "_routing.png"))

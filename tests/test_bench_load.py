@@ -1,0 +1,171 @@
+"""``whiflash bench --concurrency``: closed-loop load on the batched engine and on running servers (streaming
+clients), its JSON rows and table, the plot, identity against vanilla at concurrency 1 with near ties told apart,
+and the per-token ITL, commit and time-share arithmetic on constructed runs."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from whiflash_sgl.bench import LoadRun, commit_tokens, judge, load_rows, LoadLevel, near_tie, time_shares
+from whiflash_sgl.bench_endpoint import stream_commits
+from whiflash_sgl.cli import main
+
+LOAD_KEYS = ("method", "category", "concurrency", "prompts", "new_tokens", "tokens_per_s", "speedup_vs_vanilla",
+             "tau", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "identical_to_vanilla", "near_ties",
+             "paradigm_rounds", "paradigm_shares")
+CATEGORIES = ["code", "chat", "code"]
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"id": f"p{i}", "category": c, "messages": [
+        {"role": "user", "content": f"def add(a, b): return a + b  # {i}"}]}) for i, c in enumerate(CATEGORIES)))
+    return path
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _check_rows(report: dict, methods: tuple[str, ...], levels: tuple[int, ...]) -> dict:
+    rows = {(r["method"], r["category"], r["concurrency"]): r for r in report["results"]}
+    assert set(rows) == {(m, c, n) for m in methods for c in ("chat", "code", "all") for n in levels}
+    for row in rows.values():
+        assert set(LOAD_KEYS) <= set(row)
+        assert row["identical_to_vanilla"] is True and row["near_ties"] == 0
+        assert row["tokens_per_s"] > 0 and row["ttft_p50_ms"] <= row["ttft_p99_ms"]
+        assert row["itl_p50_ms"] <= row["itl_p99_ms"]
+        assert abs(sum(row["paradigm_shares"].values()) - 1) < 1e-3
+    for level in levels:
+        assert rows[("vanilla", "all", level)]["speedup_vs_vanilla"] == 1.0
+        assert rows[(methods[-1], "all", level)]["prompts"] == 3
+    assert report["concurrency"] == sorted(levels) and "per token" in report["itl_definition"]
+    assert len(report["per_prompt"]) == 3 * len(methods) * len(levels)
+    return rows
+
+
+def test_engine_concurrency_bench_rows_table_and_plot(capsys, served_dir, prompts, tmp_path):
+    out_json = tmp_path / "load.json"
+    code, out, err = _run(capsys, "bench", "--model", served_dir / "model", "--config", served_dir / "whiflash.json",
+                          "--prompts", prompts, "--methods", "vanilla,whiflash:heuristic", "--concurrency", "1,3",
+                          "--max-new-tokens", 8, "--out", out_json, "--plot")
+    assert code == 0, err
+    assert "ttft p50/p99 ms" in out and "itl p50/p99 ms" in out and "near ties" in out
+    report = json.loads(out_json.read_text())
+    rows = _check_rows(report, ("vanilla", "whiflash:heuristic"), (1, 3))
+    routed = rows[("whiflash:heuristic", "all", 3)]
+    assert set(routed["paradigm_shares"]) <= {"eagle3", "dflash", "ngram"} and routed["tau"] >= 1
+    assert rows[("vanilla", "all", 3)]["paradigm_shares"] == {"vanilla": 1.0}
+    assert {r["peak_running"] for r in report["runs"] if r["concurrency"] == 3} == {3}
+    assert (tmp_path / "load.png").stat().st_size > 0
+
+
+def test_without_vanilla_at_concurrency_1_the_reference_runs_alone(capsys, tiny_model_dir, prompts, tmp_path):
+    out_json = tmp_path / "load.json"
+    code, out, err = _run(capsys, "bench", "--model", tiny_model_dir, "--prompts", prompts, "--methods", "ngram",
+                          "--concurrency", "2", "--max-new-tokens", 6, "--out", out_json)
+    assert code == 0, err
+    rows = json.loads(out_json.read_text())["results"]
+    assert [(r["method"], r["category"], r["concurrency"]) for r in rows] == [
+        ("ngram", "chat", 2), ("ngram", "code", 2), ("ngram", "all", 2)]
+    assert all(r["identical_to_vanilla"] is True and r["speedup_vs_vanilla"] is None for r in rows)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", "vanilla,hf-generate", "--concurrency", "1,2"], "hf-generate generates one request at a time"),
+    (["--concurrency", "0,2"], "--concurrency takes distinct positive integers"),
+    (["--concurrency", "2,2"], "--concurrency takes distinct positive integers"),
+    (["--concurrency", "a"], "--concurrency takes distinct positive integers"),
+])
+def test_bad_concurrency_is_a_clear_error(capsys, tiny_model_dir, prompts, flags, message):
+    code, out, err = _run(capsys, "bench", "--model", tiny_model_dir, "--prompts", prompts, *flags)
+    assert code == 2 and message in err and "Traceback" not in err and out == ""
+
+
+def test_endpoint_concurrency_bench_streams(capsys, server, served_dir, prompts, tmp_path):
+    """The WhiFlash server against itself labelled vanilla too: the same rows from streaming clients."""
+    out_json = tmp_path / "load.json"
+    code, out, err = _run(capsys, "bench", "--prompts", prompts, "--max-new-tokens", 8, "--concurrency", "1,2",
+                          "--endpoint", f"vanilla={server.url}", "--endpoint", f"whiflash:heuristic={server.url}",
+                          "--out", out_json, "--plot")
+    assert code == 0, err
+    report = json.loads(out_json.read_text())
+    rows = _check_rows(report, ("vanilla", "whiflash:heuristic"), (1, 2))
+    assert rows[("whiflash:heuristic", "all", 2)]["tau"] > 1  # spec_verify_ct of the final event
+    for record in report["per_prompt"]:
+        assert sum(record["commit_tokens"]) == record["new_tokens"] and record["commit_seconds"][0] > 0
+    assert (tmp_path / "load.png").exists()
+
+
+# ---- the arithmetic, on constructed data ----------------------------------------------------------------------
+
+
+def _load_run(index: int, tokens: list[int], category: str = "a", start: float = 0.0, end: float = 1.0,
+              commits: tuple[list[float], list[int]] = ([0.1], [1])) -> LoadRun:
+    return LoadRun("m", 2, index, f"p{index}", category, len(tokens), start, end, commits[0], commits[1], 1, 1.0,
+                   {"m": 1}, "", tokens)
+
+
+def test_near_tie_is_both_tokens_within_the_threshold_of_the_best():
+    logits = torch.tensor([5.0, 5.0004, 1.0, 4.0])
+    values, tokens = logits.topk(3)
+    scores = dict(zip(tokens.tolist(), values.tolist()))
+    tie, gap = near_tie(scores, 1, 0)
+    assert tie and gap == pytest.approx(4e-4, abs=1e-6)
+    assert near_tie(scores, 0, 1)[0]  # either way round
+    assert near_tie(scores, 1, 3) == (False, pytest.approx(1.0004))  # the third-best token: a real divergence
+    assert near_tie(scores, 1, 2) == (False, None)  # not among the scores at all
+    assert not near_tie({7: 2.0, 8: 1.998}, 7, 8)[0]  # a 2e-3 gap is no tie
+
+
+def test_judge_counts_near_ties_and_fails_real_divergences():
+    reference = [[1, 2, 3], [1, 2, 3], [4, 5]]
+    runs = [_load_run(0, [1, 2, 3]), _load_run(1, [1, 9, 3]), _load_run(2, [4, 6])]
+    asked = []
+
+    def top_scores(ids):  # prompt 1 diverges at a tie of 2 and 9; prompt 2 where 5 is far ahead of 6
+        asked.append(ids)
+        return {2: 0.0, 9: -5e-4} if ids[-1] == 1 else {5: 0.0, 6: -0.5}
+
+    judge(runs, [[100], [101], [102]], reference, top_scores)
+    assert asked == [[101, 1], [102, 4]]  # the prompt and the reference up to the first differing position
+    assert [(r.identical_to_vanilla, r.near_tie) for r in runs] == [(True, None), (False, True), (False, False)]
+    assert runs[1].divergence == {"position": 1, "reference_token": 2, "token": 9, "gap": pytest.approx(5e-4)}
+    rows = {r["category"]: r for r in load_rows([("m", 2, LoadLevel(runs[:2], 1.0, 2))])}
+    assert rows["all"]["identical_to_vanilla"] is True and rows["all"]["near_ties"] == 1
+    rows = {r["category"]: r for r in load_rows([("m", 2, LoadLevel(runs, 1.0, 2))])}
+    assert rows["all"]["identical_to_vanilla"] is False and rows["all"]["near_ties"] == 1
+    judge(runs[1:2], [[101]], [None, [1, 2, 3]], None)  # sampled runs: no divergence is a tie
+    assert runs[1].near_tie is False
+
+
+def test_itl_is_per_token_and_commits_follow_the_rounds():
+    result = SimpleNamespace(tokens=list(range(6)), accept_lengths=[2, 0, 3], commit_seconds=[0.1, 0.4, 0.5, 0.9])
+    assert commit_tokens(result) == [1, 3, 1, 1]  # the last round's 4 cut to the 6 tokens generated
+    run = _load_run(0, result.tokens, commits=(result.commit_seconds, commit_tokens(result)))
+    assert run.ttft == 0.1 and run.itl == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.4])
+
+
+def test_time_shares_split_each_instant_among_the_requests_in_flight():
+    runs = [_load_run(0, [1], start=0, end=4), _load_run(1, [1], start=1, end=3), _load_run(2, [1], start=5, end=6)]
+    assert time_shares(runs) == pytest.approx([3.0, 1.0, 1.0])
+
+
+def test_stream_commits_from_text_fold_a_final_event_without_new_text(tiny_tokenizer):
+    tokens = tiny_tokenizer("def add(a, b):")["input_ids"] + [tiny_tokenizer.eos_token_id]
+    text = tiny_tokenizer.decode(tokens, skip_special_tokens=True)
+    first = len(tiny_tokenizer.decode(tokens[:2]))
+    events = [(0.1, {"text": text[:first]}), (0.3, {"text": text}),
+              (0.31, {"text": text, "output_ids": tokens, "meta_info": {"completion_tokens": len(tokens)}})]
+    times, counts = stream_commits(events, tokens, tiny_tokenizer)
+    assert times == [0.1, 0.3] and counts == [2, len(tokens) - 2]  # the EOS came with the last text
+    events = [(0.1, {"text": "x", "meta_info": {"completion_tokens": 3}}),
+              (0.2, {"text": "xy", "meta_info": {"completion_tokens": 5}})]
+    assert stream_commits(events, list(range(5)), tiny_tokenizer) == ([0.1, 0.2], [3, 2])
