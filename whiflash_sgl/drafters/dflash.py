@@ -13,15 +13,15 @@ context is not propagated through the layers. So the context K/V of committed po
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+import math
 
 import torch
 from torch import nn
 from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-from whiflash_sgl.drafters.base import Drafter, SequenceState
-from whiflash_sgl.drafters.layers import attend_each, heads, per_weight_group, rope_at, rotate
+from whiflash_sgl.drafters.base import SequenceState
+from whiflash_sgl.drafters.layers import CachedDrafter, attend_each, heads, rope_at, rotate
 from whiflash_sgl.kv_cache import KVCache
 from whiflash_sgl.sampling import lead_with
 from whiflash_sgl.tree import DraftTree
@@ -104,7 +104,7 @@ class DFlashModel(nn.Module):
         return self.norm(hidden)
 
 
-class DFlashDrafter(Drafter):
+class DFlashDrafter(CachedDrafter):
     """Drafts a greedy chain of ``block_size - 1`` tokens per round, or a small tree from per-position top-k."""
 
     name = "dflash"
@@ -121,49 +121,16 @@ class DFlashDrafter(Drafter):
         self.frontier = 0
         self.last_confidences: list[float] = []  # top-1 probability per drafted position, for the router
 
-    def start(self, state: SequenceState) -> None:
-        self.cache = KVCache()
-        self.frontier = 0
-
-    def pending(self, state: SequenceState) -> int:
-        return len(state.tokens) - 1 - self.frontier
-
-    def catch_up(self, state: SequenceState) -> None:
-        self.catch_up_batch([self], [state])
-
-    @staticmethod
-    @torch.inference_mode()
-    def catch_up_batch(drafters: Sequence["DFlashDrafter"], states: Sequence[SequenceState]) -> None:
-        """KV-only prefill of every committed position, for drafters sharing one network: one projection per layer
-        over all their backlogs."""
-        behind = [(d, s, d.frontier, len(s.tokens) - 1) for d, s in zip(drafters, states)
-                  if len(s.tokens) - 1 > d.frontier]
-        if not behind:
-            return
-        first = behind[0][0]
-        dtype = first.model.fc.weight.dtype
-        features = torch.cat([s.context_features(first.feature_layers, a, b, dtype) for _, s, a, b in behind])
-        positions = torch.cat([torch.arange(a, b) for _, _, a, b in behind]).to(features.device)
-        counts = [b - a for _, _, a, b in behind]
-        for layer, (k, v) in enumerate(first.model.context_kv(features, positions)):
-            for (d, *_), k_i, v_i in zip(behind, k.split(counts, dim=2), v.split(counts, dim=2)):
-                d.cache.update(k_i, v_i, layer)
-        for d, _, _, end in behind:
-            d.frontier = end
-
-    def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
-        return self.propose_batch([self], [state], [max_depth])[0]
-
-    @classmethod
-    def propose_batch(cls, drafters: Sequence["DFlashDrafter"], states: Sequence[SequenceState],
-                      max_depths: Sequence[int]) -> list[DraftTree]:
-        """Every sequence's draft from one forward over all their blocks (each block attends to its own context and
-        itself) and one LM head over all drafted rows; each tree is the one it would get alone."""
-        return per_weight_group(cls._propose_group, drafters, states, max_depths)
+    def _context_kv(self, states, spans, positions):
+        dtype = self.model.fc.weight.dtype
+        features = [s.context_features(self.feature_layers, a, b, dtype) for s, (a, b) in zip(states, spans)]
+        return self.model.context_kv(torch.cat(features), positions)
 
     @classmethod
     @torch.inference_mode()
     def _propose_group(cls, drafters, states, max_depths) -> list[DraftTree]:
+        """One forward over all blocks (each attends to its own context and itself), one LM head over all drafted
+        rows."""
         cls.catch_up_batch(drafters, states)
         trees = [DraftTree()] * len(drafters)
         lengths = [min(d.block_size - 1, max_depth) for d, max_depth in zip(drafters, max_depths)]
@@ -196,8 +163,9 @@ class DFlashDrafter(Drafter):
             n = len(state.tokens)
             logp = lead_with(logp, state.sampler.guesses(logits, torch.arange(n - 1, n - 1 + logits.shape[0])))
         top_p, top_ids = logp.exp().topk(max(self.tree_topk, 1), dim=-1)
-        if self.tree_topk <= 1:
-            return DraftTree.chain(top_ids[:, 0].tolist())
+        if self.tree_topk <= 1:  # a node's probability: the product of its block's marginals up to it
+            chain = top_ids[:, 0].tolist()
+            return DraftTree(tuple(chain), tuple(range(-1, len(chain) - 1)), tuple(top_p[:, 0].cumprod(0).tolist()))
         return _marginal_tree(top_p, top_ids, self.tree_budget or 2 * logits.shape[0])
 
 
@@ -212,14 +180,16 @@ def _marginal_tree(top_p: torch.Tensor, top_ids: torch.Tensor, budget: int) -> D
     ids = top_ids.tolist()
     tokens: list[int] = []
     parents: list[int] = []
+    probs: list[float] = []
     heap = [(-logp[0][c], -1, 0, c) for c in range(k)]
     heapq.heapify(heap)
     while heap and len(tokens) < budget:
         neg_score, parent, depth, c = heapq.heappop(heap)
         tokens.append(ids[depth][c])
         parents.append(parent)
+        probs.append(math.exp(-neg_score))
         if depth + 1 < length:
             node = len(tokens) - 1
             for c2 in range(k):
                 heapq.heappush(heap, (neg_score - logp[depth + 1][c2], node, depth + 1, c2))
-    return DraftTree(tuple(tokens), tuple(parents))
+    return DraftTree(tuple(tokens), tuple(parents), tuple(probs))

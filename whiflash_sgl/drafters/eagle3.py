@@ -22,8 +22,8 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from whiflash_sgl.drafters.base import Drafter, SequenceState
-from whiflash_sgl.drafters.layers import attend_each, heads, per_weight_group, rope_at, rotate
+from whiflash_sgl.drafters.base import SequenceState
+from whiflash_sgl.drafters.layers import CachedDrafter, attend_each, heads, rope_at, rotate
 from whiflash_sgl.kv_cache import KVCache
 from whiflash_sgl.sampling import KeyedSampler, lead_with
 from whiflash_sgl.tree import DraftTree
@@ -88,10 +88,11 @@ class Eagle3Model(nn.Module):
         return draft_ids + self.d2t[draft_ids]
 
 
-class Eagle3Drafter(Drafter):
+class Eagle3Drafter(CachedDrafter):
     """Drafts with an :class:`Eagle3Model`: a dynamic tree (``topk`` > 1) or a chain (``topk`` = 1)."""
 
     name = "eagle3"
+    lag = 2  # the newest pair (F_{n-2}, root token) is not caught up: proposing runs it through the full layer
 
     def __init__(self, model: Eagle3Model, embed: nn.Embedding, depth: int = 6, topk: int = 4, budget: int = 16,
                  min_prob: float = 0.0):
@@ -110,43 +111,20 @@ class Eagle3Drafter(Drafter):
         self.last_scores: list[float] = []  # cumulative draft log-prob of each node of the last tree
         self.sampler: KeyedSampler | None = None  # the sequence's keyed draw, while proposing
 
-    def start(self, state: SequenceState) -> None:
-        self.cache = KVCache()
-        self.frontier = 0
-
-    def pending(self, state: SequenceState) -> int:
-        return max(len(state.tokens) - 2 - self.frontier, 0)
-
     def _pairs(self, states: Sequence[SequenceState], spans: Sequence[tuple[int, int]]):
         """Attention inputs and residuals of the committed pairs ``t in [start, end)`` of each sequence (one span
         each), concatenated."""
-        m = self.model
-        features = [s.context_features(self.feature_layers, a, b, m.fc.weight.dtype) for s, (a, b) in zip(states, spans)]
+        m, dtype = self.model, self.model.fc.weight.dtype
+        features = [s.context_features(self.feature_layers, a, b, dtype) for s, (a, b) in zip(states, spans)]
         hidden = m.fc(torch.cat(features) if len(features) > 1 else features[0])
         tokens = torch.tensor([t for s, (a, b) in zip(states, spans) for t in s.tokens[a + 1 : b + 1]],
                               device=hidden.device)
         return m.midlayer.attention_input(self.embed(tokens), hidden), hidden
 
-    def catch_up(self, state: SequenceState) -> None:
-        self.catch_up_batch([self], [state])
-
-    @staticmethod
-    @torch.inference_mode()
-    def catch_up_batch(drafters: Sequence["Eagle3Drafter"], states: Sequence[SequenceState]) -> None:
-        """KV-only prefill of every committed pair but the newest (which :meth:`propose` runs in full), for drafters
-        sharing one network: one projection over all their backlogs."""
-        behind = [(d, s, d.frontier, len(s.tokens) - 2) for d, s in zip(drafters, states)
-                  if len(s.tokens) - 2 > d.frontier]
-        if not behind:
-            return
-        m = behind[0][0].model
-        x, _ = behind[0][0]._pairs([s for _, s, _, _ in behind], [(a, b) for _, _, a, b in behind])
-        positions = torch.cat([torch.arange(a, b) for _, _, a, b in behind]).to(x.device)
-        k, v = m.midlayer.kv(x, m.rope(positions, x))
-        counts = [b - a for _, _, a, b in behind]
-        for (d, _, _, end), k_i, v_i in zip(behind, k.split(counts, dim=2), v.split(counts, dim=2)):
-            d.cache.update(k_i, v_i, 0)
-            d.frontier = end
+    def _context_kv(self, states, spans, positions):
+        """KV-only prefill: K/V of committed pairs, projections of their attention inputs only."""
+        x, _ = self._pairs(states, spans)
+        return [self.model.midlayer.kv(x, self.model.rope(positions, x))]
 
     @staticmethod
     def _rows(drafters: Sequence["Eagle3Drafter"], x, residual, positions, counts: Sequence[int], masks):
@@ -180,19 +158,11 @@ class Eagle3Drafter(Drafter):
         guesses = self.sampler.guesses(full, positions + 1)
         return lead_with(logp, (ids[None, :] == guesses[:, None]).int().argmax(-1))
 
-    def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
-        return self.propose_batch([self], [state], [max_depth])[0]
-
-    @classmethod
-    def propose_batch(cls, drafters: Sequence["Eagle3Drafter"], states: Sequence[SequenceState],
-                      max_depths: Sequence[int]) -> list[DraftTree]:
-        """Every sequence's tree, drafted together: one forward for all roots, then one per tree depth over every
-        sequence's frontier (attention per sequence over its own cache); each tree is the one it would get alone."""
-        return per_weight_group(cls._propose_group, drafters, states, max_depths)
-
     @classmethod
     @torch.inference_mode()
     def _propose_group(cls, drafters, states, max_depths) -> list[DraftTree]:
+        """One forward for all roots, then one per tree depth over every sequence's frontier (attention per
+        sequence over its own cache)."""
         cls.catch_up_batch(drafters, states)
         lengths = [len(s.tokens) for s in states]
         for d, s in zip(drafters, states):
@@ -292,5 +262,6 @@ def _best_subtree(nodes: list[tuple[float, int, int, int]], budget: int,
     tree = DraftTree(
         tokens=tuple(nodes[i][3] for i in order),
         parents=tuple(-1 if nodes[i][2] < 0 else index[nodes[i][2]] for i in order),
+        probs=tuple(math.exp(nodes[i][0]) for i in order),  # a node's path probability under the draft
     )
     return tree, [nodes[i][0] for i in order]
