@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from whiflash_sgl.bench import LoadRun, commit_tokens, judge, load_rows, LoadLevel, near_tie, time_shares
+from whiflash_sgl.bench import LoadLevel, LoadRun, commit_tokens, judge, load_rows, near_tie, time_shares
 from whiflash_sgl.bench_endpoint import stream_commits
 from whiflash_sgl.cli import main
 
@@ -55,7 +55,7 @@ def test_engine_concurrency_bench_rows_table_and_plot(capsys, served_dir, prompt
     out_json = tmp_path / "load.json"
     code, out, err = _run(capsys, "bench", "--model", served_dir / "model", "--config", served_dir / "whiflash.json",
                           "--prompts", prompts, "--methods", "vanilla,whiflash:heuristic", "--concurrency", "1,3",
-                          "--max-new-tokens", 8, "--out", out_json, "--plot")
+                          "--max-new-tokens", 6, "--out", out_json, "--plot")
     assert code == 0, err
     assert "ttft p50/p99 ms" in out and "itl p50/p99 ms" in out and "near ties" in out
     report = json.loads(out_json.read_text())
@@ -79,7 +79,7 @@ def test_without_vanilla_at_concurrency_1_the_reference_runs_alone(capsys, tiny_
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--methods", "vanilla,hf-generate", "--concurrency", "1,2"], "hf-generate generates one request at a time"),
+    (["--methods", "vanilla,hf-generate", "--concurrency", "1,2"], "run one request at a time (hf-generate)"),
     (["--concurrency", "0,2"], "--concurrency takes distinct positive integers"),
     (["--concurrency", "2,2"], "--concurrency takes distinct positive integers"),
     (["--concurrency", "a"], "--concurrency takes distinct positive integers"),

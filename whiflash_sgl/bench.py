@@ -8,7 +8,7 @@ Sampled runs (T > 0) use the keyed rule, under which every method's text must eq
 (``identical_to_vanilla``); each speculative method also runs under the rejection rule (rows ``<method>[rejection]``)
 so that ``rule_comparison`` can set the two rules' tau side by side.
 
-With ``--concurrency 1,4,8,16`` (:func:`run_load_bench`) every method runs at every level as a closed loop on one
+With ``--concurrency 1,4,8,16`` (:func:`load_bench`) every method runs at every level as a closed loop on one
 batched engine per (method, level), ``max_running`` = the level: that many requests in flight, the next prompt (file
 order) submitted as soon as one finishes, every prompt once. Rows are per method, level and category plus ``all``:
 ``tokens_per_s`` is generated tokens over the run's wall time (a category's: over its requests' share of it, each
@@ -147,11 +147,10 @@ def settings(model: str, device: str, max_new_tokens: int, sampling: SamplingPar
     }
 
 
-def make_report(model: str, device: str, max_new_tokens: int, sampling: SamplingParams, seed: int,
-                methods: list[str], runs: list, **extra) -> dict:
-    """The bench JSON: run settings, ``extra`` fields, the summary rows and the per-prompt records."""
+def make_report(head: dict, methods: list[str], runs: list) -> dict:
+    """The bench JSON: ``head`` (the run settings), the summary rows and the per-prompt records."""
     return {
-        **settings(model, device, max_new_tokens, sampling, seed, **extra),
+        **head,
         "results": (results := summarize(runs, methods)),
         "rule_comparison": rule_comparison(results),
         "per_prompt": [asdict(r) for r in runs],
@@ -178,17 +177,30 @@ def run_bench(
     config: WhiFlashConfig = WhiFlashConfig(),
     progress: bool = True,
     policy_params: dict | None = None,
+    levels: Sequence[int] | None = None,
 ) -> dict:
+    """The bench report; with concurrency ``levels``, the concurrency bench's (:func:`load_bench`)."""
     if not prompts:
         raise WhiFlashError("no prompts to run")
+    runners = {m: make_method(m, target, config, policy_params) for m in methods}
+    one_at_a_time = [m for m, runner in runners.items() if not isinstance(runner, EngineMethod)]
+    if levels and max(levels) > 1 and one_at_a_time:
+        raise WhiFlashError(f"methods off the engine run one request at a time ({', '.join(one_at_a_time)}): bench "
+                            f"them at --concurrency 1 only, or leave them out")
+    encoded = [(p, encode_chat(target.tokenizer, p.messages)) for p in prompts]
+    for p, ids in encoded:
+        if len(ids) + max_new_tokens > target.context_length:
+            raise WhiFlashError(f"prompt {p.id} has {len(ids)} tokens: with max_new_tokens it exceeds the context")
+    for runner in runners.values():  # warm-up: first-call allocations and kernel selection stay out of the figures
+        runner.generate(encoded[0][1], 8, sampling, seed)
+    head = settings(target.name, str(target.device), max_new_tokens, sampling, seed,
+                    dtype=str(target.model.dtype).removeprefix("torch."), threads=torch.get_num_threads())
+    if levels:
+        return load_bench(target, runners, encoded, levels, max_new_tokens, sampling, seed, head, progress)
     rules = {m: sampling for m in methods}
     if not sampling.greedy and sampling.rule == "keyed":
         rules.update({m + REJECTION: replace(sampling, rule="rejection") for m in methods if m != "vanilla"})
-    runners = {m: make_method(m, target, config, policy_params) for m in methods}
     reference = None if "vanilla" in methods else make_method("vanilla", target)
-    encoded = _encode(target, prompts, max_new_tokens)
-    for runner in runners.values():  # warm-up: first-call allocations and kernel selection stay out of the figures
-        runner.generate(encoded[0][1], 8, sampling, seed)
 
     def run_one(label: str, index: int, prompt: ChatPrompt, ids: list[int]) -> tuple[list[int], PromptRun]:
         result = runners[label.removesuffix(REJECTION)].generate(ids, max_new_tokens, rules[label], seed + index)
@@ -205,8 +217,7 @@ def run_bench(
         return rules[label].greedy or rules[label].rule == "keyed"
 
     runs = interleave(encoded, list(rules), run_one, compared, vanilla_tokens if reference else None, progress)
-    return make_report(target.name, str(target.device), max_new_tokens, sampling, seed, list(rules), runs,
-                       dtype=str(target.model.dtype).removeprefix("torch."), threads=torch.get_num_threads())
+    return make_report(head, list(rules), runs)
 
 
 def _sum(values) -> float | None:
@@ -488,54 +499,23 @@ def load_levels(methods: Sequence[str], levels: Sequence[int], run_level: Callab
     return done
 
 
-def run_load_bench(
-    target: Target,
-    prompts: list[ChatPrompt],
-    methods: list[str],
-    levels: list[int],
-    max_new_tokens: int,
-    sampling: SamplingParams = SamplingParams(),
-    seed: int = 0,
-    config: WhiFlashConfig = WhiFlashConfig(),
-    progress: bool = True,
-    policy_params: dict | None = None,
-) -> dict:
-    """The concurrency bench: every method at every level (:func:`engine_load`), one JSON report."""
-    if not prompts:
-        raise WhiFlashError("no prompts to run")
-    runners = {m: make_method(m, target, config, policy_params) for m in methods}
-    for name, runner in runners.items():
-        if not isinstance(runner, EngineMethod) and max(levels) > 1:
-            raise WhiFlashError(f"{name} generates one request at a time: bench it at --concurrency 1 only, or "
-                                f"leave it out")
-    encoded = _encode(target, prompts, max_new_tokens)
-    for runner in runners.values():  # warm-up
-        runner.generate(encoded[0][1], 8, sampling, seed)
-    bar = tqdm(total=len(encoded) * len(methods) * len(levels), desc="bench", disable=not progress, file=sys.stderr)
+def load_bench(target: Target, runners: dict, encoded: list[tuple[ChatPrompt, list[int]]], levels: Sequence[int],
+               max_new_tokens: int, sampling: SamplingParams, seed: int, head: dict, progress: bool) -> dict:
+    """The concurrency bench on the engine: every method (``runners``) at every level (:func:`engine_load`)."""
+    bar = tqdm(total=len(encoded) * len(runners) * len(levels), desc="bench", disable=not progress, file=sys.stderr)
 
     def run_level(method: str, level: int) -> LoadLevel:
         return engine_load(runners[method], encoded, max_new_tokens, sampling, seed, level, bar)
 
     def reference() -> list[list[int]]:
-        return [r.tokens for r in engine_load(make_method("vanilla", target), encoded, max_new_tokens, sampling, seed,
-                                              1).runs]
+        vanilla = make_method("vanilla", target)
+        return [r.tokens for r in engine_load(vanilla, encoded, max_new_tokens, sampling, seed, 1).runs]
 
     keyed = sampling.greedy or sampling.rule == "keyed"
-    done = load_levels(methods, levels, run_level, [ids for _, ids in encoded], lambda m: keyed or m == "vanilla",
+    done = load_levels(list(runners), levels, run_level, [ids for _, ids in encoded], lambda m: keyed or m == "vanilla",
                        reference, target_top_scores(target) if sampling.greedy else None)
     bar.close()
-    return make_load_report(
-        settings(target.name, str(target.device), max_new_tokens, sampling, seed,
-                 dtype=str(target.model.dtype).removeprefix("torch."), threads=torch.get_num_threads()),
-        levels, done)
-
-
-def _encode(target: Target, prompts: list[ChatPrompt], max_new_tokens: int) -> list[tuple[ChatPrompt, list[int]]]:
-    encoded = [(p, encode_chat(target.tokenizer, p.messages)) for p in prompts]
-    for p, ids in encoded:
-        if len(ids) + max_new_tokens > target.context_length:
-            raise WhiFlashError(f"prompt {p.id} has {len(ids)} tokens: with max_new_tokens it exceeds the context")
-    return encoded
+    return make_load_report(head, levels, done)
 
 
 def make_load_report(head: dict, levels: list[int], done: list[tuple[str, int, LoadLevel]]) -> dict:

@@ -7,7 +7,7 @@ reference bench's (:func:`whiflash_sgl.bench.make_report`). ``seconds`` is the c
 ``tau`` and ``rounds`` come from ``meta_info.spec_verify_ct`` (a server that does not speculate reports none: one
 round per token). Drafting and verify times are not visible over HTTP and stay ``null``.
 
-With ``--concurrency`` (:func:`run_endpoint_load_bench`) each server gets, per level, a closed loop of that many
+With ``--concurrency`` (:func:`endpoint_load_bench`) each server gets, per level, a closed loop of that many
 client threads sending streaming requests (the next prompt, in file order, as soon as a thread's request ends), and
 the rows are the engine's concurrency rows (:func:`whiflash_sgl.bench.load_rows`). TTFT and ITL come from the stream:
 a commit is a server-sent event that brings new text (a later event without new text, such as the final one carrying
@@ -24,15 +24,16 @@ import contextlib
 import json
 import threading
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from whiflash_sgl.bench import (TOP_SCORES, LoadLevel, LoadRun, interleave, load_levels, make_load_report, make_report,
-                                 settings, switches)
+from whiflash_sgl.bench import (TOP_SCORES, LoadLevel, LoadRun, interleave, load_levels, make_load_report,
+                                make_report, settings, switches)
 from whiflash_sgl.chat import ChatPrompt, encode_chat
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.model_store import DEFAULT_MODEL, resolve_model
@@ -232,10 +233,11 @@ def run_endpoint_bench(
     seed: int = 0,
     model: str | None = None,
     progress: bool = True,
+    levels: Sequence[int] | None = None,
 ) -> dict:
     """The bench report of ``endpoints`` on ``prompts``; ``model`` (a folder or hub id) overrides the tokenizer the
     servers name. Sampled requests carry ``sampling_seed`` = ``seed`` + the prompt's index, as the reference bench
-    seeds them."""
+    seeds them. With concurrency ``levels``, the concurrency bench's report (:func:`endpoint_load_bench`)."""
     if not prompts:
         raise WhiFlashError("no prompts to run")
     served, tokenizer_path = served_model(endpoints, model)
@@ -244,6 +246,12 @@ def run_endpoint_bench(
     by_method = {e.method: e for e in endpoints}
     for endpoint in endpoints:  # warm-up
         generate(endpoint, encoded[0][1], sampling_body(8, sampling, seed))
+    urls = ", ".join(f"{e.method}={e.url}" for e in endpoints)
+    head = settings(served, f"endpoint {urls}", max_new_tokens, sampling, seed,
+                    endpoints={e.method: e.url for e in endpoints})
+    if levels:
+        return endpoint_load_bench(endpoints, encoded, levels, max_new_tokens, sampling, seed, tokenizer, head,
+                                   progress)
 
     def run_one(method: str, index: int, prompt: ChatPrompt, ids: list[int]) -> tuple[list[int], EndpointRun]:
         params = sampling_body(max_new_tokens, sampling, seed + index)
@@ -251,9 +259,7 @@ def run_endpoint_bench(
 
     methods = [e.method for e in endpoints]
     runs = interleave(encoded, methods, run_one, lambda _: sampling.greedy, progress=progress)
-    urls = ", ".join(f"{e.method}={e.url}" for e in endpoints)
-    return make_report(served, f"endpoint {urls}", max_new_tokens, sampling, seed, methods, runs,
-                       endpoints={e.method: e.url for e in endpoints})
+    return make_report(head, methods, runs)
 
 
 # ---- load: closed-loop concurrency with streaming clients (``--concurrency``) ------------------------------------
@@ -383,29 +389,14 @@ def endpoint_top_scores(endpoint: Endpoint):
     return top
 
 
-def run_endpoint_load_bench(
-    endpoints: list[Endpoint],
-    prompts: list[ChatPrompt],
-    levels: list[int],
-    max_new_tokens: int,
-    sampling: SamplingParams = SamplingParams(),
-    seed: int = 0,
-    model: str | None = None,
-    progress: bool = True,
-) -> dict:
+def endpoint_load_bench(endpoints: list[Endpoint], encoded: list[tuple[ChatPrompt, list[int]]], levels: Sequence[int],
+                        max_new_tokens: int, sampling: SamplingParams, seed: int, tokenizer, head: dict,
+                        progress: bool) -> dict:
     """The concurrency bench on running servers: every endpoint at every level (:func:`endpoint_load`)."""
     from tqdm import tqdm
 
-    if not prompts:
-        raise WhiFlashError("no prompts to run")
-    served, tokenizer_path = served_model(endpoints, model)
-    tokenizer = load_tokenizer(tokenizer_path)
-    encoded = [(p, encode_chat(tokenizer, p.messages)) for p in prompts]
     by_method = {e.method: e for e in endpoints}
-    for endpoint in endpoints:  # warm-up
-        generate(endpoint, encoded[0][1], sampling_body(8, sampling, seed))
-    methods = [e.method for e in endpoints]
-    bar = tqdm(total=len(encoded) * len(methods) * len(levels), desc="bench", disable=not progress)
+    bar = tqdm(total=len(encoded) * len(endpoints) * len(levels), desc="bench", disable=not progress)
 
     def params(i: int) -> dict:
         return sampling_body(max_new_tokens, sampling, seed + i)
@@ -418,10 +409,8 @@ def run_endpoint_load_bench(
                 for i, (_, ids) in enumerate(encoded)]
 
     vanilla = "vanilla" in by_method
-    done = load_levels(methods, levels, run_level, [ids for _, ids in encoded], lambda _: sampling.greedy,
+    done = load_levels(list(by_method), levels, run_level, [ids for _, ids in encoded], lambda _: sampling.greedy,
                        reference if vanilla else None,
                        endpoint_top_scores(by_method["vanilla"]) if vanilla and sampling.greedy else None)
     bar.close()
-    urls = ", ".join(f"{e.method}={e.url}" for e in endpoints)
-    return make_load_report(settings(served, f"endpoint {urls}", max_new_tokens, sampling, seed,
-                                     endpoints={e.method: e.url for e in endpoints}), levels, done)
+    return make_load_report(head, levels, done)

@@ -188,20 +188,17 @@ def _levels(text: str | None) -> list[int] | None:
 
 
 def _bench_engine(args, prompts) -> dict:
-    from whiflash_sgl.bench import run_bench, run_load_bench
+    from whiflash_sgl.bench import run_bench
 
     sampling, config, policy_params = _setup(args)
     methods = _method_list(args.methods or DEFAULT_METHODS)
     levels = _levels(args.concurrency)
-    if levels:
-        return run_load_bench(_load_target(args), prompts, methods, levels, args.max_new_tokens, sampling, args.seed,
-                              config, policy_params=policy_params)
     return run_bench(_load_target(args), prompts, methods, args.max_new_tokens, sampling, args.seed, config,
-                     policy_params=policy_params)
+                     policy_params=policy_params, levels=levels)
 
 
 def _bench_endpoints(args, prompts) -> dict:
-    from whiflash_sgl.bench_endpoint import parse_endpoints, run_endpoint_bench, run_endpoint_load_bench
+    from whiflash_sgl.bench_endpoint import parse_endpoints, run_endpoint_bench
 
     given = [f"--{d.replace('_', '-')}" for d in ENGINE_ONLY if getattr(args, d) != args.engine_defaults[d]]
     if given:
@@ -210,10 +207,8 @@ def _bench_endpoints(args, prompts) -> dict:
     endpoints = parse_endpoints(args.endpoint, _method_list(args.methods))
     sampling, _, _ = _setup(args)
     levels = _levels(args.concurrency)
-    if levels:
-        return run_endpoint_load_bench(endpoints, prompts, levels, args.max_new_tokens, sampling, args.seed,
-                                       args.model)
-    return run_endpoint_bench(endpoints, prompts, args.max_new_tokens, sampling, args.seed, args.model)
+    return run_endpoint_bench(endpoints, prompts, args.max_new_tokens, sampling, args.seed, args.model,
+                              levels=levels)
 
 
 def _write_report(report: dict, out: str | None, plot: bool) -> None:
