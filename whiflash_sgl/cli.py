@@ -102,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
                                                 "joined by '+' (e.g. eagle3+ngram): drafted together, verified as one "
                                                 "tree")
 
+    p = sub.add_parser("cost-curve", help="measure the target's forward time against rows per forward (JSON, PNG)")
+    p.add_argument("--out", required=True, help="curve JSON; the plot goes next to it as .png")
+    p.add_argument("--repeats", type=int, default=5, help="timed forwards per row count (the median is kept)")
+    _add_common(p)
+
     p = sub.add_parser("train-drafter", help="train an EAGLE-3 or DFlash drafter on the target's own outputs")
     add_arguments(p)
     p.add_argument("--model", default=DEFAULT_MODEL, help="target model")
@@ -236,6 +241,24 @@ def _bench(args) -> None:
     _write_report(report, args.out, args.plot)
 
 
+def _cost_curve(args) -> None:
+    import torch
+
+    from whiflash_sgl.cost_curve import measure, plot
+
+    _setup(args)
+    target = _load_target(args)
+    curve = measure(target, repeats=args.repeats)
+    threads = torch.get_num_threads()
+    out = Path(args.out)
+    curve.save(out, model=target.name, device=str(target.device), threads=threads,
+               command="whiflash " + " ".join(sys.argv[1:]))
+    png = plot(curve, out.with_suffix(".png"), f"{target.name}: one target forward, {threads} threads")
+    for rows, seconds in zip(curve.rows, curve.seconds):
+        print(f"{rows:4d} rows  {1000 * seconds:8.1f} ms  {1000 * seconds / rows:7.2f} ms/row")
+    print(f"wrote {out} and {png}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -258,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             hedges = [h for h in args.hedges.split(",") if h]
             print(json.dumps(train_policy(Path(args.traces), Path(args.out), args.epochs, args.hidden, args.seed,
                                           hedges), indent=1))
+        elif args.command == "cost-curve":
+            _cost_curve(args)
         elif args.command == "train-drafter":
             import torch
 
