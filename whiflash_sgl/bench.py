@@ -200,7 +200,7 @@ def run_bench(
     rules = {m: sampling for m in methods}
     if not sampling.greedy and sampling.rule == "keyed":
         rules.update({m + REJECTION: replace(sampling, rule="rejection") for m in methods if m != "vanilla"})
-    reference = None if "vanilla" in methods else make_method("vanilla", target)
+    reference = None if "vanilla" in methods else make_method("vanilla", target, config)
 
     def run_one(label: str, index: int, prompt: ChatPrompt, ids: list[int]) -> tuple[list[int], PromptRun]:
         result = runners[label.removesuffix(REJECTION)].generate(ids, max_new_tokens, rules[label], seed + index)
@@ -508,7 +508,7 @@ def load_bench(target: Target, runners: dict, encoded: list[tuple[ChatPrompt, li
         return engine_load(runners[method], encoded, max_new_tokens, sampling, seed, level, bar)
 
     def reference() -> list[list[int]]:
-        vanilla = make_method("vanilla", target)
+        vanilla = make_method("vanilla", target, config)
         return [r.tokens for r in engine_load(vanilla, encoded, max_new_tokens, sampling, seed, 1).runs]
 
     keyed = sampling.greedy or sampling.rule == "keyed"
