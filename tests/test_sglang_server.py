@@ -33,7 +33,7 @@ sgl_kernel = pytest.importorskip("sgl_kernel", reason="the sgl_kernel stand-in i
 from whiflash_sgl.sglang.cpu_serve import sglang_command  # noqa: E402
 from whiflash_sgl.target import Target  # noqa: E402
 
-START_TIMEOUT_S = 600  # eight servers share 2 cores; a loaded machine needs more than 7 min
+START_TIMEOUT_S = 600  # nine servers share 2 cores; a loaded machine needs more than 7 min
 NEAR_TIE = 1e-3  # top-2 logit gap under which float rounding across kernel shapes may flip the argmax
 TINY_TOKENS = 24
 SMOL_TOKENS = 24
@@ -169,18 +169,53 @@ TINY_METHODS = {
     "whiflash:heuristic": ("whiflash", {"policy": "heuristic"}),
     "whiflash:entropy": ("whiflash", {"policy": "entropy"}),
     "whiflash:mlp": ("whiflash", {"policy": "mlp"}),
+    "whiflash:alternate": ("whiflash", {"policy": "alternate"}),  # the test policy below
 }
 SMOL_METHODS = ("vanilla", "whiflash:mlp")  # EAGLE3 and DFLASH on SmolLM2: the server bench checks their identity
 
 
+ALTERNATE_POLICY = '''
+import itertools
+
+
+class AlternatePolicy:
+    """Each request switches paradigm every round; its first round takes EAGLE-3 and DFlash in turn with the other
+    requests starting then (the worker asks for each request of a batch in order). Requests that start together
+    thus stay apart: every round of their batch drafts some with EAGLE-3 and the others with DFlash."""
+
+    def __init__(self):
+        self._first_rounds = itertools.count()
+
+    def decide(self, features):
+        if features.last_paradigm:  # this request's own last round
+            return "dflash" if features.last_paradigm == "eagle3" else "eagle3"
+        return ("eagle3", "dflash")[next(self._first_rounds) % 2]
+'''
+
+
 @pytest.fixture(scope="module")
-def servers(tiny_dir, tmp_path_factory):
+def alternate_policy(tmp_path_factory) -> dict:
+    """The environment of a server that has the ``alternate`` test policy: a module and a distribution declaring it
+    in the ``whiflash_sgl.policies`` entry-point group, on the server's PYTHONPATH."""
+    root = tmp_path_factory.mktemp("test-policy")
+    (root / "whiflash_test_policy.py").write_text(ALTERNATE_POLICY)
+    dist = root / "whiflash_test_policy-0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: whiflash-test-policy\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text("[whiflash_sgl.policies]\n"
+                                           "alternate = whiflash_test_policy:AlternatePolicy\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_dir, tmp_path_factory, alternate_policy):
     from whiflash_sgl.model_store import prepare_default_model
 
     smol = prepare_default_model()
     drafters = {"eagle3_path": str(tiny_dir / "eagle3"), "dflash_path": str(tiny_dir / "dflash")}
     specs = {f"tiny/{name}": (method, tiny_dir / "target", {**drafters, **options, "max_total_tokens": 4096})
              for name, (method, options) in TINY_METHODS.items()}
+    specs["tiny/whiflash:alternate"][2]["environ"] = alternate_policy
     specs.update({f"smol/{name}": (TINY_METHODS[name][0], smol, TINY_METHODS[name][1]) for name in SMOL_METHODS})
     running = start_all(specs, tmp_path_factory.mktemp("sglang-logs"))
     yield running
@@ -274,6 +309,31 @@ def test_whiflash_reports_acceptance_and_routing_in_meta_info_and_metrics(server
     assert "sglang:spec_accept_length" in metrics
 
 
+def mixed_rounds(server: "Server") -> float:
+    metrics = requests.get(f"{server.url}/metrics", timeout=30).text
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("whiflash_mixed_rounds_total"))
+
+
+def test_requests_of_one_batch_route_apart_and_keep_their_text(servers, solo, prompts):
+    """Each request of a batch has its own route: under the alternating policy the rounds draft some requests with
+    EAGLE-3 and the others with DFlash and verify them all in one target forward (the mixed-round counter grows),
+    every request drafts with both in turn (so both drafters must be caught up for every request), and each
+    request's greedy and seeded sampled text is the non-speculative server's."""
+    server, vanilla = servers["tiny/whiflash:alternate"], servers["tiny/vanilla"]
+    texts, max_new_tokens = prompts["tiny"]
+    before = mixed_rounds(server)
+    greedy = server.generate(texts, max_new_tokens)
+    assert mixed_rounds(server) > before
+    for i, (text, result) in enumerate(zip(texts, greedy)):
+        assert set(result["meta_info"]["spec_paradigms"]) == {"eagle3", "dflash"}, f"request {i}"
+        assert_same_or_near_tie(vanilla, text, solo["tiny/vanilla"][i]["output_ids"], result["output_ids"],
+                                max_new_tokens, f"alternating batch member {i}")
+    seeded = server.generate(texts, max_new_tokens, sampling(0.8, 11))
+    expected = vanilla.generate(texts, max_new_tokens, sampling(0.8, 11))
+    assert [r["output_ids"] for r in seeded] == [r["output_ids"] for r in expected]
+
+
 def test_the_policy_set_by_config_routes(solo):
     """Three servers differing only in WHIFLASH_CONFIG's policy route differently."""
     routes = {policy: [tuple(r["meta_info"]["spec_paradigms"]) for r in solo[f"tiny/whiflash:{policy}"]]
@@ -311,7 +371,8 @@ def test_a_frontend_program_runs_against_the_real_server(servers):
 
 # ---- seeded sampling: WHIFLASH's keyed verification ---------------------------------------------------------------
 
-SAMPLED_WHIFLASH = [f"tiny/whiflash:{policy}" for policy in ("heuristic", "entropy", "mlp")] + ["smol/whiflash:mlp"]
+SAMPLED_WHIFLASH = [f"tiny/whiflash:{policy}" for policy in ("heuristic", "entropy", "mlp", "alternate")] + [
+    "smol/whiflash:mlp"]
 # (family, prompt index, temperature, seed): both temperatures, seeds beyond 32 bits and a negative one (SGLang takes
 # any int64 and hashes it as uint64); SmolLM2's requests are the slow ones, so fewer of them
 SAMPLED = {"tiny": [(p, t, seed) for p in (0, 2, 4) for t, seed in ((0.7, 3), (1.0, 2**40 + 7), (1.0, -5))],
