@@ -345,9 +345,9 @@ class WhiFlashWorker(BaseSpecWorker):
             top2 = probs.topk(2, dim=-1).values
             roots = list(zip(entropy.tolist(), (top2[:, 0] - top2[:, 1]).tolist()))
         self.routes.observe(rids, paradigms, out.accept_lens.float().tolist(), roots)
-        for paradigm, seconds in draft_seconds.items():
-            self.routes.costs.observe_draft(paradigm, seconds)
-        self.routes.costs.observe_verify(self.width, verify_seconds)
+        for paradigm, seconds in draft_seconds.items():  # one call drafted every request that chose the paradigm
+            self.routes.costs.observe_draft(paradigm, seconds, sequences=max(paradigms.count(paradigm), 1))
+        self.routes.costs.observe_verify(self.width * len(rids), verify_seconds)  # the whole batch's rows
 
     # ---- drafting: each drafter for the requests that chose it, one verify input -----------------------------------
 
