@@ -31,6 +31,8 @@ def test_auto_backend_is_sglang_only_with_cuda_and_sglang(monkeypatch):
     (["--speculative-algorithm", "WHIFLASH", "--whiflash-policy", "nope"], "unknown routing policy 'nope'"),
     (["--speculative-algorithm", "MEDUSA"], "unknown --speculative-algorithm 'MEDUSA'"),
     (["--max-queued-requests", "0"], "--max-queued-requests must be >= 1"),
+    (["--max-running-requests", "0"], "--max-running-requests must be >= 1, got 0"),
+    (["--kv-budget-mb", "0"], "--kv-budget-mb must be >= 1, got 0"),
     (["--max-prompt-chars", "0"], "--max-prompt-chars must be positive, got 0"),
     (["--max-request-bytes", "0"], "--max-request-bytes must be positive, got 0"),
     (["--timeout-read", "-1"], "--timeout-read must be positive, got -1.0"),
@@ -84,7 +86,7 @@ def test_the_module_serves_until_terminated(served_dir):
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "launch_server: backend: reference" in err
-    assert "reference engine (whiflash:heuristic)" in err
+    assert "reference engine (whiflash:heuristic, batches of up to 16 requests)" in err
 
 
 def test_sglang_backend_hands_every_other_flag_to_sglangs_launcher(monkeypatch, capsys):

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.server.http import HttpLimits
 from whiflash_sgl.server.schemas import MAX_TOP_LOGPROBS
 
@@ -25,13 +26,14 @@ LIMITS = HttpLimits(max_request_bytes=4 * 2**20, max_prompt_chars=MAX_PROMPT_CHA
 
 @pytest.fixture(scope="module")
 def limited(served_dir):
-    """The embedded server (no speculation) with a 4-place queue, 20,000-character prompts and short timeouts."""
+    """The embedded server (no speculation) with a batch of one (so that requests queue), a 4-place queue,
+    20,000-character prompts and short timeouts."""
     from whiflash_sgl.server.launch import start_background
     from whiflash_sgl.server.model import ServedModel
     from whiflash_sgl.server.service import Service
 
     model = ServedModel.load(str(served_dir / "model"), None, served_name="tiny")
-    running = start_background(Service(model, MAX_WAITING, LIMITS.max_prompt_chars), limits=LIMITS)
+    running = start_background(Service(model, MAX_WAITING, LIMITS.max_prompt_chars, max_running=1), limits=LIMITS)
     yield running
     running.stop()
 
@@ -94,9 +96,9 @@ def slow_engine(limited, monkeypatch):
             return cancelled()
         return check
 
-    generate_, logprobs_ = model.method.generate, model.logprobs
-    monkeypatch.setattr(model.method, "generate",
-                        lambda *a, cancelled=None, **k: generate_(*a, cancelled=slowed(cancelled, "rounds"), **k))
+    step, logprobs_ = SpeculativeEngine.step, model.logprobs
+    slow_round = slowed(lambda: False, "rounds")
+    monkeypatch.setattr(SpeculativeEngine, "step", lambda engine: slow_round() or step(engine))
     monkeypatch.setattr(model, "logprobs", lambda *a: logprobs_(*a[:-1], slowed(a[-1], "positions")))
     return calls
 
@@ -189,7 +191,7 @@ def test_a_client_that_leaves_during_scoring_stops_it(limited, slow_engine):
         conn.sendall(http_request("/generate", body))
         assert wait_until(lambda: slow_engine["positions"] > 0)
         time.sleep(0.5)
-    assert wait_until(lambda: limited.service.scheduler.running is None, timeout=3)
+    assert wait_until(lambda: limited.service.scheduler.running == 0, timeout=3)
     assert slow_engine["positions"] < 200
     assert post(limited, "/generate", generate_body(max_new_tokens=2)).status_code == 200
 
@@ -246,11 +248,10 @@ def test_openai_seeds_outside_64_bits_are_400s(limited, path, body):
 
 
 def test_seeds_reach_the_engine_as_64_bit_ints_and_a_missing_one_is_random(limited, monkeypatch):
-    model = limited.service.model
     seeds = []
-    generate_ = model.method.generate
-    monkeypatch.setattr(model.method, "generate", lambda ids, n, sampling, seed, **kwargs: seeds.append(seed)
-                        or generate_(ids, n, sampling, seed, **kwargs))
+    submit = SpeculativeEngine.submit
+    monkeypatch.setattr(SpeculativeEngine, "submit", lambda engine, ids, n, **kwargs: seeds.append(kwargs["seed"])
+                        or submit(engine, ids, n, **kwargs))
     for seed in (-(2**63), 2**64 - 1, 0):
         assert post(limited, "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 1,
                                                                           "sampling_seed": seed}}).status_code == 200
@@ -273,10 +274,12 @@ def test_clients_that_leave_while_queued_free_their_places(limited, slow_engine,
     host, port = address(limited)
     long = json.dumps(generate_body(max_new_tokens=200)).encode()
     conns = [socket.create_connection((host, port), timeout=10) for _ in range(1 + MAX_WAITING)]
-    for conn in conns:
-        conn.sendall(http_request("/generate", long))
     scheduler = limited.service.scheduler
-    assert wait_until(lambda: scheduler.running is not None and scheduler.waiting == MAX_WAITING)
+    conns[0].sendall(http_request("/generate", long))
+    assert wait_until(lambda: scheduler.running == 1)  # before the others, which would otherwise fill the queue first
+    for conn in conns[1:]:
+        conn.sendall(http_request("/generate", long))
+    assert wait_until(lambda: scheduler.running == 1 and scheduler.waiting == MAX_WAITING)
     assert post(limited, "/generate", generate_body()).status_code == 503  # full, truly
     for conn in conns[1:]:
         conn.close()
@@ -306,7 +309,7 @@ def test_a_server_fault_is_a_generic_500_with_a_request_id_and_a_logged_tracebac
     def broken(*_args, **_kwargs):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(limited.service.model.method, "generate", broken)
+    monkeypatch.setattr(limited.service.model.target, "forward", broken)  # inside the engine's round
     before = responses(limited).get("500", 0)
     response = post(limited, "/generate", generate_body())
     assert response.status_code == 500
@@ -357,7 +360,7 @@ def test_a_client_that_closed_while_queued_is_still_noticed(limited, slow_engine
     running = socket.create_connection((host, port), timeout=10)
     running.sendall(http_request("/generate", json.dumps(generate_body(max_new_tokens=200)).encode()))
     scheduler = limited.service.scheduler
-    assert wait_until(lambda: scheduler.running is not None)
+    assert wait_until(lambda: scheduler.running == 1)
     with socket.create_connection((host, port), timeout=10) as queued:
         queued.sendall(http_request("/generate", json.dumps(generate_body()).encode()))
         assert wait_until(lambda: scheduler.waiting == 1)

@@ -20,6 +20,7 @@ from whiflash_sgl.model_store import DEFAULT_MODEL
 from whiflash_sgl.server.http import HttpLimits
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local folders; never wait on a hub
+DEFAULT_KV_BUDGET_MB = 1024  # target.DEFAULT_KV_BUDGET in MiB (not imported: parsing flags needs no torch)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,9 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", help="the model name clients pass (default: --model-path)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--max-running-requests", type=int, default=16,
+                        help="requests decoded together in the engine's batch (continuous batching; default: "
+                             "%(default)s)")
+    parser.add_argument("--kv-budget-mb", type=int, default=DEFAULT_KV_BUDGET_MB,
+                        help="MiB of target KV cache (keys and values, all layers) shared by the running requests; "
+                             "a request reserves its worst case when it joins the batch, and waits until that fits "
+                             "(default: %(default)s)")
     parser.add_argument("--max-queued-requests", type=int, default=256,
-                        help="requests allowed to wait for the engine; more get HTTP 503 (a batch larger than this "
-                             "gets 413)")
+                        help="requests allowed to wait for a place in the batch; more get HTTP 503 (a batch larger "
+                             "than this gets 413)")
     limits = HttpLimits()
     parser.add_argument("--max-request-bytes", type=int, default=limits.max_request_bytes,
                         help="largest request body; a larger one gets HTTP 413 before it is read (default: 4 MiB)")
@@ -76,12 +84,14 @@ def load_service(args: argparse.Namespace, limits: HttpLimits):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.max_queued_requests < 1:
-        raise WhiFlashError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
+    for flag in ("max_queued_requests", "max_running_requests", "kv_budget_mb"):
+        if getattr(args, flag) < 1:
+            raise WhiFlashError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     model = ServedModel.load(args.model_path, args.speculative_algorithm, args.whiflash_policy,
                              args.whiflash_config, args.whiflash_policy_config, args.served_model_name,
                              args.sampling_rule)
-    return Service(model, args.max_queued_requests, limits.max_prompt_chars)
+    model.target.set_kv_budget(args.kv_budget_mb << 20)
+    return Service(model, args.max_queued_requests, limits.max_prompt_chars, args.max_running_requests)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -98,8 +108,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     model = service.model
-    print(f"launch_server: serving {model.served_name} with the reference engine ({model.method.name}) on "
-          f"http://{args.host}:{args.port}", file=sys.stderr)
+    print(f"launch_server: serving {model.served_name} with the reference engine ({model.method.name}, batches of "
+          f"up to {service.max_running} requests) on http://{args.host}:{args.port}", file=sys.stderr)
     uvicorn.run(build_app(service, limits), host=args.host, port=args.port, log_level=args.log_level,
                 **limits.uvicorn_settings(service.metrics.count_response))
     return 0

@@ -1,8 +1,9 @@
 """The served model: one target and one generation method of the reference engine, used by one thread at a time.
 
 It owns tokenization (the same as the CLI: raw text is tokenized as SGLang does, chat messages go through the
-model's own chat template), the per-request checks, generation, and log-probabilities of given tokens, which
-SGLang's ``select`` needs and which come from a real target forward, not from the generation loop.
+model's own chat template), the per-request checks, the batching engine over its target and drafter, a request's
+submission to that engine, and log-probabilities of given tokens, which SGLang's ``select`` needs and which come
+from a real target forward, not from the generation loop.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from whiflash_sgl.chat import encode_chat
 from whiflash_sgl.config import WhiFlashConfig, read_mapping
-from whiflash_sgl.engine import GenerationResult
+from whiflash_sgl.engine import GenerationResult, Request, SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.methods import EngineMethod, make_method
 from whiflash_sgl.sampling import RULES, SamplingParams
@@ -83,7 +84,8 @@ def sampling_params(temperature: float | None, top_p: float | None, top_k: int |
 
 
 class ServedModel:
-    """A target with a generation method; not thread-safe: the scheduler's single engine thread drives it."""
+    """A target with a generation method; not thread-safe: the scheduler's single engine thread drives it (tokenizing
+    and checking requests, which read only, run on the service's preparing thread)."""
 
     def __init__(self, target: Target, method: EngineMethod, model_path: str, served_name: str | None = None,
                  algorithm: str = "", policy: str = "", sampling_rule: str = "keyed"):
@@ -144,6 +146,29 @@ class ServedModel:
                 f"the prompt has {len(prompt_ids)} tokens and max_new_tokens is {max_new_tokens}: together they "
                 f"exceed the model's context window of {self.context_length} tokens; shorten the prompt or lower "
                 f"max_new_tokens")
+        if max_new_tokens > 0:  # a request whose worst case the KV pool can never hold (the engine's own check)
+            SpeculativeEngine(self.target).check_request(prompt_ids, max_new_tokens)
+
+    def engine(self, max_running: int) -> SpeculativeEngine:
+        """The batching engine of the server: this target and this method's drafter (forked per request)."""
+        return SpeculativeEngine(self.target, self.method.drafter, max_running=max_running)
+
+    def submit(self, engine: SpeculativeEngine, prompt_ids: Sequence[int], params: GenerationParams,
+               on_text: Callable[[str], None] | None = None) -> Request | None:
+        """Queue a request on ``engine`` with its own sampling (under the server's rule), seed and stop strings;
+        None for a request for no new tokens (SGLang's way to tokenize or prefill only), which needs no engine."""
+        if params.max_new_tokens == 0:
+            return None
+        sampling = replace(params.sampling, rule=self.sampling_rule)
+        return engine.submit(list(prompt_ids), params.max_new_tokens, sampling=sampling, seed=params.seed,
+                             stop=params.stop, on_text=on_text)
+
+    def round_paradigms(self, request: Request) -> list[str]:
+        """The paradigm that drafted each of ``request``'s drafted rounds so far: a one-drafter method's name for
+        every round, a routed request's own choice of each round."""
+        if self.single_paradigm:
+            return [self.single_paradigm] * len(request.accept_lengths)
+        return request.drafter.summary().get("paradigms", []) if request.drafter is not None else []
 
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams,
                  on_text: Callable[[str], None] | None = None,

@@ -140,13 +140,14 @@ def router(service: Service) -> APIRouter:
             "whiflash_policy": model.policy or None,
             "engine_method": model.method.name,
             "max_queued_requests": service.scheduler.max_waiting,
+            "max_running_requests": service.max_running,
             "version": version("whiflash-sgl"),
             "startup_time": service.started,
             "internal_states": [{
                 "avg_spec_accept_length": sum(accept) / len(accept) if accept else None,
                 "last_gen_throughput": service.last_throughput,
                 "waiting_requests": service.scheduler.waiting,
-                "running_requests": int(service.scheduler.running is not None),
+                "running_requests": service.scheduler.running,
             }],
         }
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from whiflash_sgl.engine import GenerationResult
+from whiflash_sgl.engine import GenerationResult, Request, SpeculativeEngine
+from whiflash_sgl.router import NO_DRAFT, members
 from whiflash_sgl.server.http import HttpLimits, TooLarge
 from whiflash_sgl.server.metrics import ServerMetrics
 from whiflash_sgl.server.model import GenerationParams, ServedModel, TokenLogprobs
@@ -76,27 +78,31 @@ def new_rid() -> str:
 
 
 class Service:
-    """Owns the served model, the scheduler, the metrics and the thread that prepares requests.
+    """Owns the served model, the scheduler (its engine thread batches up to ``max_running`` requests), the metrics
+    and the thread that prepares requests.
 
     Preparing a request (parsing its body, tokenizing its prompts, checking them) is work in proportion to its
     size, so it runs on that thread, off the event loop, one request at a time; prompts longer than
     ``max_prompt_chars`` characters are refused before they are tokenized."""
 
     def __init__(self, model: ServedModel, max_waiting: int = 256,
-                 max_prompt_chars: int = HttpLimits.max_prompt_chars):
+                 max_prompt_chars: int = HttpLimits.max_prompt_chars, max_running: int = 16):
         self.model = model
         self.max_prompt_chars = max_prompt_chars
-        self.scheduler = Scheduler(max_waiting)
+        self.max_running = max_running
+        model.target.pool  # made now, with the budget in force, before two threads could both make it
+        self.scheduler = Scheduler(lambda: model.engine(max_running), max_waiting, self._count_rounds)
         self._preparer: ThreadPoolExecutor | None = None
         self.metrics = ServerMetrics(
             {"model": model.served_name, "speculative_algorithm": model.algorithm or "none",
              "policy": model.policy, "backend": "reference"},
             waiting=lambda: self.scheduler.waiting,
-            running=lambda: int(self.scheduler.running is not None),
+            running=lambda: self.scheduler.running,
         )
         self.started = time.time()
         self.last_throughput = 0.0  # tokens/s of the last finished generation
         self.accept_lengths: list[float] = []  # spec_accept_length of recent requests, for /server_info
+        self._paradigms_seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine thread only
 
     def start(self) -> None:
         self._preparer = ThreadPoolExecutor(1, thread_name_prefix="whiflash-prepare")
@@ -185,16 +191,21 @@ class Service:
             job.cancel()
 
     def _submit(self, requests: Sequence[PromptRequest], stream: bool) -> list[Job]:
-        jobs = [Job(lambda job, r=r: self._work(job, r, stream)) for r in requests]
+        jobs = [Job(lambda job, engine, r=r: self._start(job, engine, r, stream),
+                    lambda job, result, r=r: self._finish(job, result, r)) for r in requests]
         self.scheduler.submit(jobs)
         return jobs
 
-    def _work(self, job: Job, request: PromptRequest, stream: bool):
-        """On the engine thread: generate, then score the tokens when logprobs were asked for."""
+    def _start(self, job: Job, engine: SpeculativeEngine, request: PromptRequest, stream: bool) -> Request | None:
+        """On the engine thread, at admission: the request into the engine's batch (None: no tokens to generate)."""
+        return self.model.submit(engine, request.prompt_ids, request.params, job.push_text if stream else None)
+
+    def _finish(self, job: Job, result: GenerationResult | None, request: PromptRequest):
+        """On the engine thread, between rounds: the job's value; the tokens are scored when logprobs were asked."""
         model = self.model
-        result = model.generate(request.prompt_ids, request.params, on_text=job.push_text if stream else None,
-                                cancelled=job.cancelled)
-        if request.logprobs is None or result.finish_reason == "abort":
+        if result is None:
+            result = model.prompt_only(len(request.prompt_ids))
+        if request.logprobs is None or result.finish_reason == "abort" or job.cancelled():
             return result, None, None
         lp = request.logprobs
         prompt_len = len(request.prompt_ids)
@@ -211,6 +222,16 @@ class Service:
                 inputs.top.insert(0, None)
         outputs = TokenLogprobs(scored.tokens[n_in:], scored.top[n_in:])
         return result, inputs, outputs
+
+    def _count_rounds(self, requests: list[Request]) -> None:
+        """After each engine round: which paradigms drafted in it, each request's own choice for that round."""
+        drafted = set()
+        for request in requests:
+            paradigms = self.model.round_paradigms(request)
+            drafted.update(p for action in paradigms[self._paradigms_seen.get(request, 0):] for p in members(action)
+                           if p != NO_DRAFT)
+            self._paradigms_seen[request] = len(paradigms)
+        self.metrics.count_round(drafted)
 
     def _outcome(self, request: PromptRequest, job: Job | None, value) -> Outcome:
         if job is None:  # max_new_tokens=0 without logprobs: tokenization only, no engine work
@@ -246,7 +267,7 @@ class Service:
 
 
 async def _results(jobs: Sequence[Job]) -> list:
-    """The jobs' values; they finish in order, so awaiting them in turn loses no time."""
+    """The jobs' values, in order (they run in one batch and may finish in any order: all are awaited anyway)."""
     return [await job.result() for job in jobs]
 
 
