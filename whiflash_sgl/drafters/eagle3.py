@@ -184,7 +184,7 @@ class Eagle3Drafter(CachedDrafter):
             embeds = live[0].drafter.embed(torch.tensor([t for tokens, *_ in inputs for t in tokens], device=x.device))
             residual = torch.cat([parent_out for _, parent_out, _ in inputs])
             x = live[0].drafter.model.midlayer.attention_input(embeds, residual)
-            positions = torch.cat([torch.full((c,), g.root_pos + step) for g, c in zip(live, counts)]).to(x.device)
+            positions = torch.tensor([g.root_pos + step for g in live for _ in g.frontier], device=x.device)
             out, logp = cls._rows([g.drafter for g in live], x, residual, positions, counts,
                                   [mask.to(x.device) for *_, mask in inputs])
             for g, out_g, logp_g in zip(live, out.split(counts), logp.split(counts)):
@@ -223,11 +223,14 @@ class _Growth:
             self.rows[i] = first_row + offset
         mask = torch.zeros(len(self.frontier), first_row + len(self.frontier), dtype=torch.bool)
         mask[:, : self.committed] = True
+        rows, columns = [], []
         for r, i in enumerate(self.frontier):
             j = i
             while j >= 0:
-                mask[r, self.rows[j]] = True
+                rows.append(r)
+                columns.append(self.rows[j])
                 j = self.nodes[j][2]
+        mask[rows, columns] = True
         return [self.nodes[i][3] for i in self.frontier], self.parent_out, mask[None, None]
 
     def take(self, step: int, out: torch.Tensor, logp: torch.Tensor) -> None:
@@ -235,12 +238,13 @@ class _Growth:
         k, min_logp = self.drafter.topk, self.drafter.min_logp
         child_scores, child_ids = logp.topk(k, dim=-1)
         child_scores = child_scores.cpu() + torch.tensor([self.nodes[i][0] for i in self.frontier])[:, None]
-        child_tokens = self.drafter.model.to_target_ids(child_ids).cpu()
+        child_tokens = self.drafter.model.to_target_ids(child_ids).tolist()
         first_child = len(self.nodes)
+        scores = child_scores.tolist()
         for r, i in enumerate(self.frontier):
-            self.nodes.extend((float(child_scores[r, c]), step + 1, i, int(child_tokens[r, c])) for c in range(k))
+            self.nodes.extend((scores[r][c], step + 1, i, child_tokens[r][c]) for c in range(k))
         flat = child_scores.flatten()
-        best = [b for b in flat.topk(min(k, flat.numel())).indices.tolist() if flat[b] >= min_logp]
+        best = [b for b in flat.topk(min(k, flat.numel())).indices.tolist() if scores[b // k][b % k] >= min_logp]
         self.frontier = [first_child + b for b in best]
         self.parent_out = out[[b // k for b in best]]
 
