@@ -176,3 +176,29 @@ def _verify_logits(target: Target, prefix: list[int], root: int, tree) -> torch.
 def verify_logits():
     """``verify_logits(target, prefix, root, tree)``: see :func:`_verify_logits`."""
     return _verify_logits
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    """A three-prompt JSONL set for bench runs (categories code, chat, code)."""
+    import json
+
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"id": f"p{i}", "category": c,
+             "messages": [{"role": "user", "content": f"def add(a, b): return a + b  # {i}"}]}
+            for i, c in enumerate(["code", "chat", "code"])]
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    return path
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``run_cli(*argv)``: the ``whiflash`` command in-process; returns (exit code, stdout, stderr)."""
+    from whiflash_sgl.cli import main
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

@@ -9,10 +9,8 @@ import socket
 import pytest
 
 from whiflash_sgl.bench_endpoint import Endpoint, parse_endpoints
-from whiflash_sgl.cli import main
 from whiflash_sgl.errors import WhiFlashError
 
-CATEGORIES = ["code", "chat", "code"]
 ROW_KEYS = ("method", "category", "prompts", "new_tokens", "seconds", "tokens_per_s", "tau", "rounds",
             "speedup_vs_vanilla", "identical_to_vanilla", "paradigm_rounds", "switches", "switch_overhead_frac")
 
@@ -29,18 +27,6 @@ def vanilla_server(served_dir):
     running.stop()
 
 
-@pytest.fixture
-def prompts(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("\n".join(json.dumps({"id": f"p{i}", "category": c, "messages": [
-        {"role": "user", "content": f"def add(a, b): return a + b  # {i}"}]}) for i, c in enumerate(CATEGORIES)))
-    return path
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _free_port() -> int:
@@ -49,10 +35,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_endpoint_bench_writes_the_reference_contract(capsys, server, vanilla_server, served_dir, prompts,
+def test_endpoint_bench_writes_the_reference_contract(run_cli, server, vanilla_server, served_dir, prompts,
                                                       tmp_path):
     out_json = tmp_path / "out.json"
-    code, out, err = _run(capsys, "bench", "--prompts", prompts, "--max-new-tokens", 24, "--out", out_json,
+    code, out, err = run_cli("bench", "--prompts", prompts, "--max-new-tokens", 24, "--out", out_json,
                           "--endpoint", f"whiflash:heuristic={server.url}",
                           "--endpoint", f"vanilla={vanilla_server.url}")
     assert code == 0, err
@@ -82,9 +68,9 @@ def test_endpoint_bench_writes_the_reference_contract(capsys, server, vanilla_se
     assert all(r["server_seconds"] is not None and r["seconds"] > 0 for r in report["per_prompt"])
 
 
-def test_plain_urls_take_methods_in_order(capsys, vanilla_server, prompts, tmp_path):
+def test_plain_urls_take_methods_in_order(run_cli, vanilla_server, prompts, tmp_path):
     out_json = tmp_path / "out.json"
-    code, _, err = _run(capsys, "bench", "--prompts", prompts, "--limit", 1, "--categories", "chat",
+    code, _, err = run_cli("bench", "--prompts", prompts, "--limit", 1, "--categories", "chat",
                         "--max-new-tokens", 4, "--methods", "vanilla", "--endpoint", vanilla_server.url,
                         "--out", out_json)
     assert code == 0, err
@@ -92,29 +78,29 @@ def test_plain_urls_take_methods_in_order(capsys, vanilla_server, prompts, tmp_p
     assert [(r["method"], r["category"], r["prompts"]) for r in rows] == [("vanilla", "chat", 1), ("vanilla", "all", 1)]
 
 
-def test_servers_of_different_models_need_model(capsys, server, vanilla_server, served_dir, prompts, tmp_path,
+def test_servers_of_different_models_need_model(run_cli, server, vanilla_server, served_dir, prompts, tmp_path,
                                                 monkeypatch):
     monkeypatch.setattr(vanilla_server.service.model, "model_path", "elsewhere/tiny")  # same weights, another name
     argv = ["bench", "--prompts", prompts, "--limit", 1, "--categories", "chat", "--max-new-tokens", 4,
             "--endpoint", f"vanilla={vanilla_server.url}", "--endpoint", f"whiflash:heuristic={server.url}"]
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run_cli(*argv)
     assert code == 2 and "serve different models" in err and "--model" in err
     out_json = tmp_path / "out.json"
-    code, _, err = _run(capsys, *argv, "--model", served_dir / "model", "--out", out_json)
+    code, _, err = run_cli(*argv, "--model", served_dir / "model", "--out", out_json)
     assert code == 0, err
     assert json.loads(out_json.read_text())["model"] == str(served_dir / "model")
 
 
-def test_unreachable_endpoint_names_the_url_and_says_to_start_the_server(capsys, prompts):
+def test_unreachable_endpoint_names_the_url_and_says_to_start_the_server(run_cli, prompts):
     url = f"http://127.0.0.1:{_free_port()}"
-    code, out, err = _run(capsys, "bench", "--prompts", prompts, "--endpoint", f"vanilla={url}")
+    code, out, err = run_cli("bench", "--prompts", prompts, "--endpoint", f"vanilla={url}")
     assert code == 2 and out == "" and "Traceback" not in err
     assert f"cannot reach vanilla's server at {url}" in err and "start it first" in err
     assert len(err.strip().splitlines()) == 1
 
 
-def test_a_failing_request_reports_the_status_and_the_servers_message(capsys, vanilla_server, prompts):
-    code, _, err = _run(capsys, "bench", "--prompts", prompts, "--max-new-tokens", 600,
+def test_a_failing_request_reports_the_status_and_the_servers_message(run_cli, vanilla_server, prompts):
+    code, _, err = run_cli("bench", "--prompts", prompts, "--max-new-tokens", 600,
                         "--endpoint", f"vanilla={vanilla_server.url}")
     assert code == 2 and "Traceback" not in err
     assert "answered HTTP 400 to POST /generate" in err and "context window" in err
@@ -125,8 +111,8 @@ def test_a_failing_request_reports_the_status_and_the_servers_message(capsys, va
     (["--threads", "2", "--config", "c.yaml"], "which --config, --threads (reference-engine settings)"),
     (["--methods", "vanilla,vanilla"], "--methods names vanilla more than once"),
 ])
-def test_engine_only_flags_and_repeated_methods_are_refused(capsys, prompts, flags, message):
-    code, _, err = _run(capsys, "bench", "--prompts", prompts, "--endpoint", "http://127.0.0.1:1", *flags)
+def test_engine_only_flags_and_repeated_methods_are_refused(run_cli, prompts, flags, message):
+    code, _, err = run_cli("bench", "--prompts", prompts, "--endpoint", "http://127.0.0.1:1", *flags)
     assert code == 2 and message in err
 
 

@@ -12,26 +12,12 @@ import torch
 
 from whiflash_sgl.bench import LoadLevel, LoadRun, commit_tokens, judge, load_rows, near_tie, time_shares
 from whiflash_sgl.bench_endpoint import stream_commits
-from whiflash_sgl.cli import main
 
 LOAD_KEYS = ("method", "category", "concurrency", "prompts", "new_tokens", "tokens_per_s", "speedup_vs_vanilla",
              "tau", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "identical_to_vanilla", "near_ties",
              "paradigm_rounds", "paradigm_shares")
-CATEGORIES = ["code", "chat", "code"]
 
 
-@pytest.fixture
-def prompts(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("\n".join(json.dumps({"id": f"p{i}", "category": c, "messages": [
-        {"role": "user", "content": f"def add(a, b): return a + b  # {i}"}]}) for i, c in enumerate(CATEGORIES)))
-    return path
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _check_rows(report: dict, methods: tuple[str, ...], levels: tuple[int, ...]) -> dict:
@@ -51,9 +37,9 @@ def _check_rows(report: dict, methods: tuple[str, ...], levels: tuple[int, ...])
     return rows
 
 
-def test_engine_concurrency_bench_rows_table_and_plot(capsys, served_dir, prompts, tmp_path):
+def test_engine_concurrency_bench_rows_table_and_plot(run_cli, served_dir, prompts, tmp_path):
     out_json = tmp_path / "load.json"
-    code, out, err = _run(capsys, "bench", "--model", served_dir / "model", "--config", served_dir / "whiflash.json",
+    code, out, err = run_cli("bench", "--model", served_dir / "model", "--config", served_dir / "whiflash.json",
                           "--prompts", prompts, "--methods", "vanilla,whiflash:heuristic", "--concurrency", "1,3",
                           "--max-new-tokens", 6, "--out", out_json, "--plot")
     assert code == 0, err
@@ -67,9 +53,9 @@ def test_engine_concurrency_bench_rows_table_and_plot(capsys, served_dir, prompt
     assert (tmp_path / "load.png").stat().st_size > 0
 
 
-def test_without_vanilla_at_concurrency_1_the_reference_runs_alone(capsys, tiny_model_dir, prompts, tmp_path):
+def test_without_vanilla_at_concurrency_1_the_reference_runs_alone(run_cli, tiny_model_dir, prompts, tmp_path):
     out_json = tmp_path / "load.json"
-    code, out, err = _run(capsys, "bench", "--model", tiny_model_dir, "--prompts", prompts, "--methods", "ngram",
+    code, out, err = run_cli("bench", "--model", tiny_model_dir, "--prompts", prompts, "--methods", "ngram",
                           "--concurrency", "2", "--max-new-tokens", 6, "--out", out_json)
     assert code == 0, err
     rows = json.loads(out_json.read_text())["results"]
@@ -84,15 +70,15 @@ def test_without_vanilla_at_concurrency_1_the_reference_runs_alone(capsys, tiny_
     (["--concurrency", "2,2"], "--concurrency takes distinct positive integers"),
     (["--concurrency", "a"], "--concurrency takes distinct positive integers"),
 ])
-def test_bad_concurrency_is_a_clear_error(capsys, tiny_model_dir, prompts, flags, message):
-    code, out, err = _run(capsys, "bench", "--model", tiny_model_dir, "--prompts", prompts, *flags)
+def test_bad_concurrency_is_a_clear_error(run_cli, tiny_model_dir, prompts, flags, message):
+    code, out, err = run_cli("bench", "--model", tiny_model_dir, "--prompts", prompts, *flags)
     assert code == 2 and message in err and "Traceback" not in err and out == ""
 
 
-def test_endpoint_concurrency_bench_streams(capsys, server, served_dir, prompts, tmp_path):
+def test_endpoint_concurrency_bench_streams(run_cli, server, served_dir, prompts, tmp_path):
     """The WhiFlash server against itself labelled vanilla too: the same rows from streaming clients."""
     out_json = tmp_path / "load.json"
-    code, out, err = _run(capsys, "bench", "--prompts", prompts, "--max-new-tokens", 8, "--concurrency", "1,2",
+    code, out, err = run_cli("bench", "--prompts", prompts, "--max-new-tokens", 8, "--concurrency", "1,2",
                           "--endpoint", f"vanilla={server.url}", "--endpoint", f"whiflash:heuristic={server.url}",
                           "--out", out_json, "--plot")
     assert code == 0, err

@@ -508,7 +508,7 @@ def load_bench(target: Target, runners: dict, encoded: list[tuple[ChatPrompt, li
         return engine_load(runners[method], encoded, max_new_tokens, sampling, seed, level, bar)
 
     def reference() -> list[list[int]]:
-        vanilla = make_method("vanilla", target, config)
+        vanilla = EngineMethod("vanilla", target)  # no make_method: the run's cost curve stays
         return [r.tokens for r in engine_load(vanilla, encoded, max_new_tokens, sampling, seed, 1).runs]
 
     keyed = sampling.greedy or sampling.rule == "keyed"
