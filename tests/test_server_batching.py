@@ -195,3 +195,31 @@ def test_kv_budget_refuses_what_never_fits_and_makes_the_rest_wait(served_dir, r
         assert target.pool.reserved == 0
     finally:
         server.stop()
+
+
+def test_a_failed_round_fails_its_requests_and_the_engine_goes_on(batching, reference, monkeypatch):
+    """A fault inside an engine round is a 500 for the requests in that round; the engine thread lives on with a
+    fresh engine and KV pool, and later requests get their solo output."""
+    target = batching.service.model.target
+    forward, calls = target.forward, []
+
+    def faulty(chunks):
+        calls.append(len(chunks))
+        if len(calls) == 8:
+            raise RuntimeError("a fault in the round")
+        return forward(chunks)
+
+    monkeypatch.setattr(target, "forward", faulty)
+
+    def generate(prompt: str) -> requests.Response:
+        body = {"text": prompt, "sampling_params": {"max_new_tokens": TOKENS, "temperature": 0}}
+        return requests.post(batching.url + "/generate", json=body, timeout=300)
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(generate, DISTINCT[:3]))
+    assert 500 in [a.status_code for a in answers] and {a.status_code for a in answers} <= {200, 500}
+    assert all(a.json()["text"] == reference(p, TOKENS) for a, p in zip(answers, DISTINCT) if a.status_code == 200)
+    assert generate(DISTINCT[3]).json()["text"] == reference(DISTINCT[3], TOKENS)
+    pool = target.pool
+    assert wait_until(lambda: batching.service.scheduler.running == 0)
+    assert pool.reserved == 0 and pool.free_slots == pool.capacity
