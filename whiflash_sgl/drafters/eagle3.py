@@ -179,7 +179,7 @@ class Eagle3Drafter(CachedDrafter):
         live = [g for g in growing if g is not None]
         step = 1
         while live := [g for g in live if g.frontier and step < g.depth]:
-            inputs = [g.inputs(step) for g in live]
+            inputs = [g.inputs() for g in live]
             counts = [len(g.frontier) for g in live]
             embeds = live[0].drafter.embed(torch.tensor([t for tokens, *_ in inputs for t in tokens], device=x.device))
             residual = torch.cat([parent_out for _, parent_out, _ in inputs])
@@ -215,7 +215,7 @@ class _Growth:
         self.rows: dict[int, int] = {}  # node -> its row in the draft cache once expanded
         self.committed = drafter.cache.get_seq_length()
 
-    def inputs(self, step: int):
+    def inputs(self):
         """The frontier's tokens, their parents' outputs, and its attention mask ``[1, 1, F, cached + F]`` over the
         committed rows and each node's expanded ancestors (itself included)."""
         first_row = self.drafter.cache.get_seq_length()
