@@ -227,10 +227,16 @@ class SpeculativeEngine:
         """One request on its own. ``cancelled`` is asked before every step (the prefill's included); when it says
         so, generation stops with ``finish_reason`` "abort" and what was committed so far."""
         request = self.submit(prompt_ids, max_new_tokens, stop=stop, on_text=on_text)
-        while request.result is None:
-            if cancelled is not None and cancelled():
-                self.cancel(request)
-            self.step()
+        try:
+            while request.result is None:
+                if cancelled is not None and cancelled():
+                    self.cancel(request)
+                self.step()
+        except BaseException:  # a failed round: nothing of it may stay reserved on the target
+            self.running.clear()
+            self.waiting.clear()
+            self.target.reset_pool()
+            raise
         return request.result
 
     # ---- the round ----------------------------------------------------------------------------------------------

@@ -196,6 +196,11 @@ class Target:
                                 f"{per_token} bytes on this model; raise the budget (--kv-budget-mb)")
         self.kv_budget, self._pool = budget_bytes, None
 
+    def reset_pool(self) -> None:
+        """Forget every sequence's KV: the next use makes an empty pool of the same budget. For after a failed round,
+        which may have taken rows and reservations that no request records any more."""
+        self._pool = None
+
     def _pool_capacity(self) -> int:
         per_token = TokenPool.bytes_per_token(self.config.num_hidden_layers, self._heads["num_kv_heads"],
                                               self._heads["head_dim"], self.model.dtype)

@@ -255,10 +255,7 @@ class Scheduler:
             job.started = job.started or now
             job.finished = now
             job.post("error", exc)
-        target = engine.target
-        pool = target.pool
-        pool.release(pool.reserved)  # no request holds KV any more: the pool starts empty
-        target.set_kv_budget(target.kv_budget)
+        engine.target.reset_pool()  # no request holds KV any more
         fresh = self.engine = self.make_engine()
         fresh.waiting.extend(waiting)
         return fresh
