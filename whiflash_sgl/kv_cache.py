@@ -1,9 +1,7 @@
-"""A KV cache for speculative verification: preallocated, growable, and compactable to an accepted tree path.
+"""A drafter's KV cache: preallocated and growable, truncatable to the committed prefix.
 
-HF's ``DynamicCache`` concatenates on every step (an O(length) copy per layer per token) and can only crop a
-suffix. Verification of a draft tree needs more: the accepted path is scattered over the tree's rows, so the rows
-must be gathered back into a contiguous prefix. :class:`KVCache` keeps one buffer per layer with spare capacity,
-returns views, and :meth:`KVCache.compact` moves the accepted rows in place.
+HF's ``DynamicCache`` concatenates on every step (an O(length) copy per layer per token). :class:`KVCache` keeps one
+buffer per layer with spare capacity and returns views. (The target keeps its KV in ``kv_pool.TokenPool``.)
 """
 
 from __future__ import annotations
@@ -67,34 +65,12 @@ class _GrowingLayer(DynamicLayer):
         if self.is_initialized:
             self.length -= min(abs(tokens_to_remove), self.length)
 
-    def compact(self, start: int, rows: torch.Tensor) -> None:
-        """Keep rows ``[0, start)`` plus ``rows`` (absolute, ascending) placed at ``start, start+1, ...``."""
-        if not self.is_initialized:
-            return
-        n = rows.numel()
-        for buf in (self._k, self._v):
-            buf[..., start : start + n, :] = buf.index_select(-2, rows.to(buf.device))
-        self.length = start + n
-
 
 class KVCache(Cache):
-    """The target's (or a drafter's) cache: HF-compatible, with in-place compaction."""
+    """A drafter's cache, HF-compatible."""
 
     def __init__(self) -> None:
         super().__init__(layer_class_to_replicate=_GrowingLayer)
-
-    def compact(self, start: int, rows: list[int] | torch.Tensor) -> None:
-        """Drop everything after ``start`` except ``rows``, which move (in order) to ``start, start+1, ...``.
-
-        ``rows`` must be ascending absolute indices ``>= start``: a tree path in topological order is.
-        """
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        contiguous = rows.numel() == 0 or int(rows[-1]) - int(rows[0]) + 1 == rows.numel() and int(rows[0]) == start
-        for layer in self.layers:
-            if contiguous:
-                layer.crop(-(layer.get_seq_length() - start - rows.numel()))
-            else:
-                layer.compact(start, rows)
 
     def truncate(self, length: int) -> None:
         """Keep the first ``length`` positions."""
