@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the verification kernels (kernels/, installed as whiflash_sgl.kernels) on a CUDA machine.
+# GPU check of the verification kernels (whiflash_sgl/kernels/) on a CUDA machine.
 #
 # It fails early, with the reason, unless torch sees a CUDA device and the FlashInfer backend can be built; then it
 # runs `python -m whiflash_sgl.kernels.check --device cuda` (every backend -- the PyTorch reference and FlashInfer --

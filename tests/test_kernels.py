@@ -1,4 +1,4 @@
-"""kernels/: tree masks and positions, bit-packed masks, ragged batched tree attention, backends, batched acceptance."""
+"""whiflash_sgl/kernels/: tree masks and positions, bit-packed masks, ragged batched tree attention, backends, batched acceptance."""
 
 from __future__ import annotations
 
