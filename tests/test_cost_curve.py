@@ -25,6 +25,13 @@ def test_the_curve_interpolates_and_extrapolates():
     assert CURVE.added(0, 4) == CURVE(4) and CURVE.added(64, 1) == pytest.approx(0.4 / 192)
 
 
+def test_a_measured_dip_is_pooled_away_so_no_rows_look_free():
+    noisy = CostCurve((1, 8, 12, 16, 32), (0.15, 0.25, 0.45, 0.35, 0.40))  # 12 rows measured slower than 16
+    assert noisy.seconds == pytest.approx((0.15, 0.25, 0.40, 0.40, 0.40))
+    assert all(noisy.added(base, 4) >= 0 for base in range(1, 40))
+    assert CURVE.seconds == (0.100, 0.110, 0.200, 0.600)  # a curve that never dips stays as measured
+
+
 def test_a_curve_round_trips_and_bad_files_are_clear_errors(tmp_path):
     CURVE.save(tmp_path / "c.json", model="m")
     assert CostCurve.load(tmp_path / "c.json") == CURVE
@@ -74,10 +81,14 @@ def test_the_router_prices_actions_on_top_of_the_batch_and_idles_where_drafting_
     assert crowded.batch_seconds == pytest.approx(CURVE(240) + 0.09)
     router.ema_tau["eagle3"] = 1.1  # drafting barely pays off: 0.1 tokens for 13 rows at a compute-bound batch
     crowded = router.features(*args, batch=load)
-    decisions = [router.decide(crowded) for _ in range(2 * (4 + 1))]
-    assert decisions == [NO_DRAFT] * 4 + ["eagle3"] + [NO_DRAFT] * 4 + ["eagle3"]  # a probe every 5th round
+    decisions = [router.decide(crowded) for _ in range(4 + 1 + 8 + 1 + 16 + 1)]
+    # a probe after 4 idle rounds, then after twice as many each time it finds drafting still does not pay
+    assert decisions == [NO_DRAFT] * 4 + ["eagle3"] + [NO_DRAFT] * 8 + ["eagle3"] + [NO_DRAFT] * 16 + ["eagle3"]
     router.ema_tau["eagle3"] = 4.0
     assert router.decide(router.features(*args, batch=load)) == "eagle3"
+    router.ema_tau["eagle3"] = 1.1  # when drafting paid, the next probe comes after 4 idle rounds again
+    crowded = router.features(*args, batch=load)
+    assert [router.decide(crowded) for _ in range(4 + 1)] == [NO_DRAFT] * 4 + ["eagle3"]
 
 
 def test_cost_model_without_a_curve_learns_the_verify_line():

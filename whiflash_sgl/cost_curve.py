@@ -37,6 +37,7 @@ class CostCurve:
     def __post_init__(self) -> None:
         if len(self.rows) < 2 or len(self.rows) != len(self.seconds) or list(self.rows) != sorted(set(self.rows)):
             raise WhiFlashError("a cost curve needs two or more distinct ascending row counts, one time each")
+        object.__setattr__(self, "seconds", _non_decreasing(self.seconds))
 
     def __call__(self, rows: float) -> float:
         """Seconds of a forward of ``rows`` rows; 0 for no forward at all."""
@@ -62,6 +63,19 @@ class CostCurve:
     def save(self, path: Path, **about) -> None:
         Path(path).write_text(json.dumps({**about, "rows": list(self.rows), "seconds": list(self.seconds)},
                                          indent=1) + "\n")
+
+
+def _non_decreasing(values: Sequence[float]) -> tuple[float, ...]:
+    """The nearest non-decreasing sequence in least squares (pool adjacent violators). A forward of more rows never
+    costs less: a measured dip is noise, and left in, it would tell the router that the rows past it are free."""
+    blocks: list[list[float]] = []  # [sum, count] of runs pooled to their mean
+    for value in values:
+        blocks.append([float(value), 1])
+        while len(blocks) > 1 and blocks[-2][0] * blocks[-1][1] > blocks[-1][0] * blocks[-2][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return tuple(total / count for total, count in blocks for _ in range(int(count)))
 
 
 def measure(target, rows: Sequence[int] = DEFAULT_ROWS, prefix: int = 256, repeats: int = 5,

@@ -14,7 +14,8 @@ sequence. So each action is priced at what it adds on top of the rest of the bat
 batched call, and the verify rows it adds at the batch's place on the target's cost curve), and the objective is the
 batch's rate, ``(others' tokens + tau) / (others' seconds + the action's)``, which at batch 1 is ``tau / seconds``.
 Where no action beats drafting nothing by that objective, the router drafts nothing (``NO_DRAFT``), probing again
-every few rounds.
+after a few rounds, and less often while probes keep finding that drafting does not pay: a probe's tree widens
+everyone's forward.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 
 PARADIGMS = ("eagle3", "dflash", "ngram")
 NO_DRAFT = "none"  # the router's own action: verify the root alone this round
-PROBE_EVERY = 4  # after this many rounds without drafting, draft once to refresh the tau statistics
+PROBE_EVERY = 4  # after this many rounds without drafting, draft once to refresh the tau statistics ...
+MAX_PROBE_GAP = 64  # ... and twice as many after each probe that changed nothing, up to this many
 
 
 def members(action: str) -> tuple[str, ...]:
@@ -249,6 +251,7 @@ class Router:
         self.last_tau = 1.0
         self.last_paradigm = ""  # none yet
         self.idle = 0  # rounds in a row without a draft
+        self.probe_gap = PROBE_EVERY  # idle rounds before the next probe
 
     def features(self, root_logits: torch.Tensor | None, text: str, pending: dict[str, int],
                  draft_tokens: dict[str, int], dflash_confidences: list[float], eagle_top1: float,
@@ -322,20 +325,21 @@ class Router:
         return action
 
     def _idle_pays(self, f: RoundFeatures, action: str) -> bool:
-        """In a batch, whether verifying the root alone beats ``action`` by the batch's rate (a probe round every
-        ``PROBE_EVERY`` keeps the statistics fresh). Alone, the policy's choice stands: its objective weighs tau
-        against cost already, and its actions are what it was tuned on."""
+        """In a batch, whether verifying the root alone beats ``action`` by the batch's rate (a probe round after
+        ``probe_gap`` idle ones keeps the statistics fresh; the gap doubles while probes change nothing). Alone, the
+        policy's choice stands: its objective weighs tau against cost already, and its actions are what it was tuned
+        on."""
         if f.batch_seconds <= 0:
             return False
-        if self.idle >= PROBE_EVERY:
-            self.idle = 0
+        if self.idle >= self.probe_gap:
+            self.idle, self.probe_gap = 0, min(2 * self.probe_gap, MAX_PROBE_GAP)
             return False
         tau = max(f.expected_tau().get(p, 1.0) for p in members(action))
         idle = batch_rate(1.0, f.predicted_seconds[NO_DRAFT], f.others)
         if idle > batch_rate(tau, f.predicted_seconds[action], f.others):
             self.idle += 1
             return True
-        self.idle = 0
+        self.idle, self.probe_gap = 0, PROBE_EVERY
         return False
 
     def update(self, action: str, tau: float, each: dict[str, float] | None = None) -> None:
