@@ -167,6 +167,17 @@ def test_unknown_attention_path_is_a_clear_error(tiny_target):
         make_method("hf-generate@direct", tiny_target)
 
 
+def test_a_packed_linear_gives_the_dense_product_for_one_row_and_for_many():
+    linear = torch.nn.Linear(16, 8)
+    gen = torch.Generator().manual_seed(0)
+    one, many = torch.randn(1, 1, 16, generator=gen), torch.randn(1, 5, 16, generator=gen)
+    with torch.no_grad():
+        for dense_single_row in (False, True):  # a single row through oneDNN, or through the dense weight
+            packed = PackedLinear(linear, dense_single_row)
+            for x in (one, many):
+                torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
 def test_prepacked_linears_keep_the_output(tiny_tokenizer, make_model, prompt_ids, verify_logits):
     """oneDNN-prepacked linears (what ``Target.load`` uses on a CPU) give the dense model's logits up to float32
     rounding, the same greedy text for every engine method and for transformers' own generate on the same modules;

@@ -60,30 +60,39 @@ class ForwardOut:
 
 
 class PackedLinear(torch.nn.Module):
-    """An inference-only ``nn.Linear`` whose weight is prepacked for oneDNN's float32 inner product."""
+    """An inference-only ``nn.Linear`` whose weight is prepacked for oneDNN's float32 inner product; with
+    ``dense_single_row``, one row at a time goes through the dense weight instead (see :func:`pack_linears`)."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, dense_single_row: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed_weight = linear.weight.detach().to_mkldnn()
         self.packed_bias = None if linear.bias is None else linear.bias.detach().to_mkldnn()
+        self.dense = (linear.weight.detach(), None if linear.bias is None else linear.bias.detach()) \
+            if dense_single_row else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and x.numel() == x.shape[-1]:
+            return torch.nn.functional.linear(x, *self.dense)
         return torch.ops.aten.mkldnn_linear(x.to_mkldnn(), self.packed_weight, self.packed_bias).to_dense()
 
 
-def pack_linears(module: torch.nn.Module) -> None:
+def pack_linears(module: torch.nn.Module, dense_single_row: bool | None = None) -> None:
     """Swap every ``nn.Linear`` under ``module`` for a :class:`PackedLinear`.
 
-    A verify pass is a chain of small-M GEMMs (M = the rows verified), which the default CPU GEMM handles poorly:
-    on the 2-core CI machine SmolLM2's verify of 8 rows drops from 64 to 49 ms and one row from 40 to 35 ms. The
-    products are the same up to float32 rounding (~1e-5), and every method on the target shares them.
+    A verify pass is a chain of small-M GEMMs (M = the rows verified), which the default CPU GEMM handles poorly. On
+    an AVX-512 host SmolLM2's verify of 8 rows drops from 64 to 49 ms and one row from 40 to 35 ms. On an AVX2-only
+    host (AMD EPYC) 8 rows gain less and a single row loses (125 against 205 ms, the default GEMV wins), so there a
+    single row keeps the dense weight (``dense_single_row`` None: decided by the CPU's capability). The products are
+    the same up to float32 rounding (~1e-5), and every method on the target shares them.
     """
+    if dense_single_row is None:
+        dense_single_row = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     for name, child in module.named_children():
         if isinstance(child, torch.nn.Linear):
-            setattr(module, name, PackedLinear(child))
+            setattr(module, name, PackedLinear(child, dense_single_row))
         else:
-            pack_linears(child)
+            pack_linears(child, dense_single_row)
 
 
 class Target:

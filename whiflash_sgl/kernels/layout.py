@@ -130,21 +130,6 @@ class AttentionLayout:
             raise ValueError("a causal layout has no explicit mask to pack")
         return segment_pack_bits(self.mask, self.mask_indptr)
 
-    def padded_mask(self) -> torch.Tensor:
-        """``[B, max_q, max_kv]`` bool: every request's dense mask, False outside its ``q_len x kv_len`` block."""
-        q_lens, kv_lens = self.q_lens, self.kv_lens
-        max_q, max_kv = int(q_lens.max()), int(kv_lens.max())
-        rows = torch.arange(max_q, device=self.device)[None, :, None]
-        cols = torch.arange(max_kv, device=self.device)[None, None, :]
-        q_lens, kv_lens = q_lens[:, None, None], kv_lens[:, None, None]
-        inside = (rows < q_lens) & (cols < kv_lens)
-        if self.mask is None:
-            return inside & (cols <= rows + kv_lens - q_lens)
-        # entries outside a request's block read a False appended after the last real entry
-        lookup = torch.cat([self.mask, self.mask.new_zeros(1)])
-        flat_index = self.mask_indptr[:-1, None, None] + rows * kv_lens + cols
-        return lookup[torch.where(inside, flat_index, self.mask.numel())]
-
     def request_mask(self, i: int) -> torch.Tensor:
         """The dense ``[q_len_i, kv_len_i]`` mask of request ``i``."""
         q_len, kv_len = int(self.q_lens[i]), int(self.kv_lens[i])
