@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -176,6 +177,22 @@ def _verify_logits(target: Target, prefix: list[int], root: int, tree) -> torch.
 def verify_logits():
     """``verify_logits(target, prefix, root, tree)``: see :func:`_verify_logits`."""
     return _verify_logits
+
+
+def _wait_until(condition, timeout: float = 10) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture(scope="session")
+def wait_until():
+    """``wait_until(condition, timeout=10)``: see :func:`_wait_until`."""
+    return _wait_until
 
 
 @pytest.fixture

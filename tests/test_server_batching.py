@@ -30,15 +30,6 @@ def metric_samples(url: str) -> dict:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def wait_until(condition, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def start(model, **service_args):
     from whiflash_sgl.server.launch import start_background
     from whiflash_sgl.server.service import Service
@@ -149,7 +140,7 @@ def test_each_request_of_a_batch_has_its_own_speculation_stats(batching):
         assert meta["spec_num_correct_drafts"] <= meta["spec_num_proposed_drafts"]
 
 
-def test_a_client_leaving_mid_stream_frees_its_place_and_kv(batching, reference):
+def test_a_client_leaving_mid_stream_frees_its_place_and_kv(batching, reference, wait_until):
     running = lambda: metric_samples(batching.url)[("whiflash_running_requests", ())]  # noqa: E731
     aborted = lambda: metric_samples(batching.url).get(  # noqa: E731
         ("whiflash_requests_total", (("finish_reason", "abort"),)), 0)
@@ -197,7 +188,8 @@ def test_kv_budget_refuses_what_never_fits_and_makes_the_rest_wait(served_dir, r
         server.stop()
 
 
-def test_a_failed_round_fails_its_requests_and_the_engine_goes_on(batching, reference, monkeypatch):
+def test_a_failed_round_fails_its_requests_and_the_engine_goes_on(batching, reference, monkeypatch,
+                                                                   wait_until):
     """A fault inside an engine round is a 500 for the requests in that round; the engine thread lives on with a
     fresh engine and KV pool, and later requests get their solo output."""
     target = batching.service.model.target

@@ -113,15 +113,6 @@ def server_log(caplog):
     uvicorn_log.removeHandler(caplog.handler)
 
 
-def wait_until(condition, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 # --- 1. size limits, tokenization off the event loop ---------------------------------------------------------------
 
 
@@ -183,7 +174,7 @@ def test_top_logprobs_are_capped(limited):
     assert [len(top) for top in at["meta_info"]["output_top_logprobs"]] == [MAX_TOP_LOGPROBS] * 2
 
 
-def test_a_client_that_leaves_during_scoring_stops_it(limited, slow_engine):
+def test_a_client_that_leaves_during_scoring_stops_it(limited, slow_engine, wait_until):
     """Scoring 400 prompt positions at 20 ms each would take 8 s; the client leaves after 0.5 s."""
     body = json.dumps({"input_ids": [5] * 400, "sampling_params": {"max_new_tokens": 1}, "return_logprob": True,
                        "logprob_start_len": 0, "top_logprobs_num": MAX_TOP_LOGPROBS}).encode()
@@ -270,7 +261,7 @@ def test_seeds_reach_the_engine_as_64_bit_ints_and_a_missing_one_is_random(limit
 # --- 4, 7: the queue ----------------------------------------------------------------------------------------------
 
 
-def test_clients_that_leave_while_queued_free_their_places(limited, slow_engine, server_log):
+def test_clients_that_leave_while_queued_free_their_places(limited, slow_engine, server_log, wait_until):
     host, port = address(limited)
     long = json.dumps(generate_body(max_new_tokens=200)).encode()
     conns = [socket.create_connection((host, port), timeout=10) for _ in range(1 + MAX_WAITING)]
@@ -353,7 +344,7 @@ def test_a_half_closed_client_gets_its_response(limited):
     assert status == 200 and body["meta_info"]["completion_tokens"] == 4
 
 
-def test_a_client_that_closed_while_queued_is_still_noticed(limited, slow_engine):
+def test_a_client_that_closed_while_queued_is_still_noticed(limited, slow_engine, wait_until):
     """A full close looks like a half close until a write is answered with a reset: the queued request must still
     be cancelled (the interim 100 Continue probes find it)."""
     host, port = address(limited)

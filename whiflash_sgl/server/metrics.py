@@ -46,8 +46,12 @@ class ServerMetrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("whiflash_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("whiflash_generation_tokens", "Tokens generated", registry=r)
-        self.generation_seconds = Counter("whiflash_generation_seconds", "Engine time spent generating", registry=r)
-        self.verify = Counter("whiflash_spec_verify", "Target verify passes", registry=r)
+        self.generation_seconds = Counter("whiflash_generation_seconds", "Seconds each request spent generating, "
+                                          "summed over requests (the requests of one batch overlap, so this "
+                                          "outgrows wall time)", registry=r)
+        self.verify = Counter("whiflash_spec_verify", "Verify rounds summed over requests (one batched target "
+                              "forward verifies a round of every running request; whiflash_batch_rounds counts "
+                              "the forwards)", registry=r)
         self.accept_length = Histogram("whiflash_spec_accept_length",
                                        "Tokens committed per round (accepted draft tokens + bonus), by the "
                                        "paradigm its request chose (none: the router drafted nothing)",
