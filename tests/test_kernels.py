@@ -160,6 +160,23 @@ def test_reference_matches_per_request_sdpa(case):
     torch.testing.assert_close(bf16.float(), expected, atol=5e-2, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "masked"])
+def test_a_prefill_chunk_beside_decode_rows_and_trees_matches_per_request_sdpa(causal):
+    """What a batched round hands the plan: a long prefill chunk (more rows than requests share a padded call with),
+    decode rows and small trees, over prefixes from empty to hundreds of keys (several padding groups)."""
+    chunk = TreeBatch.from_lists([list(range(-1, 199))]).attention_layout([0])  # 200 rows, causal, no prefix
+    others = TreeBatch.from_lists([[], [-1, 0, 0], [], [-1, 0, 1]]).attention_layout([37, 300, 700, 5])
+    masks = [chunk.request_mask(0)] + [others.request_mask(i) for i in range(4)]
+    layout = AttentionLayout.from_request_masks(masks)
+    if causal:
+        layout = AttentionLayout(layout.qo_indptr, layout.kv_indptr)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(int(layout.qo_indptr[-1]), 4, 16, generator=gen)
+    k, v = (torch.randn(int(layout.kv_indptr[-1]), 2, 16, generator=gen) for _ in range(2))
+    torch.testing.assert_close(ragged_tree_attention(q, k, v, layout, 0.25), sdpa_oracle(q, k, v, layout, 0.25),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_single_request_entry_point_agrees_with_the_ragged_reference():
     tree = DraftTree(tokens=(1, 2, 3, 4), parents=(-1, -1, 0, 2))
     layout = TreeBatch.from_trees([tree]).attention_layout([6])

@@ -99,10 +99,10 @@ class _PaddedGroup:
         kv_rows, _ = _padded_rows(layout.kv_indptr[index], kv_lens)
         self.kv_rows = keys[kv_rows]  # pool rows (or flat rows) of each request's keys
         mask = _padded_mask(layout, index, q_lens, kv_lens)
-        self.blind = ~mask.any(-1)
-        mask[..., 0] |= self.blind
+        blind = ~mask.any(-1)  # query rows that see no key
+        mask[..., 0] |= blind
         self.mask = None if mask.all() else mask[:, None]
-        self.blind = self.blind if self.blind.any() else None
+        self.blind = blind if blind.any() else None
         self.out_rows = self.q_rows[self.q_inside]
 
     def run(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
