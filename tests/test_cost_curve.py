@@ -71,7 +71,7 @@ def test_the_router_prices_actions_on_top_of_the_batch_and_idles_where_drafting_
     router = Router(Eagle(), ("eagle3", "ngram"), "eagle3", curve=CURVE)
     router.costs.observe_draft("eagle3", 0.05, sequences=8)
     router.costs.observe_draft("eagle3", 0.09, sequences=16)
-    args = (None, "", {"eagle3": 0, "ngram": 0}, {"eagle3": 12, "ngram": 0}, [], 0.5, 0)
+    args = ((0.0, 0.0), "", {"eagle3": 0, "ngram": 0}, {"eagle3": 12, "ngram": 0}, [], 0.5, 0)
     alone = router.features(*args)
     assert alone.predicted_seconds["eagle3"] == pytest.approx(CURVE(13) + 0.015)  # the draft line at one sequence
     assert router.decide(alone) == "eagle3"

@@ -11,7 +11,8 @@ from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.methods import make_method
 from whiflash_sgl.sampling import SamplingParams
-from whiflash_sgl.target import PackedLinear, Target
+from whiflash_sgl.cpu_linears import SMALL_ROWS, PackedLinear, RowAdaptiveLinear
+from whiflash_sgl.target import Target
 from whiflash_sgl.tree import DraftTree
 
 
@@ -170,12 +171,23 @@ def test_unknown_attention_path_is_a_clear_error(tiny_target):
 def test_a_packed_linear_gives_the_dense_product_for_one_row_and_for_many():
     linear = torch.nn.Linear(16, 8)
     gen = torch.Generator().manual_seed(0)
-    one, many = torch.randn(1, 1, 16, generator=gen), torch.randn(1, 5, 16, generator=gen)
     with torch.no_grad():
-        for dense_single_row in (False, True):  # a single row through oneDNN, or through the dense weight
-            packed = PackedLinear(linear, dense_single_row)
-            for x in (one, many):
-                torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+        for x in (torch.randn(1, 1, 16, generator=gen), torch.randn(1, 5, 16, generator=gen)):
+            torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_adaptive_linear_gives_the_bf16_product_in_bf16_for_few_rows_and_for_many():
+    linear = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    adaptive = RowAdaptiveLinear(linear)
+    assert adaptive.state_dict().keys() == linear.state_dict().keys()  # the float32 copy is not saved
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for rows in (1, SMALL_ROWS, SMALL_ROWS + 1, 32):
+            x = torch.randn(1, rows, 16, generator=gen).to(torch.bfloat16)
+            out = adaptive(x)
+            assert out.dtype == torch.bfloat16
+            exact = torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
+            torch.testing.assert_close(out.double(), exact, rtol=1e-2, atol=1e-2)
 
 
 def test_prepacked_linears_keep_the_output(tiny_tokenizer, make_model, prompt_ids, verify_logits):

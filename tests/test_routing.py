@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 import time
 
 import numpy as np
@@ -22,7 +23,9 @@ from whiflash_sgl.drafters.whiflash import WhiFlashDrafter
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.policies import load_policy
-from whiflash_sgl.router import CostModel, Decision, RoundFeatures, Router, best_paradigm, syntax_state
+from whiflash_sgl import router as router_module
+from whiflash_sgl.router import (CostModel, Decision, PolicyWorker, RoundFeatures, Router, best_paradigm,
+                               root_statistics, syntax_state)
 from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.target import Target
 from whiflash_sgl.train.eagle3 import set_vocabulary
@@ -207,6 +210,34 @@ def test_faulty_policies_fall_back_and_are_logged_once(target, models, prompt, p
     assert drafter.router.stats.faults[kind] >= 1
     assert set(drafter.router.stats.rounds) == {"eagle3"}  # the fallback drafted every faulty round
     assert len([r for r in caplog.records if kind in r.getMessage()]) == 1
+
+
+def test_policy_calls_share_one_thread_that_ends_when_idle(monkeypatch):
+    monkeypatch.setattr(router_module, "POLICY_IDLE_EXIT_S", 0.1)
+    threads = []
+
+    class Where:
+        def decide(self, features):
+            threads.append(threading.current_thread())
+            return "eagle3"
+
+    worker = PolicyWorker(Where().decide)
+    assert [worker.call(None, 1.0) for _ in range(20)] == [(True, "eagle3")] * 20
+    assert len(set(threads)) == 1 and threads[0] is not threading.current_thread()
+    threads[0].join(2.0)
+    assert not threads[0].is_alive()  # ended after its idle time; the next call starts another
+    assert worker.call(None, 1.0) == (True, "eagle3") and threads[-1] is not threads[0]
+
+
+def test_root_statistics_are_each_rows_entropy_and_top2_margin():
+    logits = torch.randn(3, 50, dtype=torch.bfloat16) * 4
+    logits[1] = 0.0  # uniform: entropy log(50), margin 0
+    for (entropy, margin), row in zip(root_statistics(logits), logits.float()):
+        probs = torch.softmax(row, -1)
+        top = probs.sort(descending=True).values
+        assert entropy == pytest.approx(float(-(probs * probs.log()).sum()), abs=1e-5)
+        assert margin == pytest.approx(float(top[0] - top[1]), abs=1e-6)
+    assert root_statistics(logits)[1] == pytest.approx((np.log(50), 0.0), abs=1e-5)
 
 
 def test_oracle_accepts_the_best_paradigm_each_round(target, models, prompt):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -65,3 +67,25 @@ def test_ngram_proposes_the_continuation_of_the_latest_match():
     tree = drafter.propose(SequenceState(tokens, prompt_len=5), max_depth=3)
     assert tree == DraftTree.from_paths([[7, 8, 5], [9, 1, 2]])
     assert len(drafter.propose(SequenceState([1, 2, 3, 4], prompt_len=4), max_depth=3)) == 0
+
+
+def test_ngram_lookups_on_a_growing_sequence_match_a_full_scan():
+    """The drafter indexes the sequence as it grows; every lookup must equal a scan of the whole sequence."""
+    def scan(tokens, length, max_n, min_n, width):
+        for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+            found = []
+            for s in range(len(tokens) - n - 1, -1, -1):  # most recent first; the suffix itself excluded
+                if tokens[s : s + n] == tokens[-n:] and tokens[s + n : s + n + length] not in found:
+                    found.append(tokens[s + n : s + n + length])
+                if len(found) == width:
+                    break
+            if found:
+                return found
+        return []
+
+    rng = random.Random(0)
+    drafter = NgramDrafter(max_ngram=3, min_ngram=1, num_tokens=4, width=2)
+    tokens = [rng.randrange(6) for _ in range(5)]
+    for _ in range(60):
+        assert drafter.continuations(tokens, 4) == scan(tokens, 4, 3, 1, 2)
+        tokens.extend(rng.randrange(6) for _ in range(rng.randrange(1, 4)))

@@ -7,8 +7,9 @@ expected to bring, so the engine (which trims draft trees by value, ``engine.tri
 prices each action at its marginal cost on top of the rest of the batch) both read this curve.
 
 ``whiflash cost-curve`` measures it: forwards of ``n`` rows spread over ``min(n, 16)`` sequences with a realistic
-cached prefix each, the median of several repeats per ``n``. The curve is piecewise linear between the measured
-points and linear beyond the last two.
+cached prefix each, the median of several passes over every ``n`` (interleaved, so that a slow spell of a shared
+machine does not land on a few row counts). The curve is piecewise linear between the measured points and linear
+beyond the last two.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def _non_decreasing(values: Sequence[float]) -> tuple[float, ...]:
 
 def measure(target, rows: Sequence[int] = DEFAULT_ROWS, prefix: int = 256, repeats: int = 5,
             progress: bool = True) -> CostCurve:
-    """Time target forwards of each row count in ``rows`` (the median of ``repeats``), the rows spread evenly over
-    ``min(n, 16)`` sequences that each have ``prefix`` positions cached."""
+    """Time target forwards of each row count in ``rows`` (the median of ``repeats`` passes over all the counts), the
+    rows spread evenly over ``min(n, 16)`` sequences that each have ``prefix`` positions cached."""
     from tqdm import tqdm
 
     from whiflash_sgl.target import Chunk
@@ -97,21 +98,28 @@ def measure(target, rows: Sequence[int] = DEFAULT_ROWS, prefix: int = 256, repea
         for rows_of in cached:  # fill the prefixes with real KV
             ids = torch.randint(vocab, (prefix,), generator=generator).tolist()
             target.forward([Chunk(ids, torch.arange(prefix), rows_of[:0], rows_of)])
-        seconds = []
-        for n in tqdm(rows, desc="cost curve", disable=not progress):
+
+        def timed(n: int) -> float:
             batch = min(n, sequences)
             sizes = [n // batch + (i < n % batch) for i in range(batch)]
-            times = []
-            for _ in range(repeats + 1):  # the first run of a shape warms it up
-                chunks = [Chunk(torch.randint(vocab, (k,), generator=generator).tolist(),
-                                torch.arange(prefix, prefix + k), cached[i], pool.alloc(k), logits=k)
-                          for i, k in enumerate(sizes)]
-                tic = time.perf_counter()
-                target.forward(chunks)
-                times.append(time.perf_counter() - tic)
-                for chunk in chunks:
-                    pool.free(chunk.rows)
-            seconds.append(statistics.median(times[1:]))
+            chunks = [Chunk(torch.randint(vocab, (k,), generator=generator).tolist(), torch.arange(prefix, prefix + k),
+                            cached[i], pool.alloc(k), logits=k) for i, k in enumerate(sizes)]
+            tic = time.perf_counter()
+            target.forward(chunks)
+            seconds = time.perf_counter() - tic
+            for chunk in chunks:
+                pool.free(chunk.rows)
+            return seconds
+
+        for n in rows:  # the first run of a shape warms it up
+            timed(n)
+        times: dict[int, list[float]] = {n: [] for n in rows}
+        with tqdm(total=repeats * len(rows), desc="cost curve", disable=not progress) as bar:
+            for _ in range(repeats):  # every row count once per pass: a machine's slow spell hits them all alike
+                for n in rows:
+                    times[n].append(timed(n))
+                    bar.update()
+        seconds = [statistics.median(times[n]) for n in rows]
         return CostCurve(tuple(rows), tuple(seconds))
     finally:
         for rows_of in cached:

@@ -20,6 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from whiflash_sgl.config import ATTENTION_PATHS
 from whiflash_sgl.cost_curve import CostCurve
+from whiflash_sgl.cpu_linears import pack_linears, prepacking_pays
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.kernels import AttentionLayout, BackendUnavailableError, get_backend, tree_attention
 from whiflash_sgl.kernels.layout import indptr_from_lengths
@@ -59,53 +60,20 @@ class ForwardOut:
     hidden: torch.Tensor | None  # [rows, len(capture_layers), H]: residual stream entering each captured layer
 
 
-class PackedLinear(torch.nn.Module):
-    """An inference-only ``nn.Linear`` whose weight is prepacked for oneDNN's float32 inner product; with
-    ``dense_single_row``, one row at a time goes through the dense weight instead (see :func:`pack_linears`)."""
-
-    def __init__(self, linear: torch.nn.Linear, dense_single_row: bool = False):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed_weight = linear.weight.detach().to_mkldnn()
-        self.packed_bias = None if linear.bias is None else linear.bias.detach().to_mkldnn()
-        self.dense = (linear.weight.detach(), None if linear.bias is None else linear.bias.detach()) \
-            if dense_single_row else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.numel() == x.shape[-1]:
-            return torch.nn.functional.linear(x, *self.dense)
-        return torch.ops.aten.mkldnn_linear(x.to_mkldnn(), self.packed_weight, self.packed_bias).to_dense()
-
-
-def pack_linears(module: torch.nn.Module, dense_single_row: bool | None = None) -> None:
-    """Swap every ``nn.Linear`` under ``module`` for a :class:`PackedLinear`.
-
-    A verify pass is a chain of small-M GEMMs (M = the rows verified), which the default CPU GEMM handles poorly. On
-    an AVX-512 host SmolLM2's verify of 8 rows drops from 64 to 49 ms and one row from 40 to 35 ms. On an AVX2-only
-    host (AMD EPYC) 8 rows gain less and a single row loses (125 against 205 ms, the default GEMV wins), so there a
-    single row keeps the dense weight (``dense_single_row`` None: decided by the CPU's capability). The products are
-    the same up to float32 rounding (~1e-5), and every method on the target shares them.
-    """
-    if dense_single_row is None:
-        dense_single_row = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.Linear):
-            setattr(module, name, PackedLinear(child, dense_single_row))
-        else:
-            pack_linears(child, dense_single_row)
-
-
 class Target:
     """A target model with one sequence's KV cache. ``capture_layers`` are HF ``hidden_states`` indices.
 
     ``pack=True`` prepacks the linear layers for oneDNN (float32 on a CPU only; inference only: no gradients flow
-    through them). ``lm_head`` stays the model's own dense output layer, for drafters that share it."""
+    through them), ``None`` where that pays (:func:`prepacking_pays`). ``lm_head`` stays the model's own dense
+    output layer, for drafters that share it."""
 
     def __init__(self, model, tokenizer, capture_layers: tuple[int, ...] = (), name: str = "",
-                 attention: str = "auto", pack: bool = False):
+                 attention: str = "auto", pack: bool | None = False):
         self.name = name or getattr(model.config, "_name_or_path", "")
         self.model = model.eval()
         self.lm_head = model.get_output_embeddings()
+        if pack is None:
+            pack = prepacking_pays()
         if pack and self.device.type == "cpu" and model.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             with torch.no_grad():
                 pack_linears(model)
@@ -156,7 +124,7 @@ class Target:
 
     @classmethod
     def load(cls, name_or_path: str, capture_layers: tuple[int, ...] = (), dtype=torch.float32,
-             attention: str = "auto", pack: bool = True, device: str = "cpu") -> "Target":
+             attention: str = "auto", pack: bool | None = None, device: str = "cpu") -> "Target":
         path = resolve_model(name_or_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)

@@ -8,8 +8,6 @@ step, so a proposal must be likely to pay: matches shorter than ``min_ngram`` ar
 
 from __future__ import annotations
 
-import numpy as np
-
 from whiflash_sgl.drafters.base import Drafter, SequenceState
 from whiflash_sgl.tree import DraftTree
 
@@ -24,19 +22,26 @@ class NgramDrafter(Drafter):
             raise ValueError("num_tokens and width must be >= 1")
         self.max_ngram, self.min_ngram, self.num_tokens, self.width = max_ngram, min_ngram, num_tokens, width
         self._last: tuple[tuple[int, int], DraftTree] | None = None  # the router peeks at the proposal first
+        self._index: _NgramIndex | None = None
+
+    def fork(self) -> "NgramDrafter":
+        twin = super().fork()
+        twin._index = None
+        return twin
 
     def start(self, state: SequenceState) -> None:
         self._last = None
 
     def continuations(self, tokens: list[int], length: int) -> list[list[int]]:
         """Up to ``width`` distinct continuations of the longest earlier match of a suffix, most recent first."""
-        seq = np.asarray(tokens, dtype=np.int64)
-        for n in range(min(self.max_ngram, len(seq) - 1), self.min_ngram - 1, -1):
-            windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # every n-gram that has a successor
-            starts = np.flatnonzero((windows == seq[-n:]).all(axis=1))
+        index = self._index
+        if index is None or index.tokens is not tokens or index.covered > len(tokens):
+            index = self._index = _NgramIndex(tokens, self.min_ngram, self.max_ngram)
+        index.update()
+        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
             found: list[list[int]] = []
-            for s in starts[::-1]:
-                cont = seq[s + n : s + n + length].tolist()
+            for s in reversed(index.starts.get(tuple(tokens[-n:]), ())):
+                cont = tokens[s + n : s + n + length]
                 if cont not in found:
                     found.append(cont)
                 if len(found) == self.width:
@@ -53,3 +58,23 @@ class NgramDrafter(Drafter):
         if self._last is None or self._last[0] != key:
             self._last = (key, DraftTree.from_paths(self.continuations(state.tokens, length)))
         return self._last[1]
+
+
+class _NgramIndex:
+    """Where each n-gram (``min_n`` <= n <= ``max_n``) of a growing token list starts, for those followed by a
+    token, brought up to date with what was appended since the last lookup: a suffix match is then a few dict
+    lookups instead of a scan of the whole sequence (0.4 ms per request and round at a few hundred tokens, for a
+    peek the router takes every round)."""
+
+    def __init__(self, tokens: list[int], min_n: int, max_n: int):
+        self.tokens, self.sizes = tokens, range(min_n, max_n + 1)
+        self.starts: dict[tuple[int, ...], list[int]] = {}
+        self.covered = 0  # n-grams ending before this position are indexed
+
+    def update(self) -> None:
+        tokens = self.tokens
+        for end in range(self.covered, len(tokens)):  # an n-gram ending at ``end`` is followed by tokens[end]
+            for n in self.sizes:
+                if n <= end:
+                    self.starts.setdefault(tuple(tokens[end - n : end]), []).append(end - n)
+        self.covered = len(tokens)

@@ -13,19 +13,32 @@ import math
 import time
 from collections.abc import Sequence
 
+import torch
+
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
-from whiflash_sgl.router import NO_DRAFT, BatchLoad, RoundFeatures, Router, members
+from whiflash_sgl.router import NO_DRAFT, BatchLoad, RoundFeatures, Router, members, root_statistics
 from whiflash_sgl.tree import DraftTree
 
 
+def roots(states: Sequence[SequenceState]) -> list[tuple[float, float]]:
+    """Each sequence's entropy and margin at its root, in one pass over the batch (zeros before its first)."""
+    found = [i for i, s in enumerate(states) if s.root_logits is not None]
+    stats = root_statistics(torch.stack([states[i].root_logits for i in found])) if found else []
+    out = [(0.0, 0.0)] * len(states)
+    for i, value in zip(found, stats):
+        out[i] = value
+    return out
+
+
 def round_features(router: Router, drafters: dict[str, Drafter], state: SequenceState, draft_tokens: dict,
-                   tokenizer, batch: BatchLoad = BatchLoad()) -> RoundFeatures:
-    """The router's features for this round, from what the last verify pass and the drafters left behind, and the
-    n-gram drafter's proposal (a lookup: cheap enough to peek at every round, and cached for when it is chosen)."""
+                   tokenizer, batch: BatchLoad = BatchLoad(), root: tuple[float, float] | None = None) -> RoundFeatures:
+    """The router's features for this round, from what the last verify pass and the drafters left behind (``root``:
+    the sequence's entry of ``roots``, computed here when not given), and the n-gram drafter's proposal (a lookup:
+    cheap enough to peek at every round, and cached for when it is chosen)."""
     dflash, eagle, ngram = drafters.get("dflash"), drafters.get("eagle3"), drafters.get("ngram")
     ngram_draft = len(ngram.propose(state, ngram.num_tokens)) if ngram is not None else 0
     return router.features(
-        state.root_logits,
+        roots([state])[0] if root is None else root,
         tokenizer.decode(state.tokens[max(state.prompt_len, len(state.tokens) - 200):]),
         {p: d.pending(state) for p, d in drafters.items()},
         {**draft_tokens, **({"ngram": ngram_draft} if ngram is not None else {})},  # its size this round is known
@@ -90,9 +103,9 @@ class WhiFlashDrafter(Drafter):
         self.router.costs.observe_catchup(paradigm, backlog, seconds)
         return seconds
 
-    def _route(self, state: SequenceState) -> tuple[str, ...]:
+    def _route(self, state: SequenceState, root: tuple[float, float]) -> tuple[str, ...]:
         """This round's action for this sequence, with the chosen drafters caught up (all of them when eager)."""
-        features = round_features(self.router, self.drafters, state, self.tree_size, self.tokenizer, self.load)
+        features = round_features(self.router, self.drafters, state, self.tree_size, self.tokenizer, self.load, root)
         previous, self.action = self.action, self.router.decide(features)
         if self.action == NO_DRAFT:
             self._trees = {NO_DRAFT: DraftTree()}
@@ -114,7 +127,7 @@ class WhiFlashDrafter(Drafter):
                       max_depths: Sequence[int]) -> list[DraftTree]:
         """Every sequence routes on its own; then each paradigm drafts, in one call, the sequences that chose it (a
         hedge's sequence is in several such calls, and its trees are verified together as one)."""
-        chosen = [d._route(s) for d, s in zip(drafters, states)]
+        chosen = [d._route(s, root) for d, s, root in zip(drafters, states, roots(states))]
         for paradigm in dict.fromkeys(p for c in chosen for p in c):
             group = [i for i, c in enumerate(chosen) if paradigm in c]
             tic = time.perf_counter()

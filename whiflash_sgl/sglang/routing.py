@@ -12,9 +12,7 @@ request's. Nothing here imports SGLang.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from whiflash_sgl.router import CostModel, Router
+from whiflash_sgl.router import Router
 from whiflash_sgl.sglang.settings import SERVED_PARADIGMS
 
 STALE_ROUNDS = 256
@@ -22,8 +20,9 @@ STALE_ROUNDS = 256
 
 class RequestRoutes:
     def __init__(self, policy, fallback: str, deadline_s: float, width: int):
-        self.policy, self.fallback, self.deadline_s, self.width = policy, fallback, deadline_s, width
-        self.costs = CostModel()
+        self.width = width
+        self._prototype = Router(policy, SERVED_PARADIGMS, fallback, deadline_s=deadline_s)  # forks share its policy
+        self.costs = self._prototype.costs
         self._routers: dict[str, Router] = {}
         self._roots: dict[str, tuple[float, float]] = {}
         self._seen: dict[str, int] = {}
@@ -35,9 +34,7 @@ class RequestRoutes:
     def _router(self, rid: str) -> Router:
         router = self._routers.get(rid)
         if router is None:
-            router = Router(self.policy, SERVED_PARADIGMS, self.fallback, deadline_s=self.deadline_s, record=False)
-            router.costs = self.costs
-            self._routers[rid] = router
+            router = self._routers[rid] = self._prototype.fork()
         return router
 
     def route(self, rids: list[str], eagle_top1: list[float]) -> list[str]:
@@ -50,9 +47,8 @@ class RequestRoutes:
         choices = []
         for rid, top1 in zip(rids, eagle_top1):
             router = self._router(rid)
-            features = router.features(None, "", pending, draft_tokens, [], top1)
-            entropy, margin = self._roots.get(rid, (0.0, 0.0))
-            choices.append(router.decide(replace(features, entropy=entropy, margin=margin)))
+            features = router.features(self._roots.get(rid, (0.0, 0.0)), "", pending, draft_tokens, [], top1)
+            choices.append(router.decide(features))
             self._seen[rid] = self._round
         self._forget_stale()
         return choices

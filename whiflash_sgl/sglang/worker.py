@@ -75,6 +75,7 @@ from sglang.srt.utils import async_h2d
 
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.policies import load_policy
+from whiflash_sgl.router import root_statistics
 from whiflash_sgl.sglang.hooks import LAYOUT_ATTRIBUTE, PARADIGMS_META_KEY
 from whiflash_sgl.sglang.keyed_verify import keyed_verify
 from whiflash_sgl.sglang.layout import select_columns
@@ -338,12 +339,7 @@ class WhiFlashWorker(BaseSpecWorker):
         last = (out.accept_lens.long() - 1).unsqueeze(1)
         rows = out.accept_index.long().gather(1, last).squeeze(1)
         logits = out.logits_output.next_token_logits
-        roots = None
-        if logits is not None:
-            probs = torch.softmax(logits[rows].float(), dim=-1)
-            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-            top2 = probs.topk(2, dim=-1).values
-            roots = list(zip(entropy.tolist(), (top2[:, 0] - top2[:, 1]).tolist()))
+        roots = root_statistics(logits[rows]) if logits is not None else None
         self.routes.observe(rids, paradigms, out.accept_lens.float().tolist(), roots)
         for paradigm, seconds in draft_seconds.items():  # one call drafted every request that chose the paradigm
             self.routes.costs.observe_draft(paradigm, seconds, sequences=max(paradigms.count(paradigm), 1))
