@@ -32,8 +32,9 @@ def _check_rows(report: dict, methods: tuple[str, ...], levels: tuple[int, ...])
     for level in levels:
         assert rows[("vanilla", "all", level)]["speedup_vs_vanilla"] == 1.0
         assert rows[(methods[-1], "all", level)]["prompts"] == 3
+        assert rows[(methods[-1], "all", level)]["requests"] == -(-3 // level) * level  # level 2: 4 requests
     assert report["concurrency"] == sorted(levels) and "per token" in report["itl_definition"]
-    assert len(report["per_prompt"]) == 3 * len(methods) * len(levels)
+    assert len(report["per_prompt"]) == len(methods) * sum(-(-3 // level) * level for level in levels)
     return rows
 
 
@@ -54,14 +55,19 @@ def test_engine_concurrency_bench_rows_table_and_plot(run_cli, served_dir, promp
 
 
 def test_without_vanilla_at_concurrency_1_the_reference_runs_alone(run_cli, tiny_model_dir, prompts, tmp_path):
+    """Also: 3 prompts at level 2 run as 4 requests (the first prompt twice, with its output) to keep 2 in flight."""
     out_json = tmp_path / "load.json"
     code, out, err = run_cli("bench", "--model", tiny_model_dir, "--prompts", prompts, "--methods", "ngram",
                           "--concurrency", "2", "--max-new-tokens", 6, "--out", out_json)
     assert code == 0, err
-    rows = json.loads(out_json.read_text())["results"]
+    report = json.loads(out_json.read_text())
+    rows = report["results"]
     assert [(r["method"], r["category"], r["concurrency"]) for r in rows] == [
         ("ngram", "chat", 2), ("ngram", "code", 2), ("ngram", "all", 2)]
     assert all(r["identical_to_vanilla"] is True and r["speedup_vs_vanilla"] is None for r in rows)
+    assert (rows[-1]["prompts"], rows[-1]["requests"], report["runs"][0]["peak_running"]) == (3, 4, 2)
+    first = [r for r in report["per_prompt"] if r["index"] == 0]
+    assert len(first) == 2 and first[0]["text"] == first[1]["text"]
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -10,7 +10,8 @@ so that ``rule_comparison`` can set the two rules' tau side by side.
 
 With ``--concurrency 1,4,8,16`` (:func:`load_bench`) every method runs at every level as a closed loop on one
 batched engine per (method, level), ``max_running`` = the level: that many requests in flight, the next prompt (file
-order) submitted as soon as one finishes, every prompt once. Rows are per method, level and category plus ``all``:
+order) submitted as soon as one finishes, every prompt at least once (:func:`request_prompts`: the prompts are cycled
+to a multiple of the level, so a small set still keeps every level full). Rows are per method, level and category plus ``all``:
 ``tokens_per_s`` is generated tokens over the run's wall time (a category's: over its requests' share of it, each
 instant split equally among the requests in flight), TTFT is from submission to the first token, and ITL is per
 token (:data:`ITL_DEFINITION`): the gap between a request's consecutive commits divided by the tokens the later
@@ -326,7 +327,8 @@ ITL_DEFINITION = (
 class LoadRun:
     """One request of a closed-loop (method, concurrency) run. Times are seconds: ``start`` and ``end`` since the
     run began, ``commit_seconds`` since the request's submission (each engine round, or stream chunk, that brought
-    tokens), ``commit_tokens`` how many tokens each commit carried."""
+    tokens), ``commit_tokens`` how many tokens each commit carried; ``index`` is the prompt's in the set (a prompt
+    may run more than once: :func:`request_prompts`)."""
 
     method: str
     concurrency: int
@@ -395,11 +397,19 @@ def load_run(method: str, concurrency: int, index: int, prompt: ChatPrompt, resu
     )
 
 
+def request_prompts(prompts: int, level: int) -> list[int]:
+    """The prompt index of each request of a closed loop at ``level``: the prompts in file order, cycled up to the
+    first multiple of ``level`` that covers them all. Without the repeats a set small next to the level would
+    measure a lower level: 12 prompts at level 8 end in a wave of 4, and at level 16 never run more than 12 at once.
+    A repeated prompt keeps its seed, so its output is its first run's."""
+    return [j % prompts for j in range(-(-prompts // level) * level)]
+
+
 def engine_load(method, encoded: Sequence[tuple[ChatPrompt, list[int]]], max_new_tokens: int,
                 sampling: SamplingParams, seed: int, concurrency: int, bar=None) -> LoadLevel:
-    """Closed loop: ``concurrency`` requests in flight on one batched engine, the next prompt (file order) submitted
-    as soon as one finishes; prompt ``i`` is seeded ``seed + i``. A method off the engine (transformers' loop) runs
-    its prompts one after another, at concurrency 1 only."""
+    """Closed loop: ``concurrency`` requests in flight on one batched engine, the next of :func:`request_prompts`
+    submitted as soon as one finishes; prompt ``i`` is seeded ``seed + i``. A method off the engine (transformers'
+    loop) runs its prompts one after another, at concurrency 1 only."""
     runs: dict[int, LoadRun] = {}
     if not isinstance(method, EngineMethod):
         if concurrency != 1:
@@ -413,19 +423,19 @@ def engine_load(method, encoded: Sequence[tuple[ChatPrompt, list[int]]], max_new
                 bar.update()
         return LoadLevel([runs[i] for i in sorted(runs)], time.perf_counter() - t0, 1)
     engine = SpeculativeEngine(method.target, method.drafter, sampling, seed, max_running=concurrency)
-    waiting, flight, peak = deque(range(len(encoded))), {}, 0
+    waiting, flight, peak = deque(enumerate(request_prompts(len(encoded), concurrency))), {}, 0
     attention = nullcontext() if method.attention is None else method.target.attention_path(method.attention)
     with attention:
         t0 = time.perf_counter()
         while waiting or flight:
             while waiting and len(flight) < concurrency:
-                i = waiting.popleft()
-                flight[engine.submit(encoded[i][1], max_new_tokens, seed=seed + i)] = i
+                j, i = waiting.popleft()
+                flight[engine.submit(encoded[i][1], max_new_tokens, seed=seed + i)] = j, i
             finished = engine.step()
             peak = max(peak, len(engine.running) + len(finished))
             for request in finished:
-                i = flight.pop(request)
-                runs[i] = load_run(method.name, concurrency, i, encoded[i][0], request.result, request.submitted - t0)
+                j, i = flight.pop(request)
+                runs[j] = load_run(method.name, concurrency, i, encoded[i][0], request.result, request.submitted - t0)
                 if bar is not None:
                     bar.update()
         wall = time.perf_counter() - t0
@@ -492,17 +502,23 @@ def load_levels(methods: Sequence[str], levels: Sequence[int], run_level: Callab
             if tokens is not None and compared(method):
                 judge(result.runs, prompt_ids, tokens, top_scores)
             running = result.peak_running
-            if running is not None and running < min(level, len(prompt_ids)):
+            if running is not None and running < level:
                 print(f"warning: {method} at concurrency {level}: at most {running} requests ran at once (the KV "
                       f"pool holds no more of them)", file=sys.stderr)
             done.append((method, level, result))
     return done
 
 
+def load_requests(prompts: int, levels: Sequence[int]) -> int:
+    """How many requests one method sends over all ``levels`` (for progress bars)."""
+    return sum(len(request_prompts(prompts, level)) for level in levels)
+
+
 def load_bench(target: Target, runners: dict, encoded: list[tuple[ChatPrompt, list[int]]], levels: Sequence[int],
                max_new_tokens: int, sampling: SamplingParams, seed: int, head: dict, progress: bool) -> dict:
     """The concurrency bench on the engine: every method (``runners``) at every level (:func:`engine_load`)."""
-    bar = tqdm(total=len(encoded) * len(runners) * len(levels), desc="bench", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=load_requests(len(encoded), levels) * len(runners), desc="bench", disable=not progress,
+               file=sys.stderr)
 
     def run_level(method: str, level: int) -> LoadLevel:
         return engine_load(runners[method], encoded, max_new_tokens, sampling, seed, level, bar)
@@ -561,7 +577,8 @@ def _load_row(method: str, category: str, level: int, group: list[LoadRun], seco
         "method": method,
         "category": category,
         "concurrency": level,
-        "prompts": len(group),
+        "prompts": len({r.index for r in group}),
+        "requests": len(group),
         "new_tokens": new_tokens,
         "seconds": round(seconds, 4),
         "tokens_per_s": round(new_tokens / seconds, 3) if seconds else None,

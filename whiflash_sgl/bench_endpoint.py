@@ -8,7 +8,8 @@ reference bench's (:func:`whiflash_sgl.bench.make_report`). ``seconds`` is the c
 round per token). Drafting and verify times are not visible over HTTP and stay ``null``.
 
 With ``--concurrency`` (:func:`endpoint_load_bench`) each server gets, per level, a closed loop of that many
-client threads sending streaming requests (the next prompt, in file order, as soon as a thread's request ends), and
+client threads sending streaming requests (the next prompt, in file order and cycled as
+:func:`whiflash_sgl.bench.request_prompts` says, as soon as a thread's request ends), and
 the rows are the engine's concurrency rows (:func:`whiflash_sgl.bench.load_rows`). TTFT and ITL come from the stream:
 a commit is a server-sent event that brings new text (a later event without new text, such as the final one carrying
 only EOS, adds its tokens to the previous commit); its token count is ``meta_info.completion_tokens`` where the
@@ -32,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from whiflash_sgl.bench import (TOP_SCORES, LoadLevel, LoadRun, interleave, load_levels, make_load_report,
-                                make_report, settings, switches)
+from whiflash_sgl.bench import (TOP_SCORES, LoadLevel, LoadRun, interleave, load_levels, load_requests,
+                                make_load_report, make_report, request_prompts, settings, switches)
 from whiflash_sgl.chat import ChatPrompt, encode_chat
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.model_store import DEFAULT_MODEL, resolve_model
@@ -335,17 +336,17 @@ def stream_commits(events: list[tuple[float, dict]], tokens: list[int], tokenize
 
 def endpoint_load(endpoint: Endpoint, encoded: list[tuple[ChatPrompt, list[int]]], params, level: int, tokenizer,
                   bar=None) -> LoadLevel:
-    """Closed loop: ``level`` client threads, each streaming the next prompt (file order) as soon as its request
-    ends; ``params(i)`` is prompt ``i``'s ``sampling_params``."""
+    """Closed loop: ``level`` client threads, each streaming the next of :func:`request_prompts` as soon as its
+    request ends; ``params(i)`` is prompt ``i``'s ``sampling_params``."""
     runs: dict[int, LoadRun] = {}
     lock, failed = threading.Lock(), threading.Event()
-    order = iter(range(len(encoded)))
+    order = enumerate(request_prompts(len(encoded), level))
 
     def client() -> None:
         while not failed.is_set():
             with lock:
-                i = next(order, None)
-            if i is None:
+                j, i = next(order, (None, None))
+            if j is None:
                 return
             prompt, ids = encoded[i]
             start = time.perf_counter() - t0
@@ -358,7 +359,7 @@ def endpoint_load(endpoint: Endpoint, encoded: list[tuple[ChatPrompt, list[int]]
             _, run = endpoint_run(endpoint.method, prompt, {**events[-1][1], "output_ids": tokens}, seconds)
             times, counts = stream_commits(events, tokens, tokenizer)
             with lock:
-                runs[i] = LoadRun(endpoint.method, level, i, prompt.id, prompt.category, run.new_tokens, start,
+                runs[j] = LoadRun(endpoint.method, level, i, prompt.id, prompt.category, run.new_tokens, start,
                                   start + seconds, times, counts, run.rounds, run.tau, run.paradigm_rounds,
                                   run.text, tokens)
                 if bar is not None:
@@ -396,7 +397,7 @@ def endpoint_load_bench(endpoints: list[Endpoint], encoded: list[tuple[ChatPromp
     from tqdm import tqdm
 
     by_method = {e.method: e for e in endpoints}
-    bar = tqdm(total=len(encoded) * len(endpoints) * len(levels), desc="bench", disable=not progress)
+    bar = tqdm(total=load_requests(len(encoded), levels) * len(endpoints), desc="bench", disable=not progress)
 
     def params(i: int) -> dict:
         return sampling_body(max_new_tokens, sampling, seed + i)
