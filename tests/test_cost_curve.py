@@ -1,6 +1,6 @@
 """The batch-aware cost model: the measured curve, trees trimmed to the rows that pay as the batch grows, the router
-pricing actions on top of the rest of the batch and drafting nothing where that is faster; none of it changes the
-output."""
+pricing actions on top of the rest of the batch, and the round's plan drafting for the requests where that is faster
+(together, sharing a drafter call) and for nobody where it is not; none of it changes the output."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from whiflash_sgl.cost_curve import CostCurve, measure, trim_to_value
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.drafting_plan import Calibration, Wish, plan, round_seconds
 from whiflash_sgl.router import NO_DRAFT, BatchLoad, CostModel, Router
 from whiflash_sgl.tree import DraftTree
 
@@ -63,7 +64,7 @@ def test_trimming_keeps_ancestors_and_trees_without_estimates():
     assert kept[0].tokens[:1] == (5,) and all(p < i for i, p in enumerate(kept[0].parents))
 
 
-def test_the_router_prices_actions_on_top_of_the_batch_and_idles_where_drafting_does_not_pay():
+def test_the_router_prices_actions_on_top_of_the_batch():
     class Eagle:
         def decide(self, features):
             return "eagle3"
@@ -79,16 +80,56 @@ def test_the_router_prices_actions_on_top_of_the_batch_and_idles_where_drafting_
     crowded = router.features(*args, batch=load)
     assert crowded.predicted_seconds["eagle3"] == pytest.approx(CURVE.added(240, 13) + 0.09 / 16)
     assert crowded.batch_seconds == pytest.approx(CURVE(240) + 0.09)
-    router.ema_tau["eagle3"] = 1.1  # drafting barely pays off: 0.1 tokens for 13 rows at a compute-bound batch
-    crowded = router.features(*args, batch=load)
-    decisions = [router.decide(crowded) for _ in range(4 + 1 + 8 + 1 + 16 + 1)]
-    # a probe after 4 idle rounds, then after twice as many each time it finds drafting still does not pay
-    assert decisions == [NO_DRAFT] * 4 + ["eagle3"] + [NO_DRAFT] * 8 + ["eagle3"] + [NO_DRAFT] * 16 + ["eagle3"]
-    router.ema_tau["eagle3"] = 4.0
-    assert router.decide(router.features(*args, batch=load)) == "eagle3"
-    router.ema_tau["eagle3"] = 1.1  # when drafting paid, the next probe comes after 4 idle rounds again
-    crowded = router.features(*args, batch=load)
-    assert [router.decide(crowded) for _ in range(4 + 1)] == [NO_DRAFT] * 4 + ["eagle3"]
+
+
+LINE = CostCurve((1, 2), (0.101, 0.102))  # 0.1 s a forward, plus 1 ms a row
+
+
+def _costs() -> CostModel:
+    costs = CostModel(LINE)
+    costs.observe_draft("eagle3", 0.041, sequences=1)  # 40 ms a call, plus 1 ms a sequence
+    costs.observe_draft("eagle3", 0.042, sequences=2)
+    return costs
+
+
+def test_the_plan_drafts_together_what_no_request_would_draft_alone():
+    costs = _costs()
+    # alone, a request pays the drafter's whole fixed part for one more token: 9 tokens in 151 ms < 8 in 108 ms
+    one = [Wish("eagle3", 2.0, 2, 0.0)] + [Wish("eagle3", 1.0, 2, 0.0)] * 7
+    assert plan(one, costs, base_rows=8) == [False] * 8
+    # eight share it: 16 tokens in 172 ms
+    assert plan([Wish("eagle3", 2.0, 2, 0.0)] * 8, costs, base_rows=8) == [True] * 8
+    assert round_seconds([Wish("eagle3", 2.0, 2, 0.0)] * 8, [True] * 8, costs, 8) == pytest.approx(0.172)
+
+
+def test_the_plan_keeps_the_prefix_that_pays_and_always_drafts_probes():
+    costs = _costs()
+    strong, weak = Wish("eagle3", 3.0, 2, 0.0), Wish("eagle3", 1.05, 2, 0.0)
+    assert plan([weak, strong] * 4, costs, base_rows=8) == [False, True] * 4  # 16 tokens in 160 ms, not 16.2 in 172
+    slow = Wish("eagle3", 3.0, 2, catchup_seconds=1.0)  # a catch-up that costs more than the round is worth
+    assert plan([slow, strong], costs, base_rows=2) == [False, True]
+    probe, weaker = Wish("eagle3", 1.0, 2, 0.0, forced=True), Wish("eagle3", 1.01, 2, 0.0)
+    assert plan([probe, weaker], costs, base_rows=2) == [True, False]
+    assert plan([probe, weak], costs, base_rows=2) == [True, True]  # the probe's call is paid: 3 ms for 0.05 tokens
+
+
+def test_an_idle_request_probes_less_often_while_probes_find_nothing():
+    router = Router(None, ("eagle3",), "eagle3")
+    pattern = []
+    for _ in range(4 + 1 + 8 + 1 + 16 + 1):
+        probe = router.probe_due
+        pattern.append(router.settle("eagle3" if probe else NO_DRAFT, probe=probe))
+    assert pattern == [NO_DRAFT] * 4 + ["eagle3"] + [NO_DRAFT] * 8 + ["eagle3"] + [NO_DRAFT] * 16 + ["eagle3"]
+    router.settle("eagle3")  # the plan chose it on its merits: the next probe comes after 4 idle rounds again
+    assert [router.probe_due for _ in range(5) if router.settle(NO_DRAFT)] == [False] * 3 + [True] * 2
+
+
+def test_calibration_scales_predictions_to_what_was_accepted():
+    calibration = Calibration(prior=1.0)
+    assert calibration(3.0) == 3.0
+    for _ in range(99):
+        calibration.observe(predicted_tau=3.0, tau=2.0)  # half the predicted draft tokens accepted
+    assert calibration(3.0) == pytest.approx(1 + 2 * (1 + 99) / (1 + 198))
 
 
 def test_cost_model_without_a_curve_learns_the_verify_line():

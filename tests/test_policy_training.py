@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -89,9 +90,13 @@ def test_the_committed_router_mlp_routes_copy_spans_to_ngram():
         ema_tau={"eagle3": 2.0, "dflash": 2.0, "ngram": 2.0}, pending={"eagle3": 0, "dflash": 0, "ngram": 0},
         predicted_seconds={"eagle3": 0.045, "dflash": 0.045, "ngram": 0.045}, dflash_expected=1.0, eagle_top1=0.6,
         ngram_draft=8, in_code=False, in_json=False, bracket_depth=0)
-    assert policy.decide(features).paradigm == "ngram"
-    features.ngram_draft = 0
-    assert policy.decide(features).paradigm != "ngram"
+    copying = policy.decide(features)
+    assert copying.paradigm == "ngram" and copying.tau > 1  # with its predicted tau, which the batch's plan reads
+    without = dataclasses.replace(features, ngram_draft=0)
+    assert policy.decide(without).paradigm != "ngram"
+    batched = policy.decide_batch([features, without])  # one forward, the same answers (to float rounding)
+    assert [d.paradigm for d in batched] == [copying.paradigm, policy.decide(without).paradigm]
+    assert batched[0].tau == pytest.approx(copying.tau)
 
 
 def test_the_mlp_routes_among_what_the_router_serves(tmp_path):

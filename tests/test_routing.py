@@ -222,11 +222,12 @@ def test_policy_calls_share_one_thread_that_ends_when_idle(monkeypatch):
             return "eagle3"
 
     worker = PolicyWorker(Where().decide)
-    assert [worker.call(None, 1.0) for _ in range(20)] == [(True, "eagle3")] * 20
+    assert [worker.call([None], 1.0) for _ in range(20)] == [["eagle3"]] * 20
+    assert worker.call([None] * 8, 1.0) == ["eagle3"] * 8  # a batch's decisions in one hand-off
     assert len(set(threads)) == 1 and threads[0] is not threading.current_thread()
     threads[0].join(2.0)
     assert not threads[0].is_alive()  # ended after its idle time; the next call starts another
-    assert worker.call(None, 1.0) == (True, "eagle3") and threads[-1] is not threads[0]
+    assert worker.call([None], 1.0) == ["eagle3"] and threads[-1] is not threads[0]
 
 
 def test_root_statistics_are_each_rows_entropy_and_top2_margin():

@@ -14,6 +14,7 @@ beyond the last two.
 
 from __future__ import annotations
 
+import bisect
 import json
 import statistics
 import time
@@ -45,7 +46,7 @@ class CostCurve:
         if rows <= 0:
             return 0.0
         xs, ys = self.rows, self.seconds
-        i = next((k for k in range(1, len(xs) - 1) if rows <= xs[k]), len(xs) - 1)
+        i = min(max(bisect.bisect_left(xs, rows), 1), len(xs) - 1)  # the segment, or the first or last one beyond
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
         return max(y0 + (y1 - y0) * (rows - x0) / (x1 - x0), 0.0)
 

@@ -13,9 +13,10 @@ In a batch, a sequence's round is everyone's round: the rows it adds to the shar
 sequence. So each action is priced at what it adds on top of the rest of the batch (its share of its drafter's
 batched call, and the verify rows it adds at the batch's place on the target's cost curve), and the objective is the
 batch's rate, ``(others' tokens + tau) / (others' seconds + the action's)``, which at batch 1 is ``tau / seconds``.
-Where no action beats drafting nothing by that objective, the router drafts nothing (``NO_DRAFT``), probing again
-after a few rounds, and less often while probes keep finding that drafting does not pay: a probe's tree widens
-everyone's forward.
+Whether a request drafts at all is the batch's decision (``drafting_plan``: a drafter call's fixed part is shared by
+everyone it drafts for); a request that does not draft verifies its root alone (``NO_DRAFT``) and probes again after
+a few rounds, less often while probes keep finding that drafting does not pay: a probe's tree widens everyone's
+forward.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import math
 import queue
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +104,7 @@ class BatchLoad:
 @dataclass(frozen=True)
 class Decision:
     paradigm: str  # an action: a paradigm or a hedge
+    tau: float | None = None  # the policy's expected tokens per round with it, where the policy predicts them
 
 
 def batch_rate(tau: float, seconds: float, others: tuple[float, float] = (0.0, 0.0)) -> float:
@@ -198,26 +202,38 @@ class CostModel:
             return 0.0
         return self.curve(rows) if self.curve is not None else self.verify_seconds(rows)
 
+    def draft_call(self, paradigm: str, sequences: int) -> float:
+        """Seconds of one call of ``paradigm``'s drafter for ``sequences`` sequences (0 before any was seen)."""
+        return self.draft[paradigm](sequences) if paradigm in self.draft and sequences > 0 else 0.0
+
+    def catchup_seconds(self, paradigm: str, backlog: int) -> float:
+        return self.catchup[paradigm](backlog) if backlog > 0 and paradigm in self.catchup else 0.0
+
     def predict(self, action: str, draft_tokens: dict[str, int], pending: dict[str, int],
                 others_rows: int = 0) -> float:
         """What an action adds to a round in which the rest of the batch verifies ``others_rows`` rows: each of its
         paradigms drafts (after catching up; a fair share of a batched call), then its rows (all its paradigms'
         tokens and the root; shared prefixes would merge, so this bounds a hedge) join the forward."""
-        if action == NO_DRAFT:
-            return self.verify(others_rows + 1) - self.verify(others_rows)
-        rows = sum(draft_tokens[p] for p in members(action)) + 1
-        seconds = self.verify(others_rows + rows) - self.verify(others_rows)
-        for p in members(action):
-            if p in self.draft:
-                n = self.group.get(p, 1) if others_rows else 1
-                seconds += self.draft[p](n) / n
-            if pending[p] > 0 and p in self.catchup:
-                seconds += self.catchup[p](pending[p])
+        return self.predict_all((action,), draft_tokens, pending, others_rows)[action]
+
+    def predict_all(self, actions: Sequence[str], draft_tokens: dict[str, int], pending: dict[str, int],
+                    others_rows: int = 0) -> dict[str, float]:
+        """:meth:`predict` for every one of ``actions``, each paradigm's share priced once."""
+        base = self.verify(others_rows)
+        share = {}
+        for p in {p for a in actions if a != NO_DRAFT for p in members(a)}:
+            n = self.group.get(p, 1) if others_rows else 1
+            share[p] = self.draft_call(p, n) / n + self.catchup_seconds(p, pending[p])
+        seconds = {}
+        for action in actions:
+            chosen = () if action == NO_DRAFT else members(action)
+            rows = sum(draft_tokens[p] for p in chosen) + 1
+            seconds[action] = self.verify(others_rows + rows) - base + sum(share[p] for p in chosen)
         return seconds
 
 
 class _Call:
-    def __init__(self, features: RoundFeatures):
+    def __init__(self, features: Sequence[RoundFeatures]):
         self.features, self.result, self.done = features, None, threading.Event()
 
 
@@ -225,12 +241,14 @@ class PolicyWorker:
     """Runs a policy's ``decide`` on one long-lived thread, so that a call can have a deadline.
 
     A thread started and joined per call cost 1.7 ms of the 4 ms a request's routing took per round on a 2-core CPU;
-    handing the call to a waiting thread costs a fraction of that. The thread is a daemon, so a policy that never
+    handing the call to a waiting thread costs a fraction of that, and one call decides for every sequence of a
+    batch (a hand-off per sequence was half a millisecond each, at 8 sequences). The thread is a daemon, so a policy
+    that never
     returns cannot keep the process alive, and it ends after ``POLICY_IDLE_EXIT_S`` without calls, so engines that
     come and go leave no threads behind."""
 
-    def __init__(self, decide):
-        self._decide = decide
+    def __init__(self, decide, decide_batch=None):
+        self._decide, self._decide_batch = decide, decide_batch  # decide_batch: the policy's, where it has one
         self._calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
         self._lock = threading.Lock()  # orders a call's arrival against the thread's decision to end
         self._thread: threading.Thread | None = None
@@ -241,8 +259,25 @@ class PolicyWorker:
         """Whether a call that missed its deadline still runs (every later call would wait behind it)."""
         return self._late is not None and not self._late.done.is_set()
 
-    def call(self, features: RoundFeatures, timeout: float) -> tuple[bool, object]:
-        """``(True, decision or the exception decide raised)``, or ``(False, None)`` when none came in time."""
+    def _run(self, features: Sequence[RoundFeatures]) -> list:
+        """Each decision, or the exception that stood in its way (any policy failure must fall back, never stop
+        generation)."""
+        if self._decide_batch is not None and len(features) > 1:
+            try:
+                return list(self._decide_batch(list(features)))
+            except Exception as exc:  # noqa: BLE001
+                return [exc] * len(features)
+        results = []
+        for one in features:
+            try:
+                results.append(self._decide(one))
+            except Exception as exc:  # noqa: BLE001
+                results.append(exc)
+        return results
+
+    def call(self, features: Sequence[RoundFeatures], timeout: float) -> list | None:
+        """The decision for each of ``features`` (or the exception decide raised for it), or None when they did not
+        all come in time."""
         call = _Call(features)
         with self._lock:
             self._calls.put(call)
@@ -250,9 +285,9 @@ class PolicyWorker:
                 self._thread = threading.Thread(target=self._serve, name="whiflash-policy", daemon=True)
                 self._thread.start()
         if call.done.wait(timeout):
-            return True, call.result
+            return call.result
         self._late = call
-        return False, None
+        return None
 
     def _serve(self) -> None:
         while True:
@@ -264,10 +299,7 @@ class PolicyWorker:
                         self._thread = None
                         return
                 continue
-            try:
-                call.result = self._decide(call.features)
-            except Exception as exc:  # noqa: BLE001 - any policy failure must fall back, never stop generation
-                call.result = exc
+            call.result = self._run(call.features)
             call.done.set()
 
 
@@ -294,7 +326,7 @@ class Router:
         self.deadline_s, self.ema = deadline_s, ema
         self.costs = CostModel(curve)
         self.stats = RouterStats()
-        self._worker = PolicyWorker(policy.decide) if policy is not None else None
+        self._worker = None if policy is None else PolicyWorker(policy.decide, getattr(policy, "decide_batch", None))
         self._logged: set[str] = set()
         self.reset()
 
@@ -330,26 +362,36 @@ class Router:
         return RoundFeatures(
             entropy=entropy, margin=margin, last_tau=self.last_tau, last_paradigm=self.last_paradigm,
             ema_tau=dict(self.ema_tau), pending=dict(pending),
-            predicted_seconds={a: self.costs.predict(a, draft_tokens, pending, batch.rows)
-                               for a in (*self.actions, NO_DRAFT)},
+            predicted_seconds=self.costs.predict_all((*self.actions, NO_DRAFT), draft_tokens, pending, batch.rows),
             dflash_expected=expected, eagle_top1=eagle_top1, ngram_draft=ngram_draft, in_code=in_code,
             in_json=in_json, bracket_depth=depth, batch_tokens=batch.tokens,
             batch_seconds=self.costs.verify(batch.rows) + batch.draft_seconds if batch.rows else 0.0,
         )
 
-    def _fault(self, kind: str, detail: str) -> str:
+    def _fault(self, kind: str, detail: str) -> Decision:
         self.stats.faults[kind] = self.stats.faults.get(kind, 0) + 1
         if kind not in self._logged:
             self._logged.add(kind)
             log.warning("routing policy %s (%s); using %s (logged once)", kind, detail, self.fallback)
-        return self.fallback
+        return Decision(self.fallback)
 
-    def _call_policy(self, features: RoundFeatures) -> str:
-        if self._worker.overrunning:
-            return self._fault("timeout", "still running from an earlier round")
-        answered, decision = self._worker.call(features, self.deadline_s)
-        if not answered:
-            return self._fault("timeout", f"no decision within {self.deadline_s * 1000:.0f} ms")
+    def choose(self, features: RoundFeatures) -> Decision:
+        """The policy's decision for this round (the fallback where it fails), its action in canonical form."""
+        return Router.choose_all([self], [features])[0]
+
+    @staticmethod
+    def choose_all(routers: Sequence["Router"], features: Sequence[RoundFeatures]) -> list[Decision]:
+        """:meth:`choose` for several sequences whose routers are forks of one (sharing its policy thread), in one
+        call on that thread with a deadline of ``deadline_s`` per sequence."""
+        worker, deadline = routers[0]._worker, routers[0].deadline_s * len(routers)
+        if worker.overrunning:
+            return [r._fault("timeout", "still running from an earlier round") for r in routers]
+        decisions = worker.call(features, deadline)
+        if decisions is None:
+            return [r._fault("timeout", f"no decision within {deadline * 1000:.0f} ms") for r in routers]
+        return [r._checked(decision) for r, decision in zip(routers, decisions)]
+
+    def _checked(self, decision) -> Decision:
         if isinstance(decision, Exception):
             return self._fault("raised", f"{type(decision).__name__}: {decision}")
         action = decision.paradigm if isinstance(decision, Decision) else decision
@@ -357,36 +399,31 @@ class Router:
             action = hedge(members(action))
         if action not in self.actions:
             return self._fault("invalid", f"returned {decision!r}, not one of {self.actions}")
-        return action
+        tau = decision.tau if isinstance(decision, Decision) else None
+        return Decision(action, None if tau is None or not math.isfinite(tau) else max(float(tau), 1.0))
 
     def decide(self, features: RoundFeatures) -> str:
-        """The action for this round: a paradigm, a hedge, or ``NO_DRAFT`` where drafting does not pay."""
-        action = self._call_policy(features)
-        if self._idle_pays(features, action):
-            action = NO_DRAFT
+        """The policy's action for this round, drafted (a sequence routed on its own)."""
+        return self.settle(self.choose(features).paradigm)
+
+    @property
+    def probe_due(self) -> bool:
+        """Whether this sequence has gone ``probe_gap`` rounds without drafting: its next round should draft."""
+        return self.idle >= self.probe_gap
+
+    def settle(self, action: str, probe: bool = False) -> str:
+        """Record the action this round takes: the policy's, or ``NO_DRAFT`` where the batch's plan found that its
+        draft does not pay; ``probe``: it drafts only because a probe was due, so the next probe waits twice as long
+        (a round that drafts on its merits brings the gap back to ``PROBE_EVERY``)."""
+        if action == NO_DRAFT:
+            self.idle += 1
+        else:
+            self.idle, self.probe_gap = 0, min(2 * self.probe_gap, MAX_PROBE_GAP) if probe else PROBE_EVERY
         if self.last_paradigm and action != self.last_paradigm:
             self.stats.switches += 1
         self.stats.rounds[action] = self.stats.rounds.get(action, 0) + 1
         self.last_paradigm = action
         return action
-
-    def _idle_pays(self, f: RoundFeatures, action: str) -> bool:
-        """In a batch, whether verifying the root alone beats ``action`` by the batch's rate (a probe round after
-        ``probe_gap`` idle ones keeps the statistics fresh; the gap doubles while probes change nothing). Alone, the
-        policy's choice stands: its objective weighs tau against cost already, and its actions are what it was tuned
-        on."""
-        if f.batch_seconds <= 0:
-            return False
-        if self.idle >= self.probe_gap:
-            self.idle, self.probe_gap = 0, min(2 * self.probe_gap, MAX_PROBE_GAP)
-            return False
-        tau = max(f.expected_tau().get(p, 1.0) for p in members(action))
-        idle = batch_rate(1.0, f.predicted_seconds[NO_DRAFT], f.others)
-        if idle > batch_rate(tau, f.predicted_seconds[action], f.others):
-            self.idle += 1
-            return True
-        self.idle, self.probe_gap = 0, PROBE_EVERY
-        return False
 
     def update(self, action: str, tau: float, each: dict[str, float] | None = None) -> None:
         """After verifying ``action``'s draft: the round's tau and, for a hedge, each paradigm's own tau (what its

@@ -58,8 +58,27 @@ class DraftTree:
 
     @classmethod
     def union(cls, trees) -> "DraftTree":
-        """One tree holding every root-to-leaf path of ``trees`` (shared prefixes merged)."""
-        return cls.from_paths(path for tree in trees for path in tree.paths())
+        """One tree holding every node of ``trees`` (shared prefixes merged), in the order they first appear. A
+        merged node's probability is the largest any tree gives it, when every tree has probabilities (so that a
+        hedge's tree is trimmed by value like any other); otherwise the union has none."""
+        trees = list(trees)
+        tokens: list[int] = []
+        parents: list[int] = []
+        probs: list[float] = []
+        index: dict[tuple[int, int], int] = {}
+        for tree in trees:
+            merged: list[int] = []  # this tree's node -> the union's
+            for i, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
+                key = (-1 if parent < 0 else merged[parent], token)
+                if key not in index:
+                    index[key] = len(tokens)
+                    tokens.append(token)
+                    parents.append(key[0])
+                    probs.append(0.0)
+                merged.append(index[key])
+                if tree.probs:
+                    probs[merged[-1]] = max(probs[merged[-1]], tree.probs[i])
+        return cls(tuple(tokens), tuple(parents), tuple(probs) if all(t.probs for t in trees) else ())
 
     def paths(self) -> list[list[int]]:
         """Token sequences from the root to each leaf."""

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
-from whiflash_sgl.router import NO_DRAFT, BatchLoad, RoundFeatures, Router, members, root_statistics
+from whiflash_sgl.drafting_plan import Calibration, Wish, plan
+from whiflash_sgl.router import NO_DRAFT, BatchLoad, Decision, RoundFeatures, Router, members, root_statistics
 from whiflash_sgl.tree import DraftTree
 
 
@@ -57,7 +58,8 @@ class WhiFlashDrafter(Drafter):
             raise ValueError(f"catch_up must be 'lazy' or 'eager', got {catch_up!r}")
         self.drafters, self.router, self.tokenizer, self.mode = drafters, router, tokenizer, catch_up
         self.feature_layers = tuple(sorted({layer for d in drafters.values() for layer in d.feature_layers}))
-        self.tree_size = {p: 8 for p in drafters}  # last draft size per paradigm, for the cost model
+        self.tree_size = {p: 8 for p in drafters}  # last verified draft size per paradigm, for the cost model
+        self.calibration = Calibration()  # shared by the forks, as the cost model is
         self._reset_sequence()
 
     def _reset_sequence(self) -> None:
@@ -65,6 +67,7 @@ class WhiFlashDrafter(Drafter):
         behind for the next one."""
         self.switch_seconds = self.catchup_seconds = 0.0
         self.action = ""
+        self.predicted_tau: float | None = None  # the policy's prediction for this round's action
         self.load = BatchLoad()  # the rest of the batch, as the last round saw it
         self.trace: list[tuple[str, int]] = []  # (action, accepted draft tokens) per drafted round
         self._trees: dict[str, DraftTree] = {}  # this round's draft per paradigm of the action
@@ -103,10 +106,25 @@ class WhiFlashDrafter(Drafter):
         self.router.costs.observe_catchup(paradigm, backlog, seconds)
         return seconds
 
-    def _route(self, state: SequenceState, root: tuple[float, float]) -> tuple[str, ...]:
-        """This round's action for this sequence, with the chosen drafters caught up (all of them when eager)."""
-        features = round_features(self.router, self.drafters, state, self.tree_size, self.tokenizer, self.load, root)
-        previous, self.action = self.action, self.router.decide(features)
+    def _features(self, state: SequenceState, root: tuple[float, float]) -> RoundFeatures:
+        return round_features(self.router, self.drafters, state, self.tree_size, self.tokenizer, self.load, root)
+
+    def _wish(self, features: RoundFeatures, decision: Decision, forced: bool) -> Wish:
+        """What the decision's action would bring and cost this sequence: the policy's calibrated tau, or its best
+        paradigm's tau so far; the rows its trees were last verified with (the n-gram drafter's: its proposal now);
+        its drafters' catch-up."""
+        chosen = members(decision.paradigm)
+        sizes = {**self.tree_size, "ngram": features.ngram_draft}
+        tau = (self.calibration(decision.tau) if decision.tau is not None
+               else max(features.expected_tau().get(p, 1.0) for p in chosen))
+        return Wish(decision.paradigm, tau, sum(sizes[p] for p in chosen),
+                    sum(self.router.costs.catchup_seconds(p, features.pending[p]) for p in chosen), forced)
+
+    def _take(self, decision: Decision, drafts: bool, state: SequenceState, probe: bool) -> tuple[str, ...]:
+        """Settle this round's action (``NO_DRAFT`` unless it ``drafts``) and bring its drafters up to date (all of
+        them when eager)."""
+        self.predicted_tau = decision.tau if drafts else None
+        previous, self.action = self.action, self.router.settle(decision.paradigm if drafts else NO_DRAFT, probe)
         if self.action == NO_DRAFT:
             self._trees = {NO_DRAFT: DraftTree()}
             return ()
@@ -125,9 +143,18 @@ class WhiFlashDrafter(Drafter):
     @classmethod
     def propose_batch(cls, drafters: Sequence["WhiFlashDrafter"], states: Sequence[SequenceState],
                       max_depths: Sequence[int]) -> list[DraftTree]:
-        """Every sequence routes on its own; then each paradigm drafts, in one call, the sequences that chose it (a
-        hedge's sequence is in several such calls, and its trees are verified together as one)."""
-        chosen = [d._route(s, root) for d, s, root in zip(drafters, states, roots(states))]
+        """Every sequence's policy picks its action; in a batch, the round's plan (``drafting_plan``) then says which
+        of them draft (alone, the policy's choice stands: its objective weighs tau against cost already). Each
+        paradigm drafts, in one call, the sequences that chose it (a hedge's sequence is in several such calls, and
+        its trees are verified together as one)."""
+        features = [d._features(s, root) for d, s, root in zip(drafters, states, roots(states))]
+        decisions = Router.choose_all([d.router for d in drafters], features)
+        # a policy that predicts tau sees the present; only tau statistics from past drafts need probing
+        probes = [len(drafters) > 1 and x.tau is None and d.router.probe_due for d, x in zip(drafters, decisions)]
+        drafting = [True] if len(drafters) == 1 else plan(
+            [d._wish(f, x, probe) for d, f, x, probe in zip(drafters, features, decisions, probes)],
+            drafters[0].router.costs, len(drafters))
+        chosen = [d._take(x, go, s, probe) for d, x, go, s, probe in zip(drafters, decisions, drafting, states, probes)]
         for paradigm in dict.fromkeys(p for c in chosen for p in c):
             group = [i for i, c in enumerate(chosen) if paradigm in c]
             tic = time.perf_counter()
@@ -136,16 +163,21 @@ class WhiFlashDrafter(Drafter):
             drafters[group[0]].router.costs.observe_draft(paradigm, time.perf_counter() - tic, len(group))
             for i, tree in zip(group, trees):
                 drafters[i]._trees[paradigm] = tree
-                drafters[i].tree_size[paradigm] = len(tree)
         return [DraftTree.union(d._trees.values()) if len(d._trees) > 1 else next(iter(d._trees.values()))
                 for d in drafters]
 
     def observe(self, report: RoundReport) -> None:
         if not self._trees:  # the engine verified without asking for a draft (one token left)
             return
-        each = {p: tree.matched(report.new_tokens) + 1 for p, tree in self._trees.items() if p != NO_DRAFT}
+        # each paradigm's own tau as verified: its tree's acceptance, within what the engine kept of the tree
+        each = {p: min(tree.matched(report.new_tokens), len(report.path)) + 1
+                for p, tree in self._trees.items() if p != NO_DRAFT}
+        for p in each:  # the cost model prices a paradigm's rows at what the engine last verified of its tree
+            self.tree_size[p] = min(len(self._trees[p]), len(report.tree))
         self._trees = {}
         self.router.update(self.action, len(report.path) + 1, each)
+        if self.predicted_tau is not None:
+            self.calibration.observe(self.predicted_tau, len(report.path) + 1)
         rows = report.forward_rows or len(report.tree) + 1
         self.router.costs.observe_verify(rows, report.verify_seconds)
         self.trace.append((self.action, len(report.path)))

@@ -68,16 +68,24 @@ class MLPPolicy:
         self.hedge_margin = hedge_margin
 
     def decide(self, f: RoundFeatures) -> Decision:
+        return self.decide_batch([f])[0]
+
+    def decide_batch(self, features: list[RoundFeatures]) -> list[Decision]:
+        """Every sequence's decision of a round from one forward of the MLP (the router calls this when batching)."""
         actions = self.model.actions
         with torch.no_grad():
-            tau = self.model(torch.tensor([f.vector()]))[0].tolist()
-        # the choice is among what this router serves: a router without n-gram (SGLang's worker) or without hedges
-        # still gets the best of the rest
-        served = {a: t for a, t in zip(actions, tau) if a in f.predicted_seconds}
-        if not served:
-            raise ValueError(f"the MLP was trained for actions {actions}, none of which the router serves "
-                             f"({sorted(f.predicted_seconds)})")
-        return Decision(self._hedged(best_paradigm(served, f.predicted_seconds, self.lam, f.others), served))
+            taus = self.model(torch.tensor([f.vector() for f in features])).tolist()
+        decisions = []
+        for f, tau in zip(features, taus):
+            # the choice is among what this router serves: a router without n-gram (SGLang's worker) or without
+            # hedges still gets the best of the rest
+            served = {a: t for a, t in zip(actions, tau) if a in f.predicted_seconds}
+            if not served:
+                raise ValueError(f"the MLP was trained for actions {actions}, none of which the router serves "
+                                 f"({sorted(f.predicted_seconds)})")
+            action = self._hedged(best_paradigm(served, f.predicted_seconds, self.lam, f.others), served)
+            decisions.append(Decision(action, served[action]))
+        return decisions
 
     def _hedged(self, choice: str, tau: dict[str, float]) -> str:
         if self.hedge_margin is None:

@@ -44,11 +44,12 @@ class RequestRoutes:
         self._round += 1
         pending = {p: 0 for p in SERVED_PARADIGMS}  # eager catch-up: no backlog
         draft_tokens = {p: self.width - 1 for p in SERVED_PARADIGMS}
-        choices = []
-        for rid, top1 in zip(rids, eagle_top1):
-            router = self._router(rid)
-            features = router.features(self._roots.get(rid, (0.0, 0.0)), "", pending, draft_tokens, [], top1)
-            choices.append(router.decide(features))
+        routers = [self._router(rid) for rid in rids]
+        features = [router.features(self._roots.get(rid, (0.0, 0.0)), "", pending, draft_tokens, [], top1)
+                    for router, rid, top1 in zip(routers, rids, eagle_top1)]
+        choices = [router.settle(decision.paradigm)
+                   for router, decision in zip(routers, Router.choose_all(routers, features))] if rids else []
+        for rid in rids:
             self._seen[rid] = self._round
         self._forget_stale()
         return choices

@@ -1,0 +1,86 @@
+"""Which of a round's requests draft: the batch's speculation budget, decided for the whole round at once.
+
+Each request's policy names the action it would draft with; whether drafting pays is a property of the batch. A
+drafter call costs a fixed part plus a part per sequence (EAGLE-3's fixed part is most of its cost for one
+sequence), and every drafted row joins one shared forward whose price per row the target's cost curve gives. Asked
+one by one, every request finds that it alone would pay the drafter's fixed part and drafts nothing, while eight of
+them together would have shared it; so the plan orders the requests by their own value (expected extra tokens per
+second they add) and takes the prefix of that order that maximises the round's tokens per second.
+
+A request's expected tau is its policy's prediction where the policy makes one (the MLP's, from this round's
+features), scaled by :class:`Calibration` to what verified drafts have accepted; otherwise the tau its paradigm
+reached when it last drafted, and then a request idle for a while is due for a probe, which drafts in any case
+(those statistics go stale while it idles).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from whiflash_sgl.router import CostModel, members
+
+
+@dataclass(frozen=True)
+class Wish:
+    """What drafting would bring and cost one request this round."""
+
+    action: str  # the policy's action: a paradigm or a hedge
+    tau: float  # tokens it expects to commit when it drafts (1 without a draft)
+    rows: int  # draft rows it would add to the verify forward
+    catchup_seconds: float  # its chosen drafters' catch-up before they draft
+    forced: bool = False  # a probe: it drafts whatever the plan finds
+
+
+class Calibration:
+    """Draft tokens accepted per draft token a policy predicted, over the rounds that drafted (with a prior of
+    ``prior`` tokens at a ratio of 1). A learned policy predicts the acceptance of a whole tree drafted on its own;
+    in a batch the engine trims trees to what pays, so fewer are accepted, and the plan must not count on more."""
+
+    def __init__(self, prior: float = 8.0) -> None:
+        self.predicted = self.accepted = prior
+
+    def observe(self, predicted_tau: float, tau: float) -> None:
+        self.predicted += predicted_tau - 1
+        self.accepted += tau - 1
+
+    def __call__(self, predicted_tau: float) -> float:
+        """A prediction of tau, scaled to what drafts have been accepting."""
+        return 1 + (predicted_tau - 1) * self.accepted / self.predicted
+
+
+def round_seconds(wishes: Sequence[Wish], drafting: Sequence[bool], costs: CostModel, base_rows: int) -> float:
+    """The round's predicted time: one forward over every request's root (``base_rows``) and the drafted rows, each
+    drafter's call for the requests that chose it, and their catch-ups."""
+    chosen = [w for w, go in zip(wishes, drafting) if go]
+    groups = Counter(p for w in chosen for p in members(w.action))
+    return (costs.verify(base_rows + sum(w.rows for w in chosen))
+            + sum(costs.draft_call(p, n) for p, n in groups.items())
+            + sum(w.catchup_seconds for w in chosen))
+
+
+def plan(wishes: Sequence[Wish], costs: CostModel, base_rows: int) -> list[bool]:
+    """Whether each request drafts this round: the best prefix, by the round's tokens per second, of the requests
+    ordered by what each adds alone (forced ones always draft)."""
+    alone = [False] * len(wishes)
+
+    def value(i: int) -> float:
+        drafting = [j == i for j in range(len(wishes))]
+        added = round_seconds(wishes, drafting, costs, base_rows) - round_seconds(wishes, alone, costs, base_rows)
+        return (wishes[i].tau - 1) / max(added, 1e-9)
+
+    drafting = [w.forced for w in wishes]
+    order = sorted((i for i, w in enumerate(wishes) if not w.forced and w.tau > 1), key=value, reverse=True)
+    tokens = len(wishes) + sum(w.tau - 1 for w in wishes if w.forced)
+    best, best_rate = 0, tokens / max(round_seconds(wishes, drafting, costs, base_rows), 1e-9)
+    trial = list(drafting)
+    for k, i in enumerate(order, 1):
+        trial[i] = True
+        tokens += wishes[i].tau - 1
+        rate = tokens / max(round_seconds(wishes, trial, costs, base_rows), 1e-9)  # no costs seen yet: draft
+        if rate > best_rate:
+            best, best_rate = k, rate
+    for i in order[:best]:
+        drafting[i] = True
+    return drafting
