@@ -63,12 +63,12 @@ def round_seconds(wishes: Sequence[Wish], drafting: Sequence[bool], costs: CostM
 def plan(wishes: Sequence[Wish], costs: CostModel, base_rows: int) -> list[bool]:
     """Whether each request drafts this round: the best prefix, by the round's tokens per second, of the requests
     ordered by what each adds alone (forced ones always draft)."""
-    alone = [False] * len(wishes)
+    idle = round_seconds(wishes, [False] * len(wishes), costs, base_rows)
 
     def value(i: int) -> float:
-        drafting = [j == i for j in range(len(wishes))]
-        added = round_seconds(wishes, drafting, costs, base_rows) - round_seconds(wishes, alone, costs, base_rows)
-        return (wishes[i].tau - 1) / max(added, 1e-9)
+        """The tokens request ``i`` adds per second it adds, drafting alone."""
+        alone = [j == i for j in range(len(wishes))]
+        return (wishes[i].tau - 1) / max(round_seconds(wishes, alone, costs, base_rows) - idle, 1e-9)
 
     drafting = [w.forced for w in wishes]
     order = sorted((i for i, w in enumerate(wishes) if not w.forced and w.tau > 1), key=value, reverse=True)
