@@ -200,7 +200,13 @@ class Invalid:
         return "medusa"
 
 
-@pytest.mark.parametrize("policy, kind", [(Raises(), "raised"), (Hangs(), "timeout"), (Invalid(), "invalid")])
+class InvalidTau:
+    def decide(self, features):
+        return Decision("dflash", tau=float("nan"))
+
+
+@pytest.mark.parametrize("policy, kind", [(Raises(), "raised"), (Hangs(), "timeout"), (Invalid(), "invalid"),
+                                          (InvalidTau(), "invalid")])
 def test_faulty_policies_fall_back_and_are_logged_once(target, models, prompt, policy, kind, caplog):
     drafter = _whiflash(target, models, policy, deadline=0.02)
     reference = SpeculativeEngine(target).generate(prompt, 16)

@@ -400,7 +400,9 @@ class Router:
         if action not in self.actions:
             return self._fault("invalid", f"returned {decision!r}, not one of {self.actions}")
         tau = decision.tau if isinstance(decision, Decision) else None
-        return Decision(action, None if tau is None or not math.isfinite(tau) else max(float(tau), 1.0))
+        if tau is not None and not (isinstance(tau, (int, float)) and math.isfinite(tau)):
+            return self._fault("invalid", f"returned tau {tau!r}, not a finite number")
+        return Decision(action, None if tau is None else max(float(tau), 1.0))
 
     def decide(self, features: RoundFeatures) -> str:
         """The policy's action for this round, drafted (a sequence routed on its own)."""
