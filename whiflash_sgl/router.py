@@ -420,7 +420,7 @@ class Router:
         if action == NO_DRAFT:
             self.idle += 1
         else:
-            self.idle, self.probe_gap = 0, min(2 * self.probe_gap, MAX_PROBE_GAP) if probe else PROBE_EVERY
+            self.idle, self.probe_gap = 0, (min(2 * self.probe_gap, MAX_PROBE_GAP) if probe else PROBE_EVERY)
         if self.last_paradigm and action != self.last_paradigm:
             self.stats.switches += 1
         self.stats.rounds[action] = self.stats.rounds.get(action, 0) + 1
