@@ -11,15 +11,16 @@ so that ``rule_comparison`` can set the two rules' tau side by side.
 With ``--concurrency 1,4,8,16`` (:func:`load_bench`) every method runs at every level as a closed loop on one
 batched engine per (method, level), ``max_running`` = the level: that many requests in flight, the next prompt (file
 order) submitted as soon as one finishes, every prompt at least once (:func:`request_prompts`: the prompts are cycled
-to a multiple of the level, so a small set still keeps every level full). Rows are per method, level and category plus ``all``:
-``tokens_per_s`` is generated tokens over the run's wall time (a category's: over its requests' share of it, each
-instant split equally among the requests in flight), TTFT is from submission to the first token, and ITL is per
-token (:data:`ITL_DEFINITION`): the gap between a request's consecutive commits divided by the tokens the later
-commit carries, one sample per token, so a round that commits 4 tokens after 40 ms gives four samples of 10 ms
-(SGLang bench_serving's adjusted ITL; vLLM's per-chunk ITL would be one sample of 40 ms). Greedy output of every
-request must equal vanilla's at concurrency 1 (run on its own when it is not among the runs); a divergence where the
-reference's two best logits at the first differing position are within ``NEAR_TIE`` of each other, and the two
-tokens are those, is a near tie (float rounding of another batch shape), counted in ``near_ties``, not a failure.
+to a multiple of the level, so a small set still keeps every level full). Rows are per method, level and category
+plus ``all``: ``tokens_per_s`` is generated tokens over the run's wall time (a category's: over its requests'
+share of it, each instant split equally among the requests in flight), TTFT is from submission to the first token,
+and ITL is per token (:data:`ITL_DEFINITION`): the gap between a request's consecutive commits divided by the
+tokens the later commit carries, one sample per token, so a round that commits 4 tokens after 40 ms gives four
+samples of 10 ms (SGLang bench_serving's adjusted ITL; vLLM's per-chunk ITL would be one sample of 40 ms). Greedy
+output of every request must equal vanilla's at concurrency 1 (run on its own when it is not among the runs); a
+divergence where the reference's two best logits at the first differing position are within ``NEAR_TIE`` of each
+other, and the two tokens are those, is a near tie (float rounding of another batch shape), counted in
+``near_ties``, not a failure.
 """
 
 from __future__ import annotations

@@ -243,9 +243,8 @@ class PolicyWorker:
     A thread started and joined per call cost 1.7 ms of the 4 ms a request's routing took per round on a 2-core CPU;
     handing the call to a waiting thread costs a fraction of that, and one call decides for every sequence of a
     batch (a hand-off per sequence was half a millisecond each, at 8 sequences). The thread is a daemon, so a policy
-    that never
-    returns cannot keep the process alive, and it ends after ``POLICY_IDLE_EXIT_S`` without calls, so engines that
-    come and go leave no threads behind."""
+    that never returns cannot keep the process alive, and it ends after ``POLICY_IDLE_EXIT_S`` without calls, so
+    engines that come and go leave no threads behind."""
 
     def __init__(self, decide, decide_batch=None):
         self._decide, self._decide_batch = decide, decide_batch  # decide_batch: the policy's, where it has one

@@ -80,18 +80,6 @@ class DraftTree:
                     probs[merged[-1]] = max(probs[merged[-1]], tree.probs[i])
         return cls(tuple(tokens), tuple(parents), tuple(probs) if all(t.probs for t in trees) else ())
 
-    def paths(self) -> list[list[int]]:
-        """Token sequences from the root to each leaf."""
-        has_child = set(self.parents)
-        out = []
-        for leaf in (i for i in range(len(self)) if i not in has_child):
-            path, node = [], leaf
-            while node >= 0:
-                path.append(self.tokens[node])
-                node = self.parents[node]
-            out.append(path[::-1])
-        return out
-
     def matched(self, tokens) -> int:
         """How many of ``tokens`` this tree holds as a path from the root (the acceptance it would have had)."""
         node, count = -1, 0
