@@ -8,6 +8,7 @@ row ``i + 1`` = node ``i``). A chain is the tree whose node ``i`` has parent ``i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +90,21 @@ class DraftTree:
                 break
             count += 1
         return count
+
+    def outcomes(self, verified: "DraftTree", accepted: Sequence[int]) -> list[bool | None]:
+        """Per node, what became of it in a verify pass over ``verified`` (which may have dropped some of this
+        tree's nodes and added others') that accepted the draft tokens ``accepted``: None when it was not verified,
+        else whether it was accepted."""
+        where: list[int | None] = []  # this tree's node -> verified's
+        result: list[bool | None] = []
+        for token, parent, depth in zip(self.tokens, self.parents, self.depths):
+            above = -1 if parent < 0 else where[parent]
+            node = None if above is None else next(
+                (c for c in verified.children(above) if verified.tokens[c] == token), None)
+            where.append(node)
+            on_path = (parent < 0 or bool(result[parent])) and depth <= len(accepted) and accepted[depth - 1] == token
+            result.append(None if node is None else on_path)
+        return result
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from whiflash_sgl.drafters.node_estimates import ContinuationRates, ProbCalibration
 from whiflash_sgl.sampling import KeyedSampler
 from whiflash_sgl.tree import DraftTree
 
@@ -67,6 +68,17 @@ class Drafter:
 
     name = ""
     feature_layers: tuple[int, ...] = ()  # target hidden_states indices this drafter reads (empty: model-free)
+    # learns from verification how likely its nodes are (``node_estimates``); one object shared by the forks
+    estimates: ContinuationRates | ProbCalibration | None = None
+    _proposed: DraftTree | None = None  # this round's tree as drafted, until the verify pass is observed
+
+    def estimated(self, tree: DraftTree) -> DraftTree:
+        """``tree`` with the estimates' node probabilities (as it is without estimates); the tree as drafted is
+        kept for :meth:`observe` to learn from."""
+        if self.estimates is None:
+            return tree
+        self._proposed = tree
+        return self.estimates.apply(tree)
 
     def fork(self) -> "Drafter":
         """A drafter for another sequence: same weights and settings, its own per-sequence state (set up by
@@ -95,7 +107,12 @@ class Drafter:
         return [d.propose(s, depth) for d, s, depth in zip(drafters, states, max_depths)]
 
     def observe(self, report: RoundReport) -> None:
-        """Called after each verify pass with its outcome."""
+        """Called after each verify pass with its outcome (``report.tree`` may hold other drafters' nodes too): the
+        estimates learn what became of this round's nodes."""
+        proposed, self._proposed = self._proposed, None
+        if proposed is not None and self.estimates is not None:
+            accepted = report.new_tokens[: len(report.path)]
+            self.estimates.observe(proposed, proposed.outcomes(report.tree, accepted))
 
     def summary(self) -> dict:
         """Per-sequence figures for the sequence's ``GenerationResult`` (routed drafters: each round's paradigm)."""

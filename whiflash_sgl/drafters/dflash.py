@@ -22,6 +22,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwe
 
 from whiflash_sgl.drafters.base import SequenceState
 from whiflash_sgl.drafters.layers import CachedDrafter, attend_each, heads, rope_at, rotate
+from whiflash_sgl.drafters.node_estimates import ProbCalibration
 from whiflash_sgl.kv_cache import KVCache
 from whiflash_sgl.sampling import lead_with
 from whiflash_sgl.tree import DraftTree
@@ -118,6 +119,7 @@ class DFlashDrafter(CachedDrafter):
         self.tree_topk, self.tree_budget = tree_topk, tree_budget
         self.feature_layers = tuple(i + 1 for i in model.target_layer_ids)
         self.cache = KVCache()
+        self.estimates = ProbCalibration()  # its path probabilities, corrected by what verification accepts
         self.frontier = 0
         self.last_confidences: list[float] = []  # top-1 probability per drafted position, for the router
 

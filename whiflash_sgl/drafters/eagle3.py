@@ -24,6 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, Lla
 
 from whiflash_sgl.drafters.base import SequenceState
 from whiflash_sgl.drafters.layers import CachedDrafter, attend_each, heads, rope_at, rotate
+from whiflash_sgl.drafters.node_estimates import ProbCalibration
 from whiflash_sgl.kv_cache import KVCache
 from whiflash_sgl.sampling import KeyedSampler, lead_with
 from whiflash_sgl.tree import DraftTree
@@ -107,6 +108,7 @@ class Eagle3Drafter(CachedDrafter):
         self.min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
         self.feature_layers = tuple(i + 1 for i in aux_layer_ids(model.config))
         self.cache = KVCache()
+        self.estimates = ProbCalibration()  # its path probabilities, corrected by what verification accepts
         self.frontier = 0  # committed pairs (F_t, x_{t+1}) whose K/V are cached: t < frontier
         self.last_scores: list[float] = []  # cumulative draft log-prob of each node of the last tree
         self.sampler: KeyedSampler | None = None  # the sequence's keyed draw, while proposing

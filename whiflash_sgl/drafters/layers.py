@@ -96,7 +96,7 @@ class CachedDrafter(Drafter):
     def propose_batch(cls, drafters: Sequence["CachedDrafter"], states: Sequence[SequenceState],
                       max_depths: Sequence[int]) -> list[DraftTree]:
         """Every sequence's draft, each group of drafters sharing a network (forks do) drafted together; each tree is
-        the one its sequence would get alone."""
+        the one its sequence would get alone, with its node probabilities calibrated (``node_estimates``)."""
         groups: dict[int, list[int]] = {}
         for i, d in enumerate(drafters):
             groups.setdefault(id(d.model), []).append(i)
@@ -105,5 +105,5 @@ class CachedDrafter(Drafter):
             proposed = cls._propose_group([drafters[i] for i in group], [states[i] for i in group],
                                           [max_depths[i] for i in group])
             for i, tree in zip(group, proposed):
-                trees[i] = tree
+                trees[i] = drafters[i].estimated(tree)
         return trees

@@ -3,12 +3,14 @@
 The longest suffix of the sequence (``max_ngram`` tokens down to ``min_ngram``) that occurred before is looked up;
 the tokens that followed its most recent occurrences are the proposal: one chain, or up to ``width`` distinct
 continuations merged into a small tree. On a CPU a verify pass over 4-10 tokens costs about twice a single decode
-step, so a proposal must be likely to pay: matches shorter than ``min_ngram`` are not proposed.
+step, so a proposal must be likely to pay: matches shorter than ``min_ngram`` are not proposed. A lookup has no
+probability for its tokens: its nodes get the acceptance its proposals have had at their depth (``ContinuationRates``).
 """
 
 from __future__ import annotations
 
 from whiflash_sgl.drafters.base import Drafter, SequenceState
+from whiflash_sgl.drafters.node_estimates import ContinuationRates
 from whiflash_sgl.tree import DraftTree
 
 
@@ -23,6 +25,7 @@ class NgramDrafter(Drafter):
         self.max_ngram, self.min_ngram, self.num_tokens, self.width = max_ngram, min_ngram, num_tokens, width
         self._last: tuple[tuple[int, int], DraftTree] | None = None  # the router peeks at the proposal first
         self._index: _NgramIndex | None = None
+        self.estimates = ContinuationRates()
 
     def fork(self) -> "NgramDrafter":
         twin = super().fork()
@@ -57,7 +60,7 @@ class NgramDrafter(Drafter):
         key = (len(state.tokens), length)  # a sequence only grows, so its length names its tokens
         if self._last is None or self._last[0] != key:
             self._last = (key, DraftTree.from_paths(self.continuations(state.tokens, length)))
-        return self._last[1]
+        return self.estimated(self._last[1])
 
 
 class _NgramIndex:

@@ -174,6 +174,7 @@ class WhiFlashDrafter(Drafter):
                 for p, tree in self._trees.items() if p != NO_DRAFT}
         for p in each:  # the cost model prices a paradigm's rows at what the engine last verified of its tree
             self.tree_size[p] = min(len(self._trees[p]), len(report.tree))
+            self.drafters[p].observe(report)
         self._trees = {}
         self.router.update(self.action, len(report.path) + 1, each)
         if self.predicted_tau is not None:
