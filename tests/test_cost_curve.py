@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from whiflash_sgl.cost_curve import CostCurve, measure, trim_to_value
+from whiflash_sgl.cost_curve import MAX_ROWS, ROWS_EACH, SEQUENCES, CostCurve, measure, trim_to_value, value_bar
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
@@ -33,7 +33,28 @@ def test_a_measured_dip_is_pooled_away_so_no_rows_look_free():
     assert CURVE.seconds == (0.100, 0.110, 0.200, 0.600)  # a curve that never dips stays as measured
 
 
+# measured on a 2-core CPU: each sequence costs its own attention, extra rows of the same sequences much less
+BY_SEQUENCES = CostCurve((1, 4, 8, 8, 32, 64), (0.037, 0.053, 0.076, 0.076, 0.095, 0.137), (1, 1, 1, 8, 8, 8))
+
+
+def test_a_curve_per_sequence_count_prices_rows_at_the_batch_shape():
+    assert BY_SEQUENCES(8, 8) == pytest.approx(0.076) and BY_SEQUENCES(4, 1) == pytest.approx(0.053)
+    assert BY_SEQUENCES.added(8, 8, 8) == pytest.approx(0.019 * 8 / 24)  # 8 more rows of the same 8 sequences
+    assert BY_SEQUENCES(16, 4) == pytest.approx((4 * BY_SEQUENCES(16, 1) + 3 * BY_SEQUENCES(16, 8)) / 7)  # 1..8
+    assert BY_SEQUENCES(64, 16) == BY_SEQUENCES(64, 8)  # beyond the last count measured: its curve
+    trimmed = trim_to_value([_chain([0.3, 0.2])] * 8, BY_SEQUENCES)
+    assert [len(t) for t in trimmed] == [2] * 8  # rows priced at 8 sequences are cheap: the chains pay
+    bar = value_bar(trimmed, BY_SEQUENCES)  # what one more node would need: 12 tokens' worth of the row's cost
+    assert bar == pytest.approx(12 * BY_SEQUENCES.added(24, 1, 8) / BY_SEQUENCES(24, 8))
+    assert len(trim_to_value([_chain([0.3, 0.2, bar * 1.01])] + [_chain([0.3, 0.2])] * 7, BY_SEQUENCES)[0]) == 3
+    assert len(trim_to_value([_chain([0.3, 0.2, bar * 0.99])] + [_chain([0.3, 0.2])] * 7, BY_SEQUENCES)[0]) == 2
+    assert [len(t) for t in trim_to_value([_chain([0.3, 0.2])] * 8, CostCurve((1, 4, 8), (0.037, 0.053, 0.076)))] \
+        == [0] * 8  # priced as if each row brought a sequence of its own, none would
+
+
 def test_a_curve_round_trips_and_bad_files_are_clear_errors(tmp_path):
+    BY_SEQUENCES.save(tmp_path / "s.json")
+    assert CostCurve.load(tmp_path / "s.json") == BY_SEQUENCES
     CURVE.save(tmp_path / "c.json", model="m")
     assert CostCurve.load(tmp_path / "c.json") == CURVE
     (tmp_path / "bad.json").write_text(json.dumps({"rows": [4, 2], "seconds": [1, 2]}))
@@ -140,8 +161,9 @@ def test_cost_model_without_a_curve_learns_the_verify_line():
 
 
 def test_measured_curve_drives_a_batch_that_stays_lossless(tiny_target, prompt_ids):
-    curve = measure(tiny_target, rows=(1, 4, 16), prefix=8, repeats=1, progress=False)
-    assert curve.rows == (1, 4, 16) and all(s > 0 for s in curve.seconds)
+    curve = measure(tiny_target, prefix=8, repeats=1, progress=False)
+    assert [count for count, _, _ in curve.lines] == list(SEQUENCES) and all(s > 0 for s in curve.seconds)
+    assert all(rows == tuple(count * k for k in ROWS_EACH if count * k <= MAX_ROWS) for count, rows, _ in curve.lines)
     assert tiny_target.pool.reserved == 0 and tiny_target.pool.free_slots == tiny_target.pool.capacity
     reference = SpeculativeEngine(tiny_target).generate(prompt_ids, 24).tokens
     tiny_target.cost_curve = CostCurve((1, 2), (0.1, 0.2))  # nothing pays: trees with estimates are cut to nothing

@@ -182,6 +182,22 @@ def test_eagle3_min_prob_keeps_only_likely_nodes(target, eagle):
         Eagle3Drafter(eagle, target.model.get_input_embeddings(), min_prob=1.0)
 
 
+def test_eagle3_drafts_nothing_below_the_rounds_bar(target, eagle):
+    """The engine's bar for a node that can pay this round (``SequenceState.min_prob``) floors the tree as the
+    drafter's own ``min_prob`` does, and the stricter of the two wins."""
+    full, state, full_tree = _eagle3_tree(target, eagle)
+    floor = sorted(full.last_scores)[len(full.last_scores) // 2]
+    state.min_prob = math.exp(floor) * (1 - 1e-6)
+    barred = Eagle3Drafter(eagle, target.model.get_input_embeddings(), depth=3, topk=3, budget=20)
+    barred.start(state)
+    tree = barred.propose(state, max_depth=5)
+    kept = {p for p, score in zip(_node_paths(full_tree), full.last_scores) if score >= floor}
+    assert 0 < len(tree) < len(full_tree) and set(_node_paths(tree)) == kept
+    strict = Eagle3Drafter(eagle, target.model.get_input_embeddings(), depth=3, topk=3, budget=20, min_prob=0.999)
+    strict.start(state)
+    assert len(strict.propose(state, max_depth=5)) == 0
+
+
 def test_marginal_tree_grows_best_first():
     top_p = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.5, 0.5]])
     top_ids = torch.tensor([[10, 11], [20, 21], [30, 31]])

@@ -102,9 +102,10 @@ def _parser() -> argparse.ArgumentParser:
                                                 "joined by '+' (e.g. eagle3+ngram): drafted together, verified as one "
                                                 "tree")
 
-    p = sub.add_parser("cost-curve", help="measure the target's forward time against rows per forward (JSON, PNG)")
+    p = sub.add_parser("cost-curve", help="measure the target's forward time against rows and sequences per forward "
+                                                 "(JSON, PNG)")
     p.add_argument("--out", required=True, help="curve JSON; the plot goes next to it as .png")
-    p.add_argument("--repeats", type=int, default=5, help="timed forwards per row count (the median is kept)")
+    p.add_argument("--repeats", type=int, default=5, help="timed forwards per shape (the median is kept)")
     _add_common(p)
 
     p = sub.add_parser("train-drafter", help="train an EAGLE-3 or DFlash drafter on the target's own outputs")
@@ -254,8 +255,8 @@ def _cost_curve(args) -> None:
     curve.save(out, model=target.name, device=str(target.device), threads=threads,
                command="whiflash " + " ".join(sys.argv[1:]))
     png = plot(curve, out.with_suffix(".png"), f"{target.name}: one target forward, {threads} threads")
-    for rows, seconds in zip(curve.rows, curve.seconds):
-        print(f"{rows:4d} rows  {1000 * seconds:8.1f} ms  {1000 * seconds / rows:7.2f} ms/row")
+    for sequences, rows, seconds in zip(curve.sequences, curve.rows, curve.seconds):
+        print(f"{sequences:3d} sequences {rows:4d} rows  {1000 * seconds:8.1f} ms  {1000 * seconds / rows:7.2f} ms/row")
     print(f"wrote {out} and {png}", file=sys.stderr)
 
 

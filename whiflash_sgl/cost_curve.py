@@ -1,15 +1,21 @@
-"""The target's cost curve: seconds of one forward against the rows it verifies, measured on this machine.
+"""The target's cost curve: seconds of one forward against the rows it verifies and the sequences they belong to,
+measured on this machine.
 
 A verify row costs very differently at batch 1 and at batch 16. On a CPU a forward of a few rows is bound by
 reading the weights, so extra rows are nearly free; past some tens of rows the matrix products become compute-bound
-and every row costs its share. Speculation pays only while the rows it adds cost less than the tokens they are
-expected to bring, so the engine (which trims draft trees by value, ``engine.trim_to_value``) and the router (which
-prices each action at its marginal cost on top of the rest of the batch) both read this curve.
+and every row costs its share. Each sequence in a forward costs too (its own attention over its own cache), and in
+a round the sequences are given: only the rows a request drafts are a choice. So the curve is kept per number of
+sequences, and what a draft row adds is read at the round's own sequence count (measured at 8 sequences on a
+2-core CPU: 8 rows 76 ms, 16 rows 78 ms; a curve over rows alone, whose 16 rows were 16 sequences, priced those
+eight extra rows at 10 ms). Speculation pays only while the rows it adds cost less than the tokens they are expected
+to bring, so the engine (which trims draft trees by value, ``engine.trim_to_value``) and the router (which prices
+each action at its marginal cost on top of the rest of the batch) both read this curve.
 
-``whiflash cost-curve`` measures it: forwards of ``n`` rows spread over ``min(n, 16)`` sequences with a realistic
-cached prefix each, the median of several passes over every ``n`` (interleaved, so that a slow spell of a shared
-machine does not land on a few row counts). The curve is piecewise linear between the measured points and linear
-beyond the last two.
+``whiflash cost-curve`` measures it: forwards of 1 to 16 sequences with 1 to 32 rows each (at most 256 in all) and
+a realistic cached prefix each, the median of several passes over every shape (interleaved, so that a slow spell of
+a shared machine does not land on a few shapes). Per sequence count the curve is piecewise linear between the
+measured rows and linear beyond the last two; between two measured counts it is interpolated, and beyond the last
+it is that count's.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import json
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,44 +33,77 @@ import torch
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.tree import DraftTree
 
-DEFAULT_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+SEQUENCES = (1, 2, 4, 8, 16)  # sequences per measured forward
+ROWS_EACH = (1, 2, 4, 8, 16, 32)  # rows per sequence in a measured forward
+MAX_ROWS = 256
 COST_CURVE_FILE = "cost_curve.json"  # next to a target's committed drafters, in WEIGHTS_DIR
 
 
 @dataclass(frozen=True)
 class CostCurve:
-    rows: tuple[int, ...]  # ascending
+    """Measured forwards: ``rows[i]`` rows over ``sequences[i]`` sequences took ``seconds[i]`` (no ``sequences``:
+    one curve over rows, whatever the sequences)."""
+
+    rows: tuple[int, ...]
     seconds: tuple[float, ...]
+    sequences: tuple[int, ...] = ()
+    # per measured sequence count, ascending: (count, rows ascending, seconds made non-decreasing)
+    lines: tuple[tuple[int, tuple[int, ...], tuple[float, ...]], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if len(self.rows) < 2 or len(self.rows) != len(self.seconds) or list(self.rows) != sorted(set(self.rows)):
-            raise WhiFlashError("a cost curve needs two or more distinct ascending row counts, one time each")
-        object.__setattr__(self, "seconds", _non_decreasing(self.seconds))
+        counts = self.sequences or (1,) * len(self.rows)
+        if len(self.rows) != len(self.seconds) or len(counts) != len(self.rows):
+            raise WhiFlashError("a cost curve needs one time (and one sequence count, where given) per row count")
+        lines = []
+        for count in sorted(set(counts)):
+            points = [(r, t) for c, r, t in zip(counts, self.rows, self.seconds) if c == count]
+            rows = [r for r, _ in points]
+            if len(rows) < 2 or rows != sorted(set(rows)):
+                raise WhiFlashError("a cost curve needs two or more distinct ascending row counts per sequence "
+                                    "count, one time each")
+            lines.append((count, tuple(rows), _non_decreasing([t for _, t in points])))
+        object.__setattr__(self, "lines", tuple(lines))
+        pooled = {(count, r): t for count, rows, seconds in lines for r, t in zip(rows, seconds)}
+        object.__setattr__(self, "seconds", tuple(pooled[c, r] for c, r in zip(counts, self.rows)))
 
-    def __call__(self, rows: float) -> float:
-        """Seconds of a forward of ``rows`` rows; 0 for no forward at all."""
+    def __call__(self, rows: float, sequences: int = 1) -> float:
+        """Seconds of a forward of ``rows`` rows over ``sequences`` sequences; 0 for no forward at all."""
         if rows <= 0:
             return 0.0
-        xs, ys = self.rows, self.seconds
-        i = min(max(bisect.bisect_left(xs, rows), 1), len(xs) - 1)  # the segment, or the first or last one beyond
-        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-        return max(y0 + (y1 - y0) * (rows - x0) / (x1 - x0), 0.0)
+        counts = [count for count, _, _ in self.lines]
+        i = bisect.bisect_left(counts, sequences)
+        if i == 0 or i == len(counts) or counts[i] == sequences:
+            return _along(self.lines[min(i, len(counts) - 1)], rows)
+        (c0, *_), (c1, *_) = self.lines[i - 1], self.lines[i]
+        w = (sequences - c0) / (c1 - c0)
+        return (1 - w) * _along(self.lines[i - 1], rows) + w * _along(self.lines[i], rows)
 
-    def added(self, base_rows: float, extra_rows: float) -> float:
-        """What ``extra_rows`` add to a forward that already has ``base_rows`` (the whole forward when none)."""
-        return self(base_rows + extra_rows) - self(base_rows)
+    def added(self, base_rows: float, extra_rows: float, sequences: int = 1) -> float:
+        """What ``extra_rows`` add to a forward over ``sequences`` sequences that already has ``base_rows`` (the
+        whole forward when none)."""
+        return self(base_rows + extra_rows, sequences) - self(base_rows, sequences)
 
     @classmethod
     def load(cls, path: Path) -> "CostCurve":
         try:
             data = json.loads(Path(path).read_text())
-            return cls(tuple(int(r) for r in data["rows"]), tuple(float(s) for s in data["seconds"]))
+            return cls(tuple(int(r) for r in data["rows"]), tuple(float(s) for s in data["seconds"]),
+                       tuple(int(c) for c in data.get("sequences", ())))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise WhiFlashError(f"cannot read a cost curve from {path}: {exc}; remake it with `whiflash cost-curve`")
 
     def save(self, path: Path, **about) -> None:
-        Path(path).write_text(json.dumps({**about, "rows": list(self.rows), "seconds": list(self.seconds)},
+        shape = {"sequences": list(self.sequences)} if self.sequences else {}
+        Path(path).write_text(json.dumps({**about, **shape, "rows": list(self.rows), "seconds": list(self.seconds)},
                                          indent=1) + "\n")
+
+
+def _along(line: tuple[int, tuple[int, ...], tuple[float, ...]], rows: float) -> float:
+    """One sequence count's curve at ``rows``: piecewise linear, and linear beyond its first and last segments."""
+    _, xs, ys = line
+    i = min(max(bisect.bisect_left(xs, rows), 1), len(xs) - 1)  # the segment, or the first or last one beyond
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return max(y0 + (y1 - y0) * (rows - x0) / (x1 - x0), 0.0)
 
 
 def _non_decreasing(values: Sequence[float]) -> tuple[float, ...]:
@@ -80,31 +119,30 @@ def _non_decreasing(values: Sequence[float]) -> tuple[float, ...]:
     return tuple(total / count for total, count in blocks for _ in range(int(count)))
 
 
-def measure(target, rows: Sequence[int] = DEFAULT_ROWS, prefix: int = 256, repeats: int = 5,
-            progress: bool = True) -> CostCurve:
-    """Time target forwards of each row count in ``rows`` (the median of ``repeats`` passes over all the counts), the
-    rows spread evenly over ``min(n, 16)`` sequences that each have ``prefix`` positions cached."""
+def measure(target, prefix: int = 256, repeats: int = 5, progress: bool = True) -> CostCurve:
+    """Time target forwards of every shape: ``SEQUENCES`` sequences with ``ROWS_EACH`` rows each, at most
+    ``MAX_ROWS`` in all (the median of ``repeats`` passes over all the shapes); each sequence has ``prefix``
+    positions cached."""
     from tqdm import tqdm
 
     from whiflash_sgl.target import Chunk
 
     pool, vocab = target.pool, target.model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
-    sequences = 16
-    need = sequences * prefix + max(rows)
+    shapes = [(n, k) for n in SEQUENCES for k in ROWS_EACH if n * k <= MAX_ROWS]
+    need = max(SEQUENCES) * prefix + MAX_ROWS
     if not pool.reserve(need):
         raise WhiFlashError(f"measuring the cost curve needs {need} KV slots; raise the KV budget")
-    cached = [pool.alloc(prefix) for _ in range(sequences)]
+    cached = [pool.alloc(prefix) for _ in range(max(SEQUENCES))]
     try:
         for rows_of in cached:  # fill the prefixes with real KV
             ids = torch.randint(vocab, (prefix,), generator=generator).tolist()
             target.forward([Chunk(ids, torch.arange(prefix), rows_of[:0], rows_of)])
 
-        def timed(n: int) -> float:
-            batch = min(n, sequences)
-            sizes = [n // batch + (i < n % batch) for i in range(batch)]
-            chunks = [Chunk(torch.randint(vocab, (k,), generator=generator).tolist(), torch.arange(prefix, prefix + k),
-                            cached[i], pool.alloc(k), logits=k) for i, k in enumerate(sizes)]
+        def timed(sequences: int, each: int) -> float:
+            chunks = [Chunk(torch.randint(vocab, (each,), generator=generator).tolist(),
+                            torch.arange(prefix, prefix + each), cached[i], pool.alloc(each), logits=each)
+                      for i in range(sequences)]
             tic = time.perf_counter()
             target.forward(chunks)
             seconds = time.perf_counter() - tic
@@ -112,16 +150,16 @@ def measure(target, rows: Sequence[int] = DEFAULT_ROWS, prefix: int = 256, repea
                 pool.free(chunk.rows)
             return seconds
 
-        for n in rows:  # the first run of a shape warms it up
-            timed(n)
-        times: dict[int, list[float]] = {n: [] for n in rows}
-        with tqdm(total=repeats * len(rows), desc="cost curve", disable=not progress) as bar:
-            for _ in range(repeats):  # every row count once per pass: a machine's slow spell hits them all alike
-                for n in rows:
-                    times[n].append(timed(n))
+        for shape in shapes:  # the first run of a shape warms it up
+            timed(*shape)
+        times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
+        with tqdm(total=repeats * len(shapes), desc="cost curve", disable=not progress) as bar:
+            for _ in range(repeats):  # every shape once per pass: a machine's slow spell hits them all alike
+                for shape in shapes:
+                    times[shape].append(timed(*shape))
                     bar.update()
-        seconds = [statistics.median(times[n]) for n in rows]
-        return CostCurve(tuple(rows), tuple(seconds))
+        return CostCurve(tuple(n * k for n, k in shapes), tuple(statistics.median(times[s]) for s in shapes),
+                         tuple(n for n, _ in shapes))
     finally:
         for rows_of in cached:
             pool.free(rows_of)
@@ -129,22 +167,19 @@ def measure(target, rows: Sequence[int] = DEFAULT_ROWS, prefix: int = 256, repea
 
 
 def plot(curve: CostCurve, path: Path, title: str) -> Path:
-    """Seconds per forward and seconds per row against rows per forward."""
+    """Milliseconds per forward against rows per forward, one line per number of sequences in it."""
     from whiflash_sgl.plots import _pyplot
 
     plt = _pyplot()
-    fig, left = plt.subplots(figsize=(7, 4))
-    left.plot(curve.rows, [1000 * s for s in curve.seconds], "-o", color="tab:blue", ms=4)
-    left.set_xlabel("rows verified in one target forward (all requests together)")
-    left.set_ylabel("ms per forward", color="tab:blue")
-    left.set_xscale("log", base=2)
-    right = left.twinx()
-    right.plot(curve.rows, [1000 * s / r for s, r in zip(curve.seconds, curve.rows)], "-s", color="tab:orange",
-               ms=4)
-    right.set_ylabel("ms per row", color="tab:orange")
-    right.set_yscale("log")
-    left.set_title(title)
-    left.grid(alpha=0.3)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for count, rows, seconds in curve.lines:
+        ax.plot(rows, [1000 * t for t in seconds], "-o", ms=4, label=f"{count} sequence{'s' * (count > 1)}")
+    ax.set_xlabel("rows verified in one target forward (all requests together)")
+    ax.set_ylabel("ms per forward")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -156,14 +191,16 @@ def trim_to_value(trees: Sequence[DraftTree], curve: CostCurve) -> list[DraftTre
 
     Every request's root row is verified and commits a token. Draft nodes then join the forward likeliest first (by
     ``DraftTree.probs``; trees without them are kept whole), as long as a node's expected token is worth its rows'
-    added cost at the batch's current rate: ``p / (T(R + 1) - T(R)) >= tokens / T(R)``. At batch 1 that keeps all
+    added cost at the batch's current rate: ``p / (T(R + 1) - T(R)) >= tokens / T(R)`` (``T`` at the batch's
+    sequence count). At batch 1 that keeps all
     but the long shots; as the batch grows each row costs more and the trees shrink, down to no draft at all."""
-    rows = len(trees) + sum(len(t) for t in trees if not t.probs)
-    tokens = float(len(trees))
+    sequences = len(trees)
+    rows = sequences + sum(len(t) for t in trees if not t.probs)
+    tokens = float(sequences)
     nodes = sorted(((-p, t.depths[n], i, n) for i, t in enumerate(trees) if t.probs for n, p in enumerate(t.probs)))
     kept: dict[int, list[int]] = {i: [] for i, t in enumerate(trees) if t.probs}
     for neg_p, _, i, n in nodes:
-        if -neg_p * curve(rows) < tokens * curve.added(rows, 1):
+        if -neg_p * curve(rows, sequences) < tokens * curve.added(rows, 1, sequences):
             break
         if trees[i].parents[n] >= 0 and trees[i].parents[n] not in kept[i]:
             continue  # a node likelier than its parent (the estimate broke its contract) waits for the parent
@@ -171,3 +208,13 @@ def trim_to_value(trees: Sequence[DraftTree], curve: CostCurve) -> list[DraftTre
         tokens += -neg_p
         kept[i].append(n)
     return [t.subtree(sorted(kept[i])) if i in kept else t for i, t in enumerate(trees)]
+
+
+def value_bar(trees: Sequence[DraftTree], curve: CostCurve) -> float:
+    """The least probability at which one more draft node would pay for its row on top of ``trees`` (one round's
+    trimmed trees): what :func:`trim_to_value` would ask of the next node. The engine hands it to the next round's
+    drafters, which need not draft what could not pass."""
+    sequences = len(trees)
+    rows = sequences + sum(len(t) for t in trees)
+    tokens = sequences + sum(sum(t.probs) if t.probs else len(t) for t in trees)
+    return tokens * curve.added(rows, 1, sequences) / curve(rows, sequences) if trees else 0.0

@@ -1,12 +1,14 @@
 """Linear layers chosen for the CPU they run on.
 
 A verify pass and a draft step are chains of small-M GEMMs (M = the rows in flight), and which kernel wins depends
-on the instruction set:
+on the CPU:
 
-* float32 target: oneDNN's prepacked inner product beats the default GEMM on an AVX-512 host (SmolLM2's verify of 8
-  rows 64 -> 49 ms, one row 40 -> 35 ms); on an AVX2-only host (AMD EPYC) the default is as fast or faster at every
+* float32 target: oneDNN's prepacked inner product beat the default GEMM on one AVX-512 host (SmolLM2's verify of 8
+  rows 64 -> 49 ms, one row 40 -> 35 ms); on an AVX2-only host (AMD EPYC) the default was as fast or faster at every
   row count from 1 to 512 (30 layers' linears: 1 row 44 against 68 ms, 2 rows 67 against 90, 8 rows 101 against
-  109, 64 rows 287 against 300), so there nothing is packed.
+  109, 64 rows 287 against 300), and so it was on a Sapphire Rapids host with AMX (whole forwards: 1 row 37 against
+  61 ms, 8 sequences of 1 row 76 against 88, of 8 rows 137 against 161). The ISA does not tell them apart, so
+  :func:`prepacking_pays` times both on a linear of the model's own shape.
 * bfloat16 drafters: without AVX-512, bf16 products are emulated. While reading the weights dominates they still
   win (an EAGLE-3 layer and its 8k head, 1 row 2.9 against 4.4 ms in float32), but from a few rows on they lose
   2-4x (16 rows 37 against 12 ms, 64 rows 138 against 30), which is what a batch of requests drafting together
@@ -17,20 +19,48 @@ Either way the products are the same up to rounding, and drafts only propose, so
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
 
 SMALL_ROWS = 4  # at most this many rows: bf16 weights; more: the float32 copy (on CPUs without AVX-512)
+PROBE_CALLS = 15  # timed calls per kernel and row count when deciding whether prepacking pays
 
 
 def has_avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
-def prepacking_pays() -> bool:
-    """Whether oneDNN-prepacked float32 linears beat the default CPU GEMM here (see the module docstring)."""
-    return torch.backends.mkldnn.is_available() and has_avx512()
+def prepacking_pays(model: torch.nn.Module) -> bool:
+    """Whether oneDNN-prepacked float32 linears beat the default CPU GEMM here, timed on the largest linear inside
+    ``model``'s layers at 1 and 16 rows (the median of ``PROBE_CALLS`` calls each): packing must win by 10%."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    if not linears or linears[0].weight.dtype != torch.float32:
+        return False
+    probe = max(linears, key=lambda m: m.weight.numel())
+    with torch.no_grad():
+        packed = PackedLinear(probe)
+        rows = [torch.randn(m, probe.in_features) for m in (1, 16)]
+        return _seconds(packed, rows) < 0.9 * _seconds(probe, rows)
+
+
+def _seconds(linear: torch.nn.Module, inputs: list[torch.Tensor]) -> float:
+    """The summed median time of ``linear`` on each of ``inputs``, after a warm-up call."""
+    total = 0.0
+    for x in inputs:
+        linear(x)
+        times = []
+        for _ in range(PROBE_CALLS):
+            tic = time.perf_counter()
+            linear(x)
+            times.append(time.perf_counter() - tic)
+        total += statistics.median(times)
+    return total
 
 
 class PackedLinear(torch.nn.Module):

@@ -55,7 +55,7 @@ def round_seconds(wishes: Sequence[Wish], drafting: Sequence[bool], costs: CostM
     drafter's call for the requests that chose it, and their catch-ups."""
     chosen = [w for w, go in zip(wishes, drafting) if go]
     groups = Counter(p for w in chosen for p in members(w.action))
-    return (costs.verify(base_rows + sum(w.rows for w in chosen))
+    return (costs.verify(base_rows + sum(w.rows for w in chosen), len(wishes))
             + sum(costs.draft_call(p, n) for p, n in groups.items())
             + sum(w.catchup_seconds for w in chosen))
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from whiflash_sgl.cost_curve import trim_to_value
+from whiflash_sgl.cost_curve import trim_to_value, value_bar
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.sampling import KeyedSampler, SamplingParams, check_seed
@@ -167,6 +167,7 @@ class SpeculativeEngine:
         self.max_running, self.prefill_chunk = max_running, prefill_chunk
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted: prefilling, then decoding
+        self.draft_floor = 0.0  # the last round's bar for one more draft node (``cost_curve.value_bar``)
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
@@ -263,7 +264,7 @@ class SpeculativeEngine:
         accepted = [accept(tree, out.logits, r.sampling, sampler=r.sampler, generator=r.generator,
                            root_position=len(r.slots)) for r, tree, _, out in verified]
         load = RoundReport(DraftTree(), [], [], t2 - t1, sum(len(c.tokens) for c in chunks),
-                           sum(len(path) + 1 for path, _ in accepted), t1 - t0)
+                           sum(len(path) + 1 for path, _ in accepted), t1 - t0, len(chunks))
         for (request, tree, chunk, out), (path, bonus) in zip(verified, accepted):
             self._commit(request, tree, chunk, out, path, bonus, load)
             request.draft_seconds += t1 - t0
@@ -354,16 +355,23 @@ class SpeculativeEngine:
     def _draft(self, requests: list[Request]) -> list[DraftTree]:
         """Each request's tree (empty when one token is left, or without a drafter); drafters of one kind draft
         their requests together. With the target's cost curve known, the batch's verify rows then go to the likeliest
-        nodes of all trees, as many as pay (``cost_curve.trim_to_value``)."""
+        nodes of all trees, as many as pay (``cost_curve.trim_to_value``), and the bar a node had to clear is the
+        next round's ``SequenceState.min_prob``: drafters need not draft what could not pass."""
         trees = [DraftTree()] * len(requests)
         asks = [(i, r) for i, r in enumerate(requests)
                 if r.drafter is not None and r.max_new_tokens - len(r.out.tokens) > 1]
         depths = [r.max_new_tokens - len(r.out.tokens) - 1 for _, r in asks]
+        for _, request in asks:
+            request.state.min_prob = self.draft_floor
         proposed = propose_all([r.drafter for _, r in asks], [r.state for _, r in asks], depths)
         for (i, _), tree, depth in zip(asks, proposed, depths):
             trees[i] = tree.pruned(depth).first(MAX_TREE_NODES)
         curve = self.target.cost_curve
-        return trees if curve is None else trim_to_value(trees, curve)
+        if curve is None:
+            return trees
+        trees = trim_to_value(trees, curve)
+        self.draft_floor = value_bar(trees, curve)
+        return trees
 
     def _verify_chunk(self, request: Request, tree: DraftTree) -> Chunk:
         start = len(request.slots)  # the root's position: every earlier position is in the pool

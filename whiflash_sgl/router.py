@@ -94,11 +94,13 @@ class RoundFeatures:
 
 @dataclass(frozen=True)
 class BatchLoad:
-    """The rest of the batch in a sequence's last round: rows it verified, tokens it committed, its drafting time."""
+    """The rest of the batch in a sequence's last round: rows it verified, tokens it committed, its drafting time,
+    how many sequences it was."""
 
     rows: int = 0
     tokens: float = 0.0
     draft_seconds: float = 0.0
+    sequences: int = 0
 
 
 @dataclass(frozen=True)
@@ -196,11 +198,11 @@ class CostModel:
     def observe_verify(self, rows: int, seconds: float) -> None:
         self.verify_seconds.observe(rows, seconds)
 
-    def verify(self, rows: float) -> float:
-        """Seconds of a forward of ``rows`` rows (0 for none)."""
+    def verify(self, rows: float, sequences: int = 1) -> float:
+        """Seconds of a forward of ``rows`` rows over ``sequences`` sequences (0 for none)."""
         if rows <= 0:
             return 0.0
-        return self.curve(rows) if self.curve is not None else self.verify_seconds(rows)
+        return self.curve(rows, sequences) if self.curve is not None else self.verify_seconds(rows)
 
     def draft_call(self, paradigm: str, sequences: int) -> float:
         """Seconds of one call of ``paradigm``'s drafter for ``sequences`` sequences (0 before any was seen)."""
@@ -210,16 +212,17 @@ class CostModel:
         return self.catchup[paradigm](backlog) if backlog > 0 and paradigm in self.catchup else 0.0
 
     def predict(self, action: str, draft_tokens: dict[str, int], pending: dict[str, int],
-                others_rows: int = 0) -> float:
-        """What an action adds to a round in which the rest of the batch verifies ``others_rows`` rows: each of its
+                others_rows: int = 0, others_sequences: int = 0) -> float:
+        """What an action adds to a round in which the rest of the batch (``others_sequences`` sequences) verifies
+        ``others_rows`` rows: each of its
         paradigms drafts (after catching up; a fair share of a batched call), then its rows (all its paradigms'
         tokens and the root; shared prefixes would merge, so this bounds a hedge) join the forward."""
-        return self.predict_all((action,), draft_tokens, pending, others_rows)[action]
+        return self.predict_all((action,), draft_tokens, pending, others_rows, others_sequences)[action]
 
     def predict_all(self, actions: Sequence[str], draft_tokens: dict[str, int], pending: dict[str, int],
-                    others_rows: int = 0) -> dict[str, float]:
+                    others_rows: int = 0, others_sequences: int = 0) -> dict[str, float]:
         """:meth:`predict` for every one of ``actions``, each paradigm's share priced once."""
-        base = self.verify(others_rows)
+        base = self.verify(others_rows, others_sequences)
         share = {}
         for p in {p for a in actions if a != NO_DRAFT for p in members(a)}:
             n = self.group.get(p, 1) if others_rows else 1
@@ -228,7 +231,8 @@ class CostModel:
         for action in actions:
             chosen = () if action == NO_DRAFT else members(action)
             rows = sum(draft_tokens[p] for p in chosen) + 1
-            seconds[action] = self.verify(others_rows + rows) - base + sum(share[p] for p in chosen)
+            added = self.verify(others_rows + rows, others_sequences + 1) - base
+            seconds[action] = added + sum(share[p] for p in chosen)
         return seconds
 
 
@@ -361,11 +365,16 @@ class Router:
         return RoundFeatures(
             entropy=entropy, margin=margin, last_tau=self.last_tau, last_paradigm=self.last_paradigm,
             ema_tau=dict(self.ema_tau), pending=dict(pending),
-            predicted_seconds=self.costs.predict_all((*self.actions, NO_DRAFT), draft_tokens, pending, batch.rows),
+            predicted_seconds=self.costs.predict_all((*self.actions, NO_DRAFT), draft_tokens, pending, batch.rows,
+                                                     batch.sequences),
             dflash_expected=expected, eagle_top1=eagle_top1, ngram_draft=ngram_draft, in_code=in_code,
             in_json=in_json, bracket_depth=depth, batch_tokens=batch.tokens,
-            batch_seconds=self.costs.verify(batch.rows) + batch.draft_seconds if batch.rows else 0.0,
+            batch_seconds=self._batch_seconds(batch),
         )
+
+    def _batch_seconds(self, batch: BatchLoad) -> float:
+        """The rest of the batch's share of a round: its verify rows (over its sequences) and its drafting."""
+        return self.costs.verify(batch.rows, batch.sequences) + batch.draft_seconds if batch.rows else 0.0
 
     def _fault(self, kind: str, detail: str) -> Decision:
         self.stats.faults[kind] = self.stats.faults.get(kind, 0) + 1

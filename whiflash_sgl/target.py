@@ -64,7 +64,7 @@ class Target:
     """A target model with one sequence's KV cache. ``capture_layers`` are HF ``hidden_states`` indices.
 
     ``pack=True`` prepacks the linear layers for oneDNN (float32 on a CPU only; inference only: no gradients flow
-    through them), ``None`` where that pays (:func:`prepacking_pays`). ``lm_head`` stays the model's own dense
+    through them), ``None`` where that pays on this CPU (:func:`prepacking_pays`, timed). ``lm_head`` stays the model's own dense
     output layer, for drafters that share it."""
 
     def __init__(self, model, tokenizer, capture_layers: tuple[int, ...] = (), name: str = "",
@@ -73,7 +73,7 @@ class Target:
         self.model = model.eval()
         self.lm_head = model.get_output_embeddings()
         if pack is None:
-            pack = prepacking_pays()
+            pack = self.device.type == "cpu" and prepacking_pays(model)
         if pack and self.device.type == "cpu" and model.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             with torch.no_grad():
                 pack_linears(model)

@@ -41,6 +41,7 @@ class SequenceState:
     feature_layers: tuple[int, ...] = ()
     root_logits: torch.Tensor | None = None
     sampler: KeyedSampler | None = None
+    min_prob: float = 0.0  # the least path probability that can pay this round (the batch's last trim bar)
 
     def context_features(self, layers: tuple[int, ...], start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         """Features of positions ``[start, end)`` for ``layers``, concatenated: ``[end-start, len(layers)*H]``, in
@@ -60,6 +61,7 @@ class RoundReport:
     verify_seconds: float  # the whole verify forward, shared with the other sequences in it
     forward_rows: int = 0  # rows of that forward, all sequences' together (0: not known, taken as this tree's)
     forward_tokens: int = 0  # tokens that forward committed, all sequences' together
+    forward_sequences: int = 1  # sequences in that forward, this one included
     draft_seconds: float = 0.0  # the round's drafting, all sequences' together
 
 

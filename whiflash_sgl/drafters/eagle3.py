@@ -174,10 +174,11 @@ class Eagle3Drafter(CachedDrafter):
         roots = torch.tensor([n - 2 for n in lengths], device=x.device)
         out, logp = cls._rows(drafters, x, hidden, roots, [1] * len(drafters), [None] * len(drafters))
         growing: list[_Growth | None] = []
-        for i, (d, n, max_depth) in enumerate(zip(drafters, lengths, max_depths)):
+        for i, (d, s, n, max_depth) in enumerate(zip(drafters, states, lengths, max_depths)):
             d.frontier = n - 1
             depth = min(d.depth, max_depth)
-            growing.append(_Growth(d, out[i : i + 1], logp[i], n - 2, depth) if depth >= 1 else None)
+            floor = max(d.min_logp, math.log(s.min_prob)) if s.min_prob > 0 else d.min_logp
+            growing.append(_Growth(d, out[i : i + 1], logp[i], n - 2, depth, floor) if depth >= 1 else None)
         live = [g for g in growing if g is not None]
         step = 1
         while live := [g for g in live if g.frontier and step < g.depth]:
@@ -197,22 +198,23 @@ class Eagle3Drafter(CachedDrafter):
             if g is None:
                 trees.append(DraftTree())
                 continue
-            tree, d.last_scores = _best_subtree(g.nodes, d.budget, d.min_logp)
+            tree, d.last_scores = _best_subtree(g.nodes, d.budget, g.min_logp)
             d.cache.truncate(n - 1)
             trees.append(tree)
         return trees
 
 
 class _Growth:
-    """One sequence's EAGLE-2 dynamic tree while it grows: each step expands the ``topk`` best frontier nodes; at the
-    end all nodes are reranked by cumulative log-prob (:func:`_best_subtree`)."""
+    """One sequence's EAGLE-2 dynamic tree while it grows: each step expands the ``topk`` best frontier nodes scoring
+    at least ``min_logp`` (the drafter's floor, or the round's bar where that is stricter); at the end all nodes are
+    reranked by cumulative log-prob (:func:`_best_subtree`)."""
 
-    def __init__(self, drafter: Eagle3Drafter, root_out, root_logp, root_pos: int, depth: int):
-        self.drafter, self.root_pos, self.depth = drafter, root_pos, depth
+    def __init__(self, drafter: Eagle3Drafter, root_out, root_logp, root_pos: int, depth: int, min_logp: float):
+        self.drafter, self.root_pos, self.depth, self.min_logp = drafter, root_pos, depth, min_logp
         scores, ids = root_logp.topk(drafter.topk)
         # every generated node: (score, depth, parent node index or -1, target token)
         self.nodes = [(float(s), 1, -1, int(t)) for s, t in zip(scores, drafter.model.to_target_ids(ids))]
-        self.frontier = [i for i in range(len(self.nodes)) if self.nodes[i][0] >= drafter.min_logp]
+        self.frontier = [i for i in range(len(self.nodes)) if self.nodes[i][0] >= min_logp]
         self.parent_out = root_out.expand(len(self.frontier), -1)
         self.rows: dict[int, int] = {}  # node -> its row in the draft cache once expanded
         self.committed = drafter.cache.get_seq_length()
@@ -237,7 +239,7 @@ class _Growth:
 
     def take(self, step: int, out: torch.Tensor, logp: torch.Tensor) -> None:
         """The frontier's children from its rows' outputs; the next frontier is the ``topk`` best of them."""
-        k, min_logp = self.drafter.topk, self.drafter.min_logp
+        k, min_logp = self.drafter.topk, self.min_logp
         child_scores, child_ids = logp.topk(k, dim=-1)
         child_scores = child_scores.cpu() + torch.tensor([self.nodes[i][0] for i in self.frontier])[:, None]
         child_tokens = self.drafter.model.to_target_ids(child_ids).tolist()

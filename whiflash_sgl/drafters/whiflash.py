@@ -184,4 +184,4 @@ class WhiFlashDrafter(Drafter):
         self.trace.append((self.action, len(report.path)))
         others = rows - len(report.tree) - 1
         self.load = BatchLoad(others, max(report.forward_tokens - len(report.new_tokens), 0),
-                              report.draft_seconds * others / rows)
+                              report.draft_seconds * others / rows, report.forward_sequences - 1)
