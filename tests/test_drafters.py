@@ -300,3 +300,16 @@ def test_checkpoint_round_trip_and_mismatch_errors(target, eagle, dflash, tiny_t
         load_drafter_model("eagle3", tmp_path / "eagle3", target)
     with pytest.raises(WhiFlashError, match="missing"):
         load_drafter_model("eagle3", tmp_path / "nowhere", target)
+
+
+def test_appended_features_equal_their_concatenation():
+    """The engine appends each round's features into a doubling buffer; every view equals the plain concatenation."""
+    gen = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n, 3, 4, generator=gen) for n in (40, 1, 3, 30, 2, 70)]
+    state = SequenceState([0], 0)
+    for i, chunk in enumerate(chunks):
+        state.add_features(chunk)
+        assert torch.equal(state.features, torch.cat(chunks[: i + 1]))
+    given = SequenceState([0], 0, features=chunks[0].clone())
+    given.add_features(chunks[1])
+    assert torch.equal(given.features, torch.cat(chunks[:2]))

@@ -339,7 +339,7 @@ class SpeculativeEngine:
         request.prefilled += len(chunk.tokens)
         state = request.state
         if out.hidden is not None:
-            state.features = out.hidden if state.features is None else torch.cat([state.features, out.hidden])
+            state.add_features(out.hidden)
         state.feature_layers = self.target.capture_layers
         if not request.decoding:
             return
@@ -390,8 +390,7 @@ class SpeculativeEngine:
         self.target.pool.free(chunk.rows[~kept])
         state = request.state
         if out.hidden is not None:
-            rows = out.hidden[keep]
-            state.features = rows if state.features is None else torch.cat([state.features, rows])
+            state.add_features(out.hidden[keep])
         new_tokens = [tree.tokens[i] for i in path] + [bonus]
         state.tokens.extend(new_tokens)
         state.root_logits = out.logits[keep[-1]]
