@@ -60,6 +60,7 @@ class WhiFlashDrafter(Drafter):
         self.feature_layers = tuple(sorted({layer for d in drafters.values() for layer in d.feature_layers}))
         self.tree_size = {p: 8 for p in drafters}  # last verified draft size per paradigm, for the cost model
         self.calibration = Calibration()  # shared by the forks, as the cost model is
+        self.latest: dict[str, DraftTree] = {}  # each paradigm's latest tree for any sequence (shared by the forks)
         self._reset_sequence()
 
     def _reset_sequence(self) -> None:
@@ -71,6 +72,7 @@ class WhiFlashDrafter(Drafter):
         self.load = BatchLoad()  # the rest of the batch, as the last round saw it
         self.trace: list[tuple[str, int]] = []  # (action, accepted draft tokens) per drafted round
         self._trees: dict[str, DraftTree] = {}  # this round's draft per paradigm of the action
+        self.drafted: dict[str, DraftTree] = {}  # each paradigm's latest tree for this sequence, with its estimates
 
     def fork(self) -> "WhiFlashDrafter":
         """Another sequence's router state and drafters (their caches); weights, cost model and statistics shared."""
@@ -107,17 +109,29 @@ class WhiFlashDrafter(Drafter):
         return seconds
 
     def _features(self, state: SequenceState, root: tuple[float, float]) -> RoundFeatures:
-        return round_features(self.router, self.drafters, state, self.tree_size, self.tokenizer, self.load, root)
+        features = round_features(self.router, self.drafters, state, self.tree_size, self.tokenizer, self.load, root)
+        if "ngram" in self.drafters:  # the lookup's proposal this round (cached by the peek the features took)
+            self.drafted["ngram"] = self.drafters["ngram"].propose(state, self.drafters["ngram"].num_tokens)
+        return features
 
-    def _wish(self, features: RoundFeatures, decision: Decision, forced: bool) -> Wish:
+    def _rows(self, paradigm: str, bar: float) -> int:
+        """The draft rows ``paradigm`` would add this round: the nodes of its latest tree (this sequence's, else any
+        sequence's) likely enough to clear the batch's bar for a row (``SequenceState.min_prob``); for a tree
+        without estimates, all of it. At batch 1 the bar is near 0 and whole trees count; at 8 requests, a few
+        nodes of each."""
+        tree = self.drafted.get(paradigm, self.latest.get(paradigm))  # its own, else another sequence's
+        if tree is None:
+            return self.tree_size[paradigm]
+        return sum(p >= bar for p in tree.probs) if tree.probs else len(tree)
+
+    def _wish(self, features: RoundFeatures, decision: Decision, forced: bool, bar: float) -> Wish:
         """What the decision's action would bring and cost this sequence: the policy's calibrated tau, or its best
-        paradigm's tau so far; the rows its trees were last verified with (the n-gram drafter's: its proposal now);
-        its drafters' catch-up."""
+        paradigm's tau so far; the rows its trees would keep at the batch's ``bar`` (:meth:`_rows`); its drafters'
+        catch-up."""
         chosen = members(decision.paradigm)
-        sizes = {**self.tree_size, "ngram": features.ngram_draft}
         tau = (self.calibration(decision.tau) if decision.tau is not None
                else max(features.expected_tau().get(p, 1.0) for p in chosen))
-        return Wish(decision.paradigm, tau, sum(sizes[p] for p in chosen),
+        return Wish(decision.paradigm, tau, sum(self._rows(p, bar) for p in chosen),
                     sum(self.router.costs.catchup_seconds(p, features.pending[p]) for p in chosen), forced)
 
     def _take(self, decision: Decision, drafts: bool, state: SequenceState, probe: bool) -> tuple[str, ...]:
@@ -152,7 +166,7 @@ class WhiFlashDrafter(Drafter):
         # a policy that predicts tau sees the present; only tau statistics from past drafts need probing
         probes = [len(drafters) > 1 and x.tau is None and d.router.probe_due for d, x in zip(drafters, decisions)]
         drafting = [True] if len(drafters) == 1 else plan(
-            [d._wish(f, x, probe) for d, f, x, probe in zip(drafters, features, decisions, probes)],
+            [d._wish(f, x, probe, s.min_prob) for d, f, x, probe, s in zip(drafters, features, decisions, probes, states)],
             drafters[0].router.costs, len(drafters))
         chosen = [d._take(x, go, s, probe) for d, x, go, s, probe in zip(drafters, decisions, drafting, states, probes)]
         for paradigm in dict.fromkeys(p for c in chosen for p in c):
@@ -162,7 +176,7 @@ class WhiFlashDrafter(Drafter):
                                 [max_depths[i] for i in group])
             drafters[group[0]].router.costs.observe_draft(paradigm, time.perf_counter() - tic, len(group))
             for i, tree in zip(group, trees):
-                drafters[i]._trees[paradigm] = tree
+                drafters[i]._trees[paradigm] = drafters[i].drafted[paradigm] = drafters[i].latest[paradigm] = tree
         return [DraftTree.union(d._trees.values()) if len(d._trees) > 1 else next(iter(d._trees.values()))
                 for d in drafters]
 
