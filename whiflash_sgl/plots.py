@@ -103,8 +103,7 @@ def plot_concurrency(report: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r["concurrency"], r["tokens_per_s"] or 0) for r in rows if r["method"] == method)
-        ax.plot([c for c, _ in points], [t for _, t in points], "-o", ms=4, label=method,
-                color=COLORS.get(method))
+        ax.plot([c for c, _ in points], [t for _, t in points], "-o", ms=4, label=method)  # colours as the bars
     levels = report["concurrency"]
     if len(levels) > 1 and max(levels) / min(levels) >= 8:
         ax.set_xscale("log", base=2)
