@@ -64,8 +64,8 @@ class Target:
     """A target model with one sequence's KV cache. ``capture_layers`` are HF ``hidden_states`` indices.
 
     ``pack=True`` prepacks the linear layers for oneDNN (float32 on a CPU only; inference only: no gradients flow
-    through them), ``None`` where that pays on this CPU (:func:`prepacking_pays`, timed). ``lm_head`` stays the model's own dense
-    output layer, for drafters that share it."""
+    through them), ``None`` where that pays on this CPU (:func:`prepacking_pays`, timed). ``lm_head`` stays the
+    model's own dense output layer, for drafters that share it."""
 
     def __init__(self, model, tokenizer, capture_layers: tuple[int, ...] = (), name: str = "",
                  attention: str = "auto", pack: bool | None = False):

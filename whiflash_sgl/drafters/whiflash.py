@@ -166,7 +166,8 @@ class WhiFlashDrafter(Drafter):
         # a policy that predicts tau sees the present; only tau statistics from past drafts need probing
         probes = [len(drafters) > 1 and x.tau is None and d.router.probe_due for d, x in zip(drafters, decisions)]
         drafting = [True] if len(drafters) == 1 else plan(
-            [d._wish(f, x, probe, s.min_prob) for d, f, x, probe, s in zip(drafters, features, decisions, probes, states)],
+            [d._wish(f, x, probe, s.min_prob)
+             for d, f, x, probe, s in zip(drafters, features, decisions, probes, states)],
             drafters[0].router.costs, len(drafters))
         chosen = [d._take(x, go, s, probe) for d, x, go, s, probe in zip(drafters, decisions, drafting, states, probes)]
         for paradigm in dict.fromkeys(p for c in chosen for p in c):
