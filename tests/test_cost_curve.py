@@ -153,6 +153,15 @@ def test_calibration_scales_predictions_to_what_was_accepted():
     assert calibration(3.0) == pytest.approx(1 + 2 * (1 + 99) / (1 + 198))
 
 
+def test_a_curve_is_scaled_to_the_forwards_this_machine_runs():
+    costs = CostModel(BY_SEQUENCES)
+    assert costs.verify(16, 8) == BY_SEQUENCES(16, 8)  # nothing seen yet: as measured
+    for rows, factor in ((8, 2.1), (32, 1.9), (64, 2.0), (16, 5.0), (8, 2.0)):  # one slow outlier
+        costs.observe_verify(rows, BY_SEQUENCES(rows, 8) * factor, sequences=8)
+    assert costs.curve_scale == pytest.approx(2.0)
+    assert costs.verify(16, 8) == pytest.approx(2 * BY_SEQUENCES(16, 8))
+
+
 def test_cost_model_without_a_curve_learns_the_verify_line():
     costs = CostModel()
     for rows, seconds in ((1, 0.1), (9, 0.14), (17, 0.18)):

@@ -21,11 +21,13 @@ forward.
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import logging
 import math
 import queue
+import statistics
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ PARADIGMS = ("eagle3", "dflash", "ngram")
 NO_DRAFT = "none"  # the router's own action: verify the root alone this round
 PROBE_EVERY = 4  # after this many rounds without drafting, draft once to refresh the tau statistics ...
 MAX_PROBE_GAP = 64  # ... and twice as many after each probe that changed nothing, up to this many
+CURVE_WINDOW = 64  # forwards whose observed time scales the cost curve to this machine
 POLICY_IDLE_EXIT_S = 5.0  # the policy's thread ends after this long without a call (a later call starts another)
 
 
@@ -173,8 +176,13 @@ class LinearFit:
 class CostModel:
     """Latency estimates, shared by every sequence a router serves: each paradigm's draft time as
     ``a + b * sequences`` (one call drafts all the sequences that chose it), the target's verify time against the
-    rows of the whole batched forward (the measured ``curve`` when there is one, else a least-squares line over the
-    forwards seen), and each paradigm's catch-up time as ``a + b * backlog``.
+    rows of the whole batched forward (the measured ``curve`` when there is one, scaled to the forwards seen, else a
+    least-squares line over them), and each paradigm's catch-up time as ``a + b * backlog``.
+
+    The curve's scale is the median of observed over predicted time for the last ``CURVE_WINDOW`` forwards: a
+    committed curve was measured on one machine, and another runs its forwards faster or slower (two 2-core hosts
+    of this project differed 2x at one row), while the drafters' times are always observed here; priced against an
+    unscaled curve, drafting would look cheaper or dearer than it is.
 
     Catch-up needs the intercept: a KV-only prefill of a few positions costs mostly its fixed overhead, and a
     per-position rate measured there, times the long backlog an idle drafter builds up, would price that drafter
@@ -186,6 +194,8 @@ class CostModel:
         self.catchup: dict[str, LinearFit] = {}
         self.verify_seconds = LinearFit()
         self.group: dict[str, int] = {}  # sequences in each paradigm's last batched draft call
+        self._ratios: collections.deque[float] = collections.deque(maxlen=CURVE_WINDOW)  # observed / curve
+        self._scale: float | None = 1.0  # their median (None: to recompute)
 
     def observe_draft(self, paradigm: str, seconds: float, sequences: int = 1) -> None:
         self.draft.setdefault(paradigm, LinearFit()).observe(sequences, seconds)
@@ -195,14 +205,26 @@ class CostModel:
         if positions > 0:
             self.catchup.setdefault(paradigm, LinearFit()).observe(positions, seconds)
 
-    def observe_verify(self, rows: int, seconds: float) -> None:
+    def observe_verify(self, rows: int, seconds: float, sequences: int = 1) -> None:
         self.verify_seconds.observe(rows, seconds)
+        if self.curve is not None and rows > 0:
+            self._ratios.append(seconds / max(self.curve(rows, sequences), 1e-9))
+            self._scale = None
+
+    @property
+    def curve_scale(self) -> float:
+        """This machine's forward time over the curve's (1 before any forward was seen)."""
+        if self._scale is None:
+            self._scale = statistics.median(self._ratios)
+        return self._scale
 
     def verify(self, rows: float, sequences: int = 1) -> float:
         """Seconds of a forward of ``rows`` rows over ``sequences`` sequences (0 for none)."""
         if rows <= 0:
             return 0.0
-        return self.curve(rows, sequences) if self.curve is not None else self.verify_seconds(rows)
+        if self.curve is None:
+            return self.verify_seconds(rows)
+        return self.curve(rows, sequences) * self.curve_scale
 
     def draft_call(self, paradigm: str, sequences: int) -> float:
         """Seconds of one call of ``paradigm``'s drafter for ``sequences`` sequences (0 before any was seen)."""

@@ -343,7 +343,8 @@ class WhiFlashWorker(BaseSpecWorker):
         self.routes.observe(rids, paradigms, out.accept_lens.float().tolist(), roots)
         for paradigm, seconds in draft_seconds.items():  # one call drafted every request that chose the paradigm
             self.routes.costs.observe_draft(paradigm, seconds, sequences=max(paradigms.count(paradigm), 1))
-        self.routes.costs.observe_verify(self.width * len(rids), verify_seconds)  # the whole batch's rows
+        # the whole batch's rows, over its requests
+        self.routes.costs.observe_verify(self.width * len(rids), verify_seconds, len(rids))
 
     # ---- drafting: each drafter for the requests that chose it, one verify input -----------------------------------
 
