@@ -192,15 +192,15 @@ def trim_to_value(trees: Sequence[DraftTree], curve: CostCurve) -> list[DraftTre
     Every request's root row is verified and commits a token. Draft nodes then join the forward likeliest first (by
     ``DraftTree.probs``; trees without them are kept whole), as long as a node's expected token is worth its rows'
     added cost at the batch's current rate: ``p / (T(R + 1) - T(R)) >= tokens / T(R)`` (``T`` at the batch's
-    sequence count). At batch 1 that keeps all
-    but the long shots; as the batch grows each row costs more and the trees shrink, down to no draft at all."""
+    sequence count). At batch 1 that keeps all but the long shots; as the batch grows each row costs more and the
+    trees shrink, down to no draft at all."""
     sequences = len(trees)
     rows = sequences + sum(len(t) for t in trees if not t.probs)
     tokens = float(sequences)
     nodes = sorted(((-p, t.depths[n], i, n) for i, t in enumerate(trees) if t.probs for n, p in enumerate(t.probs)))
     kept: dict[int, list[int]] = {i: [] for i, t in enumerate(trees) if t.probs}
     for neg_p, _, i, n in nodes:
-        if -neg_p * curve(rows, sequences) < tokens * curve.added(rows, 1, sequences):
+        if -neg_p < _bar(curve, rows, tokens, sequences):
             break
         if trees[i].parents[n] >= 0 and trees[i].parents[n] not in kept[i]:
             continue  # a node likelier than its parent (the estimate broke its contract) waits for the parent
@@ -214,7 +214,13 @@ def value_bar(trees: Sequence[DraftTree], curve: CostCurve) -> float:
     """The least probability at which one more draft node would pay for its row on top of ``trees`` (one round's
     trimmed trees): what :func:`trim_to_value` would ask of the next node. The engine hands it to the next round's
     drafters, which need not draft what could not pass."""
-    sequences = len(trees)
-    rows = sequences + sum(len(t) for t in trees)
-    tokens = sequences + sum(sum(t.probs) if t.probs else len(t) for t in trees)
-    return tokens * curve.added(rows, 1, sequences) / curve(rows, sequences) if trees else 0.0
+    if not trees:
+        return 0.0
+    rows = len(trees) + sum(len(t) for t in trees)
+    return _bar(curve, rows, len(trees) + sum(sum(t.probs) for t in trees), len(trees))
+
+
+def _bar(curve: CostCurve, rows: int, tokens: float, sequences: int) -> float:
+    """The probability a node needs to pay for one more row in a forward of ``rows`` rows over ``sequences``
+    sequences that commits ``tokens`` (expected): its share of the forward's rate, ``tokens * dT / T``."""
+    return tokens * curve.added(rows, 1, sequences) / curve(rows, sequences)

@@ -187,9 +187,9 @@ class WhiFlashDrafter(Drafter):
         # each paradigm's own tau as verified: its tree's acceptance, within what the engine kept of the tree
         each = {p: min(tree.matched(report.new_tokens), len(report.path)) + 1
                 for p, tree in self._trees.items() if p != NO_DRAFT}
-        for p in each:  # the cost model prices a paradigm's rows at what the engine last verified of its tree
-            self.tree_size[p] = min(len(self._trees[p]), len(report.tree))
-            self.drafters[p].observe(report)
+        for p in each:
+            self.tree_size[p] = min(len(self._trees[p]), len(report.tree))  # what the engine last verified of it
+            self.drafters[p].observe(report)  # its node estimates learn from this round
         self._trees = {}
         self.router.update(self.action, len(report.path) + 1, each)
         if self.predicted_tau is not None:
