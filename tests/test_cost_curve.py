@@ -116,20 +116,22 @@ def _costs() -> CostModel:
 def test_the_plan_drafts_together_what_no_request_would_draft_alone():
     costs = _costs()
     # alone, a request pays the drafter's whole fixed part for one more token: 9 tokens in 151 ms < 8 in 108 ms
-    one = [Wish("eagle3", 2.0, 2, 0.0)] + [Wish("eagle3", 1.0, 2, 0.0)] * 7
+    one = [Wish("eagle3", 2.0, 2, {})] + [Wish("eagle3", 1.0, 2, {})] * 7
     assert plan(one, costs, base_rows=8) == [False] * 8
     # eight share it: 16 tokens in 172 ms
-    assert plan([Wish("eagle3", 2.0, 2, 0.0)] * 8, costs, base_rows=8) == [True] * 8
-    assert round_seconds([Wish("eagle3", 2.0, 2, 0.0)] * 8, [True] * 8, costs, 8) == pytest.approx(0.172)
+    assert plan([Wish("eagle3", 2.0, 2, {})] * 8, costs, base_rows=8) == [True] * 8
+    assert round_seconds([Wish("eagle3", 2.0, 2, {})] * 8, [True] * 8, costs, 8) == pytest.approx(0.172)
 
 
 def test_the_plan_keeps_the_prefix_that_pays_and_always_drafts_probes():
     costs = _costs()
-    strong, weak = Wish("eagle3", 3.0, 2, 0.0), Wish("eagle3", 1.05, 2, 0.0)
+    strong, weak = Wish("eagle3", 3.0, 2, {}), Wish("eagle3", 1.05, 2, {})
     assert plan([weak, strong] * 4, costs, base_rows=8) == [False, True] * 4  # 16 tokens in 160 ms, not 16.2 in 172
-    slow = Wish("eagle3", 3.0, 2, catchup_seconds=1.0)  # a catch-up that costs more than the round is worth
+    costs.observe_catchup("eagle3", 10, 0.001)  # 0.1 ms a position
+    costs.observe_catchup("eagle3", 20, 0.002)
+    slow = Wish("eagle3", 3.0, 2, {"eagle3": 10_000})  # a catch-up that costs more than the round is worth
     assert plan([slow, strong], costs, base_rows=2) == [False, True]
-    probe, weaker = Wish("eagle3", 1.0, 2, 0.0, forced=True), Wish("eagle3", 1.01, 2, 0.0)
+    probe, weaker = Wish("eagle3", 1.0, 2, {}, forced=True), Wish("eagle3", 1.01, 2, {})
     assert plan([probe, weaker], costs, base_rows=2) == [True, False]
     assert plan([probe, weak], costs, base_rows=2) == [True, True]  # the probe's call is paid: 3 ms for 0.05 tokens
 

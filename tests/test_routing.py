@@ -324,16 +324,20 @@ def test_ngram_without_a_proposal_is_never_chosen(policy):
 
 
 def test_each_request_routes_on_its_own_and_mixed_paradigms_verify_in_one_forward(target, models, prompt,
-                                                                                    tiny_tokenizer):
+                                                                                    tiny_tokenizer, monkeypatch):
     """Batched requests: ``Alternate`` is one policy object for every request's router, so within a round
-    consecutive requests get different actions; each round is still one target forward for all of them, and every
-    output equals the request's solo vanilla output."""
+    consecutive requests get different actions; each round is still one target forward for all of them, and one
+    EAGLE-3 KV-only prefill for all the requests whose action includes it; every output equals the request's solo
+    vanilla output, and every request, switching every round, is charged its share of the catch-up."""
     prompts = [prompt] + [tiny_tokenizer(t)["input_ids"] for t in ("The quick brown fox", "for i in range(10):\n")]
     solo = [SpeculativeEngine(target).generate(p, 24).tokens for p in prompts]
     engine = SpeculativeEngine(target, _whiflash(target, models, Alternate()))
-    forwards = []
+    forwards, prefills = [], []
     forward = target.forward
     target.forward = lambda chunks: forwards.append(len(chunks)) or forward(chunks)
+    context_kv = Eagle3Drafter._context_kv
+    monkeypatch.setattr(Eagle3Drafter, "_context_kv",
+                        lambda self, *a: prefills.append(len(a[0])) or context_kv(self, *a))
     try:
         requests = [engine.submit(p, 24) for p in prompts]
         steps = 0
@@ -344,6 +348,8 @@ def test_each_request_routes_on_its_own_and_mixed_paradigms_verify_in_one_forwar
         del target.forward
     assert [r.result.tokens for r in requests] == solo
     assert len(forwards) == steps and max(forwards) == 3  # one forward per round, all three requests in it
+    assert len(prefills) <= steps and max(prefills) >= 2  # one catch-up a round, several requests in one
+    assert all(r.result.switch_seconds > 0 for r in requests)
     paradigms = [r.result.paradigms for r in requests]
     mixed = [k for k in range(min(map(len, paradigms))) if len({p[k] for p in paradigms}) > 1]
     assert len(mixed) >= 3

@@ -29,7 +29,7 @@ class Wish:
     action: str  # the policy's action: a paradigm or a hedge
     tau: float  # tokens it expects to commit when it drafts (1 without a draft)
     rows: int  # draft rows it would add to the verify forward
-    catchup_seconds: float  # its chosen drafters' catch-up before they draft
+    backlog: dict[str, int]  # positions each of its paradigms must catch up before drafting
     forced: bool = False  # a probe: it drafts whatever the plan finds
 
 
@@ -51,13 +51,15 @@ class Calibration:
 
 
 def round_seconds(wishes: Sequence[Wish], drafting: Sequence[bool], costs: CostModel, base_rows: int) -> float:
-    """The round's predicted time: one forward over every request's root (``base_rows``) and the drafted rows, each
-    drafter's call for the requests that chose it, and their catch-ups."""
+    """The round's predicted time: one forward over every request's root (``base_rows``) and the drafted rows, and
+    each drafter's call for the requests that chose it, after one catch-up over their backlogs."""
     chosen = [w for w, go in zip(wishes, drafting) if go]
     groups = Counter(p for w in chosen for p in members(w.action))
+    backlog = Counter()
+    for w in chosen:
+        backlog.update(w.backlog)
     return (costs.verify(base_rows + sum(w.rows for w in chosen), len(wishes))
-            + sum(costs.draft_call(p, n) for p, n in groups.items())
-            + sum(w.catchup_seconds for w in chosen))
+            + sum(costs.draft_call(p, n) + costs.catchup_seconds(p, backlog[p]) for p, n in groups.items()))
 
 
 def plan(wishes: Sequence[Wish], costs: CostModel, base_rows: int) -> list[bool]:

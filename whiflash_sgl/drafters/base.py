@@ -111,6 +111,13 @@ class Drafter:
     def catch_up(self, state: SequenceState) -> None:
         """Bring the drafter's cache up to the committed sequence (KV-only prefill)."""
 
+    @classmethod
+    def catch_up_batch(cls, drafters: Sequence["Drafter"], states: Sequence[SequenceState]) -> None:
+        """``drafters[i].catch_up(states[i])`` for every i, all instances of this class; a drafter that can batch its
+        KV-only prefill over sequences overrides this."""
+        for drafter, state in zip(drafters, states):
+            drafter.catch_up(state)
+
     def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
         """A draft below ``state.tokens[-1]`` no deeper than ``max_depth`` (may be empty)."""
         raise NotImplementedError

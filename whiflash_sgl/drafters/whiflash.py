@@ -68,6 +68,7 @@ class WhiFlashDrafter(Drafter):
         behind for the next one."""
         self.switch_seconds = self.catchup_seconds = 0.0
         self.action = ""
+        self._switched = False  # this round's action differs from the last round's
         self.predicted_tau: float | None = None  # the policy's prediction for this round's action
         self.load = BatchLoad()  # the rest of the batch, as the last round saw it
         self.trace: list[tuple[str, int]] = []  # (action, accepted draft tokens) per drafted round
@@ -100,14 +101,6 @@ class WhiFlashDrafter(Drafter):
         for drafter in self.drafters.values():
             drafter.catch_up(state)
 
-    def _catch_up_timed(self, paradigm: str, state: SequenceState) -> float:
-        backlog = self.drafters[paradigm].pending(state)
-        tic = time.perf_counter()
-        self.drafters[paradigm].catch_up(state)
-        seconds = time.perf_counter() - tic
-        self.router.costs.observe_catchup(paradigm, backlog, seconds)
-        return seconds
-
     def _features(self, state: SequenceState, root: tuple[float, float]) -> RoundFeatures:
         features = round_features(self.router, self.drafters, state, self.tree_size, self.tokenizer, self.load, root)
         if "ngram" in self.drafters:  # the lookup's proposal this round (cached by the peek the features took)
@@ -126,30 +119,44 @@ class WhiFlashDrafter(Drafter):
 
     def _wish(self, features: RoundFeatures, decision: Decision, forced: bool, bar: float) -> Wish:
         """What the decision's action would bring and cost this sequence: the policy's calibrated tau, or its best
-        paradigm's tau so far; the rows its trees would keep at the batch's ``bar`` (:meth:`_rows`); its drafters'
-        catch-up."""
+        paradigm's tau so far; the rows its trees would keep at the batch's ``bar`` (:meth:`_rows`); its paradigms'
+        catch-up backlogs."""
         chosen = members(decision.paradigm)
         tau = (self.calibration(decision.tau) if decision.tau is not None
                else max(features.expected_tau().get(p, 1.0) for p in chosen))
         return Wish(decision.paradigm, tau, sum(self._rows(p, bar) for p in chosen),
-                    sum(self.router.costs.catchup_seconds(p, features.pending[p]) for p in chosen), forced)
+                    {p: features.pending[p] for p in chosen}, forced)
 
-    def _take(self, decision: Decision, drafts: bool, state: SequenceState, probe: bool) -> tuple[str, ...]:
-        """Settle this round's action (``NO_DRAFT`` unless it ``drafts``) and bring its drafters up to date (all of
-        them when eager)."""
+    def _take(self, decision: Decision, drafts: bool, probe: bool) -> tuple[str, ...]:
+        """Settle this round's action (``NO_DRAFT`` unless it ``drafts``); return the paradigms that draft."""
         self.predicted_tau = decision.tau if drafts else None
         previous, self.action = self.action, self.router.settle(decision.paradigm if drafts else NO_DRAFT, probe)
+        self._switched = bool(previous) and previous != self.action
         if self.action == NO_DRAFT:
             self._trees = {NO_DRAFT: DraftTree()}
             return ()
-        chosen = members(self.action)
-        catchup = 0.0
-        for paradigm in (self.drafters if self.mode == "eager" else chosen):
-            catchup += self._catch_up_timed(paradigm, state)
-        if previous and previous != self.action:
-            self.switch_seconds += catchup
-        self.catchup_seconds += catchup
-        return chosen
+        return members(self.action)
+
+    @staticmethod
+    def _catch_up(drafters: Sequence["WhiFlashDrafter"], states: Sequence[SequenceState],
+                  stale: Sequence[tuple[str, ...]]) -> None:
+        """Lazy catch-up, batched: each paradigm's drafters of the sequences that need it (``stale[i]``) catch up in
+        one KV-only prefill. Its time is the cost model's, for the whole backlog, and each sequence's share (by
+        backlog) is its catch-up time, and its switching overhead on a round that switched action."""
+        for paradigm in dict.fromkeys(p for s in stale for p in s):
+            group = [(drafters[i], states[i]) for i, s in enumerate(stale) if paradigm in s]
+            backlogs = [d.drafters[paradigm].pending(state) for d, state in group]
+            if not any(backlogs):
+                continue
+            own = [d.drafters[paradigm] for d, _ in group]
+            tic = time.perf_counter()
+            type(own[0]).catch_up_batch(own, [state for _, state in group])
+            seconds = time.perf_counter() - tic
+            group[0][0].router.costs.observe_catchup(paradigm, sum(backlogs), seconds)
+            for (d, _), backlog in zip(group, backlogs):
+                share = seconds * backlog / sum(backlogs)
+                d.catchup_seconds += share
+                d.switch_seconds += share if d._switched else 0.0
 
     def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
         return self.propose_batch([self], [state], [max_depth])[0]
@@ -169,7 +176,9 @@ class WhiFlashDrafter(Drafter):
             [d._wish(f, x, probe, s.min_prob)
              for d, f, x, probe, s in zip(drafters, features, decisions, probes, states)],
             drafters[0].router.costs, len(drafters))
-        chosen = [d._take(x, go, s, probe) for d, x, go, s, probe in zip(drafters, decisions, drafting, states, probes)]
+        chosen = [d._take(x, go, probe) for d, x, go, probe in zip(drafters, decisions, drafting, probes)]
+        cls._catch_up(drafters, states, [tuple(d.drafters) if c and d.mode == "eager" else c
+                                         for d, c in zip(drafters, chosen)])
         for paradigm in dict.fromkeys(p for c in chosen for p in c):
             group = [i for i, c in enumerate(chosen) if paradigm in c]
             tic = time.perf_counter()
