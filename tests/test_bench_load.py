@@ -5,12 +5,14 @@ and the per-token ITL, commit and time-share arithmetic on constructed runs."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from whiflash_sgl.bench import LoadLevel, LoadRun, commit_tokens, judge, load_rows, near_tie, time_shares
+from whiflash_sgl.bench import (LoadLevel, LoadRun, commit_tokens, full_batch, judge, load_rows, near_tie,
+                                time_shares)
 from whiflash_sgl.bench_endpoint import stream_commits
 
 LOAD_KEYS = ("method", "category", "concurrency", "prompts", "new_tokens", "tokens_per_s", "speedup_vs_vanilla",
@@ -148,6 +150,22 @@ def test_itl_is_per_token_and_commits_follow_the_rounds():
 def test_time_shares_split_each_instant_among_the_requests_in_flight():
     runs = [_load_run(0, [1], start=0, end=4), _load_run(1, [1], start=1, end=3), _load_run(2, [1], start=5, end=6)]
     assert time_shares(runs) == pytest.approx([3.0, 1.0, 1.0])
+
+
+def test_the_full_part_of_a_closed_loop_ends_when_the_batch_starts_to_drain():
+    """Level 2: requests 0 and 1 start at 0; request 2 takes request 1's slot at 2; from request 0's end at 4 only
+    one runs. The full part is [0, 4] with 8 of the 9 tokens (request 2's last came at 5)."""
+    runs = [_load_run(0, [1] * 4, start=0, end=4, commits=([1, 2, 3, 4], [1, 1, 1, 1])),
+            _load_run(1, [1] * 2, start=0, end=2, commits=([1, 2], [1, 1])),
+            _load_run(2, [1] * 3, start=2, end=5, commits=([1, 2, 3], [1, 1, 1]))]
+    assert full_batch(runs, 2) == {"full_seconds": 4, "full_tokens_per_s": 2.0, "full_speedup_vs_vanilla": None}
+    assert full_batch(runs, 4)["full_tokens_per_s"] is None  # never full
+    slower = [replace(r, method="vanilla", end=2 * r.end, start=2 * r.start,
+                      commit_seconds=[2 * t for t in r.commit_seconds]) for r in runs]
+    rows = {r["method"]: r for r in load_rows([("vanilla", 2, LoadLevel(slower, 10.0, 2)),
+                                               ("m", 2, LoadLevel(runs, 5.0, 2))]) if r["category"] == "all"}
+    assert rows["m"]["speedup_vs_vanilla"] == 2.0 and rows["m"]["full_speedup_vs_vanilla"] == 2.0
+    assert rows["m"]["tokens_per_s"] == 1.8 and rows["vanilla"]["full_tokens_per_s"] == 1.0
 
 
 def test_stream_commits_from_text_fold_a_final_event_without_new_text(tiny_tokenizer):

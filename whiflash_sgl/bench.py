@@ -10,17 +10,18 @@ so that ``rule_comparison`` can set the two rules' tau side by side.
 
 With ``--concurrency 1,4,8,16`` (:func:`load_bench`) every method runs at every level as a closed loop on one
 batched engine per (method, level), ``max_running`` = the level: that many requests in flight, the next prompt (file
-order) submitted as soon as one finishes, every prompt at least once (:func:`request_prompts`: the prompts are cycled
-to a multiple of the level, so a small set still keeps every level full). Rows are per method, level and category
-plus ``all``: ``tokens_per_s`` is generated tokens over the run's wall time (a category's: over its requests'
-share of it, each instant split equally among the requests in flight), TTFT is from submission to the first token,
-and ITL is per token (:data:`ITL_DEFINITION`): the gap between a request's consecutive commits divided by the
-tokens the later commit carries, one sample per token, so a round that commits 4 tokens after 40 ms gives four
-samples of 10 ms (SGLang bench_serving's adjusted ITL; vLLM's per-chunk ITL would be one sample of 40 ms). Greedy
-output of every request must equal vanilla's at concurrency 1 (run on its own when it is not among the runs); a
-divergence where the reference's two best logits at the first differing position are within ``NEAR_TIE`` of each
-other, and the two tokens are those, is a near tie (float rounding of another batch shape), counted in
-``near_ties``, not a failure.
+order) submitted as soon as one finishes, every prompt at least once (:func:`request_prompts`: the prompts are
+cycled to a multiple of the level, so a small set still keeps every level full). Rows are per method, level and
+category plus ``all``: ``tokens_per_s`` is generated tokens over the run's wall time (a category's: over its
+requests' share of it, each instant split equally among the requests in flight), the ``all`` row's
+``full_tokens_per_s`` the same over the part of the run that kept every slot busy (:func:`full_batch`), TTFT is from
+submission to the first token, and ITL is per token (:data:`ITL_DEFINITION`): the gap between a request's
+consecutive commits divided by the tokens the later commit carries, one sample per token, so a round that commits 4
+tokens after 40 ms gives four samples of 10 ms (SGLang bench_serving's adjusted ITL; vLLM's per-chunk ITL would be
+one sample of 40 ms). Greedy output of every request must equal vanilla's at concurrency 1 (run on its own when it
+is not among the runs); a divergence where the reference's two best logits at the first differing position are
+within ``NEAR_TIE`` of each other, and the two tokens are those, is a near tie (float rounding of another batch
+shape), counted in ``near_ties``, not a failure.
 """
 
 from __future__ import annotations
@@ -561,6 +562,23 @@ def time_shares(runs: Sequence[LoadRun]) -> list[float]:
     return shares
 
 
+def full_batch(runs: Sequence[LoadRun], level: int) -> dict:
+    """The closed loop's full part, where all ``level`` slots are busy: from the first submission until the first
+    request to finish after the last one was submitted; then the queue is empty and the batch drains. How the drain
+    goes depends on how the requests' lengths and speeds line up at the end, and a speculative method's requests
+    finish less in step than vanilla's; a run of few requests per slot is mostly drain, a long one hardly at all. So
+    the bench reports both: ``tokens_per_s`` over the whole run, ``full_tokens_per_s`` (tokens committed in the
+    full part over its length) for what a server under steady load would see."""
+    if len(runs) < level:
+        return {"full_seconds": None, "full_tokens_per_s": None, "full_speedup_vs_vanilla": None}
+    first, last_start = min(r.start for r in runs), max(r.start for r in runs)
+    end = min((r.end for r in runs if r.end > last_start), default=last_start)
+    tokens = sum(n for r in runs for t, n in zip(r.commit_seconds, r.commit_tokens) if r.start + t <= end)
+    seconds = end - first
+    return {"full_seconds": round(seconds, 4), "full_tokens_per_s": round(tokens / seconds, 3) if seconds else None,
+            "full_speedup_vs_vanilla": None}
+
+
 def _ms(values: list[float], q: float) -> float | None:
     return round(1000 * float(np.percentile(values, q)), 3) if values else None
 
@@ -612,19 +630,21 @@ def load_rows(done: list[tuple[str, int, LoadLevel]]) -> list[dict]:
             group = by_category[category]
             rows.append(_load_row(method, category, level, group, sum(shares[id(r)] for r in group),
                                   result.peak_running))
-        rows.append(_load_row(method, "all", level, result.runs, result.wall_seconds, result.peak_running))
-    vanilla = {(r["concurrency"], r["category"]): r["tokens_per_s"] for r in rows if r["method"] == "vanilla"}
-    for row in rows:
-        base = vanilla.get((row["concurrency"], row["category"]))
-        if base and row["tokens_per_s"]:
-            row["speedup_vs_vanilla"] = round(row["tokens_per_s"] / base, 4)
+        rows.append({**_load_row(method, "all", level, result.runs, result.wall_seconds, result.peak_running),
+                     **full_batch(result.runs, level)})
+    for rate, speedup in (("tokens_per_s", "speedup_vs_vanilla"), ("full_tokens_per_s", "full_speedup_vs_vanilla")):
+        vanilla = {(r["concurrency"], r["category"]): r.get(rate) for r in rows if r["method"] == "vanilla"}
+        for row in rows:
+            base = vanilla.get((row["concurrency"], row["category"]))
+            if base and row.get(rate):
+                row[speedup] = round(row[rate] / base, 4)
     return rows
 
 
 def format_load_table(report: dict) -> str:
     """The ``all`` rows of a concurrency report (the categories' rows are in the JSON)."""
-    lines = [("method", "concurrency", "tok/s", "speedup", "tau", "ttft p50/p99 ms", "itl p50/p99 ms", "identical",
-              "near ties")]
+    lines = [("method", "concurrency", "tok/s", "speedup", "full tok/s", "tau", "ttft p50/p99 ms", "itl p50/p99 ms",
+              "identical", "near ties")]
     for r in report["results"]:
         if r["category"] != "all":
             continue
@@ -632,6 +652,8 @@ def format_load_table(report: dict) -> str:
             r["method"], str(r["concurrency"]),
             f"{r['tokens_per_s']:.2f}" if r["tokens_per_s"] else "-",
             f"{r['speedup_vs_vanilla']:.2f}x" if r["speedup_vs_vanilla"] else "-",
+            "-" if r["full_tokens_per_s"] is None else f"{r['full_tokens_per_s']:.2f}" + (
+                f" ({r['full_speedup_vs_vanilla']:.2f}x)" if r["full_speedup_vs_vanilla"] else ""),
             f"{r['tau']:.2f}" if r["tau"] else "-",
             _pair(r["ttft_p50_ms"], r["ttft_p99_ms"]), _pair(r["itl_p50_ms"], r["itl_p99_ms"]),
             {True: "yes", False: "NO", None: "-"}[r["identical_to_vanilla"]],
