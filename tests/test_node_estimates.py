@@ -46,6 +46,25 @@ def test_a_calibration_scales_an_overconfident_drafter_and_keeps_children_below_
     assert calibration.apply(DraftTree((1, 2), (-1, 0), (0.65, 0.95))).probs[1] == pytest.approx(0.65 * ratio)
 
 
+def test_the_least_raw_probability_that_calibrates_to_a_bar():
+    """What EAGLE-3 floors its own probabilities at, so that it drafts every node that could clear the round's bar
+    and none that could not: below it every probability calibrates under the bar, at it the bar is reached."""
+    calibration = ProbCalibration(weight=2.0)
+    assert calibration.least_raw(0.25) == pytest.approx(0.25)  # nothing seen: probabilities are taken as they are
+    for i in range(100):  # nodes drafted at 0.15-0.35 are accepted 10% of the time, at 0.45 60%
+        for p in (0.15, 0.25, 0.35):
+            calibration.observe(DraftTree((1,), (-1,), (p,)), [i % 10 == 0])
+        calibration.observe(DraftTree((1,), (-1,), (0.45,)), [i % 10 < 6])
+    assert calibration.ratio(0.35) < 0.5 < 1 < calibration.ratio(0.45)
+    assert calibration.least_raw(0.15) == pytest.approx(0.4)  # 0.15-0.4 never calibrates to 0.15; 0.4 does
+    grid = [k / 1000 for k in range(1001)]
+    for bar in (0.01, 0.05, 0.1, 0.2, 0.5, 0.9):
+        raw = calibration.least_raw(bar)
+        assert raw * calibration.ratio(raw) >= bar * (1 - 1e-9)
+        assert all(p * calibration.ratio(p) < bar for p in grid if p < raw - 1e-9)
+    assert calibration.least_raw(1.5) == 1.0  # nothing reaches it
+
+
 def test_the_ngram_drafter_learns_from_the_rounds_it_is_verified_in():
     drafter = NgramDrafter(max_ngram=2, min_ngram=2, num_tokens=2)
     twin = drafter.fork()

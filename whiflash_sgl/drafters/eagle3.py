@@ -177,7 +177,8 @@ class Eagle3Drafter(CachedDrafter):
         for i, (d, s, n, max_depth) in enumerate(zip(drafters, states, lengths, max_depths)):
             d.frontier = n - 1
             depth = min(d.depth, max_depth)
-            floor = max(d.min_logp, math.log(s.min_prob)) if s.min_prob > 0 else d.min_logp
+            # the round's bar is on calibrated probabilities: floor the draft's own where they reach it
+            floor = max(d.min_logp, math.log(d.estimates.least_raw(s.min_prob))) if s.min_prob > 0 else d.min_logp
             growing.append(_Growth(d, out[i : i + 1], logp[i], n - 2, depth, floor) if depth >= 1 else None)
         live = [g for g in growing if g is not None]
         step = 1

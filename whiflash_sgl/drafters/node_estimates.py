@@ -66,6 +66,15 @@ class ProbCalibration:
         b = self._bin(p)
         return (self.accepted[b] + self.weight) / (self.predicted[b] + self.weight)
 
+    def least_raw(self, bar: float) -> float:
+        """The least probability the drafter may give a node that the calibration takes to ``bar`` or above (1 when
+        none): a drafter floored there drafts every node that could clear the bar and none that could not."""
+        for b in range(self.BINS):
+            needed = max(bar / self.ratio(b / self.BINS), b / self.BINS)
+            if needed < (b + 1) / self.BINS or (b == self.BINS - 1 and needed <= 1.0):
+                return needed
+        return 1.0
+
     def apply(self, tree: DraftTree) -> DraftTree:
         if not tree.probs:
             return tree
