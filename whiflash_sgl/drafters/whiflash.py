@@ -140,9 +140,10 @@ class WhiFlashDrafter(Drafter):
     @staticmethod
     def _catch_up(drafters: Sequence["WhiFlashDrafter"], states: Sequence[SequenceState],
                   stale: Sequence[tuple[str, ...]]) -> None:
-        """Lazy catch-up, batched: each paradigm's drafters of the sequences that need it (``stale[i]``) catch up in
-        one KV-only prefill. Its time is the cost model's, for the whole backlog, and each sequence's share (by
-        backlog) is its catch-up time, and its switching overhead on a round that switched action."""
+        """Catch-up, batched: the drafters of a paradigm whose sequences need it this round (``stale[i]``: the
+        action's paradigms, or all of them when eager) catch up in one KV-only prefill. The cost model observes its
+        time against the whole backlog; each sequence is charged its share by backlog, as catch-up time and, on a
+        round that switched action, as switching overhead."""
         for paradigm in dict.fromkeys(p for s in stale for p in s):
             group = [(drafters[i], states[i]) for i, s in enumerate(stale) if paradigm in s]
             backlogs = [d.drafters[paradigm].pending(state) for d, state in group]
