@@ -238,11 +238,13 @@ def test_the_server_survives_bad_input_and_counts_it(server):
 
 @pytest.fixture
 def slow_engine(server, monkeypatch):
-    """Each engine round takes 20 ms longer, so a long request is still running when its client leaves."""
+    """Each engine round takes 100 ms longer, so a long request is still running when its client leaves: the tiny
+    model's repetitive text is drafted well (τ up to ~8), so 400 tokens can take only some 50 rounds, which at 20 ms
+    a round sometimes ended before the server noticed the disconnect."""
     step = SpeculativeEngine.step
 
     def slowly(engine):
-        time.sleep(0.02)
+        time.sleep(0.1)
         return step(engine)
 
     monkeypatch.setattr(SpeculativeEngine, "step", slowly)
@@ -254,8 +256,8 @@ def _aborted(server) -> float:
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_disconnecting_client_frees_the_engine(server, slow_engine, stream):
-    """A 400-token request (8 s at 20 ms a round) whose client hangs up after 0.3 s is cancelled: the next
-    request is served at once and the abort is counted."""
+    """A 400-token request (several seconds at 100 ms a round) whose client hangs up after 0.3 s is cancelled: the
+    next request is served at once, the abort is counted, and the engine drops the request at its next round."""
     before = _aborted(server)
     body = json.dumps({"text": PROMPT, "stream": stream, "sampling_params": {"max_new_tokens": 400}}).encode()
     host, port = server.url.removeprefix("http://").split(":")
@@ -272,6 +274,10 @@ def test_a_disconnecting_client_frees_the_engine(server, slow_engine, stream):
     while _aborted(server) == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _aborted(server) == before + 1
+    deadline = time.monotonic() + 1  # uncancelled, the request would run for seconds yet
+    while metric_samples(server)[("whiflash_running_requests", ())] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric_samples(server)[("whiflash_running_requests", ())] == 0
 
 
 def test_metrics_parse_and_count_speculation(server):
