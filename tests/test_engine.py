@@ -11,7 +11,7 @@ from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.methods import make_method
 from whiflash_sgl.sampling import SamplingParams
-from whiflash_sgl.cpu_linears import SMALL_ROWS, PackedLinear, RowAdaptiveLinear
+from whiflash_sgl.cpu_linears import SMALL_ROWS, InvariantLinear, PackedLinear, RowAdaptiveLinear, invariant_gemm
 from whiflash_sgl.target import Target
 from whiflash_sgl.tree import DraftTree
 
@@ -174,6 +174,45 @@ def test_a_packed_linear_gives_the_dense_product_for_one_row_and_for_many():
     with torch.no_grad():
         for x in (torch.randn(1, 1, 16, generator=gen), torch.randn(1, 5, 16, generator=gen)):
             torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+needs_invariant_gemm = pytest.mark.skipif(invariant_gemm() is None, reason="needs an AVX-512 CPU and a C++ compiler")
+
+
+@needs_invariant_gemm
+def test_the_invariant_linear_gives_the_dense_product_and_each_row_whatever_the_batch():
+    """The target's float32 kernel: the dense product up to float32 rounding (widths that are and are not a
+    multiple of its 16-column panels, with a bias), and each row bit for bit the same alone, in a batch of any size
+    and at any place in it (every row count from 1 to 20 runs through different tile shapes)."""
+    gen = torch.Generator().manual_seed(0)
+    for out_features in (48, 37):
+        linear = torch.nn.Linear(72, out_features)
+        kernel = InvariantLinear(linear, invariant_gemm())
+        x = torch.randn(20, 72, generator=gen)
+        with torch.no_grad():
+            alone = torch.cat([kernel(x[i : i + 1]) for i in range(len(x))])
+            torch.testing.assert_close(alone, linear(x), rtol=1e-5, atol=1e-5)
+            for rows in range(1, len(x) + 1):
+                assert torch.equal(kernel(x[None, :rows])[0], alone[:rows])
+                assert torch.equal(kernel(x[len(x) - rows :]), alone[len(x) - rows :])
+
+
+@needs_invariant_gemm
+def test_loading_picks_the_invariant_kernel_on_a_cpu_that_runs_it(tiny_tokenizer, make_model, prompt_ids):
+    """``pack=None`` (what ``Target.load`` passes) swaps every linear, the LM head included, for the kernel; the
+    drafters' dense LM head stays, and greedy output is the dense model's."""
+    dense = Target(make_model(len(tiny_tokenizer)), tiny_tokenizer)
+    fast = Target(make_model(len(tiny_tokenizer)), tiny_tokenizer, pack=None)
+    assert isinstance(fast.model.lm_head, InvariantLinear) and isinstance(fast.lm_head, torch.nn.Linear)
+    assert not any(isinstance(m, torch.nn.Linear) for m in fast.model.model.modules())
+    assert _vanilla(fast, prompt_ids).tokens == _vanilla(dense, prompt_ids).tokens
+
+
+def test_without_the_kernel_loading_falls_back_to_torch_linears(tiny_tokenizer, make_model, monkeypatch):
+    monkeypatch.setattr("whiflash_sgl.target.invariant_linears", lambda model: False)
+    monkeypatch.setattr("whiflash_sgl.target.prepacking_pays", lambda model: False)
+    target = Target(make_model(len(tiny_tokenizer)), tiny_tokenizer, pack=None)
+    assert isinstance(target.model.lm_head, torch.nn.Linear)
 
 
 def test_a_row_adaptive_linear_gives_the_bf16_product_in_bf16_for_few_rows_and_for_many():

@@ -20,7 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from whiflash_sgl.config import ATTENTION_PATHS
 from whiflash_sgl.cost_curve import CostCurve
-from whiflash_sgl.cpu_linears import pack_linears, prepacking_pays
+from whiflash_sgl.cpu_linears import invariant_linears, pack_linears, prepacking_pays
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.kernels import AttentionLayout, BackendUnavailableError, get_backend, tree_attention
 from whiflash_sgl.kernels.layout import indptr_from_lengths
@@ -64,8 +64,9 @@ class Target:
     """A target model with one sequence's KV cache. ``capture_layers`` are HF ``hidden_states`` indices.
 
     ``pack=True`` prepacks the linear layers for oneDNN (float32 on a CPU only; inference only: no gradients flow
-    through them), ``None`` where that pays on this CPU (:func:`prepacking_pays`, timed). ``lm_head`` stays the
-    model's own dense output layer, for drafters that share it."""
+    through them); ``None`` picks for this CPU: the batch-invariant kernel where it runs (``cpu_linears``), else
+    oneDNN where that pays (:func:`prepacking_pays`, timed). ``lm_head`` stays the model's own dense output layer,
+    for drafters that share it."""
 
     def __init__(self, model, tokenizer, capture_layers: tuple[int, ...] = (), name: str = "",
                  attention: str = "auto", pack: bool | None = False):
@@ -73,7 +74,8 @@ class Target:
         self.model = model.eval()
         self.lm_head = model.get_output_embeddings()
         if pack is None:
-            pack = self.device.type == "cpu" and prepacking_pays(model)
+            on_cpu = self.device.type == "cpu" and model.dtype == torch.float32
+            pack = on_cpu and not invariant_linears(model) and prepacking_pays(model)
         if pack and self.device.type == "cpu" and model.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             with torch.no_grad():
                 pack_linears(model)
