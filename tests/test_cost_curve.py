@@ -156,12 +156,27 @@ def test_calibration_scales_predictions_to_what_was_accepted():
 
 
 def test_a_curve_is_scaled_to_the_forwards_this_machine_runs():
+    """Before the batch's roots alone were seen, one median ratio (an outlier ignored) scales every forward."""
     costs = CostModel(BY_SEQUENCES)
     assert costs.verify(16, 8) == BY_SEQUENCES(16, 8)  # nothing seen yet: as measured
-    for rows, factor in ((8, 2.1), (32, 1.9), (64, 2.0), (16, 5.0), (8, 2.0)):  # one slow outlier
+    for rows, factor in ((16, 2.1), (32, 1.9), (64, 2.0), (24, 5.0), (16, 2.0)):  # one slow outlier
         costs.observe_verify(rows, BY_SEQUENCES(rows, 8) * factor, sequences=8)
-    assert costs.curve_scale == pytest.approx(2.0)
-    assert costs.verify(16, 8) == pytest.approx(2 * BY_SEQUENCES(16, 8))
+    assert costs.verify(8, 8) == pytest.approx(2 * BY_SEQUENCES(8, 8))
+    assert costs.verify(32, 8) == pytest.approx(2 * BY_SEQUENCES(32, 8))
+
+
+def test_the_roots_alone_and_the_draft_rows_on_top_are_scaled_apart():
+    """Served draft rows that cost three times what the curve says, on roots that cost what it says: the roots alone
+    stay at their price (one ratio for the whole forward would make them 2-3x dearer, and not drafting look slower
+    than it is), and the rows on top are priced at three times theirs."""
+    costs, roots = CostModel(BY_SEQUENCES), BY_SEQUENCES(8, 8)
+    for rows in (16, 32, 64, 32):
+        costs.observe_verify(rows, roots + 3 * (BY_SEQUENCES(rows, 8) - roots), sequences=8)
+    assert costs.verify(8, 8) > 1.3 * roots  # the roots alone not seen yet: one ratio for everything
+    for _ in range(2):
+        costs.observe_verify(8, roots, sequences=8)
+    assert costs.verify(8, 8) == pytest.approx(roots)
+    assert costs.verify(48, 8) == pytest.approx(roots + 3 * (BY_SEQUENCES(48, 8) - roots))
 
 
 def test_cost_model_without_a_curve_learns_the_verify_line():

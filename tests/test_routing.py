@@ -24,7 +24,7 @@ from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.policies import load_policy
 from whiflash_sgl import router as router_module
-from whiflash_sgl.router import (CostModel, Decision, PolicyWorker, RoundFeatures, Router, best_paradigm,
+from whiflash_sgl.router import (NO_DRAFT, CostModel, Decision, PolicyWorker, RoundFeatures, Router, best_paradigm,
                                root_statistics, syntax_state)
 from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.target import Target
@@ -353,3 +353,21 @@ def test_each_request_routes_on_its_own_and_mixed_paradigms_verify_in_one_forwar
     paradigms = [r.result.paradigms for r in requests]
     mixed = [k for k in range(min(map(len, paradigms))) if len({p[k] for p in paradigms}) > 1]
     assert len(mixed) >= 3
+
+
+def test_a_batch_that_always_drafts_verifies_its_roots_alone_now_and_then(target, models, prompt, tiny_tokenizer,
+                                                                          monkeypatch):
+    """A plan that always drafts: after every ``IDLE_EVERY`` drafting rounds the batch still verifies its roots
+    alone, once, which is how the cost model learns what not drafting costs; the output stays vanilla's."""
+    monkeypatch.setattr("whiflash_sgl.router.IDLE_EVERY", 5)
+    monkeypatch.setattr("whiflash_sgl.drafters.whiflash.plan", lambda wishes, costs, base: [True] * len(wishes))
+    prompts = [prompt, tiny_tokenizer("The quick brown fox")["input_ids"]]
+    solo = [SpeculativeEngine(target).generate(p, 32).tokens for p in prompts]
+    engine = SpeculativeEngine(target, _whiflash(target, models, Fixed("eagle3")))
+    requests = [engine.submit(p, 32) for p in prompts]
+    while any(r.result is None for r in requests):
+        engine.step()
+    assert [r.result.tokens for r in requests] == solo
+    rounds = ["".join(sorted(set(actions))) for actions in zip(*(r.result.paradigms for r in requests))]
+    assert len(rounds) > 12 and set(rounds) == {"eagle3", NO_DRAFT}
+    assert all(action == (NO_DRAFT if k % 6 == 5 else "eagle3") for k, action in enumerate(rounds))

@@ -43,6 +43,7 @@ NO_DRAFT = "none"  # the router's own action: verify the root alone this round
 PROBE_EVERY = 4  # after this many rounds without drafting, draft once to refresh the tau statistics ...
 MAX_PROBE_GAP = 64  # ... and twice as many after each probe that changed nothing, up to this many
 CURVE_WINDOW = 64  # forwards whose observed time scales the cost curve to this machine
+IDLE_EVERY = 64  # a batch that drafted this many rounds in a row verifies roots alone once, to price not drafting
 POLICY_IDLE_EXIT_S = 5.0  # the policy's thread ends after this long without a call (a later call starts another)
 
 
@@ -179,10 +180,15 @@ class CostModel:
     rows of the whole batched forward (the measured ``curve`` when there is one, scaled to the forwards seen, else a
     least-squares line over them), and each paradigm's catch-up time as ``a + b * backlog``.
 
-    The curve's scale is the median of observed over predicted time for the last ``CURVE_WINDOW`` forwards: a
-    committed curve was measured on one machine, and another runs its forwards faster or slower (two 2-core hosts
-    of this project differed 2x at one row), while the drafters' times are always observed here; priced against an
-    unscaled curve, drafting would look cheaper or dearer than it is.
+    The curve is scaled to the forwards observed here, in two parts: a committed curve was measured on one machine,
+    and another runs its forwards faster or slower (two 2-core hosts of this project differed 2x at one row), while
+    the drafters' times are always observed here; priced against an unscaled curve, drafting would look cheaper or
+    dearer than it is. The forward of the batch's roots alone is scaled by the median observed/curve ratio of the
+    last ``CURVE_WINDOW`` such forwards, and the draft rows on top of it by their own median ratio: measured rows
+    are uniform causal chunks, served draft trees cost more per row (1.7x at 16 requests), and one scale fitted
+    where the batch drafts would price the roots alone 30% too dear, so that a batch kept drafting where that was
+    slower. Until the roots alone were seen, one ratio over every forward scales both (:meth:`idle_due` asks for a
+    round without drafts).
 
     Catch-up needs the intercept: a KV-only prefill of a few positions costs mostly its fixed overhead, and a
     per-position rate measured there, times the long backlog an idle drafter builds up, would price that drafter
@@ -194,8 +200,12 @@ class CostModel:
         self.catchup: dict[str, LinearFit] = {}
         self.verify_seconds = LinearFit()
         self.group: dict[str, int] = {}  # sequences in each paradigm's last batched draft call
-        self._ratios: collections.deque[float] = collections.deque(maxlen=CURVE_WINDOW)  # observed / curve
-        self._scale: float | None = 1.0  # their median (None: to recompute)
+        self._ratios: collections.deque[float] = collections.deque(maxlen=CURVE_WINDOW)  # observed / curve, all
+        self._roots: collections.deque[float] = collections.deque(maxlen=CURVE_WINDOW)  # ... of roots-only forwards
+        # forwards with draft rows: (curve of their roots alone, curve of the rest, observed seconds)
+        self._drafted: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=CURVE_WINDOW)
+        self._scales: tuple[float, float] | None = (1.0, 1.0)  # (roots, draft rows); None: to recompute
+        self.drafting_rounds = 0  # batch rounds since the last one without drafts
 
     def observe_draft(self, paradigm: str, seconds: float, sequences: int = 1) -> None:
         self.draft.setdefault(paradigm, LinearFit()).observe(sequences, seconds)
@@ -207,16 +217,36 @@ class CostModel:
 
     def observe_verify(self, rows: int, seconds: float, sequences: int = 1) -> None:
         self.verify_seconds.observe(rows, seconds)
-        if self.curve is not None and rows > 0:
-            self._ratios.append(seconds / max(self.curve(rows, sequences), 1e-9))
-            self._scale = None
+        if self.curve is None or rows <= 0:
+            return
+        roots, whole = self.curve(sequences, sequences), self.curve(rows, sequences)
+        self._ratios.append(seconds / max(whole, 1e-9))
+        if rows <= sequences:
+            self._roots.append(seconds / max(roots, 1e-9))
+        elif whole > roots:
+            self._drafted.append((roots, whole - roots, seconds))
+        self._scales = None
+
+    def note_round(self, drafted: bool) -> None:
+        """A batch round was planned, with or without draft rows."""
+        self.drafting_rounds = self.drafting_rounds + 1 if drafted else 0
 
     @property
-    def curve_scale(self) -> float:
-        """This machine's forward time over the curve's (1 before any forward was seen)."""
-        if self._scale is None:
-            self._scale = statistics.median(self._ratios)
-        return self._scale
+    def idle_due(self) -> bool:
+        """Whether the batch should verify its roots alone this round: it drafted for ``IDLE_EVERY`` rounds in a row,
+        so the price of not drafting is an estimate grown stale."""
+        return self.drafting_rounds >= IDLE_EVERY
+
+    @property
+    def curve_scales(self) -> tuple[float, float]:
+        """This machine's forward time over the curve's, for a batch's roots alone and for the draft rows on top."""
+        if self._scales is None:
+            overall = statistics.median(self._ratios)
+            roots = statistics.median(self._roots) if self._roots else overall
+            rows = (statistics.median((seconds - base * roots) / extra for base, extra, seconds in self._drafted)
+                    if self._roots and self._drafted else overall)
+            self._scales = (roots, max(rows, 0.0))
+        return self._scales
 
     def verify(self, rows: float, sequences: int = 1) -> float:
         """Seconds of a forward of ``rows`` rows over ``sequences`` sequences (0 for none)."""
@@ -224,7 +254,9 @@ class CostModel:
             return 0.0
         if self.curve is None:
             return self.verify_seconds(rows)
-        return self.curve(rows, sequences) * self.curve_scale
+        roots, whole = self.curve(sequences, sequences), self.curve(rows, sequences)
+        roots_scale, rows_scale = self.curve_scales
+        return roots * roots_scale + max(whole - roots, 0.0) * rows_scale
 
     def draft_call(self, paradigm: str, sequences: int) -> float:
         """Seconds of one call of ``paradigm``'s drafter for ``sequences`` sequences (0 before any was seen)."""

@@ -173,10 +173,17 @@ class WhiFlashDrafter(Drafter):
         decisions = Router.choose_all([d.router for d in drafters], features)
         # a policy that predicts tau sees the present; only tau statistics from past drafts need probing
         probes = [len(drafters) > 1 and x.tau is None and d.router.probe_due for d, x in zip(drafters, decisions)]
-        drafting = [True] if len(drafters) == 1 else plan(
-            [d._wish(f, x, probe, s.min_prob)
-             for d, f, x, probe, s in zip(drafters, features, decisions, probes, states)],
-            drafters[0].router.costs, len(drafters))
+        costs = drafters[0].router.costs
+        if len(drafters) == 1:
+            drafting = [True]
+        elif costs.idle_due:  # the batch's roots alone, now and then: what not drafting costs (``CostModel``)
+            drafting = [False] * len(drafters)
+        else:
+            drafting = plan([d._wish(f, x, probe, s.min_prob)
+                             for d, f, x, probe, s in zip(drafters, features, decisions, probes, states)],
+                            costs, len(drafters))
+        if len(drafters) > 1:
+            costs.note_round(any(drafting))
         chosen = [d._take(x, go, probe) for d, x, go, probe in zip(drafters, decisions, drafting, probes)]
         cls._catch_up(drafters, states, [tuple(d.drafters) if c and d.mode == "eager" else c
                                          for d, c in zip(drafters, chosen)])
