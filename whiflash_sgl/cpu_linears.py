@@ -10,12 +10,13 @@ on the CPU:
   against 8.9 ms, of a 576x1536 MLP projection 0.05 against 0.08 ms; 26 rows 8.4 against 10.0 and 0.15 against
   0.22 ms), as fast at one row and within 7% at 512. Whole forwards: one sequence of 8 rows 70 -> 47 ms, 8 sequences
   of one row 80 -> 59 ms, of 3 rows 97 -> 83 ms.
-* float32 target elsewhere: oneDNN's prepacked inner product beat the default GEMM on one AVX-512 host (SmolLM2's verify of 8
-  rows 64 -> 49 ms, one row 40 -> 35 ms); on an AVX2-only host (AMD EPYC) the default was as fast or faster at every
-  row count from 1 to 512 (30 layers' linears: 1 row 44 against 68 ms, 2 rows 67 against 90, 8 rows 101 against
-  109, 64 rows 287 against 300), and so it was on a Sapphire Rapids host with AMX (whole forwards: 1 row 37 against
-  61 ms, 8 sequences of 1 row 76 against 88, of 8 rows 137 against 161). The ISA does not tell them apart, so
-  :func:`prepacking_pays` times both on a linear of the model's own shape.
+* float32 target where that kernel cannot run (no AVX-512, or no C++ compiler): oneDNN's prepacked inner product
+  beat the default GEMM on one AVX-512 host (SmolLM2's verify of 8 rows 64 -> 49 ms, one row 40 -> 35 ms); on an
+  AVX2-only host (AMD EPYC) the default was as fast or faster at every row count from 1 to 512 (30 layers' linears:
+  1 row 44 against 68 ms, 2 rows 67 against 90, 8 rows 101 against 109, 64 rows 287 against 300), and so it was on
+  a Sapphire Rapids host with AMX (whole forwards: 1 row 37 against 61 ms, 8 sequences of 1 row 76 against 88, of 8
+  rows 137 against 161). The ISA does not tell them apart, so :func:`prepacking_pays` times both on a linear of the
+  model's own shape.
 * bfloat16 drafters: without AVX-512, bf16 products are emulated. While reading the weights dominates they still
   win (an EAGLE-3 layer and its 8k head, 1 row 2.9 against 4.4 ms in float32), but from a few rows on they lose
   2-4x (16 rows 37 against 12 ms, 64 rows 138 against 30), which is what a batch of requests drafting together
