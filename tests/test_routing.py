@@ -19,7 +19,7 @@ from whiflash_sgl.drafters.dflash import DFlashDrafter, DFlashModel
 from whiflash_sgl.drafters.eagle3 import Eagle3Drafter, Eagle3Model
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.drafters.oracle import OracleDrafter
-from whiflash_sgl.drafters.whiflash import WhiFlashDrafter
+from whiflash_sgl.drafters.whiflash import QUIET_MAX, QuietRounds, WhiFlashDrafter
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.policies import load_policy
@@ -371,3 +371,35 @@ def test_a_batch_that_always_drafts_verifies_its_roots_alone_now_and_then(target
     rounds = ["".join(sorted(set(actions))) for actions in zip(*(r.result.paradigms for r in requests))]
     assert len(rounds) > 12 and set(rounds) == {"eagle3", NO_DRAFT}
     assert all(action == (NO_DRAFT if k % 6 == 5 else "eagle3") for k, action in enumerate(rounds))
+
+
+def test_quiet_rounds_double_after_each_plan_without_drafts_and_end_when_it_drafts():
+    quiet = QuietRounds()
+    pattern = []
+    for drafts in (False, False, False, False, False, True, False):
+        skipped = 0
+        while quiet.skip():
+            skipped += 1
+        pattern.append(skipped)
+        quiet.planned(drafts)
+    assert pattern == [0, 1, 2, 4, 8, 8, 0] and quiet.left == 1
+
+
+def test_a_batch_whose_plan_drafts_nothing_routes_less_and_less_often(target, models, prompt, tiny_tokenizer,
+                                                                     monkeypatch):
+    """A plan that never drafts: the batch skips routing (features, policy, plan) on 1, 2, 4, ... rounds in between,
+    up to ``QUIET_MAX``, and every output stays vanilla's."""
+    monkeypatch.setattr("whiflash_sgl.drafters.whiflash.plan", lambda wishes, costs, base: [False] * len(wishes))
+    routed = []
+    features = WhiFlashDrafter._features
+    monkeypatch.setattr(WhiFlashDrafter, "_features", lambda self, *a: routed.append(1) or features(self, *a))
+    prompts = [prompt, tiny_tokenizer("The quick brown fox")["input_ids"]]
+    solo = [SpeculativeEngine(target).generate(p, 48).tokens for p in prompts]
+    engine = SpeculativeEngine(target, _whiflash(target, models, Fixed("eagle3")))
+    requests = [engine.submit(p, 48) for p in prompts]
+    while any(r.result is None for r in requests):
+        engine.step()
+    assert [r.result.tokens for r in requests] == solo
+    rounds = min(len(r.result.paradigms) for r in requests)
+    assert rounds >= 40 and all(set(r.result.paradigms) == {NO_DRAFT} for r in requests)
+    assert len(routed) / len(prompts) <= 2 + rounds / (QUIET_MAX + 1)  # routed at rounds 0, 2, 5, 10, 19, 28, ...
