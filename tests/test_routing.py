@@ -355,19 +355,26 @@ def test_each_request_routes_on_its_own_and_mixed_paradigms_verify_in_one_forwar
     assert len(mixed) >= 3
 
 
+def _two_requests_whose_plan_is(drafts: bool, tokens: int, target, models, prompt, tiny_tokenizer, monkeypatch):
+    """Two requests batched under a plan that always (``drafts``) or never lets them draft, each checked against its
+    solo vanilla output."""
+    monkeypatch.setattr("whiflash_sgl.drafters.whiflash.plan", lambda wishes, costs, base: [drafts] * len(wishes))
+    prompts = [prompt, tiny_tokenizer("The quick brown fox")["input_ids"]]
+    solo = [SpeculativeEngine(target).generate(p, tokens).tokens for p in prompts]
+    engine = SpeculativeEngine(target, _whiflash(target, models, Fixed("eagle3")))
+    requests = [engine.submit(p, tokens) for p in prompts]
+    while any(r.result is None for r in requests):
+        engine.step()
+    assert [r.result.tokens for r in requests] == solo
+    return requests
+
+
 def test_a_batch_that_always_drafts_verifies_its_roots_alone_now_and_then(target, models, prompt, tiny_tokenizer,
                                                                           monkeypatch):
     """A plan that always drafts: after every ``IDLE_EVERY`` drafting rounds the batch still verifies its roots
     alone, once, which is how the cost model learns what not drafting costs; the output stays vanilla's."""
     monkeypatch.setattr("whiflash_sgl.router.IDLE_EVERY", 5)
-    monkeypatch.setattr("whiflash_sgl.drafters.whiflash.plan", lambda wishes, costs, base: [True] * len(wishes))
-    prompts = [prompt, tiny_tokenizer("The quick brown fox")["input_ids"]]
-    solo = [SpeculativeEngine(target).generate(p, 32).tokens for p in prompts]
-    engine = SpeculativeEngine(target, _whiflash(target, models, Fixed("eagle3")))
-    requests = [engine.submit(p, 32) for p in prompts]
-    while any(r.result is None for r in requests):
-        engine.step()
-    assert [r.result.tokens for r in requests] == solo
+    requests = _two_requests_whose_plan_is(True, 32, target, models, prompt, tiny_tokenizer, monkeypatch)
     rounds = ["".join(sorted(set(actions))) for actions in zip(*(r.result.paradigms for r in requests))]
     assert len(rounds) > 12 and set(rounds) == {"eagle3", NO_DRAFT}
     assert all(action == (NO_DRAFT if k % 6 == 5 else "eagle3") for k, action in enumerate(rounds))
@@ -389,17 +396,10 @@ def test_a_batch_whose_plan_drafts_nothing_routes_less_and_less_often(target, mo
                                                                      monkeypatch):
     """A plan that never drafts: the batch skips routing (features, policy, plan) on 1, 2, 4, ... rounds in between,
     up to ``QUIET_MAX``, and every output stays vanilla's."""
-    monkeypatch.setattr("whiflash_sgl.drafters.whiflash.plan", lambda wishes, costs, base: [False] * len(wishes))
     routed = []
     features = WhiFlashDrafter._features
     monkeypatch.setattr(WhiFlashDrafter, "_features", lambda self, *a: routed.append(1) or features(self, *a))
-    prompts = [prompt, tiny_tokenizer("The quick brown fox")["input_ids"]]
-    solo = [SpeculativeEngine(target).generate(p, 48).tokens for p in prompts]
-    engine = SpeculativeEngine(target, _whiflash(target, models, Fixed("eagle3")))
-    requests = [engine.submit(p, 48) for p in prompts]
-    while any(r.result is None for r in requests):
-        engine.step()
-    assert [r.result.tokens for r in requests] == solo
+    requests = _two_requests_whose_plan_is(False, 48, target, models, prompt, tiny_tokenizer, monkeypatch)
     rounds = min(len(r.result.paradigms) for r in requests)
     assert rounds >= 40 and all(set(r.result.paradigms) == {NO_DRAFT} for r in requests)
-    assert len(routed) / len(prompts) <= 2 + rounds / (QUIET_MAX + 1)  # routed at rounds 0, 2, 5, 10, 19, 28, ...
+    assert len(routed) / len(requests) <= 2 + rounds / (QUIET_MAX + 1)  # routed at rounds 0, 2, 5, 10, 19, 28, ...
