@@ -197,7 +197,8 @@ def run_bench(
     for runner in runners.values():  # warm-up: first-call allocations and kernel selection stay out of the figures
         runner.generate(encoded[0][1], 8, sampling, seed)
     head = settings(target.name, str(target.device), max_new_tokens, sampling, seed,
-                    dtype=str(target.model.dtype).removeprefix("torch."), threads=torch.get_num_threads())
+                    dtype=str(target.model.dtype).removeprefix("torch."), matmul=target.matmul,
+                    threads=torch.get_num_threads())
     if levels:
         return load_bench(target, runners, encoded, levels, max_new_tokens, sampling, seed, head, progress)
     rules = {m: sampling for m in methods}

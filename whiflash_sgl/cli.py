@@ -8,14 +8,15 @@ import os
 import sys
 from pathlib import Path
 
-from whiflash_sgl.config import ATTENTION_PATHS
+from whiflash_sgl.config import ATTENTION_PATHS, MATMUL_PRECISIONS
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.model_store import DEFAULT_MODEL
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local folders; never wait on a hub
 
 DEFAULT_METHODS = "vanilla,ngram"
-ENGINE_ONLY = ("config", "policy_config", "threads", "dtype", "device", "attention")  # meaningless with --endpoint
+# meaningless with --endpoint
+ENGINE_ONLY = ("config", "policy_config", "threads", "dtype", "matmul", "device", "attention")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="target weights (bfloat16 is ~2x faster on CPUs with AVX512-BF16/AMX, but not batch-invariant)")
+    p.add_argument("--matmul", choices=MATMUL_PRECISIONS, default="auto",
+                   help="products in a float32 target's linear layers: bfloat16 (summed in float32, on CPUs with AMX; "
+                        "the checkpoint's own precision, and a verify pass's extra rows next to free) or float32; "
+                        "auto (default): bfloat16 where it runs")
     p.add_argument("--device", default="cpu", help="where the target and drafters run: cpu (default) or cuda")
     p.add_argument("--attention", choices=ATTENTION_PATHS, default="auto",
                    help="target attention: a whiflash_sgl.kernels backend (auto: FlashInfer on CUDA, else the "
@@ -45,7 +50,7 @@ def _load_target(args):
     from whiflash_sgl.target import Target
 
     return Target.load(args.model or DEFAULT_MODEL, dtype=getattr(torch, args.dtype), attention=args.attention,
-                       device=args.device)
+                       device=args.device, matmul=args.matmul)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -252,7 +257,7 @@ def _cost_curve(args) -> None:
     curve = measure(target, repeats=args.repeats)
     threads = torch.get_num_threads()
     out = Path(args.out)
-    curve.save(out, model=target.name, device=str(target.device), threads=threads,
+    curve.save(out, model=target.name, device=str(target.device), matmul=target.matmul, threads=threads,
                command="whiflash " + " ".join(sys.argv[1:]))
     png = plot(curve, out.with_suffix(".png"), f"{target.name}: one target forward, {threads} threads")
     for sequences, rows, seconds in zip(curve.sequences, curve.rows, curve.seconds):

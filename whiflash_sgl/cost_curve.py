@@ -36,7 +36,8 @@ from whiflash_sgl.tree import DraftTree
 SEQUENCES = (1, 2, 4, 8, 16)  # sequences per measured forward
 ROWS_EACH = (1, 2, 4, 8, 16, 32)  # rows per sequence in a measured forward
 MAX_ROWS = 256
-COST_CURVE_FILE = "cost_curve.json"  # next to a target's committed drafters, in WEIGHTS_DIR
+# next to a target's committed drafters, in WEIGHTS_DIR: one per precision of the target's matmuls (``Target.matmul``)
+COST_CURVE_FILES = {"float32": "cost_curve.json", "bfloat16": "cost_curve_bf16.json"}
 
 
 @dataclass(frozen=True)

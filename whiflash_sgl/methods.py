@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from whiflash_sgl.config import ATTENTION_PATHS, WhiFlashConfig
-from whiflash_sgl.cost_curve import COST_CURVE_FILE, CostCurve
+from whiflash_sgl.cost_curve import COST_CURVE_FILES, CostCurve
 from whiflash_sgl.cpu_linears import float32_for_many_rows
 from whiflash_sgl.drafters.checkpoint import default_drafter_path, load_drafter_model
 from whiflash_sgl.drafters.dflash import DFlashDrafter
@@ -155,9 +155,10 @@ def cost_curve(target: Target, config: WhiFlashConfig) -> CostCurve | None:
     if config.cost_curve:
         return CostCurve.load(Path(config.cost_curve))
     committed = default_drafter_path("eagle3", target)  # present only for the embedded default target
-    if committed is None or target.device.type != "cpu" or not (committed.parent / COST_CURVE_FILE).is_file():
+    if committed is None or target.device.type != "cpu":
         return None
-    return CostCurve.load(committed.parent / COST_CURVE_FILE)
+    path = committed.parent / COST_CURVE_FILES[target.matmul]
+    return CostCurve.load(path) if path.is_file() else None
 
 
 def _paradigms(target: Target, config: WhiFlashConfig) -> dict:

@@ -18,9 +18,9 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import AttentionMaskInterface
 
-from whiflash_sgl.config import ATTENTION_PATHS
+from whiflash_sgl.config import ATTENTION_PATHS, MATMUL_PRECISIONS
 from whiflash_sgl.cost_curve import CostCurve
-from whiflash_sgl.cpu_linears import invariant_linears, pack_linears, prepacking_pays
+from whiflash_sgl.cpu_linears import bf16_products_run_here, invariant_linears, pack_linears, prepacking_pays
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.kernels import AttentionLayout, BackendUnavailableError, get_backend, tree_attention
 from whiflash_sgl.kernels.layout import indptr_from_lengths
@@ -66,19 +66,24 @@ class Target:
     ``pack=True`` prepacks the linear layers for oneDNN (float32 on a CPU only; inference only: no gradients flow
     through them); ``None`` picks for this CPU: the batch-invariant kernel where it runs (``cpu_linears``), else
     oneDNN where that pays (:func:`prepacking_pays`, timed). ``lm_head`` stays the model's own dense output layer,
-    for drafters that share it."""
+    for drafters that share it.
+
+    ``matmul="bfloat16"`` computes the float32 target's linear layers with bf16 products summed in float32 (the
+    kernel's AMX path, batch-invariant too; ``pack`` is then moot), the precision its checkpoint was trained in and
+    a verify pass's extra rows next to free; ``"auto"`` picks it where it runs, else float32."""
 
     def __init__(self, model, tokenizer, capture_layers: tuple[int, ...] = (), name: str = "",
-                 attention: str = "auto", pack: bool | None = False):
+                 attention: str = "auto", pack: bool | None = False, matmul: str = "float32"):
         self.name = name or getattr(model.config, "_name_or_path", "")
         self.model = model.eval()
         self.lm_head = model.get_output_embeddings()
-        if pack is None:
-            on_cpu = self.device.type == "cpu" and model.dtype == torch.float32
-            pack = on_cpu and not invariant_linears(model) and prepacking_pays(model)
-        if pack and self.device.type == "cpu" and model.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            with torch.no_grad():
-                pack_linears(model)
+        self.matmul = self._set_matmul(matmul)
+        if self.matmul == "float32" and self._float32_on_cpu:
+            if pack is None:
+                pack = not invariant_linears(model) and prepacking_pays(model)
+            if pack and torch.backends.mkldnn.is_available():
+                with torch.no_grad():
+                    pack_linears(model)
         self.tokenizer = tokenizer
         self.config = model.config
         self.model.config._attn_implementation = ATTN_IMPLEMENTATION
@@ -91,6 +96,20 @@ class Target:
         self._heads = dict(num_qo_heads=self.config.num_attention_heads, num_kv_heads=self.config.num_key_value_heads,
                            head_dim=attn.head_dim, scale=attn.scaling)
         self.set_attention(attention)
+
+    def _set_matmul(self, matmul: str) -> str:
+        """Swaps in the bf16-product kernel where asked for (or, for "auto", where it runs); the precision in use."""
+        if matmul not in MATMUL_PRECISIONS:
+            raise WhiFlashError(f"unknown matmul precision {matmul!r}; choose one of {', '.join(MATMUL_PRECISIONS)}")
+        if matmul == "float32" or matmul == "auto" and not (self._float32_on_cpu and bf16_products_run_here()):
+            return "float32"
+        if not self._float32_on_cpu:
+            raise WhiFlashError(f"bfloat16 matmul is for a float32 target on a CPU, not a {self.model.dtype} one on "
+                                f"{self.device.type}; load it in float32 (--dtype float32) or use --matmul float32")
+        if not invariant_linears(self.model, bf16_products=True):
+            raise WhiFlashError("bfloat16 matmul needs a CPU with AMX (Intel Sapphire Rapids or later) and a C++ "
+                                "compiler to build its kernel; use --matmul float32 (or auto) here")
+        return "bfloat16"
 
     def set_attention(self, name: str) -> None:
         """Route attention through backend ``name`` of ``whiflash_sgl.kernels`` (``auto``: FlashInfer on CUDA with a
@@ -126,7 +145,8 @@ class Target:
 
     @classmethod
     def load(cls, name_or_path: str, capture_layers: tuple[int, ...] = (), dtype=torch.float32,
-             attention: str = "auto", pack: bool | None = None, device: str = "cpu") -> "Target":
+             attention: str = "auto", pack: bool | None = None, device: str = "cpu",
+             matmul: str = "float32") -> "Target":
         path = resolve_model(name_or_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -137,7 +157,8 @@ class Target:
             model.to(device)
         except (RuntimeError, AssertionError) as exc:  # no such device, or a torch built without it
             raise WhiFlashError(f"cannot put the model on device {device!r}: {exc}") from exc
-        return cls(model, tokenizer, capture_layers, name=name_or_path, attention=attention, pack=pack)
+        return cls(model, tokenizer, capture_layers, name=name_or_path, attention=attention, pack=pack,
+                   matmul=matmul)
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -151,6 +172,10 @@ class Target:
     @property
     def context_length(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 1 << 30))
+
+    @property
+    def _float32_on_cpu(self) -> bool:
+        return self.device.type == "cpu" and self.model.dtype == torch.float32
 
     @property
     def device(self) -> torch.device:

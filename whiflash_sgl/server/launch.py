@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from whiflash_sgl.config import MATMUL_PRECISIONS
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.model_store import DEFAULT_MODEL
 from whiflash_sgl.server.http import HttpLimits
@@ -64,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to send a request's head once begun, and again its body; later gets HTTP 408 "
                              "(default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--matmul", choices=MATMUL_PRECISIONS, default="auto",
+                        help="products in the target's linear layers: bfloat16 (AMX CPUs) or float32; auto (default): "
+                             "bfloat16 where it runs")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -89,7 +93,7 @@ def load_service(args: argparse.Namespace, limits: HttpLimits):
             raise WhiFlashError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     model = ServedModel.load(args.model_path, args.speculative_algorithm, args.whiflash_policy,
                              args.whiflash_config, args.whiflash_policy_config, args.served_model_name,
-                             args.sampling_rule)
+                             args.sampling_rule, args.matmul)
     model.target.set_kv_budget(args.kv_budget_mb << 20)
     return Service(model, args.max_queued_requests, limits.max_prompt_chars, args.max_running_requests)
 

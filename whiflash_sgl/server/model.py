@@ -99,14 +99,14 @@ class ServedModel:
     @classmethod
     def load(cls, model_path: str, algorithm: str | None = None, policy: str = "heuristic",
              config_path: str | None = None, policy_config: str | None = None,
-             served_name: str | None = None, sampling_rule: str = "keyed") -> "ServedModel":
+             served_name: str | None = None, sampling_rule: str = "keyed", matmul: str = "float32") -> "ServedModel":
         """Everything a server needs before it binds its port; any problem is a :class:`WhiFlashError`."""
         if sampling_rule not in RULES:
             raise WhiFlashError(f"--sampling-rule must be one of {', '.join(RULES)}, got {sampling_rule!r}")
         name = method_name(algorithm, policy)
         config = WhiFlashConfig.from_file(config_path) if config_path else WhiFlashConfig()
         params = read_mapping(policy_config) if policy_config else None
-        target = Target.load(model_path)
+        target = Target.load(model_path, matmul=matmul)
         return cls(target, make_method(name, target, config, params), model_path, served_name, algorithm or "",
                    policy, sampling_rule)
 
