@@ -10,7 +10,8 @@ import pytest
 import whiflash_sgl.target as target_module
 from whiflash_sgl.config import WhiFlashConfig
 from whiflash_sgl.errors import WhiFlashError
-from whiflash_sgl.kernels import ReferencePlan, available_backends
+from whiflash_sgl.kernels import ReferencePlan, available_backends, get_backend
+from whiflash_sgl.kernels.cpu_backend import CpuPlan
 from whiflash_sgl.methods import make_method
 from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.target import Target
@@ -19,9 +20,9 @@ from whiflash_sgl.target import Target
 @pytest.fixture
 def attention_calls(monkeypatch):
     """Counts of the attention computations the target makes, by path: ``direct`` (``tree_attention`` on HF's
-    layout) and ``reference`` (a plan of the reference backend). The real functions still compute the result."""
-    calls = {"direct": 0, "reference": 0}
-    direct, reference_run = target_module.tree_attention, ReferencePlan.run
+    layout), ``reference`` and ``cpu`` (a plan of that backend). The real functions still compute the result."""
+    calls = {"direct": 0, "reference": 0, "cpu": 0}
+    direct, reference_run, cpu_run = target_module.tree_attention, ReferencePlan.run, CpuPlan.run
 
     def counted_direct(*args, **kwargs):
         calls["direct"] += 1
@@ -31,9 +32,17 @@ def attention_calls(monkeypatch):
         calls["reference"] += 1
         return reference_run(self, *args, **kwargs)
 
+    def counted_cpu(self, *args, **kwargs):
+        calls["cpu"] += 1
+        return cpu_run(self, *args, **kwargs)
+
     monkeypatch.setattr(target_module, "tree_attention", counted_direct)
     monkeypatch.setattr(ReferencePlan, "run", counted_reference)
+    monkeypatch.setattr(CpuPlan, "run", counted_cpu)
     return calls
+
+
+CPU_PATHS = ("reference", "direct") + (("cpu",) if "cpu" in available_backends() else ())
 
 
 @pytest.mark.parametrize("base", ["vanilla", "ngram"])
@@ -45,14 +54,13 @@ def test_the_named_path_computes_attention_and_outputs_agree(looping_target, pro
     try:
         saved_backend = target._backend
         outputs = {}
-        for path in ("reference", "direct"):
+        for path in CPU_PATHS:
             method = make_method(f"{base}@{path}", target, config)
-            attention_calls.update(direct=0, reference=0)
+            attention_calls.update(direct=0, reference=0, cpu=0)
             outputs[path] = method.generate(prompt_ids, 32, SamplingParams(), 0)
-            other = "direct" if path == "reference" else "reference"
-            assert attention_calls[path] > 0 and attention_calls[other] == 0, attention_calls
+            assert attention_calls[path] > 0 and sum(attention_calls.values()) == attention_calls[path]
             assert (target.attention, target._backend) == ("direct", saved_backend)  # restored after the run
-        assert outputs["direct"].tokens == outputs["reference"].tokens
+        assert all(outputs[path].tokens == outputs["direct"].tokens for path in CPU_PATHS)
         assert len(outputs["direct"].tokens) == 32
         if base == "ngram":
             assert outputs["reference"].tau > 1  # drafts were verified, not only single rows
@@ -66,7 +74,8 @@ def test_without_a_path_the_target_keeps_its_own(tiny_target, prompt_ids, attent
     before = tiny_target.attention, tiny_target._backend
     method.generate(prompt_ids, 4, SamplingParams(), 0)
     assert (tiny_target.attention, tiny_target._backend) == before
-    assert attention_calls["reference"] > 0 and attention_calls["direct"] == 0  # auto on a CPU: the reference
+    expected = get_backend("auto", "cpu", tiny_target._heads["head_dim"]).name  # the kernel where it runs
+    assert attention_calls[expected] > 0 and sum(attention_calls.values()) == attention_calls[expected]
 
 
 def test_the_path_is_restored_when_a_generation_fails(tiny_target, prompt_ids):
@@ -88,6 +97,6 @@ def test_an_unavailable_path_fails_when_the_method_is_made(served_dir):
     assert make_method("eagle3@reference", target, config).attention == "reference"
     before = target.attention, target._backend
     with pytest.raises(WhiFlashError, match=r"eagle3@flashinfer: .*flashinfer.*pip install flashinfer-python"
-                                            r".*or use eagle3@reference, eagle3@direct"):
+                                            r".*or use eagle3@reference, eagle3@cpu, eagle3@direct"):
         make_method("eagle3@flashinfer", target, config)
     assert (target.attention, target._backend) == before

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from whiflash_sgl.cpu_linears import bf16_products_run_here
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.engine import MAX_TREE_NODES, SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
@@ -53,6 +54,18 @@ def test_every_request_in_a_batch_matches_its_solo_output(target, prompts, solo,
     assert target.pool.reserved == 0 and target.pool.free_slots == target.pool.capacity
     if drafter:
         assert sum(r.tau for r in results) / len(results) > 1.2  # the trees were verified together, and accepted
+
+
+@pytest.mark.skipif(not bf16_products_run_here(), reason="needs a CPU with AMX and a C++ compiler")
+def test_with_bf16_products_every_request_in_a_batch_matches_its_solo_output(tiny_tokenizer, make_model, prompts):
+    """The AMX kernel's rows do not depend on the batch: drafted trees verified together give each request its
+    text alone."""
+    target = Target(make_model(len(tiny_tokenizer), initializer_range=0.02), tiny_tokenizer, matmul="bfloat16")
+    alone = [SpeculativeEngine(target).generate(p, 40).tokens for p in prompts]
+    engine = SpeculativeEngine(target, _drafter())
+    results = _run(engine, [engine.submit(p, 40) for p in prompts])
+    assert [r.tokens for r in results] == alone
+    assert sum(r.tau for r in results) / len(results) > 1.2
 
 
 def test_requests_join_and_leave_mid_flight(target, prompts, solo):

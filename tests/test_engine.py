@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -11,7 +13,9 @@ from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.methods import make_method
 from whiflash_sgl.sampling import SamplingParams
-from whiflash_sgl.cpu_linears import SMALL_ROWS, InvariantLinear, PackedLinear, RowAdaptiveLinear, invariant_gemm
+from whiflash_sgl.cpu_linears import (SMALL_ROWS, InvariantLinear, PackedLinear, RowAdaptiveLinear,
+                                      bf16_products_run_here, drafter_linears)
+from whiflash_sgl.kernels.cpu_extension import cpu_kernels
 from whiflash_sgl.target import Target
 from whiflash_sgl.tree import DraftTree
 
@@ -176,10 +180,10 @@ def test_a_packed_linear_gives_the_dense_product_for_one_row_and_for_many():
             torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
-needs_invariant_gemm = pytest.mark.skipif(invariant_gemm() is None, reason="needs an AVX-512 CPU and a C++ compiler")
+needs_cpu_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="needs an AVX-512 CPU and a C++ compiler")
 
 
-@needs_invariant_gemm
+@needs_cpu_kernels
 def test_the_invariant_linear_gives_the_dense_product_and_each_row_whatever_the_batch():
     """The target's float32 kernel: the dense product up to float32 rounding (widths that are and are not a
     multiple of its 16-column panels, with a bias), and each row bit for bit the same alone, in a batch of any size
@@ -187,7 +191,7 @@ def test_the_invariant_linear_gives_the_dense_product_and_each_row_whatever_the_
     gen = torch.Generator().manual_seed(0)
     for out_features in (48, 37):
         linear = torch.nn.Linear(72, out_features)
-        kernel = InvariantLinear(linear, invariant_gemm())
+        kernel = InvariantLinear(linear, cpu_kernels())
         x = torch.randn(20, 72, generator=gen)
         with torch.no_grad():
             alone = torch.cat([kernel(x[i : i + 1]) for i in range(len(x))])
@@ -197,7 +201,7 @@ def test_the_invariant_linear_gives_the_dense_product_and_each_row_whatever_the_
                 assert torch.equal(kernel(x[len(x) - rows :]), alone[len(x) - rows :])
 
 
-@needs_invariant_gemm
+@needs_cpu_kernels
 def test_loading_picks_the_invariant_kernel_on_a_cpu_that_runs_it(tiny_tokenizer, make_model, prompt_ids):
     """``pack=None`` (what ``Target.load`` passes) swaps every linear, the LM head included, for the kernel; the
     drafters' dense LM head stays, and greedy output is the dense model's."""
@@ -208,8 +212,81 @@ def test_loading_picks_the_invariant_kernel_on_a_cpu_that_runs_it(tiny_tokenizer
     assert _vanilla(fast, prompt_ids).tokens == _vanilla(dense, prompt_ids).tokens
 
 
+needs_amx = pytest.mark.skipif(not bf16_products_run_here(), reason="needs a CPU with AMX and a C++ compiler")
+
+
+@needs_amx
+def test_bf16_products_are_the_rounded_products_summed_in_float32_and_each_row_whatever_the_batch():
+    """The AMX path: the product of the bf16-rounded rows and weights (summed in float32: up to its rounding), a
+    width neither a multiple of 16 columns nor of 32 input features, with a bias; each row bit for bit the same
+    alone, in a batch of any size up to three 16-row tiles, and at any place in it."""
+    gen = torch.Generator().manual_seed(0)
+    for out_features in (48, 37):
+        linear = torch.nn.Linear(72, out_features)
+        kernel = InvariantLinear(linear, cpu_kernels(), bf16_products=True)
+        x = torch.randn(40, 72, generator=gen)
+        with torch.no_grad():
+            alone = torch.cat([kernel(x[i : i + 1]) for i in range(len(x))])
+            rounded = torch.nn.functional.linear(x.bfloat16().double(), linear.weight.bfloat16().double(),
+                                                 linear.bias.double())
+            torch.testing.assert_close(alone.double(), rounded, rtol=1e-5, atol=1e-5)
+            assert (alone - linear(x)).abs().max() > 1e-4  # bf16 products: not the float32 product
+            for rows in range(1, len(x) + 1):
+                assert torch.equal(kernel(x[None, :rows])[0], alone[:rows])
+                assert torch.equal(kernel(x[len(x) - rows :]), alone[len(x) - rows :])
+
+
+@needs_amx
+def test_matmul_bfloat16_puts_every_linear_on_the_amx_path(tiny_tokenizer, make_model, prompt_ids):
+    """The drafters' dense LM head stays; "auto" picks bf16 products where they run; vanilla and a drafter give one
+    greedy text, the bf16 target's own."""
+    target = Target(make_model(len(tiny_tokenizer)), tiny_tokenizer, matmul="bfloat16")
+    assert target.matmul == "bfloat16" and isinstance(target.lm_head, torch.nn.Linear)
+    kernels = [m for m in target.model.modules() if isinstance(m, InvariantLinear)]
+    assert kernels and all(m.bf16_products for m in kernels)
+    assert not any(isinstance(m, torch.nn.Linear) for m in target.model.model.modules())
+    assert Target(make_model(len(tiny_tokenizer)), tiny_tokenizer, matmul="auto").matmul == "bfloat16"
+    expected = _vanilla(target, prompt_ids).tokens
+    assert expected != _vanilla(Target(make_model(len(tiny_tokenizer)), tiny_tokenizer), prompt_ids).tokens
+    method = make_method("vanilla", target)
+    method.drafter = KnownContinuationDrafter(prompt_ids + expected, len(tiny_tokenizer))
+    assert method.generate(prompt_ids, 40, SamplingParams(), 0).tokens == expected
+
+
+@needs_amx
+def test_bf16_drafters_run_their_linears_on_the_amx_path_in_bf16():
+    """``drafter_linears`` swaps a bf16 module's linears (or a linear itself) for the kernel; outputs stay bf16 and
+    are the bf16 product up to bf16 rounding; float32 modules stay as they are."""
+    gen = torch.Generator().manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(64, 40), torch.nn.SiLU(), torch.nn.Linear(40, 24)).to(torch.bfloat16)
+    dense = copy.deepcopy(block)
+    assert drafter_linears(block) is block and isinstance(block[0], InvariantLinear) and block[2].bf16_products
+    assert isinstance(drafter_linears(copy.deepcopy(dense[0])), InvariantLinear)
+    float32 = torch.nn.Linear(8, 8)
+    assert drafter_linears(float32) is float32
+    with torch.no_grad():
+        for rows in (1, 5, 33):
+            x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
+            out = block(x)
+            assert out.dtype == torch.bfloat16
+            torch.testing.assert_close(out.float(), dense(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_matmul_precision_errors_and_the_auto_fallback(tiny_tokenizer, make_model, monkeypatch):
+    with pytest.raises(WhiFlashError, match="unknown matmul precision 'int8'.*float32, bfloat16, auto"):
+        Target(make_model(len(tiny_tokenizer)), tiny_tokenizer, matmul="int8")
+    bf16_model = make_model(len(tiny_tokenizer)).to(torch.bfloat16)
+    with pytest.raises(WhiFlashError, match="for a float32 target.*--dtype float32"):
+        Target(bf16_model, tiny_tokenizer, matmul="bfloat16")
+    monkeypatch.setattr("whiflash_sgl.target.bf16_products_run_here", lambda: False)
+    monkeypatch.setattr("whiflash_sgl.target.invariant_linears", lambda model, bf16_products=False: False)
+    with pytest.raises(WhiFlashError, match="needs a CPU with AMX.*--matmul float32"):
+        Target(make_model(len(tiny_tokenizer)), tiny_tokenizer, matmul="bfloat16")
+    assert Target(make_model(len(tiny_tokenizer)), tiny_tokenizer, matmul="auto").matmul == "float32"
+
+
 def test_without_the_kernel_loading_falls_back_to_torch_linears(tiny_tokenizer, make_model, monkeypatch):
-    monkeypatch.setattr("whiflash_sgl.target.invariant_linears", lambda model: False)
+    monkeypatch.setattr("whiflash_sgl.target.invariant_linears", lambda model, bf16_products=False: False)
     monkeypatch.setattr("whiflash_sgl.target.prepacking_pays", lambda model: False)
     target = Target(make_model(len(tiny_tokenizer)), tiny_tokenizer, pack=None)
     assert isinstance(target.model.lm_head, torch.nn.Linear)

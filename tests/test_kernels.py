@@ -29,6 +29,8 @@ from whiflash_sgl.kernels import (
     tree_positions,
     unpack_bits,
 )
+from whiflash_sgl.kernels.cpu_backend import CpuBackend
+from whiflash_sgl.kernels.cpu_extension import cpu_kernels
 from whiflash_sgl.kernels.check import Case, main as check_main, random_layout, random_parents, sdpa_oracle
 from whiflash_sgl.tree import DraftTree
 from whiflash_sgl.verify import accept_greedy, accept_sampled
@@ -213,6 +215,51 @@ def test_layout_validation_errors():
                                 num_kv_heads=2, head_dim=8, scale=1.0, dtype=torch.float32)
 
 
+needs_cpu_kernel = pytest.mark.skipif("cpu" not in available_backends(), reason="needs an AVX-512 CPU and a compiler")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: c.name)
+def test_the_cpu_kernel_matches_per_request_sdpa_and_gives_each_row_alone_the_same_bits(case):
+    """Paged (keys scattered over a larger pool through ``kv_indices``), every case's masks; a request run on its
+    own, and each of its rows on its own with the keys that row sees, give bit for bit what the batch gave."""
+    rng = random.Random(hash(case.name) % 1000)
+    layout = random_layout(case, 5, rng, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    total_q, total_kv = int(layout.qo_indptr[-1]), int(layout.kv_indptr[-1])
+    q = torch.randn(total_q, case.num_qo_heads, 16, generator=gen)
+    k, v = (torch.randn(total_kv, case.num_kv_heads, 16, generator=gen) for _ in range(2))
+    rows = torch.randperm(3 * total_kv, generator=gen)[:total_kv]  # where each key lives in the pool
+    pool_k, pool_v = (torch.zeros(3 * total_kv, case.num_kv_heads, 16) for _ in range(2))
+    pool_k[rows], pool_v[rows] = k, v
+    paged = AttentionLayout(layout.qo_indptr, layout.kv_indptr, layout.mask, kv_indices=rows)
+    heads = dict(num_qo_heads=case.num_qo_heads, num_kv_heads=case.num_kv_heads, head_dim=16, scale=0.25,
+                 dtype=torch.float32)
+    out = CpuBackend().plan(paged, **heads).run(q, pool_k, pool_v)
+    torch.testing.assert_close(out, sdpa_oracle(q, k, v, layout, 0.25), atol=1e-5, rtol=1e-5)
+    for i in range(layout.batch_size):
+        q0, q1 = int(layout.qo_indptr[i]), int(layout.qo_indptr[i + 1])
+        keys = rows[int(layout.kv_indptr[i]) : int(layout.kv_indptr[i + 1])]
+        mask = layout.request_mask(i)
+        alone = AttentionLayout.from_request_masks([mask])
+        alone = AttentionLayout(alone.qo_indptr, alone.kv_indptr, alone.mask, kv_indices=keys)
+        assert torch.equal(CpuBackend().plan(alone, **heads).run(q[q0:q1], pool_k, pool_v), out[q0:q1])
+        for r in range(q1 - q0):
+            sees = keys[mask[r]]
+            row = AttentionLayout(torch.tensor([0, 1]), torch.tensor([0, len(sees)]), kv_indices=sees)
+            assert torch.equal(CpuBackend().plan(row, **heads).run(q[q0 + r : q0 + r + 1], pool_k, pool_v),
+                               out[q0 + r : q0 + r + 1])
+
+
+@needs_cpu_kernel
+def test_the_cpu_kernel_gives_zeros_to_rows_that_see_nothing():
+    masks = [torch.tensor([[True, False], [False, False]]), torch.ones(1, 3, dtype=torch.bool)]
+    layout = AttentionLayout.from_request_masks(masks)
+    plan = CpuBackend().plan(layout, num_qo_heads=2, num_kv_heads=1, head_dim=16, scale=1.0, dtype=torch.float32)
+    out = plan.run(torch.randn(3, 2, 16), torch.randn(5, 1, 16), torch.randn(5, 1, 16))
+    assert torch.isfinite(out).all() and not out[1].any() and out[0].any()
+
+
 # ---- backends ----------------------------------------------------------------------------------------------------
 
 
@@ -222,8 +269,13 @@ def test_backend_selection_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="auto, reference, flashinfer"):
         get_backend("triton")
     monkeypatch.setitem(sys.modules, "flashinfer", None)  # as if flashinfer were not installed
-    assert available_backends() == ["reference"]
+    assert available_backends() == ["reference"] + (["cpu"] if cpu_kernels() is not None else [])
     assert isinstance(get_backend("auto"), ReferenceBackend)
+    assert isinstance(get_backend("auto", "cpu", head_dim=8), ReferenceBackend)  # the CPU kernel needs 16k
+    if cpu_kernels() is not None:
+        assert isinstance(get_backend("auto", "cpu", head_dim=64), CpuBackend)
+        with pytest.raises(BackendUnavailableError, match="multiple of 16, not 8"):
+            get_backend("cpu", head_dim=8)
     with pytest.raises(BackendUnavailableError, match="pip install flashinfer-python"):
         get_backend("flashinfer")
 

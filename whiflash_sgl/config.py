@@ -13,7 +13,7 @@ from whiflash_sgl.errors import WhiFlashError
 
 # where the target's attention runs: a backend of ``whiflash_sgl.kernels`` (planned once per forward, run per layer),
 # or "direct", the single-request reference called on HF's own layout
-ATTENTION_PATHS = ("auto", "reference", "flashinfer", "direct")
+ATTENTION_PATHS = ("auto", "reference", "flashinfer", "cpu", "direct")
 # the products in a float32 target's linear layers on a CPU (``Target.matmul``); "auto": bfloat16 where it runs
 MATMUL_PRECISIONS = ("float32", "bfloat16", "auto")
 

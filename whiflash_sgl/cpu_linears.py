@@ -22,7 +22,9 @@ on the CPU:
   a Sapphire Rapids host with AMX (whole forwards: 1 row 37 against 61 ms, 8 sequences of 1 row 76 against 88, of 8
   rows 137 against 161). The ISA does not tell them apart, so :func:`prepacking_pays` times both on a linear of the
   model's own shape.
-* bfloat16 drafters: without AVX-512, bf16 products are emulated. While reading the weights dominates they still
+* bfloat16 drafters on a CPU with AMX: the same AMX path (:func:`drafter_linears`). oneDNN's bf16 linear costs
+  ~0.065 ms a call whatever the shape at up to 32 rows, the kernel 0.01-0.03 ms, and a draft step is a dozen calls.
+* bfloat16 drafters without AVX-512: bf16 products are emulated. While reading the weights dominates they still
   win (an EAGLE-3 layer and its 8k head, 1 row 2.9 against 4.4 ms in float32), but from a few rows on they lose
   2-4x (16 rows 37 against 12 ms, 64 rows 138 against 30), which is what a batch of requests drafting together
   is. There a bf16 linear keeps a float32 copy of its weight for calls of more than ``SMALL_ROWS`` rows.
@@ -32,21 +34,16 @@ Either way the products are the same up to rounding, and drafts only propose, so
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from whiflash_sgl.kernels.cpu_extension import cpu_kernels, has_avx512
+
 SMALL_ROWS = 4  # at most this many rows: bf16 weights; more: the float32 copy (on CPUs without AVX-512)
 PROBE_CALLS = 15  # timed calls per kernel and row count when deciding whether prepacking pays
-
-
-def has_avx512() -> bool:
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def prepacking_pays(model: torch.nn.Module) -> bool:
@@ -79,33 +76,15 @@ def _seconds(linear: torch.nn.Module, inputs: list[torch.Tensor]) -> float:
     return total
 
 
-@functools.cache
-def invariant_gemm():
-    """The compiled ``csrc/invariant_gemm.cpp``, float32 and AMX bf16 paths (built once per machine into torch's
-    extension cache, ~20 s), or None where it cannot run: a CPU without AVX-512, or no C++ compiler (said once, as a
-    warning)."""
-    if not has_avx512():
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        return load("whiflash_invariant_gemm", [str(Path(__file__).parent / "csrc" / "invariant_gemm.cpp")],
-                    extra_cflags=["-O3", "-mavx512f", "-mfma", "-mamx-tile", "-mamx-bf16", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"])
-    except Exception as exc:  # no compiler or ninja: torch's own GEMM still works
-        warnings.warn(f"the batch-invariant float32 GEMM could not be built, so torch's own is used: {exc}")
-        return None
-
-
 def bf16_products_run_here() -> bool:
     """Whether this CPU and OS run the kernel's AMX bf16 path."""
-    gemm = invariant_gemm()
+    gemm = cpu_kernels()
     return gemm is not None and torch.cpu._is_amx_tile_supported() and gemm.amx_permitted()
 
 
 class InvariantLinear(torch.nn.Module):
-    """An inference-only float32 ``nn.Linear`` computed by :func:`invariant_gemm`'s kernel on its packed weight:
-    float32 products, or with ``bf16_products`` bf16 ones (AMX) summed in float32."""
+    """An inference-only ``nn.Linear`` computed by :func:`cpu_kernels`' GEMM on its packed weight: float32
+    products, or with ``bf16_products`` bf16 ones (AMX) summed in float32; the output in the input's dtype."""
 
     def __init__(self, linear: torch.nn.Linear, gemm, bf16_products: bool = False):
         super().__init__()
@@ -119,7 +98,7 @@ class InvariantLinear(torch.nn.Module):
         y = self._linear(x.reshape(-1, self.in_features), self.panels, self.out_features)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 class PackedLinear(torch.nn.Module):
@@ -171,7 +150,7 @@ def invariant_linears(module: torch.nn.Module, bf16_products: bool = False) -> b
     """Swap every float32 ``nn.Linear`` under ``module`` for an :class:`InvariantLinear` (inference only), where
     the kernel runs on this CPU (for ``bf16_products``: where :func:`bf16_products_run_here`); returns whether it
     did."""
-    gemm = invariant_gemm()
+    gemm = cpu_kernels()
     if gemm is None or next(module.parameters()).dtype != torch.float32:
         return False
     if bf16_products and not bf16_products_run_here():
@@ -181,12 +160,23 @@ def invariant_linears(module: torch.nn.Module, bf16_products: bool = False) -> b
     return True
 
 
-def float32_for_many_rows(module: torch.nn.Module) -> torch.nn.Module:
-    """On a CPU without AVX-512, every bfloat16 ``nn.Linear`` in ``module`` (or ``module`` itself) becomes a
-    :class:`RowAdaptiveLinear`; elsewhere, and for other dtypes, ``module`` stays as it is. Returns ``module``."""
-    if has_avx512() or next(module.parameters()).dtype != torch.bfloat16:
+def drafter_linears(module: torch.nn.Module) -> torch.nn.Module:
+    """The linear layers a bfloat16 drafter (or ``module`` itself, a linear) runs on this CPU: the kernel's AMX path
+    where it runs (bf16 products as before, summed in float32 and rounded back to bf16, at a fraction of oneDNN's
+    per-call cost: a draft step is a dozen small GEMMs); on CPUs without AVX-512, :class:`RowAdaptiveLinear`;
+    elsewhere, and for other dtypes or devices, ``module`` stays as it is. Returns ``module`` or its swap."""
+    weight = next(module.parameters())
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+        return module
+    if bf16_products_run_here():
+        gemm = cpu_kernels()
+        make = lambda linear: InvariantLinear(linear, gemm, bf16_products=True)  # noqa: E731
+    elif not has_avx512():
+        make = RowAdaptiveLinear
+    else:
         return module
     if isinstance(module, torch.nn.Linear):
-        return RowAdaptiveLinear(module)
-    _swap_linears(module, RowAdaptiveLinear)
+        return make(module)
+    with torch.no_grad():
+        _swap_linears(module, make)
     return module

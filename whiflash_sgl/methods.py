@@ -11,7 +11,7 @@ import torch
 
 from whiflash_sgl.config import ATTENTION_PATHS, WhiFlashConfig
 from whiflash_sgl.cost_curve import COST_CURVE_FILES, CostCurve
-from whiflash_sgl.cpu_linears import float32_for_many_rows
+from whiflash_sgl.cpu_linears import drafter_linears
 from whiflash_sgl.drafters.checkpoint import default_drafter_path, load_drafter_model
 from whiflash_sgl.drafters.dflash import DFlashDrafter
 from whiflash_sgl.drafters.eagle3 import Eagle3Drafter
@@ -138,12 +138,12 @@ def _build_drafter(kind: str, target: Target, config: WhiFlashConfig):
     embed = _in_dtype(target.model.get_input_embeddings(), dtype)
     if kind == "eagle3":
         model = load_drafter_model(kind, _drafter_path(kind, config.eagle3_path, target), target, dtype)
-        return Eagle3Drafter(float32_for_many_rows(model), embed, config.eagle3_depth, config.eagle3_topk,
+        return Eagle3Drafter(drafter_linears(model), embed, config.eagle3_depth, config.eagle3_topk,
                              config.eagle3_budget, config.eagle3_min_prob)
     if kind == "dflash":
         model = load_drafter_model(kind, _drafter_path(kind, config.dflash_path, target), target, dtype)
-        lm_head = float32_for_many_rows(_in_dtype(target.lm_head, dtype))
-        return DFlashDrafter(float32_for_many_rows(model), embed, lm_head,
+        lm_head = drafter_linears(_in_dtype(target.lm_head, dtype))
+        return DFlashDrafter(drafter_linears(model), embed, lm_head,
                              config.dflash_block_size or None, config.dflash_tree_topk, config.dflash_tree_budget)
     raise WhiFlashError(f"unknown drafter {kind!r}; available: ngram, eagle3, dflash")
 

@@ -24,7 +24,7 @@
 #include <cstdint>
 #include <cstring>
 
-namespace {
+namespace whiflash {
 
 constexpr int64_t kLanes = 16;  // floats per 512-bit vector: the panel width
 constexpr int64_t kMaxRows = 8;
@@ -132,12 +132,14 @@ void round_to_bf16(const float* src, int64_t m, int64_t k, uint16_t* dst, int64_
     }
 }
 
-// tmm0, tmm1: outputs of two 16-column blocks; tmm2: 16 rows of x; tmm3, tmm4: weights
-void configure() {
+// tmm0, tmm1: outputs of two 16-column blocks; tmm2: 16 rows of x; tmm3, tmm4: weights. A constant in memory:
+// GCC 12 drops stores into a local config as dead, not seeing that ldtilecfg reads them.
+constexpr TileConfig tile_config() {
   TileConfig cfg;
   for (int t = 0; t < 5; ++t) cfg.rows[t] = kTileRows, cfg.colsb[t] = 64;
-  _tile_loadconfig(&cfg);
+  return cfg;
 }
+alignas(64) const TileConfig kTileConfig = tile_config();
 
 torch::Tensor linear_bf16(const torch::Tensor& input, const torch::Tensor& panels, int64_t n) {
   TORCH_CHECK(amx_permitted(), "linear_bf16: the kernel did not get AMX state from the OS");
@@ -156,7 +158,7 @@ torch::Tensor linear_bf16(const torch::Tensor& input, const torch::Tensor& panel
   float* ys = y.data_ptr<float>();
   constexpr int64_t kPanel = kTileRows * kLanes * 2;  // bf16 values per B tile
   at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
-    configure();
+    _tile_loadconfig(&kTileConfig);
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t b = 2 * pair;
       const bool two = b + 1 < blocks;
@@ -183,12 +185,4 @@ torch::Tensor linear_bf16(const torch::Tensor& input, const torch::Tensor& panel
   return width == n ? rows : rows.narrow(1, 0, n).contiguous();
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack", &pack, "float32 [N, K] weight -> [ceil(N/16), K, 16] panels");
-  m.def("linear", &linear, "rows [M, K] . W^T with W packed, batch-invariant");
-  m.def("amx_permitted", &amx_permitted, "whether the OS gave this process AMX state");
-  m.def("pack_bf16", &pack_bf16, "[N, K] weight -> bf16 AMX B-tile panels");
-  m.def("linear_bf16", &linear_bf16, "rows [M, K] . W^T in bf16 products (AMX), float32 sums, batch-invariant");
-}
+}  // namespace whiflash

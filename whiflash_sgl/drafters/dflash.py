@@ -124,7 +124,7 @@ class DFlashDrafter(CachedDrafter):
         self.last_confidences: list[float] = []  # top-1 probability per drafted position, for the router
 
     def _context_kv(self, states, spans, positions):
-        dtype = self.model.fc.weight.dtype
+        dtype = self.model.norm.weight.dtype
         features = [s.context_features(self.feature_layers, a, b, dtype) for s, (a, b) in zip(states, spans)]
         return self.model.context_kv(torch.cat(features), positions)
 
@@ -140,7 +140,7 @@ class DFlashDrafter(CachedDrafter):
         if not live:
             return trees
         first = drafters[live[0]]
-        m, device = first.model, first.model.fc.weight.device
+        m, device = first.model, first.model.norm.weight.device
         blocks = [[states[i].tokens[-1]] + [m.mask_token_id] * lengths[i] for i in live]
         positions = torch.cat([torch.arange(len(states[i].tokens) - 1, len(states[i].tokens) + lengths[i])
                                for i in live]).to(device)

@@ -116,7 +116,7 @@ class Eagle3Drafter(CachedDrafter):
     def _pairs(self, states: Sequence[SequenceState], spans: Sequence[tuple[int, int]]):
         """Attention inputs and residuals of the committed pairs ``t in [start, end)`` of each sequence (one span
         each), concatenated."""
-        m, dtype = self.model, self.model.fc.weight.dtype
+        m, dtype = self.model, self.model.norm.weight.dtype
         features = [s.context_features(self.feature_layers, a, b, dtype) for s, (a, b) in zip(states, spans)]
         hidden = m.fc(torch.cat(features) if len(features) > 1 else features[0])
         tokens = torch.tensor([t for s, (a, b) in zip(states, spans) for t in s.tokens[a + 1 : b + 1]],

@@ -82,7 +82,7 @@ class CachedDrafter(Drafter):
         positions = torch.cat([torch.arange(start, end) for _, _, start, end in behind])
         first = behind[0][0]
         kv = first._context_kv([s for _, s, _, _ in behind], [(a, b) for _, _, a, b in behind],
-                               positions.to(first.model.fc.weight.device))
+                               positions.to(first.model.norm.weight.device))
         for layer, (k, v) in enumerate(kv):
             for (d, *_), k_i, v_i in zip(behind, k.split(counts, dim=2), v.split(counts, dim=2)):
                 d.cache.update(k_i, v_i, layer)

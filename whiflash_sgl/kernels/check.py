@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     batch_size, head_dim, repeats = (16, 128, 20) if device.type == "cuda" else (4, 64, 5)
     repeats = args.repeats or repeats
-    names = available_backends() if device.type == "cuda" else ["reference"]
+    other_device = "cpu" if device.type == "cuda" else "flashinfer"
+    names = [name for name in available_backends() if name != other_device]
 
     print(f"tree-attention self-check on {device} (torch {torch.__version__}), seed {args.seed}, "
           f"batch {batch_size}, head_dim {head_dim}; backends: {', '.join(names)}")

@@ -1,0 +1,25 @@
+// The Python module of the CPU kernels: the batch-invariant GEMMs (invariant_gemm.cpp) and paged tree attention
+// (paged_attention.cpp).
+
+#include <torch/extension.h>
+
+namespace whiflash {
+torch::Tensor pack(const torch::Tensor& weight);
+torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& panels, int64_t n);
+bool amx_permitted();
+torch::Tensor pack_bf16(const torch::Tensor& weight);
+torch::Tensor linear_bf16(const torch::Tensor& input, const torch::Tensor& panels, int64_t n);
+torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                              const torch::Tensor& qo_indptr, const torch::Tensor& kv_indptr,
+                              const torch::Tensor& kv_indices, const torch::Tensor& mask,
+                              const torch::Tensor& mask_indptr, double scale);
+}  // namespace whiflash
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &whiflash::pack, "float32 [N, K] weight -> [ceil(N/16), K, 16] panels");
+  m.def("linear", &whiflash::linear, "rows [M, K] . W^T with W packed, batch-invariant");
+  m.def("amx_permitted", &whiflash::amx_permitted, "whether the OS gave this process AMX state");
+  m.def("pack_bf16", &whiflash::pack_bf16, "[N, K] weight -> bf16 AMX B-tile panels");
+  m.def("linear_bf16", &whiflash::linear_bf16, "rows [M, K] . W^T in bf16 products (AMX), float32 sums");
+  m.def("paged_attention", &whiflash::paged_attention, "float32 tree attention over a paged KV pool, per row");
+}

@@ -1,0 +1,52 @@
+"""Tree attention on AVX-512 CPUs: the compiled paged kernel (``csrc/paged_attention.cpp``), float32.
+
+It reads each request's keys from the pool rows its page table names, one query row at a time, so a row's output
+is the same bits in any batch (see the kernel's header), where the reference's padded SDPA groups are not: SDPA's
+blocked GEMMs sum in an order that depends on how many query rows there are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend_api import check_plan_args
+from .cpu_extension import cpu_kernels
+from .layout import AttentionLayout
+
+
+def unavailable_reason(head_dim: int | None = None) -> str | None:
+    if cpu_kernels() is None:
+        return "the CPU kernels need an AVX-512 CPU and a C++ compiler"
+    if head_dim is not None and head_dim % 16:
+        return f"the CPU attention kernel needs a head dim that is a multiple of 16, not {head_dim}"
+    return None
+
+
+class CpuPlan:
+    def __init__(self, layout: AttentionLayout, scale: float) -> None:
+        self.scale = scale
+        self.qo_indptr, self.kv_indptr, self.kv_indices = layout.qo_indptr, layout.kv_indptr, layout.key_rows()
+        self.mask = layout.mask if layout.mask is not None else torch.empty(0, dtype=torch.bool)
+        self.mask_indptr = layout.mask_indptr if layout.mask is not None else torch.empty(0, dtype=torch.long)
+
+    def run(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``[total_q, Hq, D]`` from ``query [total_q, Hq, D]`` and the pool's ``key/value [rows, Hkv, D]``."""
+        return cpu_kernels().paged_attention(query, key, value, self.qo_indptr, self.kv_indptr, self.kv_indices,
+                                             self.mask, self.mask_indptr, self.scale)
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def dtypes(self) -> tuple[torch.dtype, ...]:
+        return (torch.float32,)
+
+    def plan(
+        self, layout: AttentionLayout, *, num_qo_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+        dtype: torch.dtype,
+    ) -> CpuPlan:
+        check_plan_args(num_qo_heads, num_kv_heads, head_dim, dtype, self.dtypes())
+        reason = unavailable_reason(head_dim)
+        if reason:
+            raise ValueError(reason)
+        return CpuPlan(layout.to("cpu"), scale)
