@@ -7,8 +7,8 @@
 // the tile it falls in, so a row's result does not depend on the batch around it. MKL's sgemm packs per call and
 // runs 2-3x under this CPU's peak at 2-16 rows, which is the shape of a verify pass.
 //
-// bfloat16 products (AMX): pack_bf16() rounds W to bf16 in AMX's B-tile layout [ceil(N/16)][ceil(K/32)][16][16][2]
-// (k pairs interleaved per column); linear_bf16() rounds the rows to bf16 and multiplies tiles of up to 16 rows x 32
+// bfloat16 products (AMX): pack_bf16() rounds W to bf16 in AMX's B-tile layout [2 ceil(N/32)][ceil(K/32)][16][16][2]
+// (k pairs interleaved per column); linear_bf16() rounds the rows to bf16 and multiplies tiles of up to 32 rows x 32
 // columns with TDPBF16PS, k blocks in order, accumulating in float32. Each row of a tile is computed on its own, so
 // here too a row's result does not depend on the rows beside it. Half the weight bytes and ~8x the multiply rate
 // of float32 FMAs: a verify pass's extra rows cost next to nothing while the weights are streamed once.
@@ -116,7 +116,7 @@ bool amx_permitted() {
 torch::Tensor pack_bf16(const torch::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_floating_point(), "pack_bf16: expected an [N, K] weight");
   const int64_t n = weight.size(0), k = weight.size(1);
-  const int64_t blocks = (n + kLanes - 1) / kLanes, kblocks = (k + kTileK - 1) / kTileK;
+  const int64_t blocks = (n + 2 * kLanes - 1) / (2 * kLanes) * 2, kblocks = (k + kTileK - 1) / kTileK;  // even
   auto w = torch::constant_pad_nd(weight.to(torch::kBFloat16), {0, kblocks * kTileK - k, 0, blocks * kLanes - n});
   // [block, column, kblock, pair, 2] -> [block, kblock, pair, column, 2]
   return w.view({blocks, kLanes, kblocks, kTileRows, 2}).permute({0, 2, 3, 1, 4}).contiguous();
@@ -132,18 +132,50 @@ void round_to_bf16(const float* src, int64_t m, int64_t k, uint16_t* dst, int64_
     }
 }
 
-// tmm0, tmm1: outputs of two 16-column blocks; tmm2: 16 rows of x; tmm3, tmm4: weights. A constant in memory:
-// GCC 12 drops stores into a local config as dead, not seeing that ldtilecfg reads them.
+// tmm0-3: outputs of two row tiles x two 16-column blocks; tmm4, tmm5: the row tiles of x; tmm6, tmm7: weights. A
+// constant in memory: GCC 12 drops stores into a local config as dead, not seeing that ldtilecfg reads them.
 constexpr TileConfig tile_config() {
   TileConfig cfg;
-  for (int t = 0; t < 5; ++t) cfg.rows[t] = kTileRows, cfg.colsb[t] = 64;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = kTileRows, cfg.colsb[t] = 64;
   return cfg;
 }
 alignas(64) const TileConfig kTileConfig = tile_config();
 
+// y[row .. row + 16 * tiles) x [two blocks] for one or two row tiles; each weight tile loaded once serves both
+template <int TILES>
+void amx_tiles(const uint16_t* x, int64_t kp, const uint16_t* p0, const uint16_t* p1, int64_t kblocks, float* y,
+               int64_t width) {
+  constexpr int64_t kPanel = kTileRows * kLanes * 2;  // bf16 values per B tile
+  _tile_zero(0);
+  _tile_zero(1);
+  if (TILES == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    _tile_loadd(4, x + kb * kTileK, kp * 2);
+    if (TILES == 2) _tile_loadd(5, x + kTileRows * kp + kb * kTileK, kp * 2);
+    _tile_loadd(6, p0 + kb * kPanel, 64);
+    _tile_loadd(7, p1 + kb * kPanel, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (TILES == 2) {
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, y, width * 4);
+  _tile_stored(1, y + kLanes, width * 4);
+  if (TILES == 2) {
+    _tile_stored(2, y + kTileRows * width, width * 4);
+    _tile_stored(3, y + kTileRows * width + kLanes, width * 4);
+  }
+}
+
 torch::Tensor linear_bf16(const torch::Tensor& input, const torch::Tensor& panels, int64_t n) {
   TORCH_CHECK(amx_permitted(), "linear_bf16: the kernel did not get AMX state from the OS");
-  TORCH_CHECK(input.dim() == 2 && panels.dim() == 5 && panels.scalar_type() == torch::kBFloat16,
+  TORCH_CHECK(input.dim() == 2 && panels.dim() == 5 && panels.scalar_type() == torch::kBFloat16 &&
+                  panels.size(0) % 2 == 0,
               "linear_bf16: expected [M, K] rows and pack_bf16's panels");
   const int64_t m = input.size(0), k = input.size(1), blocks = panels.size(0), kblocks = panels.size(1);
   TORCH_CHECK((k + kTileK - 1) / kTileK == kblocks, "linear_bf16: the rows' width does not match the packed weight");
@@ -156,28 +188,16 @@ torch::Tensor linear_bf16(const torch::Tensor& input, const torch::Tensor& panel
   auto y = torch::empty({mp, width}, input.options().dtype(torch::kFloat));
   const auto* ps = reinterpret_cast<const uint16_t*>(panels.data_ptr());
   float* ys = y.data_ptr<float>();
-  constexpr int64_t kPanel = kTileRows * kLanes * 2;  // bf16 values per B tile
-  at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+  const int64_t panel = kblocks * kTileRows * kLanes * 2;  // bf16 values of one 16-column block
+  at::parallel_for(0, blocks / 2, 1, [&](int64_t begin, int64_t end) {
     _tile_loadconfig(&kTileConfig);
     for (int64_t pair = begin; pair < end; ++pair) {
-      const int64_t b = 2 * pair;
-      const bool two = b + 1 < blocks;
-      const uint16_t* p0 = ps + b * kblocks * kPanel;
-      for (int64_t row = 0; row < mp; row += kTileRows) {  // a column pair's weights stay in L2 across row tiles
-        _tile_zero(0);
-        _tile_zero(1);
-        for (int64_t kb = 0; kb < kblocks; ++kb) {
-          _tile_loadd(2, xs + row * kp + kb * kTileK, kp * 2);
-          _tile_loadd(3, p0 + kb * kPanel, 64);
-          _tile_dpbf16ps(0, 2, 3);
-          if (two) {
-            _tile_loadd(4, p0 + (kblocks + kb) * kPanel, 64);
-            _tile_dpbf16ps(1, 2, 4);
-          }
-        }
-        _tile_stored(0, ys + row * width + b * kLanes, width * 4);
-        if (two) _tile_stored(1, ys + row * width + (b + 1) * kLanes, width * 4);
-      }
+      const uint16_t* p0 = ps + 2 * pair * panel;
+      float* y0 = ys + 2 * pair * kLanes;
+      int64_t row = 0;
+      for (; row + 2 * kTileRows <= mp; row += 2 * kTileRows)
+        amx_tiles<2>(xs + row * kp, kp, p0, p0 + panel, kblocks, y0 + row * width, width);
+      if (row < mp) amx_tiles<1>(xs + row * kp, kp, p0, p0 + panel, kblocks, y0 + row * width, width);
     }
     _tile_release();
   });

@@ -3,8 +3,9 @@
 // One work item is one query row and one KV head (with the query heads that share it). The row's visible keys are
 // read straight from the pool rows its request's page table names (no gathered copy), scores are q.k in a fixed
 // order over the head dimension, the softmax takes the max and the sum of exponentials over the visible keys in
-// key order, and the output sums p_j v_j in key order. Nothing depends on the other rows of the batch, so a row
-// gets the same bits alone, in any batch, in a prefill chunk or a verify tree: with bf16-rounded matmul inputs a
+// key order, and the output sums p_j v_j in key order (four interleaved running sums: the split is fixed by the row's
+// own key count, as is the split of scores into blocks of 16 keys). Nothing depends on the other rows of the batch,
+// so a row gets the same bits alone, in any batch, in a prefill chunk or a verify tree: with bf16-rounded matmul inputs a
 // last-bit difference in attention would otherwise flip roundings and grow into different logits.
 
 #include <torch/extension.h>
@@ -40,8 +41,36 @@ inline __m512 exp16(__m512 x) {
 
 inline float dot(const float* a, const float* b, int64_t d) {
   __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
-  for (int64_t c = kLanes; c < d; c += kLanes) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), acc);
+  for (int64_t c = kLanes; c < d; c += kLanes)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), acc);
   return _mm512_reduce_add_ps(acc);
+}
+
+// [sum of v[i]'s lanes for i = 0 .. 15]: pairwise across registers, the same tree for every key
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 u[8], w[4], x[2];
+  for (int i = 0; i < 8; ++i)
+    u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(u[2 * i]), b = _mm512_castps_pd(u[2 * i + 1]);
+    w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < 2; ++i)
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
+}
+
+// q . keys[i] for 16 keys at once (each key's lanes summed by sum_lanes16, not one by one)
+inline __m512 dots16(const float* q, const float* const* keys, int64_t d) {
+  __m512 v[16];
+  for (int i = 0; i < 16; ++i) {
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(keys[i]));
+    for (int64_t c = kLanes; c < d; c += kLanes)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(keys[i] + c), acc);
+    v[i] = acc;
+  }
+  return sum_lanes16(v);
 }
 
 // scores[0 .. n) -> exp(scores - max), in place; returns their sum (lane-wise in key order, then across lanes)
@@ -89,9 +118,11 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
   const int64_t q0 = q.stride(0), q1 = q.stride(1), k0 = k.stride(0), k1 = k.stride(1), v0 = v.stride(0),
                 v1 = v.stride(1);
   const float sc = static_cast<float>(scale);
+  const __m512 scale16 = _mm512_set1_ps(sc);
   at::parallel_for(0, total_q * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc(group * d);
+    std::vector<float> scores;
     std::vector<int64_t> rows;
+    std::vector<const float*> keys;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / hkv, h = item % hkv, b = request_of[t];
       const int64_t i = t - qo_p[b], q_len = qo_p[b + 1] - qo_p[b], first = kv_p[b], kv_len = kv_p[b + 1] - first;
@@ -106,23 +137,27 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
       const int64_t n = static_cast<int64_t>(rows.size());
       if (n == 0) continue;  // a row that sees no key: zeros
       scores.resize(group * n);
-      for (int64_t j = 0; j < n; ++j) {
-        const float* key = ks + rows[j] * k0 + h * k1;
-        for (int64_t g = 0; g < group; ++g) scores[g * n + j] = dot(qs + t * q0 + (h * group + g) * q1, key, d) * sc;
+      keys.resize(n);
+      for (int64_t j = 0; j < n; ++j) keys[j] = ks + rows[j] * k0 + h * k1;
+      for (int64_t g = 0; g < group; ++g) {  // whole blocks of 16 keys, then one by one: fixed by n, the row's own
+        const float* query = qs + t * q0 + (h * group + g) * q1;
+        int64_t j = 0;
+        for (; j + kLanes <= n; j += kLanes)
+          _mm512_storeu_ps(scores.data() + g * n + j, _mm512_mul_ps(dots16(query, keys.data() + j, d), scale16));
+        for (; j < n; ++j) scores[g * n + j] = dot(query, keys[j], d) * sc;
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t g = 0; g < group; ++g) {
-        const float total = softmax_numerators(scores.data() + g * n, n);
-        float* a = acc.data() + g * d;
-        for (int64_t j = 0; j < n; ++j) {
-          const __m512 p = _mm512_set1_ps(scores[g * n + j]);
-          const float* value = vs + rows[j] * v0 + h * v1;
-          for (int64_t c = 0; c < d; c += kLanes)
-            _mm512_storeu_ps(a + c, _mm512_fmadd_ps(p, _mm512_loadu_ps(value + c), _mm512_loadu_ps(a + c)));
-        }
-        const __m512 inv = _mm512_set1_ps(1.0f / total);
+        const float* p = scores.data() + g * n;
+        const __m512 inv = _mm512_set1_ps(1.0f / softmax_numerators(scores.data() + g * n, n));
         float* o = os + (t * hq + h * group + g) * d;
-        for (int64_t c = 0; c < d; c += kLanes) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(a + c), inv));
+        for (int64_t c = 0; c < d; c += kLanes) {  // 16 dims at a time; four running sums (key j to sum j % 4)
+          __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+          for (int64_t j = 0; j < n; ++j)
+            acc[j % 4] = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(vs + rows[j] * v0 + h * v1 + c),
+                                         acc[j % 4]);
+          const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+          _mm512_storeu_ps(o + c, _mm512_mul_ps(sum, inv));
+        }
       }
     }
   });
