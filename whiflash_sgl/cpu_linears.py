@@ -12,9 +12,10 @@ on the CPU:
   of one row 80 -> 59 ms, of 3 rows 97 -> 83 ms.
 * float32 target with ``matmul="bfloat16"`` on a CPU with AMX (Sapphire Rapids on): the same kernel file's AMX
   path, bf16 products of the weights and rows (each rounded to nearest even) summed in float32, the precision of
-  ``torch.set_float32_matmul_precision("medium")`` and of the checkpoint's own bf16 weights. Rows are computed
+  ``torch.set_float32_matmul_precision("medium")`` and of models published in bf16. Rows are computed
   independently within AMX tiles, so it is batch-invariant too. The weights take half the bytes and extra rows
-  next to no time: one sequence's 8 verify rows 47 -> 31 ms, 8 sequences of one row 57 -> 41, of 4 rows 85 -> 50.
+  next to no time (whole forwards with the paged attention kernel: one sequence's 8 verify rows 47 -> 29 ms, 8
+  sequences of one row 54 -> 34, of 4 rows 89 -> 49).
 * float32 target where that kernel cannot run (no AVX-512, or no C++ compiler): oneDNN's prepacked inner product
   beat the default GEMM on one AVX-512 host (SmolLM2's verify of 8 rows 64 -> 49 ms, one row 40 -> 35 ms); on an
   AVX2-only host (AMD EPYC) the default was as fast or faster at every row count from 1 to 512 (30 layers' linears:

@@ -69,8 +69,8 @@ class Target:
     for drafters that share it.
 
     ``matmul="bfloat16"`` computes the float32 target's linear layers with bf16 products summed in float32 (the
-    kernel's AMX path, batch-invariant too; ``pack`` is then moot), the precision its checkpoint was trained in and
-    a verify pass's extra rows next to free; ``"auto"`` picks it where it runs, else float32."""
+    kernel's AMX path, batch-invariant too; ``pack`` is then moot), the precision models are published in, and a
+    verify pass's extra rows next to free; ``"auto"`` picks it where it runs, else float32."""
 
     def __init__(self, model, tokenizer, capture_layers: tuple[int, ...] = (), name: str = "",
                  attention: str = "auto", pack: bool | None = False, matmul: str = "float32"):

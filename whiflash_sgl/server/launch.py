@@ -113,7 +113,8 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     model = service.model
     print(f"launch_server: serving {model.served_name} with the reference engine ({model.method.name}, batches of "
-          f"up to {service.max_running} requests) on http://{args.host}:{args.port}", file=sys.stderr)
+          f"up to {service.max_running} requests, {model.target.matmul} matmul) on http://{args.host}:{args.port}",
+          file=sys.stderr)
     uvicorn.run(build_app(service, limits), host=args.host, port=args.port, log_level=args.log_level,
                 **limits.uvicorn_settings(service.metrics.count_response))
     return 0
