@@ -9,9 +9,10 @@
 //
 // bfloat16 products (AMX): pack_bf16() rounds W to bf16 in AMX's B-tile layout [2 ceil(N/32)][ceil(K/32)][16][16][2]
 // (k pairs interleaved per column); linear_bf16() rounds the rows to bf16 and multiplies tiles of up to 32 rows x 32
-// columns with TDPBF16PS, k blocks in order, accumulating in float32. Each row of a tile is computed on its own, so
-// here too a row's result does not depend on the rows beside it. Half the weight bytes and ~8x the multiply rate
-// of float32 FMAs: a verify pass's extra rows cost next to nothing while the weights are streamed once.
+// columns (the last ones cut to the rows left) with TDPBF16PS, k blocks in order, accumulating in float32. Each row
+// of a tile is computed on its own, so here too a row's result does not depend on the rows beside it. Half the weight
+// bytes and ~8x the multiply rate of float32 FMAs: a verify pass's extra rows cost next to nothing while the weights
+// are streamed once.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -132,14 +133,29 @@ void round_to_bf16(const float* src, int64_t m, int64_t k, uint16_t* dst, int64_
     }
 }
 
-// tmm0-3: outputs of two row tiles x two 16-column blocks; tmm4, tmm5: the row tiles of x; tmm6, tmm7: weights. A
-// constant in memory: GCC 12 drops stores into a local config as dead, not seeing that ldtilecfg reads them.
-constexpr TileConfig tile_config() {
+// tmm0-3: outputs of two row tiles x two 16-column blocks; tmm4, tmm5: the row tiles of x; tmm6, tmm7: weights.
+// The first row tile has `first` rows, the second `second`: a call's last tiles hold only its remaining rows, so
+// that 17 rows cost a 16-row tile and a 1-row one, not two full tiles. Constants in memory: GCC 12 drops stores
+// into a local config as dead, not seeing that ldtilecfg reads them.
+struct TileConfigs {
+  TileConfig two[kTileRows + 1];  // [t]: a full tile, then one of t rows
+  TileConfig one[kTileRows + 1];  // [t]: one tile of t rows
+};
+
+constexpr TileConfig tile_config(int first, int second) {
   TileConfig cfg;
-  for (int t = 0; t < 8; ++t) cfg.rows[t] = kTileRows, cfg.colsb[t] = 64;
+  for (int t : {0, 1, 4}) cfg.rows[t] = static_cast<uint8_t>(first), cfg.colsb[t] = 64;
+  for (int t : {2, 3, 5}) cfg.rows[t] = static_cast<uint8_t>(second), cfg.colsb[t] = 64;
+  for (int t : {6, 7}) cfg.rows[t] = kTileRows, cfg.colsb[t] = 64;
   return cfg;
 }
-alignas(64) const TileConfig kTileConfig = tile_config();
+
+constexpr TileConfigs tile_configs() {
+  TileConfigs all;
+  for (int t = 1; t <= kTileRows; ++t) all.two[t] = tile_config(kTileRows, t), all.one[t] = tile_config(t, t);
+  return all;
+}
+alignas(64) const TileConfigs kTileConfigs = tile_configs();
 
 // y[row .. row + 16 * tiles) x [two blocks] for one or two row tiles; each weight tile loaded once serves both
 template <int TILES>
@@ -179,7 +195,6 @@ torch::Tensor linear_bf16(const torch::Tensor& input, const torch::Tensor& panel
               "linear_bf16: expected [M, K] rows and pack_bf16's panels");
   const int64_t m = input.size(0), k = input.size(1), blocks = panels.size(0), kblocks = panels.size(1);
   TORCH_CHECK((k + kTileK - 1) / kTileK == kblocks, "linear_bf16: the rows' width does not match the packed weight");
-  // rows padded to whole tiles: AMX has multiplies to spare, and one tile shape serves every call
   const int64_t mp = (m + kTileRows - 1) / kTileRows * kTileRows, kp = kblocks * kTileK, width = blocks * kLanes;
   const auto x32 = input.to(torch::kFloat).contiguous();
   auto x = torch::zeros({mp, kp}, input.options().dtype(torch::kBFloat16));
@@ -189,17 +204,27 @@ torch::Tensor linear_bf16(const torch::Tensor& input, const torch::Tensor& panel
   const auto* ps = reinterpret_cast<const uint16_t*>(panels.data_ptr());
   float* ys = y.data_ptr<float>();
   const int64_t panel = kblocks * kTileRows * kLanes * 2;  // bf16 values of one 16-column block
+  // rows in pairs of full tiles, then the rest (0-31 rows) in one or two tiles of their own sizes
+  const int64_t pairs = m / (2 * kTileRows), tail = pairs * 2 * kTileRows, rest = m - tail;
+  const TileConfig* full = &kTileConfigs.two[kTileRows];
+  const TileConfig* last = rest == 0 ? nullptr
+                           : rest <= kTileRows ? &kTileConfigs.one[rest] : &kTileConfigs.two[rest - kTileRows];
   at::parallel_for(0, blocks / 2, 1, [&](int64_t begin, int64_t end) {
-    _tile_loadconfig(&kTileConfig);
+    const TileConfig* loaded = nullptr;
     for (int64_t pair = begin; pair < end; ++pair) {
       const uint16_t* p0 = ps + 2 * pair * panel;
       float* y0 = ys + 2 * pair * kLanes;
-      int64_t row = 0;
-      for (; row + 2 * kTileRows <= mp; row += 2 * kTileRows)
+      if (pairs && loaded != full) _tile_loadconfig(loaded = full);
+      for (int64_t row = 0; row < tail; row += 2 * kTileRows)
         amx_tiles<2>(xs + row * kp, kp, p0, p0 + panel, kblocks, y0 + row * width, width);
-      if (row < mp) amx_tiles<1>(xs + row * kp, kp, p0, p0 + panel, kblocks, y0 + row * width, width);
+      if (!rest) continue;
+      if (loaded != last) _tile_loadconfig(loaded = last);
+      if (rest <= kTileRows)
+        amx_tiles<1>(xs + tail * kp, kp, p0, p0 + panel, kblocks, y0 + tail * width, width);
+      else
+        amx_tiles<2>(xs + tail * kp, kp, p0, p0 + panel, kblocks, y0 + tail * width, width);
     }
-    _tile_release();
+    if (loaded) _tile_release();
   });
   const auto rows = y.narrow(0, 0, m);
   return width == n ? rows : rows.narrow(1, 0, n).contiguous();

@@ -5,8 +5,8 @@
 // order over the head dimension, the softmax takes the max and the sum of exponentials over the visible keys in
 // key order, and the output sums p_j v_j in key order (four interleaved running sums: the split is fixed by the row's
 // own key count, as is the split of scores into blocks of 16 keys). Nothing depends on the other rows of the batch,
-// so a row gets the same bits alone, in any batch, in a prefill chunk or a verify tree: with bf16-rounded matmul inputs a
-// last-bit difference in attention would otherwise flip roundings and grow into different logits.
+// so a row gets the same bits alone, in any batch, in a prefill chunk or a verify tree: with bf16-rounded matmul
+// inputs a last-bit difference in attention would otherwise flip roundings and grow into different logits.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
