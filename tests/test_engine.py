@@ -181,24 +181,7 @@ def test_a_packed_linear_gives_the_dense_product_for_one_row_and_for_many():
 
 
 needs_cpu_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="needs an AVX-512 CPU and a C++ compiler")
-
-
-@needs_cpu_kernels
-def test_the_invariant_linear_gives_the_dense_product_and_each_row_whatever_the_batch():
-    """The target's float32 kernel: the dense product up to float32 rounding (widths that are and are not a
-    multiple of its 16-column panels, with a bias), and each row bit for bit the same alone, in a batch of any size
-    and at any place in it (every row count from 1 to 20 runs through different tile shapes)."""
-    gen = torch.Generator().manual_seed(0)
-    for out_features in (48, 37):
-        linear = torch.nn.Linear(72, out_features)
-        kernel = InvariantLinear(linear, cpu_kernels())
-        x = torch.randn(20, 72, generator=gen)
-        with torch.no_grad():
-            alone = torch.cat([kernel(x[i : i + 1]) for i in range(len(x))])
-            torch.testing.assert_close(alone, linear(x), rtol=1e-5, atol=1e-5)
-            for rows in range(1, len(x) + 1):
-                assert torch.equal(kernel(x[None, :rows])[0], alone[:rows])
-                assert torch.equal(kernel(x[len(x) - rows :]), alone[len(x) - rows :])
+needs_amx = pytest.mark.skipif(not bf16_products_run_here(), reason="needs a CPU with AMX and a C++ compiler")
 
 
 @needs_cpu_kernels
@@ -212,25 +195,27 @@ def test_loading_picks_the_invariant_kernel_on_a_cpu_that_runs_it(tiny_tokenizer
     assert _vanilla(fast, prompt_ids).tokens == _vanilla(dense, prompt_ids).tokens
 
 
-needs_amx = pytest.mark.skipif(not bf16_products_run_here(), reason="needs a CPU with AMX and a C++ compiler")
-
-
-@needs_amx
-def test_bf16_products_are_the_rounded_products_summed_in_float32_and_each_row_whatever_the_batch():
-    """The AMX path: the product of the bf16-rounded rows and weights (summed in float32: up to its rounding), a
-    width neither a multiple of 16 columns nor of 32 input features, with a bias; each row bit for bit the same
-    alone, in a batch of any size up to three 16-row tiles, and at any place in it."""
+@pytest.mark.parametrize("bf16_products", [
+    pytest.param(False, marks=needs_cpu_kernels), pytest.param(True, marks=needs_amx)], ids=["float32", "bf16"])
+def test_the_invariant_linear_gives_its_product_and_each_row_whatever_the_batch(bf16_products):
+    """The target's kernels: the product (float32: the dense one; bf16: of the bf16-rounded rows and weights, summed
+    in float32), up to float32 rounding, for widths that are and are not a multiple of the panels and of 32 input
+    features, with a bias; each row bit for bit the same alone, in a batch of any size up to 40 (every float32 tile
+    shape, and one to three AMX row tiles, the last cut to the rows left) and at any place in it."""
     gen = torch.Generator().manual_seed(0)
     for out_features in (48, 37):
         linear = torch.nn.Linear(72, out_features)
-        kernel = InvariantLinear(linear, cpu_kernels(), bf16_products=True)
+        kernel = InvariantLinear(linear, cpu_kernels(), bf16_products)
         x = torch.randn(40, 72, generator=gen)
         with torch.no_grad():
             alone = torch.cat([kernel(x[i : i + 1]) for i in range(len(x))])
-            rounded = torch.nn.functional.linear(x.bfloat16().double(), linear.weight.bfloat16().double(),
-                                                 linear.bias.double())
-            torch.testing.assert_close(alone.double(), rounded, rtol=1e-5, atol=1e-5)
-            assert (alone - linear(x)).abs().max() > 1e-4  # bf16 products: not the float32 product
+            if bf16_products:
+                rounded = torch.nn.functional.linear(x.bfloat16().double(), linear.weight.bfloat16().double(),
+                                                     linear.bias.double())
+                torch.testing.assert_close(alone.double(), rounded, rtol=1e-5, atol=1e-5)
+                assert (alone - linear(x)).abs().max() > 1e-4  # bf16 products: not the float32 product
+            else:
+                torch.testing.assert_close(alone, linear(x), rtol=1e-5, atol=1e-5)
             for rows in range(1, len(x) + 1):
                 assert torch.equal(kernel(x[None, :rows])[0], alone[:rows])
                 assert torch.equal(kernel(x[len(x) - rows :]), alone[len(x) - rows :])

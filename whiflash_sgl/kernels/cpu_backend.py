@@ -46,7 +46,7 @@ class CpuBackend:
         dtype: torch.dtype,
     ) -> CpuPlan:
         check_plan_args(num_qo_heads, num_kv_heads, head_dim, dtype, self.dtypes())
-        reason = unavailable_reason(head_dim)
+        reason = unavailable_reason(head_dim) or (None if layout.device.type == "cpu" else "a CPU layout is needed")
         if reason:
             raise ValueError(reason)
-        return CpuPlan(layout.to("cpu"), scale)
+        return CpuPlan(layout, scale)
