@@ -12,7 +12,7 @@ from whiflash_sgl.cost_curve import MAX_ROWS, ROWS_EACH, SEQUENCES, CostCurve, m
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
-from whiflash_sgl.drafting_plan import Calibration, Wish, plan, round_seconds
+from whiflash_sgl.drafting_plan import EXPLORE_EVERY, IDLE_EVERY, Calibration, RealizedRates, Wish, plan, round_seconds
 from whiflash_sgl.router import NO_DRAFT, BatchLoad, CostModel, Router
 from whiflash_sgl.tree import DraftTree
 
@@ -145,6 +145,56 @@ def test_an_idle_request_probes_less_often_while_probes_find_nothing():
     assert pattern == [NO_DRAFT] * 4 + ["eagle3"] + [NO_DRAFT] * 8 + ["eagle3"] + [NO_DRAFT] * 16 + ["eagle3"]
     router.settle("eagle3")  # the plan chose it on its merits: the next probe comes after 4 idle rounds again
     assert [router.probe_due for _ in range(5) if router.settle(NO_DRAFT)] == [False] * 3 + [True] * 2
+
+
+class _Seq:
+    def __init__(self):
+        self.tokens = [0]
+
+
+def _batch_rounds(rates, states, rounds, seconds, tokens):
+    """Rounds of ``states`` asking ``rates`` whether to draft; a drafting round takes ``seconds[True]`` and commits
+    ``tokens[True]`` per sequence, one without ``seconds[False]`` and one token each. Returns what each round did."""
+    did, clock = [], 0.0
+    for _ in range(rounds):
+        rates.start(states, True, clock)
+        drafts = rates.allows_drafting(len(states))
+        rates.ran(drafts)
+        did.append(drafts)
+        for s in states:
+            s.tokens += [0] * (tokens if drafts else 1)
+        clock += seconds[drafts]
+    return did
+
+
+def test_realized_rates_stop_a_batch_whose_drafting_loses_and_explore_now_and_then():
+    states = [_Seq(), _Seq()]
+    # drafting loses: 2 tokens each in 30 ms against 1 each in 10 ms
+    did = _batch_rounds(RealizedRates(), states, IDLE_EVERY + 2 * EXPLORE_EVERY, {True: 0.03, False: 0.01}, 2)
+    assert did == [True] * IDLE_EVERY + ([False] * (EXPLORE_EVERY - 1) + [True]) * 2
+    # drafting wins: 3 tokens each in 20 ms; the batch verifies its roots alone once every IDLE_EVERY + 1 rounds
+    did = _batch_rounds(RealizedRates(), [_Seq(), _Seq()], 3 * (IDLE_EVERY + 1), {True: 0.02, False: 0.01}, 3)
+    assert did == ([True] * IDLE_EVERY + [False]) * 3
+
+
+def test_realized_rates_count_only_rounds_of_the_same_sequences_decoding_alone():
+    rates, states = RealizedRates(), [_Seq(), _Seq()]
+
+    def batch_round(states, decode_only, now):  # a drafting round, two tokens for each sequence
+        rates.start(states, decode_only, now)
+        rates.ran(True)
+        for s in states:
+            s.tokens += [0, 0]
+
+    batch_round(states, False, 0.0)
+    batch_round(states, False, 0.03)  # the last round's forward ran a prefill too: not counted
+    batch_round(states, True, 0.06)  # counted: 4 tokens in 30 ms
+    joined = [_Seq(), *states]
+    batch_round(joined, True, 0.09)  # the last round had other sequences: not counted
+    batch_round(joined, True, 0.12)  # counted: 6 tokens in 30 ms
+    assert {key: len(window) for key, window in rates.rounds.items()} == {(2, True): 1, (3, True): 1}
+    assert rates.rate(2, True) == pytest.approx(4 / 0.03) and rates.rate(3, True) == pytest.approx(6 / 0.03)
+    assert rates.rate(2, False) is None
 
 
 def test_calibration_scales_predictions_to_what_was_accepted():

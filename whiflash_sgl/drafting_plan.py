@@ -11,15 +11,24 @@ A request's expected tau is its policy's prediction where the policy makes one (
 features), scaled by :class:`Calibration` to what verified drafts have accepted; otherwise the tau its paradigm
 reached when it last drafted, and then a request idle for a while is due for a probe, which drafts in any case
 (those statistics go stale while it idles).
+
+Over the plan stands :class:`RealizedRates`: what the batch actually committed per second in its rounds with drafts
+and without. The plan predicts from a cost model, which cannot see everything (the work around a round per request,
+trees that cost more per row than the curve's uniform chunks, optimistic tau); where the measured rates say that
+drafting loses, the batch does not draft.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from whiflash_sgl.router import CostModel, members
+
+RATE_WINDOW = 16  # a batch size's latest rounds of each kind (with drafts, without) whose committed rate is compared
+IDLE_EVERY = 16  # a batch that drafted this many rounds in a row verifies its roots alone once: the rate without
+EXPLORE_EVERY = 16  # a batch kept from drafting may draft again after this many rounds: the rate with drafts
 
 
 @dataclass(frozen=True)
@@ -86,3 +95,51 @@ def plan(wishes: Sequence[Wish], costs: CostModel, base_rows: int) -> list[bool]
     for i in order[:best]:
         drafting[i] = True
     return drafting
+
+
+class RealizedRates:
+    """Tokens per second a batch of ``n`` sequences committed in its latest rounds with drafts and without, each
+    round timed from its start to the next round's start (routing, drafting, catch-up, the forward and the commit
+    all inside); a round whose forward also ran a prefill, or whose sequences changed before the next began, is not
+    counted. Drafting is allowed while it has been no slower than not drafting at this batch size; when it has been
+    slower, the batch drafts one round in ``EXPLORE_EVERY`` to keep that rate current, and a batch that keeps
+    drafting verifies its roots alone once every ``IDLE_EVERY`` rounds for the other. Exploring costs: a round
+    without drafts in 16 gives up a sixteenth of what drafting gains, a round with drafts in 16 a sixteenth of what
+    it loses."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[tuple[int, bool], deque[tuple[int, float]]] = {}  # (n, drafted) -> (tokens, seconds)
+        self._round: tuple[float, list, int, bool] | None = None  # the round under way: start, states, tokens, drafted
+        self.streak = (False, 0)  # (drafted, rounds in a row that did) up to the last round
+
+    def start(self, states: Sequence, decode_only: bool, now: float) -> None:
+        """A round of ``states`` starts at ``now``; ``decode_only``: the last round's forward ran those sequences'
+        trees and nothing else, so it counts if they are the same sequences."""
+        committed = sum(len(s.tokens) for s in states)
+        if self._round is not None:
+            began, before, tokens, drafted = self._round
+            if decode_only and len(before) == len(states) and all(a is b for a, b in zip(before, states)):
+                window = self.rounds.setdefault((len(states), drafted), deque(maxlen=RATE_WINDOW))
+                window.append((committed - tokens, now - began))
+        self._round = (now, list(states), committed, False)
+
+    def ran(self, drafted: bool) -> None:
+        """Whether the round under way drafts."""
+        if self._round is not None:
+            self._round = (*self._round[:3], drafted)
+        same, count = self.streak
+        self.streak = (drafted, count + 1 if same == drafted else 1)
+
+    def rate(self, n: int, drafted: bool) -> float | None:
+        """Tokens per second over the window, None before any round of that kind."""
+        window = self.rounds.get((n, drafted))
+        return sum(t for t, _ in window) / max(sum(s for _, s in window), 1e-9) if window else None
+
+    def allows_drafting(self, n: int) -> bool:
+        """Whether a batch of ``n`` may draft this round (the plan then says who does)."""
+        with_drafts, without = self.rate(n, True), self.rate(n, False)
+        slower = with_drafts is not None and without is not None and with_drafts < without
+        drafted, count = self.streak
+        if drafted:  # one round with drafts in a row too many (slower, or due to measure the rate without)
+            return not slower and count < IDLE_EVERY
+        return not slower or count >= EXPLORE_EVERY - 1

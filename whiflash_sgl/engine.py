@@ -263,8 +263,9 @@ class SpeculativeEngine:
         verified = list(zip(decoding, trees, chunks[len(prefilling):], outputs[len(prefilling):]))
         accepted = [accept(tree, out.logits, r.sampling, sampler=r.sampler, generator=r.generator,
                            root_position=len(r.slots)) for r, tree, _, out in verified]
-        load = RoundReport(DraftTree(), [], [], t2 - t1, sum(len(c.tokens) for c in chunks),
-                           sum(len(path) + 1 for path, _ in accepted), t1 - t0, len(chunks))
+        load = RoundReport(DraftTree(), [], [], verify_seconds=t2 - t1, draft_seconds=t1 - t0,
+                           forward_rows=sum(len(c.tokens) for c in chunks), forward_sequences=len(chunks),
+                           forward_tokens=sum(len(path) + 1 for path, _ in accepted))
         for (request, tree, chunk, out), (path, bonus) in zip(verified, accepted):
             self._commit(request, tree, chunk, out, path, bonus, load)
             request.draft_seconds += t1 - t0

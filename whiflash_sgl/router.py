@@ -43,7 +43,6 @@ NO_DRAFT = "none"  # the router's own action: verify the root alone this round
 PROBE_EVERY = 4  # after this many rounds without drafting, draft once to refresh the tau statistics ...
 MAX_PROBE_GAP = 64  # ... and twice as many after each probe that changed nothing, up to this many
 CURVE_WINDOW = 64  # forwards whose observed time scales the cost curve to this machine
-IDLE_EVERY = 64  # a batch that drafted this many rounds in a row verifies roots alone once, to price not drafting
 POLICY_IDLE_EXIT_S = 5.0  # the policy's thread ends after this long without a call (a later call starts another)
 
 
@@ -187,8 +186,8 @@ class CostModel:
     last ``CURVE_WINDOW`` such forwards, and the draft rows on top of it by their own median ratio: measured rows
     are uniform causal chunks, served draft trees cost more per row (1.7x at 16 requests), and one scale fitted
     where the batch drafts would price the roots alone 30% too dear, so that a batch kept drafting where that was
-    slower. Until the roots alone were seen, one ratio over every forward scales both (:meth:`idle_due` asks for a
-    round without drafts).
+    slower. Until the roots alone were seen, one ratio over every forward scales both (``drafting_plan.RealizedRates``
+    has a batch that keeps drafting verify its roots alone now and then).
 
     Catch-up needs the intercept: a KV-only prefill of a few positions costs mostly its fixed overhead, and a
     per-position rate measured there, times the long backlog an idle drafter builds up, would price that drafter
@@ -205,7 +204,6 @@ class CostModel:
         # forwards with draft rows: (curve of their roots alone, curve of the rest, observed seconds)
         self._drafted: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=CURVE_WINDOW)
         self._scales: tuple[float, float] | None = (1.0, 1.0)  # (roots, draft rows); None: to recompute
-        self.drafting_rounds = 0  # batch rounds since the last one without drafts
 
     def observe_draft(self, paradigm: str, seconds: float, sequences: int = 1) -> None:
         self.draft.setdefault(paradigm, LinearFit()).observe(sequences, seconds)
@@ -226,16 +224,6 @@ class CostModel:
         elif whole > roots:
             self._drafted.append((roots, whole - roots, seconds))
         self._scales = None
-
-    def note_round(self, drafted: bool) -> None:
-        """A batch round was planned, with or without draft rows."""
-        self.drafting_rounds = self.drafting_rounds + 1 if drafted else 0
-
-    @property
-    def idle_due(self) -> bool:
-        """Whether the batch should verify its roots alone this round: it drafted for ``IDLE_EVERY`` rounds in a row,
-        so the price of not drafting is an estimate grown stale."""
-        return self.drafting_rounds >= IDLE_EVERY
 
     @property
     def curve_scales(self) -> tuple[float, float]:

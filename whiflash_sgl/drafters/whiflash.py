@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
-from whiflash_sgl.drafting_plan import Calibration, Wish, plan
+from whiflash_sgl.drafting_plan import Calibration, RealizedRates, Wish, plan
 from whiflash_sgl.router import NO_DRAFT, BatchLoad, Decision, RoundFeatures, Router, members, root_statistics
 from whiflash_sgl.tree import DraftTree
 
@@ -82,7 +82,8 @@ class WhiFlashDrafter(Drafter):
         self.feature_layers = tuple(sorted({layer for d in drafters.values() for layer in d.feature_layers}))
         self.tree_size = {p: 8 for p in drafters}  # last verified draft size per paradigm, for the cost model
         self.calibration = Calibration()  # shared by the forks, as the cost model is
-        self.quiet = QuietRounds()  # shared too: a batch's rounds without routing
+        self.quiet = QuietRounds()  # shared too: a batch's rounds without routing ...
+        self.rates = RealizedRates()  # ... and what its rounds with drafts and without have committed per second
         self.latest: dict[str, DraftTree] = {}  # each paradigm's latest tree for any sequence (shared by the forks)
         self._reset_sequence()
 
@@ -191,30 +192,29 @@ class WhiFlashDrafter(Drafter):
         """Every sequence's policy picks its action; in a batch, the round's plan (``drafting_plan``) then says which
         of them draft (alone, the policy's choice stands: its objective weighs tau against cost already). Each
         paradigm drafts, in one call, the sequences that chose it (a hedge's sequence is in several such calls, and
-        its trees are verified together as one). After a plan without drafts, a batch skips routing a while
+        its trees are verified together as one). A batch skips routing altogether in rounds where its measured
+        rates keep it from drafting (``RealizedRates``) and, after a plan without drafts, for a while
         (:class:`QuietRounds`)."""
-        quiet = drafters[0].quiet
-        if len(drafters) > 1 and quiet.skip():
-            drafters[0].router.costs.note_round(False)
-            for d in drafters:
-                d._take(Decision(NO_DRAFT), False, False)
-            return [DraftTree()] * len(drafters)
+        quiet, rates = drafters[0].quiet, drafters[0].rates
+        if len(drafters) > 1:
+            rates.start(states, drafters[0].load.sequences + 1 == len(drafters), time.perf_counter())
+            if quiet.skip() or not rates.allows_drafting(len(drafters)):
+                rates.ran(False)
+                for d in drafters:
+                    d._take(Decision(NO_DRAFT), False, False)
+                return [DraftTree()] * len(drafters)
         features = [d._features(s, root) for d, s, root in zip(drafters, states, roots(states))]
         decisions = Router.choose_all([d.router for d in drafters], features)
         # a policy that predicts tau sees the present; only tau statistics from past drafts need probing
         probes = [len(drafters) > 1 and x.tau is None and d.router.probe_due for d, x in zip(drafters, decisions)]
-        costs = drafters[0].router.costs
         if len(drafters) == 1:
             drafting = [True]
-        elif costs.idle_due:  # the batch's roots alone, now and then: what not drafting costs (``CostModel``)
-            drafting = [False] * len(drafters)
         else:
             drafting = plan([d._wish(f, x, probe, s.min_prob)
                              for d, f, x, probe, s in zip(drafters, features, decisions, probes, states)],
-                            costs, len(drafters))
+                            drafters[0].router.costs, len(drafters))
             quiet.planned(any(drafting))
-        if len(drafters) > 1:
-            costs.note_round(any(drafting))
+            rates.ran(any(drafting))
         chosen = [d._take(x, go, probe) for d, x, go, probe in zip(drafters, decisions, drafting, probes)]
         cls._catch_up(drafters, states, [tuple(d.drafters) if c and d.mode == "eager" else c
                                          for d, c in zip(drafters, chosen)])
