@@ -139,6 +139,7 @@ ATTENTION_CASES = [
     Case("chains", "chain", (1, 9), (0, 20), 6, 3),
     Case("long-prefix", "random", (4, 12), (600, 1200), 4, 1),
     Case("causal", "chain", (5, 5), (0, 30), 4, 2, causal=True),
+    Case("wide-group", "random", (1, 6), (20, 60), 16, 1),  # more query heads per KV head than one pass sums
 ]
 
 

@@ -1,20 +1,27 @@
 // Tree attention over a paged KV pool in float32 on AVX-512 CPUs, batch-invariant.
 //
-// One work item is one query row and one KV head (with the query heads that share it). The row's visible keys are
-// read straight from the pool rows its request's page table names (no gathered copy), scores are q.k in a fixed
-// order over the head dimension, the softmax takes the max and the sum of exponentials over the visible keys in
-// key order, and the output sums p_j v_j in key order (four interleaved running sums: the split is fixed by the row's
-// own key count, as is the split of scores into blocks of 16 keys). Nothing depends on the other rows of the batch,
-// so a row gets the same bits alone, in any batch, in a prefill chunk or a verify tree: with bf16-rounded matmul
-// inputs a last-bit difference in attention would otherwise flip roundings and grow into different logits.
+// A row's output is a function of its query and its own visible keys alone, computed in one fixed order: each score
+// is q.k with the head dimension's lanes summed by one tree (sum_lanes16), at the key's place in blocks of 16 of the
+// row's visible keys; the softmax takes the max and the sum of exponentials over the visible keys in order; the
+// output sums p_j v_j in a single running sum per 16 dims, in key order. So a row gets the same bits alone, in any
+// batch, in a prefill chunk or a verify tree: with bf16-rounded matmul inputs a last-bit difference in attention would
+// otherwise flip roundings and grow into different logits.
+//
+// For speed, one work item is a block of up to four query rows of one request and one KV head (with the query heads
+// that share it): the keys every row of the block sees first (the cached context, a prefill chunk's causal prefix)
+// are loaded once for all of its queries, scores 16 keys at a time and values one 16-dim slice at a time into up
+// to 12 running sums; each row then goes on alone over the keys only it sees. Splitting a row's keys between the
+// two phases moves no operation, so the blocks do not change the bits.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace whiflash {
@@ -37,13 +44,6 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
-}
-
-inline float dot(const float* a, const float* b, int64_t d) {
-  __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
-  for (int64_t c = kLanes; c < d; c += kLanes)
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), acc);
-  return _mm512_reduce_add_ps(acc);
 }
 
 // [sum of v[i]'s lanes for i = 0 .. 15]: pairwise across registers, the same tree for every key
@@ -88,6 +88,38 @@ float softmax_numerators(float* scores, int64_t n) {
   return _mm512_reduce_add_ps(sum);
 }
 
+constexpr int64_t kSums = 12;  // running sums one pass over the values keeps in registers
+
+// sums[m][c .. c+16) += p[m][j] * values[j][c .. c+16) for keys j in [begin, end), in key order, for M queries
+template <int M>
+void weighted_sums(float* const* p, const float* const* values, int64_t begin, int64_t end, int64_t c, int64_t d,
+                   float* sums) {
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_loadu_ps(sums + m * d + c);
+  for (int64_t j = begin; j < end; ++j) {
+    const __m512 x = _mm512_loadu_ps(values[j] + c);
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(p[m][j]), x, acc[m]);
+  }
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(sums + m * d + c, acc[m]);
+}
+
+using WeightedSums = void (*)(float* const*, const float* const*, int64_t, int64_t, int64_t, int64_t, float*);
+
+template <int... M>
+constexpr std::array<WeightedSums, sizeof...(M)> weighted_sums_table(std::integer_sequence<int, M...>) {
+  return {weighted_sums<M + 1>...};
+}
+
+constexpr auto kWeightedSums = weighted_sums_table(std::make_integer_sequence<int, kSums>{});
+
+// weighted_sums for `count` queries (query m's sums at sums + m * d), kSums at a time
+void accumulate(float* const* p, const float* const* values, int64_t begin, int64_t end, int64_t c, int64_t d,
+                int64_t count, float* sums) {
+  if (begin >= end) return;
+  for (int64_t m = 0; m < count; m += kSums)
+    kWeightedSums[std::min(kSums, count - m) - 1](p + m, values, begin, end, c, d, sums + m * d);
+}
+
 }  // namespace
 
 torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -108,56 +140,94 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
   const bool causal = mk.numel() == 0;
   const bool* mask_p = causal ? nullptr : mk.data_ptr<bool>();
   const int64_t* mask_off = causal ? nullptr : mkp.data_ptr<int64_t>();
-  const int64_t batch = qo.numel() - 1;
-  std::vector<int64_t> request_of(total_q);
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t t = qo_p[b]; t < qo_p[b + 1]; ++t) request_of[t] = b;
+  const int64_t rows_per_item = std::max<int64_t>(1, kSums / group);
+  std::vector<std::array<int64_t, 3>> blocks;  // (request, first row, end row)
+  for (int64_t b = 0; b + 1 < qo.numel(); ++b)
+    for (int64_t i = 0; i < qo_p[b + 1] - qo_p[b]; i += rows_per_item)
+      blocks.push_back({b, i, std::min(i + rows_per_item, qo_p[b + 1] - qo_p[b])});
   auto out = torch::zeros({total_q, hq, d}, q.options());
   const float *qs = q.data_ptr<float>(), *ks = k.data_ptr<float>(), *vs = v.data_ptr<float>();
   float* os = out.data_ptr<float>();
   const int64_t q0 = q.stride(0), q1 = q.stride(1), k0 = k.stride(0), k1 = k.stride(1), v0 = v.stride(0),
                 v1 = v.stride(1);
-  const float sc = static_cast<float>(scale);
-  const __m512 scale16 = _mm512_set1_ps(sc);
-  at::parallel_for(0, total_q * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<int64_t> rows;
-    std::vector<const float*> keys;
+  const __m512 scale16 = _mm512_set1_ps(static_cast<float>(scale));
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()) * hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<std::vector<int64_t>> seen;  // each row's visible keys, by index in its request
+    std::vector<std::vector<const float*>> kv;  // ... their key rows, then their value rows
+    std::vector<float> scores, sums, inverse;  // [query][key], [query][dim], [query]
+    std::vector<const float*> queries;
+    std::vector<float*> probs;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / hkv, h = item % hkv, b = request_of[t];
-      const int64_t i = t - qo_p[b], q_len = qo_p[b + 1] - qo_p[b], first = kv_p[b], kv_len = kv_p[b + 1] - first;
-      rows.clear();
-      if (causal) {
-        for (int64_t j = 0; j <= kv_len - q_len + i; ++j) rows.push_back(idx_p[first + j]);
-      } else {
-        const bool* sees = mask_p + mask_off[b] + i * kv_len;
-        for (int64_t j = 0; j < kv_len; ++j)
-          if (sees[j]) rows.push_back(idx_p[first + j]);
-      }
-      const int64_t n = static_cast<int64_t>(rows.size());
-      if (n == 0) continue;  // a row that sees no key: zeros
-      scores.resize(group * n);
-      keys.resize(n);
-      for (int64_t j = 0; j < n; ++j) keys[j] = ks + rows[j] * k0 + h * k1;
-      for (int64_t g = 0; g < group; ++g) {  // whole blocks of 16 keys, then one by one: fixed by n, the row's own
-        const float* query = qs + t * q0 + (h * group + g) * q1;
-        int64_t j = 0;
-        for (; j + kLanes <= n; j += kLanes)
-          _mm512_storeu_ps(scores.data() + g * n + j, _mm512_mul_ps(dots16(query, keys.data() + j, d), scale16));
-        for (; j < n; ++j) scores[g * n + j] = dot(query, keys[j], d) * sc;
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        const float* p = scores.data() + g * n;
-        const __m512 inv = _mm512_set1_ps(1.0f / softmax_numerators(scores.data() + g * n, n));
-        float* o = os + (t * hq + h * group + g) * d;
-        for (int64_t c = 0; c < d; c += kLanes) {  // 16 dims at a time; four running sums (key j to sum j % 4)
-          __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-          for (int64_t j = 0; j < n; ++j)
-            acc[j % 4] = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(vs + rows[j] * v0 + h * v1 + c),
-                                         acc[j % 4]);
-          const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-          _mm512_storeu_ps(o + c, _mm512_mul_ps(sum, inv));
+      const auto [b, i0, i1] = blocks[item / hkv];
+      const int64_t h = item % hkv, rows = i1 - i0, n_q = rows * group;
+      const int64_t q_len = qo_p[b + 1] - qo_p[b], first = kv_p[b], kv_len = kv_p[b + 1] - first;
+      seen.resize(rows);
+      kv.resize(2 * rows);
+      int64_t widest = 0, shared = kv_len;  // shared: how many leading keys every row of the block sees
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        auto& keys = seen[r];
+        keys.clear();
+        if (causal) {
+          for (int64_t j = 0; j <= kv_len - q_len + i; ++j) keys.push_back(j);
+        } else {
+          const bool* sees = mask_p + mask_off[b] + i * kv_len;
+          for (int64_t j = 0; j < kv_len; ++j)
+            if (sees[j]) keys.push_back(j);
         }
+        int64_t lead = 0;
+        while (lead < static_cast<int64_t>(keys.size()) && keys[lead] == lead) ++lead;
+        shared = std::min(shared, lead);
+        widest = std::max<int64_t>(widest, keys.size());
+        kv[r].resize(keys.size());
+        kv[rows + r].resize(keys.size());
+        for (size_t j = 0; j < keys.size(); ++j) {
+          const int64_t row = idx_p[first + keys[j]];
+          kv[r][j] = ks + row * k0 + h * k1;
+          kv[rows + r][j] = vs + row * v0 + h * v1;
+        }
+      }
+      shared -= shared % kLanes;  // whole blocks of 16: a key's place in its block is its place in every row's list
+      scores.assign(n_q * widest, 0.0f);
+      sums.assign(n_q * d, 0.0f);
+      queries.resize(n_q);
+      probs.resize(n_q);
+      for (int64_t m = 0; m < n_q; ++m) {
+        queries[m] = qs + (qo_p[b] + i0 + m / group) * q0 + (h * group + m % group) * q1;
+        probs[m] = scores.data() + m * widest;
+      }
+      for (int64_t j = 0; j < shared; j += kLanes)  // the shared keys: each block of 16 loaded once for every query
+        for (int64_t m = 0; m < n_q; ++m)
+          _mm512_storeu_ps(probs[m] + j, _mm512_mul_ps(dots16(queries[m], kv[0].data() + j, d), scale16));
+      for (int64_t r = 0; r < rows; ++r) {  // each row's own keys, the last block padded with its last key
+        auto& keys = kv[r];
+        const int64_t n = keys.size();
+        for (int64_t j = shared; j < n; j += kLanes) {
+          const float* block[kLanes];
+          for (int64_t l = 0; l < kLanes; ++l) block[l] = keys[std::min(j + l, n - 1)];
+          const __mmask16 live = n - j >= kLanes ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+          for (int64_t g = 0; g < group; ++g) {
+            const __m512 dots = _mm512_mul_ps(dots16(queries[r * group + g], block, d), scale16);
+            _mm512_mask_storeu_ps(probs[r * group + g] + j, live, dots);
+          }
+        }
+      }
+      inverse.resize(n_q);
+      for (int64_t m = 0; m < n_q; ++m) {
+        const int64_t n = kv[m / group].size();
+        inverse[m] = n ? 1.0f / softmax_numerators(probs[m], n) : 0.0f;  // a row that sees no key: zeros
+      }
+      for (int64_t c = 0; c < d; c += kLanes) {
+        accumulate(probs.data(), kv[rows].data(), 0, shared, c, d, n_q, sums.data());  // where every row's list agrees
+        for (int64_t r = 0; r < rows; ++r)
+          accumulate(probs.data() + r * group, kv[rows + r].data(), shared, kv[r].size(), c, d, group,
+                     sums.data() + r * group * d);
+      }
+      for (int64_t m = 0; m < n_q; ++m) {
+        float* o = os + ((qo_p[b] + i0 + m / group) * hq + h * group + m % group) * d;
+        const __m512 inv = _mm512_set1_ps(inverse[m]);
+        for (int64_t c = 0; c < d; c += kLanes)
+          _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(sums.data() + m * d + c), inv));
       }
     }
   });

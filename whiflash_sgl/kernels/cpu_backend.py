@@ -1,8 +1,9 @@
 """Tree attention on AVX-512 CPUs: the compiled paged kernel (``csrc/paged_attention.cpp``), float32.
 
-It reads each request's keys from the pool rows its page table names, one query row at a time, so a row's output
-is the same bits in any batch (see the kernel's header), where the reference's padded SDPA groups are not: SDPA's
-blocked GEMMs sum in an order that depends on how many query rows there are.
+It reads each request's keys from the pool rows its page table names and computes each query row's output in an
+order fixed by that row's own visible keys, so a row's output is the same bits in any batch (see the kernel's
+header), where the reference's padded SDPA groups are not: SDPA's blocked GEMMs sum in an order that depends on how
+many query rows there are. Rows of one request share the loads of the keys they all see.
 """
 
 from __future__ import annotations
