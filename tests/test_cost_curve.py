@@ -170,11 +170,11 @@ def _batch_rounds(rates, states, rounds, seconds, tokens):
 def test_realized_rates_stop_a_batch_whose_drafting_loses_and_explore_now_and_then():
     states = [_Seq(), _Seq()]
     # drafting loses: 2 tokens each in 30 ms against 1 each in 10 ms
-    did = _batch_rounds(RealizedRates(), states, IDLE_EVERY + 2 * EXPLORE_EVERY, {True: 0.03, False: 0.01}, 2)
-    assert did == [True] * IDLE_EVERY + ([False] * (EXPLORE_EVERY - 1) + [True]) * 2
+    did = _batch_rounds(RealizedRates(), states, 3 * EXPLORE_EVERY, {True: 0.03, False: 0.01}, 2)
+    assert did == ([True] + [False] * (EXPLORE_EVERY - 1)) * 3
     # drafting wins: 3 tokens each in 20 ms; the batch verifies its roots alone once every IDLE_EVERY + 1 rounds
-    did = _batch_rounds(RealizedRates(), [_Seq(), _Seq()], 3 * (IDLE_EVERY + 1), {True: 0.02, False: 0.01}, 3)
-    assert did == ([True] * IDLE_EVERY + [False]) * 3
+    did = _batch_rounds(RealizedRates(), [_Seq(), _Seq()], 2 + 3 * (IDLE_EVERY + 1), {True: 0.02, False: 0.01}, 3)
+    assert did == [True, False] + ([True] * IDLE_EVERY + [False]) * 3
 
 
 def test_realized_rates_count_only_rounds_of_the_same_sequences_decoding_alone():

@@ -101,9 +101,10 @@ class RealizedRates:
     """Tokens per second a batch of ``n`` sequences committed in its latest rounds with drafts and without, each
     round timed from its start to the next round's start (routing, drafting, catch-up, the forward and the commit
     all inside); a round whose forward also ran a prefill, or whose sequences changed before the next began, is not
-    counted. Drafting is allowed while it has been no slower than not drafting at this batch size; when it has been
-    slower, the batch drafts one round in ``EXPLORE_EVERY`` to keep that rate current, and a batch that keeps
-    drafting verifies its roots alone once every ``IDLE_EVERY`` rounds for the other. Exploring costs: a round
+    counted. A batch size's first counted round with drafts is followed by one without; from then on drafting is
+    allowed while it has been no slower than not drafting at this batch size; when it has been slower, the batch
+    drafts one round in ``EXPLORE_EVERY`` to keep that rate current, and a batch that keeps drafting verifies its
+    roots alone once every ``IDLE_EVERY`` rounds for the other. Exploring costs: a round
     without drafts in 16 gives up a sixteenth of what drafting gains, a round with drafts in 16 a sixteenth of what
     it loses."""
 
@@ -138,8 +139,11 @@ class RealizedRates:
     def allows_drafting(self, n: int) -> bool:
         """Whether a batch of ``n`` may draft this round (the plan then says who does)."""
         with_drafts, without = self.rate(n, True), self.rate(n, False)
-        slower = with_drafts is not None and without is not None and with_drafts < without
+        if without is None:  # after the first round with drafts at this size, one without
+            return with_drafts is None
+        if with_drafts is None:
+            return True
         drafted, count = self.streak
         if drafted:  # one round with drafts in a row too many (slower, or due to measure the rate without)
-            return not slower and count < IDLE_EVERY
-        return not slower or count >= EXPLORE_EVERY - 1
+            return with_drafts >= without and count < IDLE_EVERY
+        return with_drafts >= without or count >= EXPLORE_EVERY - 1
