@@ -12,7 +12,7 @@ from whiflash_sgl.cost_curve import MAX_ROWS, ROWS_EACH, SEQUENCES, CostCurve, m
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
-from whiflash_sgl.drafting_plan import EXPLORE_EVERY, IDLE_EVERY, Calibration, RealizedRates, Wish, plan, round_seconds
+from whiflash_sgl.drafting_plan import IDLE_EVERY, LONG_BACKLOG, Calibration, RoundTimes, Wish, plan, round_seconds
 from whiflash_sgl.router import NO_DRAFT, BatchLoad, CostModel, Router
 from whiflash_sgl.tree import DraftTree
 
@@ -152,49 +152,37 @@ class _Seq:
         self.tokens = [0]
 
 
-def _batch_rounds(rates, states, rounds, seconds, tokens):
-    """Rounds of ``states`` asking ``rates`` whether to draft; a drafting round takes ``seconds[True]`` and commits
-    ``tokens[True]`` per sequence, one without ``seconds[False]`` and one token each. Returns what each round did."""
-    did, clock = [], 0.0
-    for _ in range(rounds):
-        rates.start(states, True, clock)
-        drafts = rates.allows_drafting(len(states))
-        rates.ran(drafts)
+def test_round_times_measure_each_kind_of_round_against_its_prediction():
+    """A round is timed from its start to the next one's; rounds after a prefill, over other sequences or with a
+    long catch-up are not measured; a batch that keeps drafting verifies its roots alone every IDLE_EVERY + 1."""
+    times, states = RoundTimes(), [_Seq(), _Seq()]
+    assert times.scales == (1.0, 1.0)
+    clock, did = 0.0, []
+    for k in range(2 * (IDLE_EVERY + 1)):
+        times.start(states, k > 1, clock)  # the first two rounds follow a prefill
+        drafts = not times.idle_due
+        times.ran(drafts, 0.02 if drafts else 0.01)  # predicted
         did.append(drafts)
-        for s in states:
-            s.tokens += [0] * (tokens if drafts else 1)
-        clock += seconds[drafts]
-    return did
-
-
-def test_realized_rates_stop_a_batch_whose_drafting_loses_and_explore_now_and_then():
-    states = [_Seq(), _Seq()]
-    # drafting loses: 2 tokens each in 30 ms against 1 each in 10 ms
-    did = _batch_rounds(RealizedRates(), states, 3 * EXPLORE_EVERY, {True: 0.03, False: 0.01}, 2)
-    assert did == ([True] + [False] * (EXPLORE_EVERY - 1)) * 3
-    # drafting wins: 3 tokens each in 20 ms; the batch verifies its roots alone once every IDLE_EVERY + 1 rounds
-    did = _batch_rounds(RealizedRates(), [_Seq(), _Seq()], 2 + 3 * (IDLE_EVERY + 1), {True: 0.02, False: 0.01}, 3)
-    assert did == [True, False] + ([True] * IDLE_EVERY + [False]) * 3
-
-
-def test_realized_rates_count_only_rounds_of_the_same_sequences_decoding_alone():
-    rates, states = RealizedRates(), [_Seq(), _Seq()]
-
-    def batch_round(states, decode_only, now):  # a drafting round, two tokens for each sequence
-        rates.start(states, decode_only, now)
-        rates.ran(True)
-        for s in states:
-            s.tokens += [0, 0]
-
-    batch_round(states, False, 0.0)
-    batch_round(states, False, 0.03)  # the last round's forward ran a prefill too: not counted
-    batch_round(states, True, 0.06)  # counted: 4 tokens in 30 ms
+        clock += 0.03 if drafts else 0.012  # measured: 1.5x and 1.2x the prediction
+    assert did == ([True] * IDLE_EVERY + [False]) * 2
+    times.start(states, True, clock)  # measures the last round
+    assert times.scales == pytest.approx((1.2, 1.5))
+    measured = {d: len(times.ratios[d]) for d in (False, True)}
+    assert measured == {False: 2, True: 2 * IDLE_EVERY - 1}  # the first round followed a prefill
+    times.ran(True, 0.02)
     joined = [_Seq(), *states]
-    batch_round(joined, True, 0.09)  # the last round had other sequences: not counted
-    batch_round(joined, True, 0.12)  # counted: 6 tokens in 30 ms
-    assert {key: len(window) for key, window in rates.rounds.items()} == {(2, True): 1, (3, True): 1}
-    assert rates.rate(2, True) == pytest.approx(4 / 0.03) and rates.rate(3, True) == pytest.approx(6 / 0.03)
-    assert rates.rate(2, False) is None
+    times.start(joined, True, clock + 0.03)  # a request joined: the last round is not measured
+    times.ran(True, 0.02)
+    times.caught_up(LONG_BACKLOG + 1)  # this one caught a drafter up over a prompt: not measured either
+    times.start(joined, True, clock + 1.0)
+    assert {d: len(times.ratios[d]) for d in (False, True)} == measured
+
+
+def test_the_plan_scales_its_rounds_by_their_measured_times():
+    costs = _costs()
+    wishes = [Wish("eagle3", 2.0, 2, {})] * 8  # 16 tokens in 172 ms against 8 in 108 ms
+    assert plan(wishes, costs, base_rows=8) == [True] * 8
+    assert plan(wishes, costs, base_rows=8, scales=(1.0, 1.4)) == [False] * 8  # 16 tokens in 241 ms
 
 
 def test_calibration_scales_predictions_to_what_was_accepted():

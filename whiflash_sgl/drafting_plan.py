@@ -12,23 +12,24 @@ features), scaled by :class:`Calibration` to what verified drafts have accepted;
 reached when it last drafted, and then a request idle for a while is due for a probe, which drafts in any case
 (those statistics go stale while it idles).
 
-Over the plan stands :class:`RealizedRates`: what the batch actually committed per second in its rounds with drafts
-and without. The plan predicts from a cost model, which cannot see everything (the work around a round per request,
-trees that cost more per row than the curve's uniform chunks, optimistic tau); where the measured rates say that
-drafting loses, the batch does not draft.
+The plan's round times come from the cost model, which sees the forward, the drafter calls and catch-up but not the
+rest of a round (routing, the commit, the Python around each request), and that rest is larger in a round that
+drafts. :class:`RoundTimes` measures each round from its start to the next one's and keeps the ratio of that to
+the plan's prediction, for rounds with drafts and without; the plan scales its two kinds of round by them.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from whiflash_sgl.router import CostModel, members
 
-RATE_WINDOW = 16  # a batch size's latest rounds of each kind (with drafts, without) whose committed rate is compared
-IDLE_EVERY = 16  # a batch that drafted this many rounds in a row verifies its roots alone once: the rate without
-EXPLORE_EVERY = 16  # a batch kept from drafting may draft again after this many rounds: the rate with drafts
+TIME_WINDOW = 32  # latest rounds of each kind (with drafts, without) whose measured / predicted time is kept
+LONG_BACKLOG = 32  # a round that catches a drafter up over more positions than this is not measured
+IDLE_EVERY = 16  # a batch that drafted this many rounds in a row verifies its roots alone once, to measure that
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,15 @@ def round_seconds(wishes: Sequence[Wish], drafting: Sequence[bool], costs: CostM
             + sum(costs.draft_call(p, n) + costs.catchup_seconds(p, backlog[p]) for p, n in groups.items()))
 
 
-def plan(wishes: Sequence[Wish], costs: CostModel, base_rows: int) -> list[bool]:
+def plan(wishes: Sequence[Wish], costs: CostModel, base_rows: int,
+         scales: tuple[float, float] = (1.0, 1.0)) -> list[bool]:
     """Whether each request drafts this round: the best prefix, by the round's tokens per second, of the requests
-    ordered by what each adds alone (forced ones always draft)."""
+    ordered by what each adds alone (forced ones always draft). ``scales``: a round's measured time over its
+    predicted time, without drafts and with (:class:`RoundTimes`)."""
     idle = round_seconds(wishes, [False] * len(wishes), costs, base_rows)
+
+    def seconds(drafting: Sequence[bool]) -> float:
+        return round_seconds(wishes, drafting, costs, base_rows) * scales[any(drafting)]
 
     def value(i: int) -> float:
         """The tokens request ``i`` adds per second it adds, drafting alone."""
@@ -84,12 +90,12 @@ def plan(wishes: Sequence[Wish], costs: CostModel, base_rows: int) -> list[bool]
     drafting = [w.forced for w in wishes]
     order = sorted((i for i, w in enumerate(wishes) if not w.forced and w.tau > 1), key=value, reverse=True)
     tokens = len(wishes) + sum(w.tau - 1 for w in wishes if w.forced)
-    best, best_rate = 0, tokens / max(round_seconds(wishes, drafting, costs, base_rows), 1e-9)
+    best, best_rate = 0, tokens / max(seconds(drafting), 1e-9)
     trial = list(drafting)
     for k, i in enumerate(order, 1):
         trial[i] = True
         tokens += wishes[i].tau - 1
-        rate = tokens / max(round_seconds(wishes, trial, costs, base_rows), 1e-9)  # no costs seen yet: draft
+        rate = tokens / max(seconds(trial), 1e-9)  # no costs seen yet: draft
         if rate > best_rate:
             best, best_rate = k, rate
     for i in order[:best]:
@@ -97,53 +103,57 @@ def plan(wishes: Sequence[Wish], costs: CostModel, base_rows: int) -> list[bool]
     return drafting
 
 
-class RealizedRates:
-    """Tokens per second a batch of ``n`` sequences committed in its latest rounds with drafts and without, each
-    round timed from its start to the next round's start (routing, drafting, catch-up, the forward and the commit
-    all inside); a round whose forward also ran a prefill, or whose sequences changed before the next began, is not
-    counted. A batch size's first counted round with drafts is followed by one without; from then on drafting is
-    allowed while it has been no slower than not drafting at this batch size; when it has been slower, the batch
-    drafts one round in ``EXPLORE_EVERY`` to keep that rate current, and a batch that keeps drafting verifies its
-    roots alone once every ``IDLE_EVERY`` rounds for the other. Exploring costs: a round
-    without drafts in 16 gives up a sixteenth of what drafting gains, a round with drafts in 16 a sixteenth of what
-    it loses."""
+@dataclass
+class _Round:
+    start: float
+    states: list
+    predicted: float = 0.0  # the plan's seconds for it
+    drafted: bool = False
+    measured: bool = True
+
+
+class RoundTimes:
+    """A batch round's measured time over the plan's prediction for it (``round_seconds``), over the latest
+    ``TIME_WINDOW`` rounds with drafts and without. A round is timed from its start to the next round's start
+    (routing, drafting, catch-up, the forward, the commit all inside). Not measured: a round whose forward also ran a
+    prefill, whose sequences changed before the next began, or that caught a drafter up over more than
+    ``LONG_BACKLOG`` positions (a prompt, the first time a request drafts: a cost paid once). A batch that drafted
+    ``IDLE_EVERY`` rounds in a row verifies its roots alone once, so that the ratio without drafts stays current.
+
+    A ratio rather than a rate: what a round commits depends on its requests' text far more than on the batch, so
+    rates measured over different stretches of text say little about drafting; how far the plan's time is off does
+    not depend on the text."""
 
     def __init__(self) -> None:
-        self.rounds: dict[tuple[int, bool], deque[tuple[int, float]]] = {}  # (n, drafted) -> (tokens, seconds)
-        self._round: tuple[float, list, int, bool] | None = None  # the round under way: start, states, tokens, drafted
-        self.streak = (False, 0)  # (drafted, rounds in a row that did) up to the last round
+        self.ratios = {drafted: deque(maxlen=TIME_WINDOW) for drafted in (False, True)}
+        self._round: _Round | None = None  # the round under way
+        self.drafting_streak = 0  # rounds in a row that drafted, up to the last one
 
     def start(self, states: Sequence, decode_only: bool, now: float) -> None:
         """A round of ``states`` starts at ``now``; ``decode_only``: the last round's forward ran those sequences'
-        trees and nothing else, so it counts if they are the same sequences."""
-        committed = sum(len(s.tokens) for s in states)
+        trees and nothing else, so it is measured if they are the same sequences."""
+        last = self._round
+        if (last is not None and last.measured and last.predicted > 0 and decode_only
+                and len(last.states) == len(states) and all(a is b for a, b in zip(last.states, states))):
+            self.ratios[last.drafted].append((now - last.start) / last.predicted)
+        self._round = _Round(now, list(states))
+
+    def ran(self, drafted: bool, predicted: float) -> None:
+        """The round under way drafts or not; the plan predicted ``predicted`` seconds for it."""
         if self._round is not None:
-            began, before, tokens, drafted = self._round
-            if decode_only and len(before) == len(states) and all(a is b for a, b in zip(before, states)):
-                window = self.rounds.setdefault((len(states), drafted), deque(maxlen=RATE_WINDOW))
-                window.append((committed - tokens, now - began))
-        self._round = (now, list(states), committed, False)
+            self._round.drafted, self._round.predicted = drafted, predicted
+        self.drafting_streak = self.drafting_streak + 1 if drafted else 0
 
-    def ran(self, drafted: bool) -> None:
-        """Whether the round under way drafts."""
-        if self._round is not None:
-            self._round = (*self._round[:3], drafted)
-        same, count = self.streak
-        self.streak = (drafted, count + 1 if same == drafted else 1)
+    def caught_up(self, backlog: int) -> None:
+        """The round under way caught a drafter up over ``backlog`` positions."""
+        if self._round is not None and backlog > LONG_BACKLOG:
+            self._round.measured = False
 
-    def rate(self, n: int, drafted: bool) -> float | None:
-        """Tokens per second over the window, None before any round of that kind."""
-        window = self.rounds.get((n, drafted))
-        return sum(t for t, _ in window) / max(sum(s for _, s in window), 1e-9) if window else None
+    @property
+    def idle_due(self) -> bool:
+        return self.drafting_streak >= IDLE_EVERY
 
-    def allows_drafting(self, n: int) -> bool:
-        """Whether a batch of ``n`` may draft this round (the plan then says who does)."""
-        with_drafts, without = self.rate(n, True), self.rate(n, False)
-        if without is None:  # after the first round with drafts at this size, one without
-            return with_drafts is None
-        if with_drafts is None:
-            return True
-        drafted, count = self.streak
-        if drafted:  # one round with drafts in a row too many (slower, or due to measure the rate without)
-            return with_drafts >= without and count < IDLE_EVERY
-        return with_drafts >= without or count >= EXPLORE_EVERY - 1
+    @property
+    def scales(self) -> tuple[float, float]:
+        """Median measured / predicted time of rounds without drafts and with (1 before any)."""
+        return tuple(statistics.median(self.ratios[d]) if self.ratios[d] else 1.0 for d in (False, True))

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
-from whiflash_sgl.drafting_plan import Calibration, RealizedRates, Wish, plan
+from whiflash_sgl.drafting_plan import Calibration, RoundTimes, Wish, plan, round_seconds
 from whiflash_sgl.router import NO_DRAFT, BatchLoad, Decision, RoundFeatures, Router, members, root_statistics
 from whiflash_sgl.tree import DraftTree
 
@@ -83,7 +83,7 @@ class WhiFlashDrafter(Drafter):
         self.tree_size = {p: 8 for p in drafters}  # last verified draft size per paradigm, for the cost model
         self.calibration = Calibration()  # shared by the forks, as the cost model is
         self.quiet = QuietRounds()  # shared too: a batch's rounds without routing ...
-        self.rates = RealizedRates()  # ... and what its rounds with drafts and without have committed per second
+        self.times = RoundTimes()  # ... and how long its rounds took against the plan's predictions
         self.latest: dict[str, DraftTree] = {}  # each paradigm's latest tree for any sequence (shared by the forks)
         self._reset_sequence()
 
@@ -174,6 +174,7 @@ class WhiFlashDrafter(Drafter):
             if not any(backlogs):
                 continue
             own = [d.drafters[paradigm] for d, _ in group]
+            drafters[0].times.caught_up(max(backlogs))
             tic = time.perf_counter()
             type(own[0]).catch_up_batch(own, [state for _, state in group])
             seconds = time.perf_counter() - tic
@@ -192,29 +193,29 @@ class WhiFlashDrafter(Drafter):
         """Every sequence's policy picks its action; in a batch, the round's plan (``drafting_plan``) then says which
         of them draft (alone, the policy's choice stands: its objective weighs tau against cost already). Each
         paradigm drafts, in one call, the sequences that chose it (a hedge's sequence is in several such calls, and
-        its trees are verified together as one). A batch skips routing altogether in rounds where its measured
-        rates keep it from drafting (``RealizedRates``) and, after a plan without drafts, for a while
-        (:class:`QuietRounds`)."""
-        quiet, rates = drafters[0].quiet, drafters[0].rates
-        if len(drafters) > 1:
-            rates.start(states, drafters[0].load.sequences + 1 == len(drafters), time.perf_counter())
-            if quiet.skip() or not rates.allows_drafting(len(drafters)):
-                rates.ran(False)
+        its trees are verified together as one). After a plan without drafts, a batch skips routing for a while
+        (:class:`QuietRounds`), and now and then to measure a round without drafts (``RoundTimes``)."""
+        quiet, times, costs = drafters[0].quiet, drafters[0].times, drafters[0].router.costs
+        n = len(drafters)
+        if n > 1:
+            times.start(states, drafters[0].load.sequences + 1 == n, time.perf_counter())
+            if quiet.skip() or times.idle_due:
+                times.ran(False, costs.verify(n, n))
                 for d in drafters:
                     d._take(Decision(NO_DRAFT), False, False)
-                return [DraftTree()] * len(drafters)
+                return [DraftTree()] * n
         features = [d._features(s, root) for d, s, root in zip(drafters, states, roots(states))]
         decisions = Router.choose_all([d.router for d in drafters], features)
         # a policy that predicts tau sees the present; only tau statistics from past drafts need probing
-        probes = [len(drafters) > 1 and x.tau is None and d.router.probe_due for d, x in zip(drafters, decisions)]
-        if len(drafters) == 1:
+        probes = [n > 1 and x.tau is None and d.router.probe_due for d, x in zip(drafters, decisions)]
+        if n == 1:
             drafting = [True]
         else:
-            drafting = plan([d._wish(f, x, probe, s.min_prob)
-                             for d, f, x, probe, s in zip(drafters, features, decisions, probes, states)],
-                            drafters[0].router.costs, len(drafters))
+            wishes = [d._wish(f, x, probe, s.min_prob)
+                      for d, f, x, probe, s in zip(drafters, features, decisions, probes, states)]
+            drafting = plan(wishes, costs, n, times.scales)
             quiet.planned(any(drafting))
-            rates.ran(any(drafting))
+            times.ran(any(drafting), round_seconds(wishes, drafting, costs, n))
         chosen = [d._take(x, go, probe) for d, x, go, probe in zip(drafters, decisions, drafting, probes)]
         cls._catch_up(drafters, states, [tuple(d.drafters) if c and d.mode == "eager" else c
                                          for d, c in zip(drafters, chosen)])
