@@ -204,6 +204,7 @@ class CostModel:
         # forwards with draft rows: (curve of their roots alone, curve of the rest, observed seconds)
         self._drafted: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=CURVE_WINDOW)
         self._scales: tuple[float, float] | None = (1.0, 1.0)  # (roots, draft rows); None: to recompute
+        self._last_forward: tuple[int, float, int] | None = None
 
     def observe_draft(self, paradigm: str, seconds: float, sequences: int = 1) -> None:
         self.draft.setdefault(paradigm, LinearFit()).observe(sequences, seconds)
@@ -214,6 +215,11 @@ class CostModel:
             self.catchup.setdefault(paradigm, LinearFit()).observe(positions, seconds)
 
     def observe_verify(self, rows: int, seconds: float, sequences: int = 1) -> None:
+        """A forward of ``rows`` rows over ``sequences`` sequences took ``seconds``. Each of its sequences reports it;
+        it counts once (16 copies of each forward would leave the 64-forward windows 4 forwards deep)."""
+        if (rows, seconds, sequences) == self._last_forward:
+            return
+        self._last_forward = (rows, seconds, sequences)
         self.verify_seconds.observe(rows, seconds)
         if self.curve is None or rows <= 0:
             return

@@ -73,6 +73,13 @@ inline __m512 dots16(const float* q, const float* const* keys, int64_t d) {
   return sum_lanes16(v);
 }
 
+// asks for the d floats at each of rows[0 .. count) to be brought into cache: keys and values live in pool rows
+// scattered over tens of megabytes per layer, so a pass over them waits on memory unless it asks ahead
+inline void prefetch_rows(const float* const* rows, int64_t count, int64_t d) {
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t c = 0; c < d; c += kLanes) _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c), _MM_HINT_T0);
+}
+
 // scores[0 .. n) -> exp(scores - max), in place; returns their sum (lane-wise in key order, then across lanes)
 float softmax_numerators(float* scores, int64_t n) {
   float top = -std::numeric_limits<float>::infinity();
@@ -97,6 +104,7 @@ void weighted_sums(float* const* p, const float* const* values, int64_t begin, i
   __m512 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm512_loadu_ps(sums + m * d + c);
   for (int64_t j = begin; j < end; ++j) {
+    if (c == 0 && j + 2 * kLanes < end) prefetch_rows(values + j + 2 * kLanes, 1, d);  // later slices find the row in cache
     const __m512 x = _mm512_loadu_ps(values[j] + c);
     for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(p[m][j]), x, acc[m]);
   }
@@ -196,9 +204,13 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
         queries[m] = qs + (qo_p[b] + i0 + m / group) * q0 + (h * group + m % group) * q1;
         probs[m] = scores.data() + m * widest;
       }
-      for (int64_t j = 0; j < shared; j += kLanes)  // the shared keys: each block of 16 loaded once for every query
+      prefetch_rows(kv[0].data(), std::min<int64_t>(shared, 2 * kLanes), d);
+      for (int64_t j = 0; j < shared; j += kLanes) {  // the shared keys: each block of 16 loaded once for every query
+        prefetch_rows(kv[0].data() + j + 2 * kLanes, std::min(kLanes, shared - j - 2 * kLanes), d);
         for (int64_t m = 0; m < n_q; ++m)
           _mm512_storeu_ps(probs[m] + j, _mm512_mul_ps(dots16(queries[m], kv[0].data() + j, d), scale16));
+      }
+      prefetch_rows(kv[rows].data(), std::min<int64_t>(shared, 2 * kLanes), d);  // the values, for the first slice
       for (int64_t r = 0; r < rows; ++r) {  // each row's own keys, the last block padded with its last key
         auto& keys = kv[r];
         const int64_t n = keys.size();
