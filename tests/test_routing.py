@@ -30,6 +30,7 @@ from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.target import Target
 from whiflash_sgl.train.eagle3 import set_vocabulary
 from whiflash_sgl.train.train_drafter import default_layer_ids
+from whiflash_sgl.tree import DraftTree
 
 LAYERS = 6
 
@@ -383,6 +384,22 @@ def test_a_batch_that_always_drafts_verifies_its_roots_alone_now_and_then(target
     assert all(action == (NO_DRAFT if k % 6 == 5 else "eagle3") for k, action in enumerate(rounds))
     times = requests[0].drafter.times
     assert len(times.ratios[True]) >= 8 and len(times.ratios[False]) >= 1
+
+
+def test_a_wish_counts_the_rows_its_tree_keeps_at_the_bar_and_the_tau_they_hold(target, models):
+    """A learned policy predicts what a whole tree accepts; cut to the nodes that clear the batch's bar, the tree
+    keeps the share of its expected acceptance those nodes hold, and the plan counts on that (calibrated)."""
+    whiflash = _whiflash(target, models, Fixed("eagle3"))
+    whiflash.latest["eagle3"] = DraftTree((5, 6, 7, 8), (-1, 0, 1, 0), (0.9, 0.5, 0.2, 0.1))
+    features = RoundFeatures(
+        entropy=0.5, margin=0.5, last_tau=1.0, last_paradigm="", ema_tau={"eagle3": 2.0}, pending={"eagle3": 3},
+        predicted_seconds={}, dflash_expected=0.0, eagle_top1=0.6, ngram_draft=0, in_code=False, in_json=False,
+        bracket_depth=0)
+    wish = whiflash._wish(features, Decision("eagle3", 3.0), False, bar=0.3)
+    assert wish.rows == 2 and wish.backlog == {"eagle3": 3}
+    assert wish.predicted == pytest.approx(1 + 2.0 * 1.4 / 1.7) and wish.tau == pytest.approx(wish.predicted)
+    assert whiflash._wish(features, Decision("eagle3", 3.0), False, bar=0.0).predicted == pytest.approx(3.0)
+    assert whiflash._wish(features, Decision("eagle3"), False, bar=0.3).tau == 2.0  # no prediction: its EMA
 
 
 def test_quiet_rounds_double_after_each_plan_without_drafts_and_end_when_it_drafts():

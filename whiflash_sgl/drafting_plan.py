@@ -41,6 +41,7 @@ class Wish:
     rows: int  # draft rows it would add to the verify forward
     backlog: dict[str, int]  # positions each of its paradigms must catch up before drafting
     forced: bool = False  # a probe: it drafts whatever the plan finds
+    predicted: float | None = None  # the policy's tau for the trees as cut, before calibration
 
 
 class Calibration:

@@ -12,6 +12,7 @@ import copy
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -131,25 +132,32 @@ class WhiFlashDrafter(Drafter):
             self.drafted["ngram"] = self.drafters["ngram"].propose(state, self.drafters["ngram"].num_tokens)
         return features
 
-    def _rows(self, paradigm: str, bar: float) -> int:
-        """The draft rows ``paradigm`` would add this round: the nodes of its latest tree (this sequence's, else any
-        sequence's) likely enough to clear the batch's bar for a row (``SequenceState.min_prob``); for a tree
-        without estimates, all of it. At batch 1 the bar is near 0 and whole trees count; at 8 requests, a few
-        nodes of each."""
+    def _kept(self, paradigm: str, bar: float) -> tuple[int, float]:
+        """The draft rows ``paradigm`` would add this round, and the share of its tree's expected accepted tokens
+        they hold: the nodes of its latest tree (this sequence's, else any sequence's) likely enough to clear the
+        batch's bar for a row (``SequenceState.min_prob``); for a tree without estimates, all of it. At batch 1 the
+        bar is near 0 and whole trees count; at 16 requests, a node or two of each, holding half of what the
+        whole tree was expected to accept."""
         tree = self.drafted.get(paradigm, self.latest.get(paradigm))  # its own, else another sequence's
         if tree is None:
-            return self.tree_size[paradigm]
-        return sum(p >= bar for p in tree.probs) if tree.probs else len(tree)
+            return self.tree_size[paradigm], 1.0
+        if not tree.probs:
+            return len(tree), 1.0
+        kept = [p for p in tree.probs if p >= bar]
+        return len(kept), sum(kept) / sum(tree.probs) if sum(tree.probs) > 0 else 1.0
 
     def _wish(self, features: RoundFeatures, decision: Decision, forced: bool, bar: float) -> Wish:
-        """What the decision's action would bring and cost this sequence: the policy's calibrated tau, or its best
-        paradigm's tau so far; the rows its trees would keep at the batch's ``bar`` (:meth:`_rows`); its paradigms'
+        """What the decision's action would bring and cost this sequence: the policy's tau for its trees cut to the
+        rows they would keep at the batch's ``bar`` (:meth:`_kept`; a learned policy predicts a whole tree's),
+        calibrated, or its best paradigm's tau so far (measured on trees as cut); those rows; its paradigms'
         catch-up backlogs."""
         chosen = members(decision.paradigm)
-        tau = (self.calibration(decision.tau) if decision.tau is not None
+        kept = [self._kept(p, bar) for p in chosen]
+        predicted = None if decision.tau is None else 1 + (decision.tau - 1) * max(share for _, share in kept)
+        tau = (self.calibration(predicted) if predicted is not None
                else max(features.expected_tau().get(p, 1.0) for p in chosen))
-        return Wish(decision.paradigm, tau, sum(self._rows(p, bar) for p in chosen),
-                    {p: features.pending[p] for p in chosen}, forced)
+        return Wish(decision.paradigm, tau, sum(rows for rows, _ in kept), {p: features.pending[p] for p in chosen},
+                    forced, predicted)
 
     def _take(self, decision: Decision, drafts: bool, probe: bool) -> tuple[str, ...]:
         """Settle this round's action (``NO_DRAFT`` unless it ``drafts``); return the paradigms that draft."""
@@ -213,6 +221,7 @@ class WhiFlashDrafter(Drafter):
         else:
             wishes = [d._wish(f, x, probe, s.min_prob)
                       for d, f, x, probe, s in zip(drafters, features, decisions, probes, states)]
+            decisions = [replace(x, tau=w.predicted) for x, w in zip(decisions, wishes)]  # what calibration learns
             drafting = plan(wishes, costs, n, times.scales)
             quiet.planned(any(drafting))
             times.ran(any(drafting), round_seconds(wishes, drafting, costs, n))
