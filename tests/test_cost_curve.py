@@ -191,6 +191,10 @@ def test_calibration_scales_predictions_to_what_was_accepted():
     for _ in range(99):
         calibration.observe(predicted_tau=3.0, tau=2.0)  # half the predicted draft tokens accepted
     assert calibration(3.0) == pytest.approx(1 + 2 * (1 + 99) / (1 + 198))
+    recent = Calibration(prior=1.0, window=10)
+    for tau in [3.0] * 50 + [1.5] * 10:  # all accepted, then a quarter: only the last 10 rounds count
+        recent.observe(predicted_tau=3.0, tau=tau)
+    assert recent(3.0) == pytest.approx(1 + 2 * (1 + 5) / (1 + 20))
 
 
 def test_a_curve_is_scaled_to_the_forwards_this_machine_runs():

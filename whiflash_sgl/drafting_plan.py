@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from whiflash_sgl.router import CostModel, members
 
+CALIBRATION_WINDOW = 128  # latest request-rounds whose accepted / predicted draft tokens scale predictions
 TIME_WINDOW = 32  # latest rounds of each kind (with drafts, without) whose measured / predicted time is kept
 LONG_BACKLOG = 32  # a round that catches a drafter up over more positions than this is not measured
 IDLE_EVERY = 16  # a batch that drafted this many rounds in a row verifies its roots alone once, to measure that
@@ -45,20 +46,29 @@ class Wish:
 
 
 class Calibration:
-    """Draft tokens accepted per draft token a policy predicted, over the rounds that drafted (with a prior of
-    ``prior`` tokens at a ratio of 1). A learned policy predicts the acceptance of a whole tree drafted on its own;
-    in a batch the engine trims trees to what pays, so fewer are accepted, and the plan must not count on more."""
+    """Draft tokens accepted per draft token a policy predicted, over the latest ``window`` request-rounds that
+    drafted (with a prior of ``prior`` tokens at a ratio of 1). A learned policy predicts the acceptance of trees
+    drafted on their own; how much of that a batch's trees keep moves with the batch size (at 16 requests the cut
+    predictions still ran 1.5x over what was accepted, after rounds at 8 had been close), so only recent rounds
+    count."""
 
-    def __init__(self, prior: float = 8.0) -> None:
-        self.predicted = self.accepted = prior
+    def __init__(self, prior: float = 8.0, window: int = CALIBRATION_WINDOW) -> None:
+        self.prior = prior
+        self.rounds: deque[tuple[float, float]] = deque(maxlen=window)  # (predicted, accepted) draft tokens
+        self.predicted = self.accepted = 0.0  # their sums
 
     def observe(self, predicted_tau: float, tau: float) -> None:
+        if len(self.rounds) == self.rounds.maxlen:
+            old_predicted, old_accepted = self.rounds[0]
+            self.predicted -= old_predicted
+            self.accepted -= old_accepted
+        self.rounds.append((predicted_tau - 1, tau - 1))
         self.predicted += predicted_tau - 1
         self.accepted += tau - 1
 
     def __call__(self, predicted_tau: float) -> float:
         """A prediction of tau, scaled to what drafts have been accepting."""
-        return 1 + (predicted_tau - 1) * self.accepted / self.predicted
+        return 1 + (predicted_tau - 1) * (self.prior + self.accepted) / (self.prior + self.predicted)
 
 
 def round_seconds(wishes: Sequence[Wish], drafting: Sequence[bool], costs: CostModel, base_rows: int) -> float:
