@@ -164,6 +164,8 @@ def test_round_times_measure_each_kind_of_round_against_its_prediction():
         times.ran(drafts, 0.02 if drafts else 0.01)  # predicted
         did.append(drafts)
         clock += 0.03 if drafts else 0.012  # measured: 1.5x and 1.2x the prediction
+        if k == IDLE_EVERY:
+            assert times.scales == pytest.approx((1.5, 1.5))  # rounds without drafts not measured yet
     assert did == ([True] * IDLE_EVERY + [False]) * 2
     times.start(states, True, clock)  # measures the last round
     assert times.scales == pytest.approx((1.2, 1.5))

@@ -166,5 +166,7 @@ class RoundTimes:
 
     @property
     def scales(self) -> tuple[float, float]:
-        """Median measured / predicted time of rounds without drafts and with (1 before any)."""
-        return tuple(statistics.median(self.ratios[d]) if self.ratios[d] else 1.0 for d in (False, True))
+        """Median measured / predicted time of rounds without drafts and with; a kind not measured yet is taken to
+        be off by as much as the other (1 before any)."""
+        idle, drafted = (statistics.median(self.ratios[d]) if self.ratios[d] else None for d in (False, True))
+        return (idle or drafted or 1.0, drafted or idle or 1.0)
