@@ -402,16 +402,20 @@ def test_a_wish_counts_the_rows_its_tree_keeps_at_the_bar_and_the_tau_they_hold(
     assert whiflash._wish(features, Decision("eagle3"), False, bar=0.3).tau == 2.0  # no prediction: its EMA
 
 
-def test_quiet_rounds_double_after_each_plan_without_drafts_and_end_when_it_drafts():
+def test_quiet_rounds_double_after_each_plan_without_drafts_and_end_when_it_drafts_or_the_batch_changes(
+        monkeypatch):
+    monkeypatch.setattr("whiflash_sgl.drafters.whiflash.QUIET_MAX", 8)
     quiet = QuietRounds()
     pattern = []
     for drafts in (False, False, False, False, False, True, False):
         skipped = 0
-        while quiet.skip():
+        while quiet.skip(4):
             skipped += 1
         pattern.append(skipped)
         quiet.planned(drafts)
     assert pattern == [0, 1, 2, 4, 8, 8, 0] and quiet.left == 1
+    quiet.planned(False)
+    assert quiet.skip(4) and not quiet.skip(5)  # a request left or joined: route now
 
 
 def test_a_batch_whose_plan_drafts_nothing_routes_less_and_less_often(target, models, prompt, tiny_tokenizer,
@@ -424,4 +428,8 @@ def test_a_batch_whose_plan_drafts_nothing_routes_less_and_less_often(target, mo
     requests = _two_requests_whose_plan_is(False, 48, target, models, prompt, tiny_tokenizer, monkeypatch)
     rounds = min(len(r.result.paradigms) for r in requests)
     assert rounds >= 40 and all(set(r.result.paradigms) == {NO_DRAFT} for r in requests)
-    assert len(routed) / len(requests) <= 2 + rounds / (QUIET_MAX + 1)  # routed at rounds 0, 2, 5, 10, 19, 28, ...
+    due, gap, at = 0, 0, 0  # routed at rounds 0, 2, 5, 10, 19, 36, ...: each gap twice the last, up to QUIET_MAX
+    while at < rounds:
+        due, gap = due + 1, min(max(2 * gap, 1), QUIET_MAX)
+        at += 1 + gap
+    assert len(routed) / len(requests) <= due + 1  # and once more where one request finished first
