@@ -402,7 +402,7 @@ def test_a_wish_counts_the_rows_its_tree_keeps_at_the_bar_and_the_tau_they_hold(
     assert whiflash._wish(features, Decision("eagle3"), False, bar=0.3).tau == 2.0  # no prediction: its EMA
 
 
-def test_quiet_rounds_double_after_each_plan_without_drafts_and_end_when_it_drafts_or_the_batch_changes(
+def test_quiet_rounds_double_after_each_plan_without_drafts_and_end_when_it_drafts_or_the_batch_halves(
         monkeypatch):
     monkeypatch.setattr("whiflash_sgl.drafters.whiflash.QUIET_MAX", 8)
     quiet = QuietRounds()
@@ -414,8 +414,12 @@ def test_quiet_rounds_double_after_each_plan_without_drafts_and_end_when_it_draf
         pattern.append(skipped)
         quiet.planned(drafts)
     assert pattern == [0, 1, 2, 4, 8, 8, 0] and quiet.left == 1
+    for _ in range(3):
+        quiet.planned(False)
+    assert quiet.skip(4) and quiet.skip(5) and quiet.skip(3)  # a request joined or left: routing waits
+    assert not quiet.skip(2)  # the batch halved since it last routed: route now
     quiet.planned(False)
-    assert quiet.skip(4) and not quiet.skip(5)  # a request left or joined: route now
+    assert quiet.skip(2) and not quiet.skip(4)  # ... or doubled
 
 
 def test_a_batch_whose_plan_drafts_nothing_routes_less_and_less_often(target, models, prompt, tiny_tokenizer,

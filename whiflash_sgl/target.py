@@ -238,15 +238,11 @@ class Target:
             logits_to_keep=keep.to(device),
         )
         logit_offsets = indptr_from_lengths(torch.tensor([c.logits for c in chunks]))
-        results = []
-        for i in range(len(chunks)):
-            logits = out.logits[0, int(logit_offsets[i]) : int(logit_offsets[i + 1])]
-            hidden = None
-            if self.capture_layers:
-                rows = slice(int(offsets[i]), int(offsets[i + 1]))
-                hidden = torch.stack([out.hidden_states[j][0, rows] for j in self.capture_layers], dim=1)
-            results.append(ForwardOut(logits, hidden))
-        return results
+        hidden = torch.stack([out.hidden_states[j][0] for j in self.capture_layers], dim=1) if self.capture_layers \
+            else None
+        return [ForwardOut(out.logits[0, int(logit_offsets[i]) : int(logit_offsets[i + 1])],
+                           None if hidden is None else hidden[int(offsets[i]) : int(offsets[i + 1])])
+                for i in range(len(chunks))]
 
     def prefill(self, ids: list[int], logits: int = 1) -> ForwardOut:
         """One causal forward over ``ids`` as a sequence of its own, on pool slots borrowed for the call: the logits
