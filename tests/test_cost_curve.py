@@ -188,12 +188,13 @@ def test_the_plan_scales_its_rounds_by_their_measured_times():
 
 
 def test_calibration_scales_predictions_to_what_was_accepted():
-    calibration = Calibration(prior=1.0)
+    calibration = Calibration(prior=1.0, prior_ratio=1.0)
     assert calibration(3.0) == 3.0
     for _ in range(99):
         calibration.observe(predicted_tau=3.0, tau=2.0)  # half the predicted draft tokens accepted
     assert calibration(3.0) == pytest.approx(1 + 2 * (1 + 99) / (1 + 198))
-    recent = Calibration(prior=1.0, window=10)
+    assert Calibration()(3.0) == 2.0  # nothing verified yet: half the predicted draft tokens
+    recent = Calibration(prior=1.0, window=10, prior_ratio=1.0)
     for tau in [3.0] * 50 + [1.5] * 10:  # all accepted, then a quarter: only the last 10 rounds count
         recent.observe(predicted_tau=3.0, tau=tau)
     assert recent(3.0) == pytest.approx(1 + 2 * (1 + 5) / (1 + 20))
