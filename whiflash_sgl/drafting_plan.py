@@ -163,6 +163,7 @@ class RoundTimes:
 
     @property
     def idle_due(self) -> bool:
+        """Whether this round should verify the roots alone: the batch drafted ``IDLE_EVERY`` rounds in a row."""
         return self.drafting_streak >= IDLE_EVERY
 
     @property

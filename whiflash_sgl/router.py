@@ -184,10 +184,10 @@ class CostModel:
     the drafters' times are always observed here; priced against an unscaled curve, drafting would look cheaper or
     dearer than it is. The forward of the batch's roots alone is scaled by the median observed/curve ratio of the
     last ``CURVE_WINDOW`` such forwards, and the draft rows on top of it by their own median ratio: measured rows
-    are uniform causal chunks, served draft trees cost more per row (1.7x at 16 requests), and one scale fitted
-    where the batch drafts would price the roots alone 30% too dear, so that a batch kept drafting where that was
-    slower. Until the roots alone were seen, one ratio over every forward scales both (``drafting_plan.RealizedRates``
-    has a batch that keeps drafting verify its roots alone now and then).
+    are uniform causal chunks over 256 positions, served draft trees are uneven and their contexts longer, and one
+    scale fitted where the batch drafts would misprice the roots alone, which is what not drafting costs. Until the
+    roots alone were seen, one ratio over every forward scales both (``drafting_plan.RoundTimes`` has a batch that
+    keeps drafting verify its roots alone now and then).
 
     Catch-up needs the intercept: a KV-only prefill of a few positions costs mostly its fixed overhead, and a
     per-position rate measured there, times the long backlog an idle drafter builds up, would price that drafter

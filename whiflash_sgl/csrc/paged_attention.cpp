@@ -104,7 +104,8 @@ void weighted_sums(float* const* p, const float* const* values, int64_t begin, i
   __m512 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm512_loadu_ps(sums + m * d + c);
   for (int64_t j = begin; j < end; ++j) {
-    if (c == 0 && j + 2 * kLanes < end) prefetch_rows(values + j + 2 * kLanes, 1, d);  // later slices find the row in cache
+    // on the first slice, ask for the row 32 keys on: the later slices find every row in cache
+    if (c == 0 && j + 2 * kLanes < end) prefetch_rows(values + j + 2 * kLanes, 1, d);
     const __m512 x = _mm512_loadu_ps(values[j] + c);
     for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(p[m][j]), x, acc[m]);
   }
