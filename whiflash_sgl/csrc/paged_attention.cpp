@@ -207,7 +207,8 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
       }
       prefetch_rows(kv[0].data(), std::min<int64_t>(shared, 2 * kLanes), d);
       for (int64_t j = 0; j < shared; j += kLanes) {  // the shared keys: each block of 16 loaded once for every query
-        prefetch_rows(kv[0].data() + j + 2 * kLanes, std::min(kLanes, shared - j - 2 * kLanes), d);
+        const int64_t ahead = j + 2 * kLanes;  // the block two on, if there is one
+        if (ahead < shared) prefetch_rows(kv[0].data() + ahead, std::min(kLanes, shared - ahead), d);
         for (int64_t m = 0; m < n_q; ++m)
           _mm512_storeu_ps(probs[m] + j, _mm512_mul_ps(dots16(queries[m], kv[0].data() + j, d), scale16));
       }
