@@ -44,8 +44,9 @@ def test_a_curve_per_sequence_count_prices_rows_at_the_batch_shape():
     assert BY_SEQUENCES(64, 16) == BY_SEQUENCES(64, 8)  # beyond the last count measured: its curve
     trimmed = trim_to_value([_chain([0.3, 0.2])] * 8, BY_SEQUENCES)
     assert [len(t) for t in trimmed] == [2] * 8  # rows priced at 8 sequences are cheap: the chains pay
-    bar = value_bar(trimmed, BY_SEQUENCES)  # what one more node would need: 12 tokens' worth of the row's cost
+    bar, rate = value_bar(trimmed, BY_SEQUENCES)  # what one more node would need: 12 tokens' worth of its row's cost
     assert bar == pytest.approx(12 * BY_SEQUENCES.added(24, 1, 8) / BY_SEQUENCES(24, 8))
+    assert rate == pytest.approx(12 / BY_SEQUENCES(24, 8))  # and the tokens per second the round expects
     assert len(trim_to_value([_chain([0.3, 0.2, bar * 1.01])] + [_chain([0.3, 0.2])] * 7, BY_SEQUENCES)[0]) == 3
     assert len(trim_to_value([_chain([0.3, 0.2, bar * 0.99])] + [_chain([0.3, 0.2])] * 7, BY_SEQUENCES)[0]) == 2
     assert [len(t) for t in trim_to_value([_chain([0.3, 0.2])] * 8, CostCurve((1, 4, 8), (0.037, 0.053, 0.076)))] \

@@ -182,6 +182,20 @@ def test_eagle3_min_prob_keeps_only_likely_nodes(target, eagle):
         Eagle3Drafter(eagle, target.model.get_input_embeddings(), min_prob=1.0)
 
 
+def test_eagle3_stops_growing_where_a_step_costs_more_than_it_brings(target, eagle):
+    """With the batch's rate known (``SequenceState.commit_rate``), a depth step runs only while the tokens it is
+    expected to bring are worth its time (``StepClock``, learned from the steps it ran); without a rate the tree is
+    the whole one."""
+    full, state, full_tree = _eagle3_tree(target, eagle)
+    assert set(full.step_clock.seconds) == {1} and full.step_clock(8) == full.step_clock(1) > 0  # timed its steps
+    for rate, depth in ((1e-9, full_tree.depth), (1e9, 1)):  # a step that costs nothing runs, one worth all stops
+        state.commit_rate = rate
+        tree = full.propose(state, max_depth=5)
+        assert tree.depth == depth
+        assert set(_node_paths(tree)) <= set(_node_paths(full_tree))
+    assert len(tree) == 3  # the root's top-3 alone
+
+
 def test_eagle3_drafts_nothing_below_the_rounds_bar(target, eagle):
     """The engine's bar for a node that can pay this round (``SequenceState.min_prob``) floors the tree as the
     drafter's own ``min_prob`` does, and the stricter of the two wins."""

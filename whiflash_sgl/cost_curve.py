@@ -211,14 +211,16 @@ def trim_to_value(trees: Sequence[DraftTree], curve: CostCurve) -> list[DraftTre
     return [t.subtree(sorted(kept[i])) if i in kept else t for i, t in enumerate(trees)]
 
 
-def value_bar(trees: Sequence[DraftTree], curve: CostCurve) -> float:
-    """The least probability at which one more draft node would pay for its row on top of ``trees`` (one round's
-    trimmed trees): what :func:`trim_to_value` would ask of the next node. The engine hands it to the next round's
-    drafters, which need not draft what could not pass."""
+def value_bar(trees: Sequence[DraftTree], curve: CostCurve) -> tuple[float, float]:
+    """For one round's trimmed ``trees``: the least probability at which one more draft node would pay for its row
+    on top of them (what :func:`trim_to_value` would ask of the next node), and the tokens per second the round is
+    expected to commit. The engine hands both to the next round's drafters: they need not draft what could not pass,
+    nor spend on a draft step more time than the tokens it brings are worth."""
     if not trees:
-        return 0.0
+        return 0.0, 0.0
     rows = len(trees) + sum(len(t) for t in trees)
-    return _bar(curve, rows, len(trees) + sum(sum(t.probs) for t in trees), len(trees))
+    tokens = len(trees) + sum(sum(t.probs) for t in trees)
+    return _bar(curve, rows, tokens, len(trees)), tokens / curve(rows, len(trees))
 
 
 def _bar(curve: CostCurve, rows: int, tokens: float, sequences: int) -> float:

@@ -167,7 +167,8 @@ class SpeculativeEngine:
         self.max_running, self.prefill_chunk = max_running, prefill_chunk
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted: prefilling, then decoding
-        self.draft_floor = 0.0  # the last round's bar for one more draft node (``cost_curve.value_bar``)
+        # the last round's bar for one more draft node and its expected tokens per second (``cost_curve.value_bar``)
+        self.draft_floor = self.commit_rate = 0.0
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
@@ -357,13 +358,14 @@ class SpeculativeEngine:
         """Each request's tree (empty when one token is left, or without a drafter); drafters of one kind draft
         their requests together. With the target's cost curve known, the batch's verify rows then go to the likeliest
         nodes of all trees, as many as pay (``cost_curve.trim_to_value``), and the bar a node had to clear is the
-        next round's ``SequenceState.min_prob``: drafters need not draft what could not pass."""
+        next round's ``SequenceState.min_prob`` (and the round's expected rate its ``commit_rate``): drafters need not
+        draft what could not pass."""
         trees = [DraftTree()] * len(requests)
         asks = [(i, r) for i, r in enumerate(requests)
                 if r.drafter is not None and r.max_new_tokens - len(r.out.tokens) > 1]
         depths = [r.max_new_tokens - len(r.out.tokens) - 1 for _, r in asks]
         for _, request in asks:
-            request.state.min_prob = self.draft_floor
+            request.state.min_prob, request.state.commit_rate = self.draft_floor, self.commit_rate
         proposed = propose_all([r.drafter for _, r in asks], [r.state for _, r in asks], depths)
         for (i, _), tree, depth in zip(asks, proposed, depths):
             trees[i] = tree.pruned(depth).first(MAX_TREE_NODES)
@@ -371,7 +373,7 @@ class SpeculativeEngine:
         if curve is None:
             return trees
         trees = trim_to_value(trees, curve)
-        self.draft_floor = value_bar(trees, curve)
+        self.draft_floor, self.commit_rate = value_bar(trees, curve)
         return trees
 
     def _verify_chunk(self, request: Request, tree: DraftTree) -> Chunk:

@@ -42,6 +42,7 @@ class SequenceState:
     root_logits: torch.Tensor | None = None
     sampler: KeyedSampler | None = None
     min_prob: float = 0.0  # the least path probability that can pay this round (the batch's last trim bar)
+    commit_rate: float = 0.0  # tokens per second the batch's last round was expected to commit (0: not known)
     _buffer: torch.Tensor | None = field(default=None, repr=False, compare=False)  # what ``features`` is a view of
 
     def add_features(self, rows: torch.Tensor) -> None:

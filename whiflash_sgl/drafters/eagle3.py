@@ -15,6 +15,7 @@ the newest pair runs the full layer, giving the hidden state and logits that see
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 import torch
@@ -89,6 +90,23 @@ class Eagle3Model(nn.Module):
         return draft_ids + self.d2t[draft_ids]
 
 
+class StepClock:
+    """Seconds of one tree-depth step by the number of sequences in it, a running mean per count, shared by a
+    drafter's forks: what the next step would cost the batch (0 before any step was timed)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[int, float] = {}
+
+    def observe(self, sequences: int, seconds: float) -> None:
+        old = self.seconds.get(sequences)
+        self.seconds[sequences] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def __call__(self, sequences: int) -> float:
+        if not self.seconds:
+            return 0.0
+        return self.seconds[min(self.seconds, key=lambda count: (abs(count - sequences), -count))]
+
+
 class Eagle3Drafter(CachedDrafter):
     """Drafts with an :class:`Eagle3Model`: a dynamic tree (``topk`` > 1) or a chain (``topk`` = 1)."""
 
@@ -109,6 +127,7 @@ class Eagle3Drafter(CachedDrafter):
         self.feature_layers = tuple(i + 1 for i in aux_layer_ids(model.config))
         self.cache = KVCache()
         self.estimates = ProbCalibration()  # its path probabilities, corrected by what verification accepts
+        self.step_clock = StepClock()  # shared by the forks, as the estimates are
         self.frontier = 0  # committed pairs (F_t, x_{t+1}) whose K/V are cached: t < frontier
         self.last_scores: list[float] = []  # cumulative draft log-prob of each node of the last tree
         self.sampler: KeyedSampler | None = None  # the sequence's keyed draw, while proposing
@@ -164,7 +183,11 @@ class Eagle3Drafter(CachedDrafter):
     @torch.inference_mode()
     def _propose_group(cls, drafters, states, max_depths) -> list[DraftTree]:
         """One forward for all roots, then one per tree depth over every sequence's frontier (attention per
-        sequence over its own cache)."""
+        sequence over its own cache). A depth step costs the batch about the same time whatever its frontier, so
+        where the engine knows the round's rate (``SequenceState.commit_rate``), the steps stop once the tokens the
+        next one is expected to bring (:meth:`_Growth.step_gain`, all sequences' together) are worth less than its
+        time: at batch 8 that is after a step or two, alone after the last. Like the engine's bar, that makes it a
+        decision of the batch; without a rate, each tree is the one its sequence would get alone."""
         cls.catch_up_batch(drafters, states)
         lengths = [len(s.tokens) for s in states]
         for d, s in zip(drafters, states):
@@ -181,8 +204,12 @@ class Eagle3Drafter(CachedDrafter):
             floor = max(d.min_logp, math.log(d.estimates.least_raw(s.min_prob))) if s.min_prob > 0 else d.min_logp
             growing.append(_Growth(d, out[i : i + 1], logp[i], n - 2, depth, floor) if depth >= 1 else None)
         live = [g for g in growing if g is not None]
+        clock, rate = drafters[0].step_clock, max(s.commit_rate for s in states)
         step = 1
         while live := [g for g in live if g.frontier and step < g.depth]:
+            if sum(g.step_gain() for g in live) < clock(len(live)) * rate:
+                break
+            tic = time.perf_counter()
             inputs = [g.inputs() for g in live]
             counts = [len(g.frontier) for g in live]
             embeds = live[0].drafter.embed(torch.tensor([t for tokens, *_ in inputs for t in tokens], device=x.device))
@@ -193,6 +220,7 @@ class Eagle3Drafter(CachedDrafter):
                                   [mask.to(x.device) for *_, mask in inputs])
             for g, out_g, logp_g in zip(live, out.split(counts), logp.split(counts)):
                 g.take(step, out_g, logp_g)
+            clock.observe(len(live), time.perf_counter() - tic)
             step += 1
         trees = []
         for d, n, g in zip(drafters, lengths, growing):
@@ -217,6 +245,7 @@ class _Growth:
         self.nodes = [(float(s), 1, -1, int(t)) for s, t in zip(scores, drafter.model.to_target_ids(ids))]
         self.frontier = [i for i in range(len(self.nodes)) if self.nodes[i][0] >= min_logp]
         self.parent_out = root_out.expand(len(self.frontier), -1)
+        self.top_conditional = math.exp(float(scores[0]))  # the latest expanded nodes' best child's, on average
         self.rows: dict[int, int] = {}  # node -> its row in the draft cache once expanded
         self.committed = drafter.cache.get_seq_length()
 
@@ -242,6 +271,7 @@ class _Growth:
         """The frontier's children from its rows' outputs; the next frontier is the ``topk`` best of them."""
         k, min_logp = self.drafter.topk, self.min_logp
         child_scores, child_ids = logp.topk(k, dim=-1)
+        self.top_conditional = float(child_scores[:, 0].exp().mean())
         child_scores = child_scores.cpu() + torch.tensor([self.nodes[i][0] for i in self.frontier])[:, None]
         child_tokens = self.drafter.model.to_target_ids(child_ids).tolist()
         first_child = len(self.nodes)
@@ -252,6 +282,14 @@ class _Growth:
         best = [b for b in flat.topk(min(k, flat.numel())).indices.tolist() if scores[b // k][b % k] >= min_logp]
         self.frontier = [first_child + b for b in best]
         self.parent_out = out[[b // k for b in best]]
+
+    def step_gain(self) -> float:
+        """The draft tokens expanding the frontier is expected to get accepted: each frontier node's best child,
+        at the node's path probability times the best child's conditional one in the latest step, calibrated
+        (``ProbCalibration``), where it clears the tree's floor."""
+        estimates, floor = self.drafter.estimates, math.exp(self.min_logp)
+        children = [math.exp(self.nodes[i][0]) * self.top_conditional for i in self.frontier]
+        return sum(p * estimates.ratio(p) for p in children if p >= floor)
 
 
 def _best_subtree(nodes: list[tuple[float, int, int, int]], budget: int,

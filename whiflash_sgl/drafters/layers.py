@@ -96,7 +96,8 @@ class CachedDrafter(Drafter):
     def propose_batch(cls, drafters: Sequence["CachedDrafter"], states: Sequence[SequenceState],
                       max_depths: Sequence[int]) -> list[DraftTree]:
         """Every sequence's draft, each group of drafters sharing a network (forks do) drafted together; each tree is
-        the one its sequence would get alone, with its node probabilities calibrated (``node_estimates``)."""
+        the one its sequence would get alone (but for what the batch's rate decides: ``SequenceState.commit_rate``),
+        with its node probabilities calibrated (``node_estimates``)."""
         groups: dict[int, list[int]] = {}
         for i, d in enumerate(drafters):
             groups.setdefault(id(d.model), []).append(i)
