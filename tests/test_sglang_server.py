@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -108,9 +109,19 @@ class Server:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range. A server takes a minute or more to start, and a port from that
+    range (a bind to port 0) can meanwhile go to an outgoing connection, such as a health check of another server
+    starting beside it; the server then cannot bind it (seen in CI: 25 tests erred at setup)."""
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    ephemeral = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
+    for port in random.sample(range(20000, max(ephemeral, 20001)), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found between 20000 and {ephemeral}")
 
 
 def start_all(specs: dict[str, tuple], log_dir: Path) -> dict[str, Server]:

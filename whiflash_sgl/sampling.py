@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.rowwise import argmax_rows
 
 SEED_RANGE = (-(2**63), 2**64)  # accepted seeds; negative ones are taken modulo 2**64, as SGLang's uint64 cast does
 RULES = ("keyed", "rejection")
@@ -153,7 +154,7 @@ class KeyedSampler:
         """Token ids ``[R]`` (on the CPU): the Gumbel-max of each row, row ``r`` keyed at ``positions[r]``."""
         logp, order = ranked_logprobs(logits, self.params, cut)
         positions = torch.as_tensor(positions).reshape(-1).cpu().numpy()
-        best = (logp.cpu() + gumbel_noise(self.seed, positions, logp.shape[-1])).argmax(-1, keepdim=True)
+        best = argmax_rows(logp.cpu() + gumbel_noise(self.seed, positions, logp.shape[-1]))[:, None]
         return (best if order is None else order.cpu().gather(-1, best)).view(-1)
 
     def sample(self, logits: torch.Tensor, positions) -> list[int]:
@@ -174,5 +175,5 @@ def lead_with(logp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     its runners-up away from the target's likely tokens)."""
     rows = torch.arange(logp.shape[0], device=logp.device)
     logp = logp.clone()
-    logp[rows, index] = logp.max(dim=-1).values + 1e-4
+    logp[rows, index] = logp.amax(dim=-1) + 1e-4
     return logp

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from whiflash_sgl.rowwise import argmax_rows
 from whiflash_sgl.sampling import KeyedSampler, SamplingParams, target_probs
 from whiflash_sgl.tree import DraftTree
 
@@ -46,7 +47,7 @@ def _walk(tree: DraftTree, pick: Callable[[int], int]) -> tuple[list[int], int]:
 
 def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
     """Accepted node indices and the bonus token, from verify-row logits ``[n+1, V]``."""
-    best = logits.argmax(-1).tolist()
+    best = argmax_rows(logits).tolist()
     return _walk(tree, best.__getitem__)
 
 

@@ -24,6 +24,7 @@ from whiflash_sgl.drafters.base import SequenceState
 from whiflash_sgl.drafters.layers import CachedDrafter, attend_each, heads, rope_at, rotate
 from whiflash_sgl.drafters.node_estimates import ProbCalibration
 from whiflash_sgl.kv_cache import KVCache
+from whiflash_sgl.rowwise import topk_rows
 from whiflash_sgl.sampling import lead_with
 from whiflash_sgl.tree import DraftTree
 
@@ -160,11 +161,11 @@ class DFlashDrafter(CachedDrafter):
 
     def _tree(self, state: SequenceState, logits: torch.Tensor, logp: torch.Tensor) -> DraftTree:
         """The draft from the block's drafted rows (row j drafts position n + j): a greedy chain or a small tree."""
-        self.last_confidences = logp.max(dim=-1).values.exp().tolist()
+        self.last_confidences = logp.amax(dim=-1).exp().tolist()
         if state.sampler is not None:  # keyed rule: the guess of the target's keyed sample leads (row j keyed n-1+j)
             n = len(state.tokens)
             logp = lead_with(logp, state.sampler.guesses(logits, torch.arange(n - 1, n - 1 + logits.shape[0])))
-        top_p, top_ids = logp.exp().topk(max(self.tree_topk, 1), dim=-1)
+        top_p, top_ids = topk_rows(logp.exp(), max(self.tree_topk, 1))
         if self.tree_topk <= 1:  # a node's probability: the product of its block's marginals up to it
             chain = top_ids[:, 0].tolist()
             return DraftTree(tuple(chain), tuple(range(-1, len(chain) - 1)), tuple(top_p[:, 0].cumprod(0).tolist()))

@@ -27,6 +27,7 @@ from whiflash_sgl.drafters.base import SequenceState
 from whiflash_sgl.drafters.layers import CachedDrafter, attend_each, heads, rope_at, rotate
 from whiflash_sgl.drafters.node_estimates import ProbCalibration
 from whiflash_sgl.kv_cache import KVCache
+from whiflash_sgl.rowwise import topk_rows
 from whiflash_sgl.sampling import KeyedSampler, lead_with
 from whiflash_sgl.tree import DraftTree
 
@@ -240,7 +241,7 @@ class _Growth:
 
     def __init__(self, drafter: Eagle3Drafter, root_out, root_logp, root_pos: int, depth: int, min_logp: float):
         self.drafter, self.root_pos, self.depth, self.min_logp = drafter, root_pos, depth, min_logp
-        scores, ids = root_logp.topk(drafter.topk)
+        scores, ids = topk_rows(root_logp, drafter.topk)
         # every generated node: (score, depth, parent node index or -1, target token)
         self.nodes = [(float(s), 1, -1, int(t)) for s, t in zip(scores, drafter.model.to_target_ids(ids))]
         self.frontier = [i for i in range(len(self.nodes)) if self.nodes[i][0] >= min_logp]
@@ -270,7 +271,7 @@ class _Growth:
     def take(self, step: int, out: torch.Tensor, logp: torch.Tensor) -> None:
         """The frontier's children from its rows' outputs; the next frontier is the ``topk`` best of them."""
         k, min_logp = self.drafter.topk, self.min_logp
-        child_scores, child_ids = logp.topk(k, dim=-1)
+        child_scores, child_ids = topk_rows(logp, k)
         self.top_conditional = float(child_scores[:, 0].exp().mean())
         child_scores = child_scores.cpu() + torch.tensor([self.nodes[i][0] for i in self.frontier])[:, None]
         child_tokens = self.drafter.model.to_target_ids(child_ids).tolist()
