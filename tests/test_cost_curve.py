@@ -227,6 +227,19 @@ def test_the_roots_alone_and_the_draft_rows_on_top_are_scaled_apart():
     assert costs.verify(48, 8) == pytest.approx(roots + 3 * (BY_SEQUENCES(48, 8) - roots))
 
 
+def test_a_draft_rows_price_is_pooled_over_forwards_not_set_by_a_rows_jitter():
+    """Forwards with one draft row carry a round's jitter (4 ms) over a row the curve prices at under a millisecond;
+    the draft rows' scale weighs each forward by its rows (pooled: 1.33 here), where a median of per-forward ratios
+    (6, 6, 6, 1.2, 1.2, 1.2) would price every draft row at 3.6 times the curve."""
+    costs, roots = CostModel(BY_SEQUENCES), BY_SEQUENCES(8, 8)
+    costs.observe_verify(8, roots, sequences=8)
+    for i in range(3):
+        costs.observe_verify(9, BY_SEQUENCES(9, 8) + 0.004 + 1e-6 * i, sequences=8)
+        costs.observe_verify(40, roots + 1.2 * (BY_SEQUENCES(40, 8) - roots) + 1e-6 * i, sequences=8)
+    extra = BY_SEQUENCES(40, 8) - roots
+    assert costs.verify(40, 8) - roots == pytest.approx(1.33 * extra, rel=0.01)
+
+
 def test_cost_model_without_a_curve_learns_the_verify_line():
     costs = CostModel()
     for rows, seconds in ((1, 0.1), (9, 0.14), (17, 0.18)):

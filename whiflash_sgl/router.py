@@ -184,9 +184,13 @@ class CostModel:
     and another runs its forwards faster or slower (two 2-core hosts of this project differed 2x at one row), while
     the drafters' times are always observed here; priced against an unscaled curve, drafting would look cheaper or
     dearer than it is. The forward of the batch's roots alone is scaled by the median observed/curve ratio of the
-    last ``CURVE_WINDOW`` such forwards, and the draft rows on top of it by their own median ratio: measured rows
-    are uniform causal chunks over 256 positions, served draft trees are uneven and their contexts longer, and one
-    scale fitted where the batch drafts would misprice the roots alone, which is what not drafting costs. Until the
+    last ``CURVE_WINDOW`` such forwards, and the draft rows on top of it by their own ratio: measured rows are
+    uniform causal chunks over 256 positions, served draft trees are uneven and their contexts longer, and one scale
+    fitted where the batch drafts would misprice the roots alone, which is what not drafting costs. The draft rows'
+    ratio is pooled (their forwards' time beyond the roots over the curve's, summed over the window), not a median
+    of per-forward ratios: a forward with a draft row or two is priced a millisecond over its roots, and its jitter
+    divided by that had run the median to 2.8-3.7x by the end of a 4-request run (pooled: 1.4-1.8x; EAGLE-3's whole
+    served forwards at 8 requests ran 1.14x the curve), and a batch that does not draft never measures it again. Until the
     roots alone were seen, one ratio over every forward scales both (``drafting_plan.RoundTimes`` has a batch that
     keeps drafting verify its roots alone now and then).
 
@@ -238,8 +242,8 @@ class CostModel:
         if self._scales is None:
             overall = statistics.median(self._ratios)
             roots = statistics.median(self._roots) if self._roots else overall
-            rows = (statistics.median((seconds - base * roots) / extra for base, extra, seconds in self._drafted)
-                    if self._roots and self._drafted else overall)
+            rows = (sum(seconds - base * roots for base, _, seconds in self._drafted)
+                    / sum(extra for _, extra, _ in self._drafted) if self._roots and self._drafted else overall)
             self._scales = (roots, max(rows, 0.0))
         return self._scales
 
