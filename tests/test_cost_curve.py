@@ -132,6 +132,11 @@ def test_the_plan_keeps_the_prefix_that_pays_and_always_drafts_probes():
     costs.observe_catchup("eagle3", 20, 0.002)
     slow = Wish("eagle3", 3.0, 2, {"eagle3": 10_000})  # a catch-up that costs more than the round is worth
     assert plan([slow, strong], costs, base_rows=2) == [False, True]
+    # ... unless the request has the rounds left to spread it over: its first 32 positions whole, the rest /1000
+    patient = Wish("eagle3", 3.0, 2, {"eagle3": 10_000}, rounds_left=1000)
+    assert plan([patient, strong], costs, base_rows=2) == [True, True]
+    assert round_seconds([patient], [True], costs, 1) == pytest.approx(
+        round_seconds([strong], [True], costs, 1) + 0.0001 * (32 + 9968 / 1000))
     probe, weaker = Wish("eagle3", 1.0, 2, {}, forced=True), Wish("eagle3", 1.01, 2, {})
     assert plan([probe, weaker], costs, base_rows=2) == [True, False]
     assert plan([probe, weak], costs, base_rows=2) == [True, True]  # the probe's call is paid: 3 ms for 0.05 tokens

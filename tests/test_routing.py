@@ -395,12 +395,13 @@ def test_a_wish_counts_the_rows_its_tree_keeps_at_the_bar_and_the_tau_they_hold(
         entropy=0.5, margin=0.5, last_tau=1.0, last_paradigm="", ema_tau={"eagle3": 2.0}, pending={"eagle3": 3},
         predicted_seconds={}, dflash_expected=0.0, eagle_top1=0.6, ngram_draft=0, in_code=False, in_json=False,
         bracket_depth=0)
-    wish = whiflash._wish(features, Decision("eagle3", 3.0), False, bar=0.3)
+    wish = whiflash._wish(features, Decision("eagle3", 3.0), False, bar=0.3, tokens_left=60)
     assert wish.rows == 2 and wish.backlog == {"eagle3": 3}
+    assert wish.rounds_left == pytest.approx(60 / wish.tau)  # over which a long catch-up is spread
     assert wish.predicted == pytest.approx(1 + 2.0 * 1.4 / 1.7)
     assert wish.tau == pytest.approx(1 + (wish.predicted - 1) / 2)  # nothing verified yet: calibration halves it
-    assert whiflash._wish(features, Decision("eagle3", 3.0), False, bar=0.0).predicted == pytest.approx(3.0)
-    assert whiflash._wish(features, Decision("eagle3"), False, bar=0.3).tau == 2.0  # no prediction: its EMA
+    assert whiflash._wish(features, Decision("eagle3", 3.0), False, 0.0, 60).predicted == pytest.approx(3.0)
+    assert whiflash._wish(features, Decision("eagle3"), False, 0.3, 60).tau == 2.0  # no prediction: its EMA
 
 
 def test_quiet_rounds_double_after_each_plan_without_drafts_and_end_when_it_drafts_or_the_batch_halves(

@@ -43,6 +43,7 @@ class Wish:
     backlog: dict[str, int]  # positions each of its paradigms must catch up before drafting
     forced: bool = False  # a probe: it drafts whatever the plan finds
     predicted: float | None = None  # the policy's tau for the trees as cut, before calibration
+    rounds_left: float = 1.0  # the rounds it has left when it drafts (tokens left over tau): see ``round_seconds``
 
 
 class Calibration:
@@ -74,12 +75,18 @@ class Calibration:
 
 def round_seconds(wishes: Sequence[Wish], drafting: Sequence[bool], costs: CostModel, base_rows: int) -> float:
     """The round's predicted time: one forward over every request's root (``base_rows``) and the drafted rows, and
-    each drafter's call for the requests that chose it, after one catch-up over their backlogs."""
+    each drafter's call for the requests that chose it, after one catch-up over their backlogs. A backlog's first
+    ``LONG_BACKLOG`` positions count whole; the rest (a prompt's, the first time a request drafts with a paradigm, or
+    what a long idle left) is paid once and serves every round the request has left, so it counts spread over them
+    (``Wish.rounds_left``). Charged whole to one round, the prompts of a batch of 8 that had not drafted yet (40-800
+    positions, 9-17 ms of catch-up) priced its first drafting round out, and while it did not draft its backlogs
+    only grew, so the price rose round after round, in the tail of the run too."""
     chosen = [w for w, go in zip(wishes, drafting) if go]
     groups = Counter(p for w in chosen for p in members(w.action))
     backlog = Counter()
     for w in chosen:
-        backlog.update(w.backlog)
+        backlog.update({p: n if n <= LONG_BACKLOG else LONG_BACKLOG + (n - LONG_BACKLOG) / max(w.rounds_left, 1.0)
+                        for p, n in w.backlog.items()})
     return (costs.verify(base_rows + sum(w.rows for w in chosen), len(wishes))
             + sum(costs.draft_call(p, n) + costs.catchup_seconds(p, backlog[p]) for p, n in groups.items()))
 

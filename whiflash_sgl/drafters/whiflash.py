@@ -152,18 +152,18 @@ class WhiFlashDrafter(Drafter):
         kept = [p for p in tree.probs if p >= bar]
         return len(kept), sum(kept) / sum(tree.probs) if sum(tree.probs) > 0 else 1.0
 
-    def _wish(self, features: RoundFeatures, decision: Decision, forced: bool, bar: float) -> Wish:
+    def _wish(self, features: RoundFeatures, decision: Decision, forced: bool, bar: float, tokens_left: int) -> Wish:
         """What the decision's action would bring and cost this sequence: the policy's tau for its trees cut to the
         rows they would keep at the batch's ``bar`` (:meth:`_kept`; a learned policy predicts a whole tree's),
         calibrated, or its best paradigm's tau so far (measured on trees as cut); those rows; its paradigms'
-        catch-up backlogs."""
+        catch-up backlogs, and the rounds its ``tokens_left`` take at that tau."""
         chosen = members(decision.paradigm)
         kept = [self._kept(p, bar) for p in chosen]
         predicted = None if decision.tau is None else 1 + (decision.tau - 1) * max(share for _, share in kept)
         tau = (self.calibration(predicted) if predicted is not None
                else max(features.expected_tau().get(p, 1.0) for p in chosen))
         return Wish(decision.paradigm, tau, sum(rows for rows, _ in kept), {p: features.pending[p] for p in chosen},
-                    forced, predicted)
+                    forced, predicted, tokens_left / max(tau, 1.0))
 
     def _take(self, decision: Decision, drafts: bool, probe: bool) -> tuple[str, ...]:
         """Settle this round's action (``NO_DRAFT`` unless it ``drafts``); return the paradigms that draft."""
@@ -225,8 +225,8 @@ class WhiFlashDrafter(Drafter):
         if n == 1:
             drafting = [True]
         else:
-            wishes = [d._wish(f, x, probe, s.min_prob)
-                      for d, f, x, probe, s in zip(drafters, features, decisions, probes, states)]
+            wishes = [d._wish(f, x, probe, s.min_prob, depth + 1)  # a tree's depth is cut to the tokens left, less one
+                      for d, f, x, probe, s, depth in zip(drafters, features, decisions, probes, states, max_depths)]
             decisions = [replace(x, tau=w.predicted) for x, w in zip(decisions, wishes)]  # what calibration learns
             drafting = plan(wishes, costs, n, times.scales)
             quiet.planned(any(drafting))
