@@ -190,9 +190,9 @@ class CostModel:
     ratio is pooled (their forwards' time beyond the roots over the curve's, summed over the window), not a median
     of per-forward ratios: a forward with a draft row or two is priced a millisecond over its roots, and its jitter
     divided by that had run the median to 2.8-3.7x by the end of a 4-request run (pooled: 1.4-1.8x; EAGLE-3's whole
-    served forwards at 8 requests ran 1.14x the curve), and a batch that does not draft never measures it again. Until the
-    roots alone were seen, one ratio over every forward scales both (``drafting_plan.RoundTimes`` has a batch that
-    keeps drafting verify its roots alone now and then).
+    served forwards at 8 requests ran 1.14x the curve), and a batch that does not draft never measures it again.
+    Until the roots alone were seen, one ratio over every forward scales both (``drafting_plan.RoundTimes`` has a
+    batch that keeps drafting verify its roots alone now and then).
 
     Catch-up needs the intercept: a KV-only prefill of a few positions costs mostly its fixed overhead, and a
     per-position rate measured there, times the long backlog an idle drafter builds up, would price that drafter
