@@ -254,20 +254,10 @@ def _aborted(server) -> float:
     return metric_samples(server).get(("whiflash_requests_total", (("finish_reason", "abort"),)), 0)
 
 
-def _held(server) -> float:
-    """Requests the engine holds: running or queued for it."""
-    samples = metric_samples(server)
-    return samples[("whiflash_running_requests", ())] + samples[("whiflash_queued_requests", ())]
-
-
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_disconnecting_client_frees_the_engine(server, slow_engine, stream):
     """A 400-token request (several seconds at 100 ms a round) whose client hangs up after 0.3 s is cancelled: the
-    next request is served at once, the abort is counted, and the engine drops the request at its next round.
-
-    The client hangs up once the request is the engine's (its response began, or the gauges show it): one that
-    leaves before the server has read its body never becomes a request (Starlette sees the disconnect first and
-    the server answers 499 to nobody), which on a loaded machine happened once in a CI run."""
+    next request is served at once, the abort is counted, and the engine drops the request at its next round."""
     before = _aborted(server)
     body = json.dumps({"text": PROMPT, "stream": stream, "sampling_params": {"max_new_tokens": 400}}).encode()
     host, port = server.url.removeprefix("http://").split(":")
@@ -276,10 +266,6 @@ def test_a_disconnecting_client_frees_the_engine(server, slow_engine, stream):
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         if stream:
             assert conn.recv(1024).startswith(b"HTTP/1.1 200")
-        deadline = time.monotonic() + 10
-        while not _held(server) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert _held(server)
         time.sleep(0.3)
     tic = time.monotonic()
     assert generate(server, max_new_tokens=3)["meta_info"]["completion_tokens"] == 3
