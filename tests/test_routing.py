@@ -372,6 +372,34 @@ def _two_requests_whose_plan_is(drafts: bool, tokens: int, target, models, promp
     return requests
 
 
+def test_the_cost_model_learns_from_verify_forwards_only(target, models, prompt, tiny_tokenizer, monkeypatch):
+    """A request whose prompt is prefilled in the same forward as the others' verify: that forward's time is mostly
+    the prompt's, which says nothing about draft rows (prompt chunks of hundreds of rows had outweighed every draft
+    row in the pooled draft-row scale), so the cost model learns only from forwards that verified and nothing else."""
+    monkeypatch.setattr("whiflash_sgl.drafters.whiflash.plan", lambda wishes, *args: [True] * len(wishes))
+    engine = SpeculativeEngine(target, _whiflash(target, models, Fixed("eagle3")))
+    learned, forwards = [], []
+    observe = CostModel.observe_verify
+    monkeypatch.setattr(CostModel, "observe_verify",
+                        lambda self, rows, *args: learned.append(rows) or observe(self, rows, *args))
+    forward = target.forward
+    target.forward = lambda chunks: forwards.append(
+        (sum(len(c.tokens) for c in chunks), any(c.logits < len(c.tokens) for c in chunks))) or forward(chunks)
+    try:
+        first = engine.submit(prompt, 16)
+        engine.step()
+        engine.step()
+        second = engine.submit(tiny_tokenizer("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"], 8)
+        while first.result is None or second.result is None:
+            engine.step()
+    finally:
+        del target.forward
+    with_prefill = {rows for rows, prefill in forwards if prefill}
+    verify_only = {rows for rows, prefill in forwards if not prefill}
+    assert max(with_prefill) > max(verify_only) and len(verify_only) > 1
+    assert len(set(learned)) > 1 and set(learned) <= verify_only
+
+
 def test_a_batch_that_always_drafts_verifies_its_roots_alone_now_and_then(target, models, prompt, tiny_tokenizer,
                                                                           monkeypatch):
     """A plan that always drafts: after every ``IDLE_EVERY`` drafting rounds the batch still verifies its roots

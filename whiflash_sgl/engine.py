@@ -266,7 +266,7 @@ class SpeculativeEngine:
                            root_position=len(r.slots)) for r, tree, _, out in verified]
         load = RoundReport(DraftTree(), [], [], verify_seconds=t2 - t1, draft_seconds=t1 - t0,
                            forward_rows=sum(len(c.tokens) for c in chunks), forward_sequences=len(chunks),
-                           forward_tokens=sum(len(path) + 1 for path, _ in accepted))
+                           forward_tokens=sum(len(path) + 1 for path, _ in accepted), prefilled=bool(prefilling))
         for (request, tree, chunk, out), (path, bonus) in zip(verified, accepted):
             self._commit(request, tree, chunk, out, path, bonus, load)
             request.draft_seconds += t1 - t0

@@ -21,6 +21,7 @@ forward.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import copy
 import itertools
@@ -184,7 +185,11 @@ class CostModel:
     and another runs its forwards faster or slower (two 2-core hosts of this project differed 2x at one row), while
     the drafters' times are always observed here; priced against an unscaled curve, drafting would look cheaper or
     dearer than it is. The forward of the batch's roots alone is scaled by the median observed/curve ratio of the
-    last ``CURVE_WINDOW`` such forwards, and the draft rows on top of it by their own ratio: measured rows are
+    last ``CURVE_WINDOW`` such forwards over as many sequences (interpolated between the nearest counts seen): that
+    ratio moves with the batch (1.36 at 8 sequences, 1.09 at 16 on a 2-core host, whose served contexts differ from
+    the curve's), and one median over all counts had priced a 16-request round without drafts at 58 ms where it
+    ran 45 (so the plan drafted rounds of 75-110 ms) and one of 8 too cheaply (so it hardly drafted). The draft rows
+    on top of the roots are scaled by their own ratio: measured rows are
     uniform causal chunks over 256 positions, served draft trees are uneven and their contexts longer, and one scale
     fitted where the batch drafts would misprice the roots alone, which is what not drafting costs. The draft rows'
     ratio is pooled (their forwards' time beyond the roots over the curve's, summed over the window), not a median
@@ -205,10 +210,12 @@ class CostModel:
         self.verify_seconds = LinearFit()
         self.group: dict[str, int] = {}  # sequences in each paradigm's last batched draft call
         self._ratios: collections.deque[float] = collections.deque(maxlen=CURVE_WINDOW)  # observed / curve, all
-        self._roots: collections.deque[float] = collections.deque(maxlen=CURVE_WINDOW)  # ... of roots-only forwards
-        # forwards with draft rows: (curve of their roots alone, curve of the rest, observed seconds)
-        self._drafted: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=CURVE_WINDOW)
-        self._scales: tuple[float, float] | None = (1.0, 1.0)  # (roots, draft rows); None: to recompute
+        # ... of roots-only forwards, per number of sequences
+        self._roots: dict[int, collections.deque[float]] = {}
+        # forwards with draft rows: (sequences, curve of their roots alone, curve of the rest, observed seconds)
+        self._drafted: collections.deque[tuple[int, float, float, float]] = collections.deque(maxlen=CURVE_WINDOW)
+        self._root_scales: dict[int, float] = {}  # medians of ``_roots``, as computed since the last observation
+        self._rows_scale: float | None = 1.0  # None: to recompute
         self._last_forward: tuple[int, float, int] | None = None
 
     def observe_draft(self, paradigm: str, seconds: float, sequences: int = 1) -> None:
@@ -231,21 +238,40 @@ class CostModel:
         roots, whole = self.curve(sequences, sequences), self.curve(rows, sequences)
         self._ratios.append(seconds / max(whole, 1e-9))
         if rows <= sequences:
-            self._roots.append(seconds / max(roots, 1e-9))
+            self._roots.setdefault(sequences, collections.deque(maxlen=CURVE_WINDOW)).append(seconds / max(roots, 1e-9))
         elif whole > roots:
-            self._drafted.append((roots, whole - roots, seconds))
-        self._scales = None
+            self._drafted.append((sequences, roots, whole - roots, seconds))
+        self._root_scales, self._rows_scale = {}, None
+
+    def roots_scale(self, sequences: int) -> float:
+        """This machine's time over the curve's for the roots alone of ``sequences`` sequences: the median ratio at
+        that count, else interpolated between the nearest counts seen (the nearest one beyond their range), else the
+        median over every forward (1 before any)."""
+        if not self._roots:
+            return statistics.median(self._ratios) if self._ratios else 1.0
+        counts = sorted(self._roots)
+        i = bisect.bisect_left(counts, sequences)
+        if i < len(counts) and counts[i] == sequences or i in (0, len(counts)):
+            return self._median_at(counts[min(i, len(counts) - 1)])
+        low, high = counts[i - 1], counts[i]
+        w = (sequences - low) / (high - low)
+        return (1 - w) * self._median_at(low) + w * self._median_at(high)
+
+    def _median_at(self, sequences: int) -> float:
+        if sequences not in self._root_scales:
+            self._root_scales[sequences] = statistics.median(self._roots[sequences])
+        return self._root_scales[sequences]
 
     @property
-    def curve_scales(self) -> tuple[float, float]:
-        """This machine's forward time over the curve's, for a batch's roots alone and for the draft rows on top."""
-        if self._scales is None:
-            overall = statistics.median(self._ratios)
-            roots = statistics.median(self._roots) if self._roots else overall
-            rows = (sum(seconds - base * roots for base, _, seconds in self._drafted)
-                    / sum(extra for _, extra, _ in self._drafted) if self._roots and self._drafted else overall)
-            self._scales = (roots, max(rows, 0.0))
-        return self._scales
+    def rows_scale(self) -> float:
+        """This machine's time over the curve's for the draft rows on top of the roots."""
+        if self._rows_scale is None:
+            if self._roots and self._drafted:
+                beyond = sum(seconds - base * self.roots_scale(n) for n, base, _, seconds in self._drafted)
+                self._rows_scale = max(beyond / sum(extra for _, _, extra, _ in self._drafted), 0.0)
+            else:
+                self._rows_scale = statistics.median(self._ratios)
+        return self._rows_scale
 
     def verify(self, rows: float, sequences: int = 1) -> float:
         """Seconds of a forward of ``rows`` rows over ``sequences`` sequences (0 for none)."""
@@ -254,8 +280,7 @@ class CostModel:
         if self.curve is None:
             return self.verify_seconds(rows)
         roots, whole = self.curve(sequences, sequences), self.curve(rows, sequences)
-        roots_scale, rows_scale = self.curve_scales
-        return roots * roots_scale + max(whole - roots, 0.0) * rows_scale
+        return roots * self.roots_scale(sequences) + max(whole - roots, 0.0) * self.rows_scale
 
     def draft_call(self, paradigm: str, sequences: int) -> float:
         """Seconds of one call of ``paradigm``'s drafter for ``sequences`` sequences (0 before any was seen)."""

@@ -78,6 +78,7 @@ class RoundReport:
     forward_tokens: int = 0  # tokens that forward committed, all sequences' together
     forward_sequences: int = 1  # sequences in that forward, this one included
     draft_seconds: float = 0.0  # the round's drafting, all sequences' together
+    prefilled: bool = False  # that forward also ran prompt chunks (its time is not a verify's)
 
 
 class Drafter:

@@ -259,7 +259,8 @@ class WhiFlashDrafter(Drafter):
         if self.predicted_tau is not None:
             self.calibration.observe(self.predicted_tau, len(report.path) + 1)
         rows = report.forward_rows or len(report.tree) + 1
-        self.router.costs.observe_verify(rows, report.verify_seconds, report.forward_sequences)
+        if not report.prefilled:  # a prompt chunk's rows are priced nothing like a draft's: the curve would learn them
+            self.router.costs.observe_verify(rows, report.verify_seconds, report.forward_sequences)
         self.trace.append((self.action, len(report.path)))
         others = rows - len(report.tree) - 1
         self.load = BatchLoad(others, max(report.forward_tokens - len(report.new_tokens), 0),
