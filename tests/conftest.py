@@ -162,15 +162,15 @@ def _verify_logits(target: Target, prefix: list[int], root: int, tree) -> torch.
     from whiflash_sgl.target import Chunk
 
     pool = target.pool
-    cached, rows = pool.alloc(len(prefix)), pool.alloc(len(tree) + 1)
+    region = pool.reserve(len(prefix) + len(tree) + 1)
+    cached, rows = region.alloc(len(prefix)), region.alloc(len(tree) + 1)
     try:
         target.forward([Chunk(list(prefix), torch.arange(len(prefix)), cached[:0], cached)])
         mask = None if tree.is_chain else tree.ancestor_mask()
         verify = Chunk([root, *tree.tokens], tree.positions(len(prefix)), cached, rows, mask, logits=len(tree) + 1)
         return target.forward([verify])[0].logits
     finally:
-        pool.free(cached)
-        pool.free(rows)
+        pool.release(region)
 
 
 @pytest.fixture(scope="session")

@@ -154,12 +154,23 @@ def test_seeded_sampling_is_batch_invariant(target, prompts):
     assert [r.tokens for r in _run(engine, requests)] == alone
 
 
-def test_token_pool_hands_out_and_takes_back_rows():
-    pool = TokenPool(1, 1, 2, 8, torch.float32)
-    assert pool.reserve(6) and not pool.reserve(3) and pool.reserve(2)
-    rows = pool.alloc(5)
-    assert rows.tolist() == [0, 1, 2, 3, 4] and pool.free_slots == 3
-    pool.free(rows[[1, 3]])
-    assert sorted(pool.alloc(5).tolist()) == [1, 3, 5, 6, 7]
+def test_token_pool_reserves_regions_and_takes_back_rows():
+    """A reservation is a region of rows, contiguous where a free run is long enough, else the lowest free rows; a
+    region hands out its rows lowest first and reuses freed ones next; releasing it returns all of them."""
+    pool = TokenPool(1, 1, 2, 10, torch.float32)
+    a, b = pool.reserve(4), pool.reserve(3)
+    assert a.rows == [0, 1, 2, 3] and b.rows == [4, 5, 6] and pool.reserve(4) is None
+    rows = a.alloc(3)
+    assert rows.tolist() == [0, 1, 2] and pool.free_slots == 7
+    a.free(rows[[1, 2]])
+    assert a.alloc(3).tolist() == [1, 2, 3] and pool.free_slots == 6
     with pytest.raises(RuntimeError, match="exhausted"):
-        pool.alloc(1)
+        a.alloc(1)
+    b.alloc(2)
+    pool.release(a)
+    assert pool.reserved == 3 and pool.free_slots == 8
+    c = pool.reserve(7)  # rows 0-3 and 7-9: no run of 7 is free
+    assert c.rows == [0, 1, 2, 3, 7, 8, 9]
+    pool.release(b)
+    pool.release(c)
+    assert pool.reserved == 0 and pool.free_slots == 10 and pool.reserve(10).rows == list(range(10))

@@ -132,23 +132,24 @@ def measure(target, prefix: int = 256, repeats: int = 5, progress: bool = True) 
     generator = torch.Generator().manual_seed(0)
     shapes = [(n, k) for n in SEQUENCES for k in ROWS_EACH if n * k <= MAX_ROWS]
     need = max(SEQUENCES) * prefix + MAX_ROWS
-    if not pool.reserve(need):
+    region = pool.reserve(need)
+    if region is None:
         raise WhiFlashError(f"measuring the cost curve needs {need} KV slots; raise the KV budget")
-    cached = [pool.alloc(prefix) for _ in range(max(SEQUENCES))]
     try:
+        cached = [region.alloc(prefix) for _ in range(max(SEQUENCES))]  # each sequence's rows together, as served
         for rows_of in cached:  # fill the prefixes with real KV
             ids = torch.randint(vocab, (prefix,), generator=generator).tolist()
             target.forward([Chunk(ids, torch.arange(prefix), rows_of[:0], rows_of)])
 
         def timed(sequences: int, each: int) -> float:
             chunks = [Chunk(torch.randint(vocab, (each,), generator=generator).tolist(),
-                            torch.arange(prefix, prefix + each), cached[i], pool.alloc(each), logits=each)
+                            torch.arange(prefix, prefix + each), cached[i], region.alloc(each), logits=each)
                       for i in range(sequences)]
             tic = time.perf_counter()
             target.forward(chunks)
             seconds = time.perf_counter() - tic
             for chunk in chunks:
-                pool.free(chunk.rows)
+                region.free(chunk.rows)
             return seconds
 
         for shape in shapes:  # the first run of a shape warms it up
@@ -162,9 +163,7 @@ def measure(target, prefix: int = 256, repeats: int = 5, progress: bool = True) 
         return CostCurve(tuple(n * k for n, k in shapes), tuple(statistics.median(times[s]) for s in shapes),
                          tuple(n for n, _ in shapes))
     finally:
-        for rows_of in cached:
-            pool.free(rows_of)
-        pool.release(need)
+        pool.release(region)
 
 
 def plot(curve: CostCurve, path: Path, title: str) -> Path:

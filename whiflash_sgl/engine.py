@@ -26,6 +26,7 @@ import torch
 from whiflash_sgl.cost_curve import trim_to_value, value_bar
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.kv_pool import Region
 from whiflash_sgl.sampling import KeyedSampler, SamplingParams, check_seed
 from whiflash_sgl.target import Chunk, Target
 from whiflash_sgl.tree import DraftTree
@@ -135,6 +136,7 @@ class Request:
     state: SequenceState | None = None  # from admission on
     sampler: KeyedSampler | None = None
     generator: torch.Generator | None = None
+    region: Region | None = None  # its reserved pool rows, from admission on
     slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # pool rows, by position
     prefilled: int = 0  # prompt tokens whose KV is in the pool
     cancelled: bool = False
@@ -285,8 +287,7 @@ class SpeculativeEngine:
                 request.out.finish_reason = "abort"
             if request.out.finish_reason is not None:
                 self.running.remove(request)
-                pool.free(request.slots)
-                pool.release(request.reserved)
+                pool.release(request.region)
                 done.append(request)
         for request in done:
             request.result = self._result(request)
@@ -314,8 +315,12 @@ class SpeculativeEngine:
     def _admit(self) -> None:
         """Arrival order: the first waiting request that does not fit holds back those behind it."""
         pool = self.target.pool
-        while self.waiting and len(self.running) < self.max_running and pool.reserve(self.waiting[0].reserved):
+        while self.waiting and len(self.running) < self.max_running:
+            region = pool.reserve(self.waiting[0].reserved)
+            if region is None:
+                break
             request = self.waiting.popleft()
+            request.region = region
             request.state = SequenceState(tokens=list(request.prompt_ids), prompt_len=len(request.prompt_ids))
             sampling = request.sampling
             if not sampling.greedy and sampling.rule == "keyed":
@@ -333,7 +338,7 @@ class SpeculativeEngine:
             end = min(len(request.prompt_ids), start + budget)
             budget -= end - start
             chunks[request] = Chunk(request.prompt_ids[start:end], torch.arange(start, end), request.slots,
-                                    self.target.pool.alloc(end - start), logits=int(end == len(request.prompt_ids)))
+                                    request.region.alloc(end - start), logits=int(end == len(request.prompt_ids)))
         return chunks
 
     def _prefilled(self, request: Request, chunk: Chunk, out) -> None:
@@ -379,7 +384,7 @@ class SpeculativeEngine:
     def _verify_chunk(self, request: Request, tree: DraftTree) -> Chunk:
         start = len(request.slots)  # the root's position: every earlier position is in the pool
         return Chunk([request.state.tokens[-1], *tree.tokens], tree.positions(start), request.slots,
-                     self.target.pool.alloc(len(tree) + 1), None if tree.is_chain else tree.ancestor_mask(),
+                     request.region.alloc(len(tree) + 1), None if tree.is_chain else tree.ancestor_mask(),
                      logits=len(tree) + 1)
 
     def _commit(self, request: Request, tree: DraftTree, chunk: Chunk, out, path: list[int], bonus: int,
@@ -390,7 +395,7 @@ class SpeculativeEngine:
         kept = torch.zeros(len(chunk.rows), dtype=torch.bool)
         kept[keep] = True
         request.slots = torch.cat([request.slots, chunk.rows[kept]])
-        self.target.pool.free(chunk.rows[~kept])
+        request.region.free(chunk.rows[~kept])
         state = request.state
         if out.hidden is not None:
             state.add_features(out.hidden[keep])

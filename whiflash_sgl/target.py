@@ -249,15 +249,15 @@ class Target:
         of the last ``logits`` positions and the hidden states of all (tools and tests; generation goes through the
         engine, which keeps the KV)."""
         pool = self.pool
-        if not pool.reserve(len(ids)):
+        region = pool.reserve(len(ids))
+        if region is None:
             raise WhiFlashError(f"a forward over {len(ids)} tokens needs that many KV slots and the KV pool has "
                                 f"{pool.capacity - pool.reserved} unreserved; retry when fewer requests run")
-        rows = pool.alloc(len(ids))
         try:
+            rows = region.alloc(len(ids))
             return self.forward([Chunk(list(ids), torch.arange(len(ids)), rows[:0], rows, logits=logits)])[0]
         finally:
-            pool.free(rows)
-            pool.release(len(ids))
+            pool.release(region)
 
     def score(self, ids: list[int], last: int) -> torch.Tensor:
         """Logits of the ``last`` positions of ``ids`` (for log-probabilities of given tokens, not generation)."""
