@@ -232,11 +232,11 @@ def test_the_roots_alone_and_the_draft_rows_on_top_are_scaled_apart():
     assert costs.verify(48, 8) == pytest.approx(roots + 3 * (BY_SEQUENCES(48, 8) - roots))
 
 
-def test_the_roots_alone_are_priced_at_their_own_number_of_sequences():
+def test_the_curve_is_scaled_per_number_of_sequences():
     """Roots-only forwards that ran 1.4x the curve with 1 and 8 sequences and 1.1x with 16: each count keeps its
     ratio, a count between two seen is interpolated, one beyond them takes the nearest (one median over all would
-    price 16 sequences' roots 27% too dear, and not drafting as slower than it is); the draft rows' scale is taken
-    over each forward's own roots."""
+    price 16 sequences' roots 27% too dear, and not drafting as slower than it is); and so do the draft rows on top
+    of each count's roots."""
     costs = CostModel(BY_SEQUENCES)
     for i in range(3):
         for sequences, ratio in ((1, 1.4), (8, 1.4), (16, 1.1)):
@@ -245,9 +245,14 @@ def test_the_roots_alone_are_priced_at_their_own_number_of_sequences():
     assert costs.verify(16, 16) == pytest.approx(1.1 * BY_SEQUENCES(16, 16), rel=1e-3)
     assert costs.verify(12, 12) == pytest.approx(1.25 * BY_SEQUENCES(12, 12), rel=1e-3)
     assert costs.verify(32, 32) == pytest.approx(1.1 * BY_SEQUENCES(32, 32), rel=1e-3)
-    roots = 1.1 * BY_SEQUENCES(16, 16)
-    costs.observe_verify(48, roots + 2 * (BY_SEQUENCES(48, 16) - BY_SEQUENCES(16, 16)), 16)
-    assert costs.verify(48, 16) == pytest.approx(roots + 2 * (BY_SEQUENCES(48, 16) - BY_SEQUENCES(16, 16)), rel=1e-3)
+    for sequences, ratio in ((8, 3.0), (16, 2.0)):  # draft rows at three times the curve with 8, twice with 16
+        roots = BY_SEQUENCES(sequences, sequences)
+        costs.observe_verify(48, costs.verify(sequences, sequences) + ratio * (BY_SEQUENCES(48, sequences) - roots),
+                             sequences)
+    for sequences, ratio in ((8, 3.0), (12, 2.5), (16, 2.0)):
+        roots = BY_SEQUENCES(sequences, sequences)
+        assert costs.verify(40, sequences) - costs.verify(sequences, sequences) == pytest.approx(
+            ratio * (BY_SEQUENCES(40, sequences) - roots), rel=1e-3)
 
 
 def test_a_draft_rows_price_is_pooled_over_forwards_not_set_by_a_rows_jitter():

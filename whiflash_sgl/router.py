@@ -184,18 +184,19 @@ class CostModel:
     The curve is scaled to the forwards observed here, in two parts: a committed curve was measured on one machine,
     and another runs its forwards faster or slower (two 2-core hosts of this project differed 2x at one row), while
     the drafters' times are always observed here; priced against an unscaled curve, drafting would look cheaper or
-    dearer than it is. The forward of the batch's roots alone is scaled by the median observed/curve ratio of the
-    last ``CURVE_WINDOW`` such forwards over as many sequences (interpolated between the nearest counts seen): that
-    ratio moves with the batch (1.36 at 8 sequences, 1.09 at 16 on a 2-core host, whose served contexts differ from
-    the curve's), and one median over all counts had priced a 16-request round without drafts at 58 ms where it
-    ran 45 (so the plan drafted rounds of 75-110 ms) and one of 8 too cheaply (so it hardly drafted). The draft rows
-    on top of the roots are scaled by their own ratio: measured rows are
-    uniform causal chunks over 256 positions, served draft trees are uneven and their contexts longer, and one scale
-    fitted where the batch drafts would misprice the roots alone, which is what not drafting costs. The draft rows'
-    ratio is pooled (their forwards' time beyond the roots over the curve's, summed over the window), not a median
-    of per-forward ratios: a forward with a draft row or two is priced a millisecond over its roots, and its jitter
-    divided by that had run the median to 2.8-3.7x by the end of a 4-request run (pooled: 1.4-1.8x; EAGLE-3's whole
-    served forwards at 8 requests ran 1.14x the curve), and a batch that does not draft never measures it again.
+    dearer than it is. Both parts are kept per number of sequences in the forward (interpolated between the
+    nearest counts seen), since how far the curve is off moves with the batch: roots alone ran 1.36x the curve at 8
+    sequences and 1.09x at 16 on a 2-core host, and one median over all counts had priced a 16-request round without
+    drafts at 58 ms where it ran 45 (so the plan drafted rounds of 75-110 ms), and one of 8 too cheaply; draft rows
+    ran 3-4x the curve at 1 request (trees of dozens of rows over long contexts) and under 2x at 8. The forward of
+    the batch's roots alone is scaled by the median observed/curve ratio of the last ``CURVE_WINDOW`` such forwards,
+    and the draft rows on top of it by their own ratio: measured rows are uniform causal chunks over 256 positions,
+    served draft trees are uneven and their contexts longer, and one scale fitted where the batch drafts would
+    misprice the roots alone, which is what not drafting costs. The draft rows' ratio is pooled (their forwards'
+    time beyond the roots over the curve's, summed over the window), not a median of per-forward ratios: a forward
+    with a draft row or two is priced a millisecond over its roots, and its jitter divided by that had run the
+    median to 2.8-3.7x by the end of a 4-request run (pooled: 1.4-1.8x), and a batch that does not draft never
+    measures it again.
     Until the roots alone were seen, one ratio over every forward scales both (``drafting_plan.RoundTimes`` has a
     batch that keeps drafting verify its roots alone now and then).
 
@@ -210,12 +211,11 @@ class CostModel:
         self.verify_seconds = LinearFit()
         self.group: dict[str, int] = {}  # sequences in each paradigm's last batched draft call
         self._ratios: collections.deque[float] = collections.deque(maxlen=CURVE_WINDOW)  # observed / curve, all
-        # ... of roots-only forwards, per number of sequences
+        # per number of sequences: observed / curve of roots-only forwards, and forwards with draft rows as (curve of
+        # their roots alone, curve of the rest, observed seconds)
         self._roots: dict[int, collections.deque[float]] = {}
-        # forwards with draft rows: (sequences, curve of their roots alone, curve of the rest, observed seconds)
-        self._drafted: collections.deque[tuple[int, float, float, float]] = collections.deque(maxlen=CURVE_WINDOW)
-        self._root_scales: dict[int, float] = {}  # medians of ``_roots``, as computed since the last observation
-        self._rows_scale: float | None = 1.0  # None: to recompute
+        self._drafted: dict[int, collections.deque[tuple[float, float, float]]] = {}
+        self._scales: dict[tuple[str, int], float] = {}  # ("roots" | "rows", count): as computed since the last forward
         self._last_forward: tuple[int, float, int] | None = None
 
     def observe_draft(self, paradigm: str, seconds: float, sequences: int = 1) -> None:
@@ -240,38 +240,38 @@ class CostModel:
         if rows <= sequences:
             self._roots.setdefault(sequences, collections.deque(maxlen=CURVE_WINDOW)).append(seconds / max(roots, 1e-9))
         elif whole > roots:
-            self._drafted.append((sequences, roots, whole - roots, seconds))
-        self._root_scales, self._rows_scale = {}, None
+            self._drafted.setdefault(sequences, collections.deque(maxlen=CURVE_WINDOW)).append(
+                (roots, whole - roots, seconds))
+        self._scales = {}
 
     def roots_scale(self, sequences: int) -> float:
         """This machine's time over the curve's for the roots alone of ``sequences`` sequences: the median ratio at
-        that count, else interpolated between the nearest counts seen (the nearest one beyond their range), else the
-        median over every forward (1 before any)."""
+        that count (:func:`_by_count`), else the median over every forward (1 before any)."""
         if not self._roots:
-            return statistics.median(self._ratios) if self._ratios else 1.0
-        counts = sorted(self._roots)
-        i = bisect.bisect_left(counts, sequences)
-        if i < len(counts) and counts[i] == sequences or i in (0, len(counts)):
-            return self._median_at(counts[min(i, len(counts) - 1)])
-        low, high = counts[i - 1], counts[i]
-        w = (sequences - low) / (high - low)
-        return (1 - w) * self._median_at(low) + w * self._median_at(high)
+            return self._overall()
+        return _by_count(self._roots, sequences,
+                         lambda n: self._scale("roots", n, lambda: statistics.median(self._roots[n])))
 
-    def _median_at(self, sequences: int) -> float:
-        if sequences not in self._root_scales:
-            self._root_scales[sequences] = statistics.median(self._roots[sequences])
-        return self._root_scales[sequences]
+    def rows_scale(self, sequences: int) -> float:
+        """This machine's time over the curve's for the draft rows on top of the roots of ``sequences`` sequences:
+        pooled over the forwards with draft rows at that count (:func:`_by_count`), each less its roots' price."""
 
-    @property
-    def rows_scale(self) -> float:
-        """This machine's time over the curve's for the draft rows on top of the roots."""
-        if self._rows_scale is None:
-            if self._roots and self._drafted:
-                beyond = sum(seconds - base * self.roots_scale(n) for n, base, _, seconds in self._drafted)
-                self._rows_scale = max(beyond / sum(extra for _, _, extra, _ in self._drafted), 0.0)
-            else:
-                self._rows_scale = statistics.median(self._ratios)
-        return self._rows_scale
+        def pooled(n: int) -> float:
+            window = self._drafted[n]
+            beyond = sum(seconds - base * self.roots_scale(n) for base, _, seconds in window)
+            return max(beyond / sum(extra for _, extra, _ in window), 0.0)
+
+        if not self._roots or not self._drafted:
+            return self._overall()
+        return _by_count(self._drafted, sequences, lambda n: self._scale("rows", n, lambda: pooled(n)))
+
+    def _scale(self, kind: str, count: int, compute) -> float:
+        if (kind, count) not in self._scales:
+            self._scales[kind, count] = compute()
+        return self._scales[kind, count]
+
+    def _overall(self) -> float:
+        return statistics.median(self._ratios) if self._ratios else 1.0
 
     def verify(self, rows: float, sequences: int = 1) -> float:
         """Seconds of a forward of ``rows`` rows over ``sequences`` sequences (0 for none)."""
@@ -280,7 +280,7 @@ class CostModel:
         if self.curve is None:
             return self.verify_seconds(rows)
         roots, whole = self.curve(sequences, sequences), self.curve(rows, sequences)
-        return roots * self.roots_scale(sequences) + max(whole - roots, 0.0) * self.rows_scale
+        return roots * self.roots_scale(sequences) + max(whole - roots, 0.0) * self.rows_scale(sequences)
 
     def draft_call(self, paradigm: str, sequences: int) -> float:
         """Seconds of one call of ``paradigm``'s drafter for ``sequences`` sequences (0 before any was seen)."""
@@ -312,6 +312,18 @@ class CostModel:
             added = self.verify(others_rows + rows, others_sequences + 1) - base
             seconds[action] = added + sum(share[p] for p in chosen)
         return seconds
+
+
+def _by_count(table: dict[int, object], sequences: int, value) -> float:
+    """``value(count)`` at ``sequences`` where ``table`` holds that count, else interpolated between the nearest
+    counts it holds (the nearest one, beyond their range)."""
+    counts = sorted(table)
+    i = bisect.bisect_left(counts, sequences)
+    if i < len(counts) and counts[i] == sequences or i in (0, len(counts)):
+        return value(counts[min(i, len(counts) - 1)])
+    low, high = counts[i - 1], counts[i]
+    w = (sequences - low) / (high - low)
+    return (1 - w) * value(low) + w * value(high)
 
 
 class _Call:
