@@ -14,6 +14,7 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency
 
+from whiflash_sgl.cost_curve import CostCurve
 from whiflash_sgl.drafters.checkpoint import dflash_config, eagle3_config
 from whiflash_sgl.drafters.dflash import DFlashDrafter, DFlashModel
 from whiflash_sgl.drafters.eagle3 import Eagle3Drafter, Eagle3Model
@@ -398,6 +399,25 @@ def test_the_cost_model_learns_from_verify_forwards_only(target, models, prompt,
     verify_only = {rows for rows, prefill in forwards if not prefill}
     assert max(with_prefill) > max(verify_only) and len(verify_only) > 1
     assert len(set(learned)) > 1 and set(learned) <= verify_only
+
+
+def test_a_batch_verifies_its_roots_alone_first_at_a_size_not_timed_yet(target, models, prompt, tiny_tokenizer,
+                                                                       monkeypatch):
+    """With a cost curve to scale, what a round without drafts costs at a batch size is the plan's yardstick, so a
+    batch of a size whose roots alone were never timed verifies them alone once before it drafts."""
+    monkeypatch.setattr("whiflash_sgl.drafters.whiflash.plan", lambda wishes, *args: [True] * len(wishes))
+    drafters = _drafters(target, models)
+    router = Router(Fixed("eagle3"), tuple(drafters), "eagle3", curve=CostCurve((1, 8), (0.010, 0.012)))
+    engine = SpeculativeEngine(target, WhiFlashDrafter(drafters, router, target.tokenizer))
+    prompts = [prompt, tiny_tokenizer("The quick brown fox")["input_ids"]]
+    solo = [SpeculativeEngine(target).generate(p, 16).tokens for p in prompts]
+    requests = [engine.submit(p, 16) for p in prompts]
+    while any(r.result is None for r in requests):
+        engine.step()
+    assert [r.result.tokens for r in requests] == solo
+    rounds = ["".join(sorted(set(actions))) for actions in zip(*(r.result.paradigms for r in requests))]
+    assert rounds[0] == NO_DRAFT and len(rounds) > 2 and set(rounds[1:]) == {"eagle3"}
+    assert router.costs.knows_roots(2) and not router.costs.knows_roots(3)
 
 
 def test_a_batch_that_always_drafts_verifies_its_roots_alone_now_and_then(target, models, prompt, tiny_tokenizer,

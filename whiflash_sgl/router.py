@@ -265,6 +265,10 @@ class CostModel:
             return self._overall()
         return _by_count(self._drafted, sequences, lambda n: self._scale("rows", n, lambda: pooled(n)))
 
+    def knows_roots(self, sequences: int) -> bool:
+        """Whether a forward of ``sequences`` sequences' roots alone was timed (always, without a curve to scale)."""
+        return self.curve is None or sequences in self._roots
+
     def _scale(self, kind: str, count: int, compute) -> float:
         if (kind, count) not in self._scales:
             self._scales[kind, count] = compute()
