@@ -45,7 +45,6 @@ NO_DRAFT = "none"  # the router's own action: verify the root alone this round
 PROBE_EVERY = 4  # after this many rounds without drafting, draft once to refresh the tau statistics ...
 MAX_PROBE_GAP = 64  # ... and twice as many after each probe that changed nothing, up to this many
 CURVE_WINDOW = 64  # forwards whose observed time scales the cost curve to this machine
-ROOTS_TIMED = 3  # roots-only forwards of a batch size timed before its plan may draft (``CostModel.knows_roots``)
 POLICY_IDLE_EXIT_S = 5.0  # the policy's thread ends after this long without a call (a later call starts another)
 
 
@@ -267,10 +266,8 @@ class CostModel:
         return _by_count(self._drafted, sequences, lambda n: self._scale("rows", n, lambda: pooled(n)))
 
     def knows_roots(self, sequences: int) -> bool:
-        """Whether forwards of ``sequences`` sequences' roots alone were timed ``ROOTS_TIMED`` times (always, without
-        a curve to scale): the first such forward after a batch's prefill ran half again as long as the next ones,
-        and alone it priced not drafting at 16 requests at 87.5 ms where it ran 68."""
-        return self.curve is None or len(self._roots.get(sequences, ())) >= ROOTS_TIMED
+        """Whether a forward of ``sequences`` sequences' roots alone was timed (always, without a curve to scale)."""
+        return self.curve is None or sequences in self._roots
 
     def _scale(self, kind: str, count: int, compute) -> float:
         if (kind, count) not in self._scales:
