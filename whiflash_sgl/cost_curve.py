@@ -24,7 +24,7 @@ import bisect
 import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,13 +71,7 @@ class CostCurve:
         """Seconds of a forward of ``rows`` rows over ``sequences`` sequences; 0 for no forward at all."""
         if rows <= 0:
             return 0.0
-        counts = [count for count, _, _ in self.lines]
-        i = bisect.bisect_left(counts, sequences)
-        if i == 0 or i == len(counts) or counts[i] == sequences:
-            return _along(self.lines[min(i, len(counts) - 1)], rows)
-        (c0, *_), (c1, *_) = self.lines[i - 1], self.lines[i]
-        w = (sequences - c0) / (c1 - c0)
-        return (1 - w) * _along(self.lines[i - 1], rows) + w * _along(self.lines[i], rows)
+        return between_counts([count for count, _, _ in self.lines], sequences, lambda i: _along(self.lines[i], rows))
 
     def added(self, base_rows: float, extra_rows: float, sequences: int = 1) -> float:
         """What ``extra_rows`` add to a forward over ``sequences`` sequences that already has ``base_rows`` (the
@@ -97,6 +91,16 @@ class CostCurve:
         shape = {"sequences": list(self.sequences)} if self.sequences else {}
         Path(path).write_text(json.dumps({**about, **shape, "rows": list(self.rows), "seconds": list(self.seconds)},
                                          indent=1) + "\n")
+
+
+def between_counts(counts: Sequence[int], sequences: float, value: Callable[[int], float]) -> float:
+    """A quantity known at the ascending sequence ``counts`` (``value(i)`` at ``counts[i]``), at ``sequences``: its
+    value at that count, else linear between the two nearest counts, else (beyond them) the nearest one's."""
+    i = bisect.bisect_left(counts, sequences)
+    if i == 0 or i == len(counts) or counts[i] == sequences:
+        return value(min(i, len(counts) - 1))
+    w = (sequences - counts[i - 1]) / (counts[i] - counts[i - 1])
+    return (1 - w) * value(i - 1) + w * value(i)
 
 
 def _along(line: tuple[int, tuple[int, ...], tuple[float, ...]], rows: float) -> float:

@@ -21,7 +21,6 @@ forward.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import copy
 import itertools
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from whiflash_sgl.cost_curve import CostCurve
+from whiflash_sgl.cost_curve import CostCurve, between_counts
 from whiflash_sgl.rowwise import topk_rows
 
 log = logging.getLogger(__name__)
@@ -246,33 +245,36 @@ class CostModel:
 
     def roots_scale(self, sequences: int) -> float:
         """This machine's time over the curve's for the roots alone of ``sequences`` sequences: the median ratio at
-        that count (:func:`_by_count`), else the median over every forward (1 before any)."""
+        that count (``between_counts`` of the counts seen), else the median over every forward (1 before any)."""
         if not self._roots:
             return self._overall()
-        return _by_count(self._roots, sequences,
-                         lambda n: self._scale("roots", n, lambda: statistics.median(self._roots[n])))
+        counts = sorted(self._roots)
+        return between_counts(counts, sequences, lambda i: self._roots_at(counts[i]))
 
     def rows_scale(self, sequences: int) -> float:
         """This machine's time over the curve's for the draft rows on top of the roots of ``sequences`` sequences:
-        pooled over the forwards with draft rows at that count (:func:`_by_count`), each less its roots' price."""
-
-        def pooled(n: int) -> float:
-            window = self._drafted[n]
-            beyond = sum(seconds - base * self.roots_scale(n) for base, _, seconds in window)
-            return max(beyond / sum(extra for _, extra, _ in window), 0.0)
-
+        pooled over the forwards with draft rows at that count (``between_counts`` of the counts seen), each less its
+        roots' price."""
         if not self._roots or not self._drafted:
             return self._overall()
-        return _by_count(self._drafted, sequences, lambda n: self._scale("rows", n, lambda: pooled(n)))
+        counts = sorted(self._drafted)
+        return between_counts(counts, sequences, lambda i: self._rows_at(counts[i]))
 
     def knows_roots(self, sequences: int) -> bool:
         """Whether a forward of ``sequences`` sequences' roots alone was timed (always, without a curve to scale)."""
         return self.curve is None or sequences in self._roots
 
-    def _scale(self, kind: str, count: int, compute) -> float:
-        if (kind, count) not in self._scales:
-            self._scales[kind, count] = compute()
-        return self._scales[kind, count]
+    def _roots_at(self, count: int) -> float:
+        if ("roots", count) not in self._scales:
+            self._scales["roots", count] = statistics.median(self._roots[count])
+        return self._scales["roots", count]
+
+    def _rows_at(self, count: int) -> float:
+        if ("rows", count) not in self._scales:
+            window = self._drafted[count]
+            beyond = sum(seconds - base * self.roots_scale(count) for base, _, seconds in window)
+            self._scales["rows", count] = max(beyond / sum(extra for _, extra, _ in window), 0.0)
+        return self._scales["rows", count]
 
     def _overall(self) -> float:
         return statistics.median(self._ratios) if self._ratios else 1.0
@@ -316,18 +318,6 @@ class CostModel:
             added = self.verify(others_rows + rows, others_sequences + 1) - base
             seconds[action] = added + sum(share[p] for p in chosen)
         return seconds
-
-
-def _by_count(table: dict[int, object], sequences: int, value) -> float:
-    """``value(count)`` at ``sequences`` where ``table`` holds that count, else interpolated between the nearest
-    counts it holds (the nearest one, beyond their range)."""
-    counts = sorted(table)
-    i = bisect.bisect_left(counts, sequences)
-    if i < len(counts) and counts[i] == sequences or i in (0, len(counts)):
-        return value(counts[min(i, len(counts) - 1)])
-    low, high = counts[i - 1], counts[i]
-    w = (sequences - low) / (high - low)
-    return (1 - w) * value(low) + w * value(high)
 
 
 class _Call:
