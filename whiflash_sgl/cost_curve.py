@@ -93,12 +93,17 @@ class CostCurve:
                                          indent=1) + "\n")
 
 
-def between_counts(counts: Sequence[int], sequences: float, value: Callable[[int], float]) -> float:
+def between_counts(counts: Sequence[int], sequences: float, value: Callable[[int], float],
+                   beyond: float | None = None) -> float:
     """A quantity known at the ascending sequence ``counts`` (``value(i)`` at ``counts[i]``), at ``sequences``: its
-    value at that count, else linear between the two nearest counts, else (beyond them) the nearest one's."""
+    value at that count, else linear between the two nearest counts, else (beyond them) the nearest one's, or
+    ``beyond`` where that is lower (an optimistic guess where nothing was measured, so that it gets measured)."""
     i = bisect.bisect_left(counts, sequences)
-    if i == 0 or i == len(counts) or counts[i] == sequences:
-        return value(min(i, len(counts) - 1))
+    if i == len(counts) or (i == 0 and counts[0] != sequences):
+        nearest = value(min(i, len(counts) - 1))
+        return nearest if beyond is None else min(nearest, beyond)
+    if counts[i] == sequences:
+        return value(i)
     w = (sequences - counts[i - 1]) / (counts[i] - counts[i - 1])
     return (1 - w) * value(i - 1) + w * value(i)
 

@@ -25,7 +25,8 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from whiflash_sgl.router import CostModel, members
+from whiflash_sgl.cost_curve import between_counts
+from whiflash_sgl.router import TIMED, CostModel, members
 
 CALIBRATION_WINDOW = 128  # latest request-rounds whose accepted / predicted draft tokens scale predictions
 TIME_WINDOW = 32  # latest rounds of each kind (with drafts, without) whose measured / predicted time is kept
@@ -133,18 +134,21 @@ class _Round:
 
 class RoundTimes:
     """A batch round's measured time over the plan's prediction for it (``round_seconds``), over the latest
-    ``TIME_WINDOW`` rounds with drafts and without. A round is timed from its start to the next round's start
-    (routing, drafting, catch-up, the forward, the commit all inside). Not measured: a round whose forward also ran a
-    prefill, whose sequences changed before the next began, or that caught a drafter up over more than
-    ``LONG_BACKLOG`` positions (a prompt, the first time a request drafts: a cost paid once). A batch that drafted
-    ``IDLE_EVERY`` rounds in a row verifies its roots alone once, so that the ratio without drafts stays current.
+    ``TIME_WINDOW`` rounds with drafts and without, per batch size as the cost model's scales are (one ratio for
+    every size carried 1.44 from the drafting tail of a 4-request run, where the draft rows of 2 or 3 requests were
+    priced too cheaply, to 8 requests, whose plan then drafted nothing). A round is timed from its start to the next
+    round's start (routing, drafting, catch-up, the forward, the commit all inside). Not measured: a round whose
+    forward also ran a prefill, whose sequences changed before the next began, or that caught a drafter up over
+    more than ``LONG_BACKLOG`` positions (a prompt, the first time a request drafts: a cost paid once). A batch that
+    drafted ``IDLE_EVERY`` rounds in a row verifies its roots alone once, so that the ratio without drafts stays
+    current. A size's ratios stand for it once ``TIMED`` rounds of the kind were measured there.
 
     A ratio rather than a rate: what a round commits depends on its requests' text far more than on the batch, so
     rates measured over different stretches of text say little about drafting; how far the plan's time is off does
     not depend on the text."""
 
     def __init__(self) -> None:
-        self.ratios = {drafted: deque(maxlen=TIME_WINDOW) for drafted in (False, True)}
+        self.ratios: dict[tuple[bool, int], deque[float]] = {}  # (drafted, sequences): measured / predicted
         self._round: _Round | None = None  # the round under way
         self.drafting_streak = 0  # rounds in a row that drafted, up to the last one
 
@@ -154,7 +158,8 @@ class RoundTimes:
         last = self._round
         if (last is not None and last.measured and last.predicted > 0 and decode_only
                 and len(last.states) == len(states) and all(a is b for a, b in zip(last.states, states))):
-            self.ratios[last.drafted].append((now - last.start) / last.predicted)
+            window = self.ratios.setdefault((last.drafted, len(states)), deque(maxlen=TIME_WINDOW))
+            window.append((now - last.start) / last.predicted)
         self._round = _Round(now, list(states))
 
     def ran(self, drafted: bool, predicted: float) -> None:
@@ -173,9 +178,17 @@ class RoundTimes:
         """Whether this round should verify the roots alone: the batch drafted ``IDLE_EVERY`` rounds in a row."""
         return self.drafting_streak >= IDLE_EVERY
 
-    @property
-    def scales(self) -> tuple[float, float]:
-        """Median measured / predicted time of rounds without drafts and with; a kind not measured yet is taken to
-        be off by as much as the other (1 before any)."""
-        idle, drafted = (statistics.median(self.ratios[d]) if self.ratios[d] else None for d in (False, True))
+    def scales(self, sequences: int) -> tuple[float, float]:
+        """Median measured / predicted time of rounds of ``sequences`` sequences without drafts and with
+        (``between_counts`` of the sizes measured). A kind not measured yet is taken to be off by as much as the
+        other (1 before any); and a size beyond those that drafted takes the lower of the nearest's ratio with
+        drafts and its own without, so that the plan drafts there and measures it."""
+        idle = self._at(False, sequences)
+        drafted = self._at(True, sequences, idle)
         return (idle or drafted or 1.0, drafted or idle or 1.0)
+
+    def _at(self, drafted: bool, sequences: int, beyond: float | None = None) -> float | None:
+        counts = sorted(n for (d, n), window in self.ratios.items() if d == drafted and len(window) >= TIMED)
+        if not counts:
+            return None
+        return between_counts(counts, sequences, lambda i: statistics.median(self.ratios[drafted, counts[i]]), beyond)

@@ -44,6 +44,7 @@ NO_DRAFT = "none"  # the router's own action: verify the root alone this round
 PROBE_EVERY = 4  # after this many rounds without drafting, draft once to refresh the tau statistics ...
 MAX_PROBE_GAP = 64  # ... and twice as many after each probe that changed nothing, up to this many
 CURVE_WINDOW = 64  # forwards whose observed time scales the cost curve to this machine
+TIMED = 3  # forwards (or rounds) of a kind timed at a batch size before their ratio stands for that size
 POLICY_IDLE_EXIT_S = 5.0  # the policy's thread ends after this long without a call (a later call starts another)
 
 
@@ -191,13 +192,15 @@ class CostModel:
     the batch's roots alone is scaled by the median observed/curve ratio of the last ``CURVE_WINDOW`` such forwards,
     and the draft rows on top of it by their own ratio: measured rows are uniform causal chunks over 256 positions,
     served draft trees are uneven and their contexts longer, and one scale fitted where the batch drafts would
-    misprice the roots alone, which is what not drafting costs. The draft rows' ratio is pooled (their forwards'
-    time beyond the roots over the curve's, summed over the window), not a median of per-forward ratios: a forward
-    with a draft row or two is priced a millisecond over its roots, and its jitter divided by that had run the
-    median to 2.8-3.7x by the end of a 4-request run (pooled: 1.4-1.8x), and a batch that does not draft never
-    measures it again.
-    Until the roots alone were seen, one ratio over every forward scales both (``drafting_plan.RoundTimes`` has a
-    batch that keeps drafting verify its roots alone now and then).
+    misprice the roots alone, which is what not drafting costs. The draft rows' ratio is each forward's time beyond
+    its roots over the curve's, and the window's median of it weighted by the curve's time of each forward's draft
+    rows: a forward with a draft row or two is priced a millisecond over its roots, and its jitter divided by that
+    had run a plain median to 2.8-3.7x by the end of a 4-request run; pooled sums instead let one slow forward among
+    the first four of a size price its rows at 2.4x, and a batch that does not draft does not measure them again
+    (a 4-request batch then drafted in 6 of its 300 rounds). Until a count's roots alone were timed ``TIMED`` times,
+    its batch does not draft (``knows_roots``), and until it drafted ``TIMED`` times, its draft rows are priced at
+    its roots' ratio where that is lower than the nearest count's: where drafting was not measured, the plan drafts
+    to measure it.
 
     Catch-up needs the intercept: a KV-only prefill of a few positions costs mostly its fixed overhead, and a
     per-position rate measured there, times the long backlog an idle drafter builds up, would price that drafter
@@ -253,16 +256,18 @@ class CostModel:
 
     def rows_scale(self, sequences: int) -> float:
         """This machine's time over the curve's for the draft rows on top of the roots of ``sequences`` sequences:
-        pooled over the forwards with draft rows at that count (``between_counts`` of the counts seen), each less its
-        roots' price."""
-        if not self._roots or not self._drafted:
-            return self._overall()
-        counts = sorted(self._drafted)
-        return between_counts(counts, sequences, lambda i: self._rows_at(counts[i]))
+        over the forwards with draft rows at that count, each less its roots' price (``between_counts`` of the counts
+        seen; beyond them, the roots' scale at ``sequences`` where that is lower)."""
+        counts = sorted(n for n, window in self._drafted.items() if len(window) >= TIMED)
+        if not self._roots or not counts:
+            return self.roots_scale(sequences)
+        return between_counts(counts, sequences, lambda i: self._rows_at(counts[i]), self.roots_scale(sequences))
 
     def knows_roots(self, sequences: int) -> bool:
-        """Whether a forward of ``sequences`` sequences' roots alone was timed (always, without a curve to scale)."""
-        return self.curve is None or sequences in self._roots
+        """Whether forwards of ``sequences`` sequences' roots alone were timed ``TIMED`` times (always, without
+        a curve to scale): the first such forward after a batch's prefill ran half again as long as the next ones,
+        and alone it priced not drafting at 16 requests at 87.5 ms where it ran 68."""
+        return self.curve is None or len(self._roots.get(sequences, ())) >= TIMED
 
     def _roots_at(self, count: int) -> float:
         if ("roots", count) not in self._scales:
@@ -271,9 +276,14 @@ class CostModel:
 
     def _rows_at(self, count: int) -> float:
         if ("rows", count) not in self._scales:
-            window = self._drafted[count]
-            beyond = sum(seconds - base * self.roots_scale(count) for base, _, seconds in window)
-            self._scales["rows", count] = max(beyond / sum(extra for _, extra, _ in window), 0.0)
+            roots = self.roots_scale(count)
+            ratios = sorted(((seconds - base * roots) / extra, extra) for base, extra, seconds in self._drafted[count])
+            half, weight = sum(extra for _, extra in ratios) / 2, 0.0
+            for ratio, extra in ratios:
+                weight += extra
+                if weight >= half:
+                    break
+            self._scales["rows", count] = max(ratio, 0.0)
         return self._scales["rows", count]
 
     def _overall(self) -> float:

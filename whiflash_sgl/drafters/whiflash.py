@@ -160,10 +160,12 @@ class WhiFlashDrafter(Drafter):
         chosen = members(decision.paradigm)
         kept = [self._kept(p, bar) for p in chosen]
         predicted = None if decision.tau is None else 1 + (decision.tau - 1) * max(share for _, share in kept)
+        rows = sum(rows for rows, _ in kept)
         tau = (self.calibration(predicted) if predicted is not None
                else max(features.expected_tau().get(p, 1.0) for p in chosen))
-        return Wish(decision.paradigm, tau, sum(rows for rows, _ in kept), {p: features.pending[p] for p in chosen},
-                    forced, predicted, tokens_left / max(tau, 1.0))
+        tau = min(tau, 1 + rows)  # a draft row accepts one token at most
+        return Wish(decision.paradigm, tau, rows, {p: features.pending[p] for p in chosen}, forced, predicted,
+                    tokens_left / max(tau, 1.0))
 
     def _take(self, decision: Decision, drafts: bool, probe: bool) -> tuple[str, ...]:
         """Settle this round's action (``NO_DRAFT`` unless it ``drafts``); return the paradigms that draft."""
@@ -231,8 +233,10 @@ class WhiFlashDrafter(Drafter):
             wishes = [d._wish(f, x, probe, s.min_prob, depth + 1)  # a tree's depth is cut to the tokens left, less one
                       for d, f, x, probe, s, depth in zip(drafters, features, decisions, probes, states, max_depths)]
             decisions = [replace(x, tau=w.predicted) for x, w in zip(decisions, wishes)]  # what calibration learns
-            drafting = plan(wishes, costs, n, times.scales)
+            drafting = plan(wishes, costs, n, times.scales(n))
             quiet.planned(any(drafting))
+            if not any(drafting) and quiet.gap == QUIET_MAX:
+                drafting = cls._explore(wishes, costs, n, times.scales(n))
             times.ran(any(drafting), round_seconds(wishes, drafting, costs, n))
         chosen = [d._take(x, go, probe) for d, x, go, probe in zip(drafters, decisions, drafting, probes)]
         cls._catch_up(drafters, states, [tuple(d.drafters) if c and d.mode == "eager" else c
@@ -247,6 +251,17 @@ class WhiFlashDrafter(Drafter):
                 drafters[i]._trees[paradigm] = drafters[i].drafted[paradigm] = drafters[i].latest[paradigm] = tree
         return [DraftTree.union(d._trees.values()) if len(d._trees) > 1 else next(iter(d._trees.values()))
                 for d in drafters]
+
+    @staticmethod
+    def _explore(wishes: list[Wish], costs, n: int, scales: tuple[float, float]) -> list[bool]:
+        """A plan drafting nothing for ``QUIET_MAX`` rounds at a time rests on prices of drafting it no longer
+        measures: the request expecting most drafts anyway (with any others that then pay), so that one slow round
+        cannot keep a batch from drafting for good."""
+        best = max(range(n), key=lambda i: wishes[i].tau)
+        if wishes[best].tau <= 1:
+            return [False] * n
+        wishes[best] = replace(wishes[best], forced=True)
+        return plan(wishes, costs, n, scales)
 
     def observe(self, report: RoundReport) -> None:
         if not self._trees:  # the engine verified without asking for a draft (one token left)
