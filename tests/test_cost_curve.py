@@ -158,64 +158,68 @@ class _Seq:
         self.tokens = [0]
 
 
-def test_round_times_measure_each_kind_of_round_against_its_prediction():
-    """A round is timed from its start to the next one's; rounds after a prefill, over other sequences or with a
-    long catch-up are not measured; a batch that keeps drafting verifies its roots alone every IDLE_EVERY + 1; and a
-    ratio stands for its batch size once it was measured ``TIMED`` times."""
+def _round(times: RoundTimes, states, clock: float, drafts: bool, forward: float, drafting: float, rest: float,
+           decode_only: bool = True) -> float:
+    """One round of ``states`` from ``clock``: a forward, drafter calls and catch-up of those seconds, and ``rest``
+    per sequence around them; the next round starts at the clock it returns."""
+    times.start(states, decode_only, clock)
+    times.ran(drafts)
+    times.spent(drafting)
+    for _ in states:
+        times.forwarded(forward)
+    return clock + forward + drafting + rest * len(states)
+
+
+def test_round_times_measure_what_a_round_costs_beyond_the_cost_model():
+    """A round's rest is its time from its start to the next one's less its forward, drafter calls and catch-up,
+    per sequence; rounds after a prefill or over other sequences are not measured; a batch that keeps drafting
+    verifies its roots alone every IDLE_EVERY + 1 rounds; a size's figures stand for it after ``TIMED`` rounds."""
     times, states = RoundTimes(), [_Seq(), _Seq()]
-    assert times.scales(2) == (1.0, 1.0)
+    assert times.extra(2) == (0.0, 0.0)
     clock, did = 0.0, []
     for k in range(2 * (IDLE_EVERY + 1)):
-        times.start(states, k > 1, clock)  # the first two rounds follow a prefill
         drafts = not times.idle_due
-        times.ran(drafts, 0.02 if drafts else 0.01)  # predicted
         did.append(drafts)
-        clock += 0.03 if drafts else 0.012  # measured: 1.5x and 1.2x the prediction
-        if k == IDLE_EVERY:
-            assert times.scales(2) == pytest.approx((1.5, 1.5))  # rounds without drafts not measured yet
+        clock = _round(times, states, clock, drafts, 0.03, 0.01 if drafts else 0.0, 0.004 if drafts else 0.001,
+                       decode_only=k > 1)  # the first two rounds follow a prefill
+        if k == IDLE_EVERY + 1:
+            assert times.extra(2) == pytest.approx((0.008, 0.008))  # rounds without drafts not measured yet
     assert did == ([True] * IDLE_EVERY + [False]) * 2
     times.start(states, True, clock)  # measures the last round: the second without drafts
-    assert times.scales(2) == pytest.approx((1.5, 1.5))  # two are not enough to stand for the size
+    assert times.extra(2) == pytest.approx((0.008, 0.008))  # two are not enough to stand for the size
     for _ in range(TIMED - 2):
-        times.ran(False, 0.01)
-        clock += 0.012
-        times.start(states, True, clock)
-    assert times.scales(2) == pytest.approx((1.2, 1.5))
-    measured = {key: len(window) for key, window in times.ratios.items()}
+        clock = _round(times, states, clock, False, 0.03, 0.0, 0.001)
+    times.start(states, True, clock)
+    assert times.extra(2) == pytest.approx((0.002, 0.008))
+    measured = {key: len(window) for key, window in times.rest.items()}
     assert measured == {(False, 2): TIMED, (True, 2): 2 * IDLE_EVERY - 1}  # the first round followed a prefill
-    times.ran(True, 0.02)
-    joined = [_Seq(), *states]
-    times.start(joined, True, clock + 0.03)  # a request joined: the last round is not measured
-    times.ran(True, 0.02)
-    times.caught_up(LONG_BACKLOG + 1)  # this one caught a drafter up over a prompt: not measured either
-    times.start(joined, True, clock + 1.0)
-    assert {key: len(window) for key, window in times.ratios.items()} == measured
+    clock = _round(times, [_Seq(), *states], clock, True, 0.03, 0.01, 0.004)  # a request joined: not measured
+    assert {key: len(window) for key, window in times.rest.items()} == measured
 
 
 def test_round_times_are_kept_per_batch_size():
-    """Each size keeps its own ratios (drafting rounds of 2 sequences ran 1.5x their prediction, of 8 only 1.1x), a
-    size between two measured is interpolated, and a size beyond those that drafted takes the lower of the nearest
-    one's ratio with drafts and its own without: where drafting was not measured, the plan drafts to measure it."""
+    """Each size keeps its own figures per sequence (rounds with drafts cost 4 ms a sequence beyond the cost model
+    at 2 sequences, 2 ms at 8), a size between two measured is interpolated, one beyond them takes the nearest's
+    per sequence, and rounds are not measured against the plan's prediction, so the cost model's corrections do not
+    count twice."""
     times, clock = RoundTimes(), 0.0
-    for sequences, drafted_ratio, idle_ratio in ((2, 1.5, 1.2), (8, 1.1, 1.0), (16, None, 1.05)):
+    for sequences, drafted, idle in ((2, 0.004, 0.002), (8, 0.002, 0.001)):
         states = [_Seq() for _ in range(sequences)]
-        times.start(states, False, clock)
-        for drafts, ratio in ((True, drafted_ratio), (False, idle_ratio)):
-            for _ in range(TIMED if ratio else 0):
-                times.ran(drafts, 0.01)
-                clock += 0.01 * ratio
-                times.start(states, True, clock)
-    assert times.scales(2) == pytest.approx((1.2, 1.5))
-    assert times.scales(8) == pytest.approx((1.0, 1.1))
-    assert times.scales(5) == pytest.approx((1.1, 1.3))
-    assert times.scales(16) == pytest.approx((1.05, 1.05))
+        for drafts, rest in ((True, drafted), (False, idle)):
+            for _ in range(TIMED):
+                clock = _round(times, states, clock, drafts, 0.03, 0.01 if drafts else 0.0, rest)
+            times.start(states, True, clock)  # measures the last round
+    assert times.extra(2) == pytest.approx((0.004, 0.008))
+    assert times.extra(8) == pytest.approx((0.008, 0.016))
+    assert times.extra(5) == pytest.approx((5 * 0.0015, 5 * 0.003))
+    assert times.extra(16) == pytest.approx((0.016, 0.032))
 
 
-def test_the_plan_scales_its_rounds_by_their_measured_times():
+def test_the_plan_adds_what_rounds_cost_beyond_the_cost_model():
     costs = _costs()
     wishes = [Wish("eagle3", 2.0, 2, {})] * 8  # 16 tokens in 172 ms against 8 in 108 ms
     assert plan(wishes, costs, base_rows=8) == [True] * 8
-    assert plan(wishes, costs, base_rows=8, scales=(1.0, 1.4)) == [False] * 8  # 16 tokens in 241 ms
+    assert plan(wishes, costs, base_rows=8, extra=(0.0, 0.07)) == [False] * 8  # 16 tokens in 242 ms
 
 
 def test_calibration_scales_predictions_to_what_was_accepted():
@@ -296,6 +300,8 @@ def test_a_draft_rows_price_is_set_neither_by_a_rows_jitter_nor_by_one_slow_forw
         costs.observe_verify(9, BY_SEQUENCES(9, 8) + 0.004 + 1e-6 * i, sequences=8)
         costs.observe_verify(40, roots + 1.2 * extra + 1e-6 * i, sequences=8)
     assert costs.verify(40, 8) - roots == pytest.approx(1.2 * extra, rel=1e-3)
+    costs.observe_verify(16, 1.3 * BY_SEQUENCES(16, 16), sequences=16)  # beyond the sizes that drafted: no borrowing
+    assert costs.verify(48, 16) == pytest.approx(1.3 * BY_SEQUENCES(48, 16))
 
 
 def test_cost_model_without_a_curve_learns_the_verify_line():

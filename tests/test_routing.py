@@ -433,7 +433,7 @@ def test_a_batch_that_always_drafts_verifies_its_roots_alone_now_and_then(target
     assert len(rounds) > 12 and set(rounds) == {"eagle3", NO_DRAFT}
     assert all(action == (NO_DRAFT if k % 6 == 5 else "eagle3") for k, action in enumerate(rounds))
     times = requests[0].drafter.times
-    assert len(times.ratios[True, 2]) >= 8 and len(times.ratios[False, 2]) >= 1
+    assert len(times.rest[True, 2]) >= 8 and len(times.rest[False, 2]) >= 1
 
 
 class Predicting:

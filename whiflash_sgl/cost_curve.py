@@ -96,12 +96,11 @@ class CostCurve:
 def between_counts(counts: Sequence[int], sequences: float, value: Callable[[int], float],
                    beyond: float | None = None) -> float:
     """A quantity known at the ascending sequence ``counts`` (``value(i)`` at ``counts[i]``), at ``sequences``: its
-    value at that count, else linear between the two nearest counts, else (beyond them) the nearest one's, or
-    ``beyond`` where that is lower (an optimistic guess where nothing was measured, so that it gets measured)."""
+    value at that count, else linear between the two nearest counts, else (beyond them) ``beyond`` where given, the
+    nearest one's otherwise."""
     i = bisect.bisect_left(counts, sequences)
     if i == len(counts) or (i == 0 and counts[0] != sequences):
-        nearest = value(min(i, len(counts) - 1))
-        return nearest if beyond is None else min(nearest, beyond)
+        return value(min(i, len(counts) - 1)) if beyond is None else beyond
     if counts[i] == sequences:
         return value(i)
     w = (sequences - counts[i - 1]) / (counts[i] - counts[i - 1])

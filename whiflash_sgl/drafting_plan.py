@@ -12,10 +12,9 @@ features), scaled by :class:`Calibration` to what verified drafts have accepted;
 reached when it last drafted, and then a request idle for a while is due for a probe, which drafts in any case
 (those statistics go stale while it idles).
 
-The plan's round times come from the cost model, which sees the forward, the drafter calls and catch-up but not the
-rest of a round (routing, the commit, the Python around each request), and that rest is larger in a round that
-drafts. :class:`RoundTimes` measures each round from its start to the next one's and keeps the ratio of that to
-the plan's prediction, for rounds with drafts and without; the plan scales its two kinds of round by them.
+The plan's round times come from the cost model, which prices the forward, the drafter calls and catch-up but not
+the rest of a round (routing, the commit, the Python around each request), and that rest is larger in a round that
+drafts. :class:`RoundTimes` measures it, for rounds with drafts and without, and the plan adds it to each kind.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from whiflash_sgl.router import TIMED, CostModel, members
 
 CALIBRATION_WINDOW = 128  # latest request-rounds whose accepted / predicted draft tokens scale predictions
 TIME_WINDOW = 32  # latest rounds of each kind (with drafts, without) whose measured / predicted time is kept
-LONG_BACKLOG = 32  # a round that catches a drafter up over more positions than this is not measured
+LONG_BACKLOG = 32  # catch-up beyond this many positions is a cost paid once: see ``round_seconds``
 IDLE_EVERY = 16  # a batch that drafted this many rounds in a row verifies its roots alone once, to measure that
 
 
@@ -93,14 +92,14 @@ def round_seconds(wishes: Sequence[Wish], drafting: Sequence[bool], costs: CostM
 
 
 def plan(wishes: Sequence[Wish], costs: CostModel, base_rows: int,
-         scales: tuple[float, float] = (1.0, 1.0)) -> list[bool]:
+         extra: tuple[float, float] = (0.0, 0.0)) -> list[bool]:
     """Whether each request drafts this round: the best prefix, by the round's tokens per second, of the requests
-    ordered by what each adds alone (forced ones always draft). ``scales``: a round's measured time over its
-    predicted time, without drafts and with (:class:`RoundTimes`)."""
+    ordered by what each adds alone (forced ones always draft). ``extra``: the seconds a round costs beyond the cost
+    model's price, without drafts and with (:class:`RoundTimes`)."""
     idle = round_seconds(wishes, [False] * len(wishes), costs, base_rows)
 
     def seconds(drafting: Sequence[bool]) -> float:
-        return round_seconds(wishes, drafting, costs, base_rows) * scales[any(drafting)]
+        return round_seconds(wishes, drafting, costs, base_rows) + extra[any(drafting)]
 
     def value(i: int) -> float:
         """The tokens request ``i`` adds per second it adds, drafting alone."""
@@ -127,28 +126,28 @@ def plan(wishes: Sequence[Wish], costs: CostModel, base_rows: int,
 class _Round:
     start: float
     states: list
-    predicted: float = 0.0  # the plan's seconds for it
     drafted: bool = False
-    measured: bool = True
+    priced: float = 0.0  # measured seconds of the parts the cost model prices: drafter calls, catch-up ...
+    forward: float | None = None  # ... and the forward
 
 
 class RoundTimes:
-    """A batch round's measured time over the plan's prediction for it (``round_seconds``), over the latest
-    ``TIME_WINDOW`` rounds with drafts and without, per batch size as the cost model's scales are (one ratio for
-    every size carried 1.44 from the drafting tail of a 4-request run, where the draft rows of 2 or 3 requests were
-    priced too cheaply, to 8 requests, whose plan then drafted nothing). A round is timed from its start to the next
-    round's start (routing, drafting, catch-up, the forward, the commit all inside). Not measured: a round whose
-    forward also ran a prefill, whose sequences changed before the next began, or that caught a drafter up over
-    more than ``LONG_BACKLOG`` positions (a prompt, the first time a request drafts: a cost paid once). A batch that
-    drafted ``IDLE_EVERY`` rounds in a row verifies its roots alone once, so that the ratio without drafts stays
-    current. A size's ratios stand for it once ``TIMED`` rounds of the kind were measured there.
+    """What a batch round costs beyond the parts the cost model prices (the forward, the drafter calls, catch-up):
+    routing, the commit, the Python around each request. It is measured, per sequence, as the round's time from its
+    start to the next round's start less those parts' measured seconds, over the latest ``TIME_WINDOW`` rounds with
+    drafts and without, per batch size; a size's figures stand for it once ``TIMED`` rounds of the kind were
+    measured there, and the nearest size's stand in before. Not measured: a round whose forward also ran a prefill,
+    or whose sequences changed before the next began. A batch that drafted ``IDLE_EVERY`` rounds in a row verifies
+    its roots alone once, so that the rounds without drafts stay measured.
 
-    A ratio rather than a rate: what a round commits depends on its requests' text far more than on the batch, so
-    rates measured over different stretches of text say little about drafting; how far the plan's time is off does
-    not depend on the text."""
+    Measured, not a ratio to the plan's prediction: the prediction moves as the cost model learns, and a ratio
+    measured against one version of it, applied to the next, counted the model's correction twice (the first
+    drafting rounds of 4 requests, priced with draft rows at the curve, ran 1.28x their prediction; with the rows at
+    1.17x the curve once measured, the 1.28 still applied, rounds of 42 ms were priced at 67, and the batch stopped
+    drafting)."""
 
     def __init__(self) -> None:
-        self.ratios: dict[tuple[bool, int], deque[float]] = {}  # (drafted, sequences): measured / predicted
+        self.rest: dict[tuple[bool, int], deque[float]] = {}  # (drafted, sequences): seconds per sequence
         self._round: _Round | None = None  # the round under way
         self.drafting_streak = 0  # rounds in a row that drafted, up to the last one
 
@@ -156,39 +155,43 @@ class RoundTimes:
         """A round of ``states`` starts at ``now``; ``decode_only``: the last round's forward ran those sequences'
         trees and nothing else, so it is measured if they are the same sequences."""
         last = self._round
-        if (last is not None and last.measured and last.predicted > 0 and decode_only
+        if (last is not None and last.forward is not None and decode_only
                 and len(last.states) == len(states) and all(a is b for a, b in zip(last.states, states))):
-            window = self.ratios.setdefault((last.drafted, len(states)), deque(maxlen=TIME_WINDOW))
-            window.append((now - last.start) / last.predicted)
+            window = self.rest.setdefault((last.drafted, len(states)), deque(maxlen=TIME_WINDOW))
+            window.append((now - last.start - last.priced - last.forward) / len(states))
         self._round = _Round(now, list(states))
 
-    def ran(self, drafted: bool, predicted: float) -> None:
-        """The round under way drafts or not; the plan predicted ``predicted`` seconds for it."""
+    def ran(self, drafted: bool) -> None:
+        """The round under way drafts or not."""
         if self._round is not None:
-            self._round.drafted, self._round.predicted = drafted, predicted
+            self._round.drafted = drafted
         self.drafting_streak = self.drafting_streak + 1 if drafted else 0
 
-    def caught_up(self, backlog: int) -> None:
-        """The round under way caught a drafter up over ``backlog`` positions."""
-        if self._round is not None and backlog > LONG_BACKLOG:
-            self._round.measured = False
+    def spent(self, seconds: float) -> None:
+        """The round under way spent ``seconds`` in a drafter call or a catch-up."""
+        if self._round is not None:
+            self._round.priced += seconds
+
+    def forwarded(self, seconds: float) -> None:
+        """The round under way's forward took ``seconds`` (every sequence reports it; it counts once)."""
+        if self._round is not None:
+            self._round.forward = seconds
 
     @property
     def idle_due(self) -> bool:
         """Whether this round should verify the roots alone: the batch drafted ``IDLE_EVERY`` rounds in a row."""
         return self.drafting_streak >= IDLE_EVERY
 
-    def scales(self, sequences: int) -> tuple[float, float]:
-        """Median measured / predicted time of rounds of ``sequences`` sequences without drafts and with
-        (``between_counts`` of the sizes measured). A kind not measured yet is taken to be off by as much as the
-        other (1 before any); and a size beyond those that drafted takes the lower of the nearest's ratio with
-        drafts and its own without, so that the plan drafts there and measures it."""
-        idle = self._at(False, sequences)
-        drafted = self._at(True, sequences, idle)
-        return (idle or drafted or 1.0, drafted or idle or 1.0)
+    def extra(self, sequences: int) -> tuple[float, float]:
+        """Seconds a round of ``sequences`` sequences costs beyond the cost model's price, without drafts and with
+        (the median per sequence, ``between_counts`` of the sizes measured); a kind not measured yet is taken to
+        cost as much as the other (nothing before any)."""
+        idle, drafted = (self._per_sequence(d, sequences) for d in (False, True))
+        return tuple(sequences * (own if own is not None else other if other is not None else 0.0)
+                     for own, other in ((idle, drafted), (drafted, idle)))
 
-    def _at(self, drafted: bool, sequences: int, beyond: float | None = None) -> float | None:
-        counts = sorted(n for (d, n), window in self.ratios.items() if d == drafted and len(window) >= TIMED)
+    def _per_sequence(self, drafted: bool, sequences: int) -> float | None:
+        counts = sorted(n for (d, n), window in self.rest.items() if d == drafted and len(window) >= TIMED)
         if not counts:
             return None
-        return between_counts(counts, sequences, lambda i: statistics.median(self.ratios[drafted, counts[i]]), beyond)
+        return between_counts(counts, sequences, lambda i: statistics.median(self.rest[drafted, counts[i]]))

@@ -198,9 +198,10 @@ class CostModel:
     had run a plain median to 2.8-3.7x by the end of a 4-request run; pooled sums instead let one slow forward among
     the first four of a size price its rows at 2.4x, and a batch that does not draft does not measure them again
     (a 4-request batch then drafted in 6 of its 300 rounds). Until a count's roots alone were timed ``TIMED`` times,
-    its batch does not draft (``knows_roots``), and until it drafted ``TIMED`` times, its draft rows are priced at
-    its roots' ratio where that is lower than the nearest count's: where drafting was not measured, the plan drafts
-    to measure it.
+    its batch does not draft (``knows_roots``), and beyond the counts that drafted ``TIMED`` times, draft rows are
+    priced at the count's roots' ratio, not the nearest count's: the draft rows of one request ran anywhere from 0.1
+    to 4 times the curve, and borrowed by 4 requests at 0.1, they had the plan draft rounds it priced at 33 ms that
+    ran 50.
 
     Catch-up needs the intercept: a KV-only prefill of a few positions costs mostly its fixed overhead, and a
     per-position rate measured there, times the long backlog an idle drafter builds up, would price that drafter
@@ -257,7 +258,7 @@ class CostModel:
     def rows_scale(self, sequences: int) -> float:
         """This machine's time over the curve's for the draft rows on top of the roots of ``sequences`` sequences:
         over the forwards with draft rows at that count, each less its roots' price (``between_counts`` of the counts
-        seen; beyond them, the roots' scale at ``sequences`` where that is lower)."""
+        seen; beyond them, the roots' scale at ``sequences``)."""
         counts = sorted(n for n, window in self._drafted.items() if len(window) >= TIMED)
         if not self._roots or not counts:
             return self.roots_scale(sequences)

@@ -17,7 +17,7 @@ from dataclasses import replace
 import torch
 
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
-from whiflash_sgl.drafting_plan import Calibration, RoundTimes, Wish, plan, round_seconds
+from whiflash_sgl.drafting_plan import Calibration, RoundTimes, Wish, plan
 from whiflash_sgl.router import NO_DRAFT, BatchLoad, Decision, RoundFeatures, Router, members, root_statistics
 from whiflash_sgl.tree import DraftTree
 
@@ -90,7 +90,7 @@ class WhiFlashDrafter(Drafter):
         self.tree_size = {p: 8 for p in drafters}  # last verified draft size per paradigm, for the cost model
         self.calibration = Calibration()  # shared by the forks, as the cost model is
         self.quiet = QuietRounds()  # shared too: a batch's rounds without routing ...
-        self.times = RoundTimes()  # ... and how long its rounds took against the plan's predictions
+        self.times = RoundTimes()  # ... and what its rounds cost beyond the cost model's price
         self.latest: dict[str, DraftTree] = {}  # each paradigm's latest tree for any sequence (shared by the forks)
         self._reset_sequence()
 
@@ -190,10 +190,10 @@ class WhiFlashDrafter(Drafter):
             if not any(backlogs):
                 continue
             own = [d.drafters[paradigm] for d, _ in group]
-            drafters[0].times.caught_up(max(backlogs))
             tic = time.perf_counter()
             type(own[0]).catch_up_batch(own, [state for _, state in group])
             seconds = time.perf_counter() - tic
+            drafters[0].times.spent(seconds)
             group[0][0].router.costs.observe_catchup(paradigm, sum(backlogs), seconds)
             for (d, _), backlog in zip(group, backlogs):
                 share = seconds * backlog / sum(backlogs)
@@ -219,7 +219,7 @@ class WhiFlashDrafter(Drafter):
         if n > 1:
             times.start(states, drafters[0].load.sequences + 1 == n, time.perf_counter())
             if quiet.skip(n) or times.idle_due or not costs.knows_roots(n):
-                times.ran(False, costs.verify(n, n))
+                times.ran(False)
                 for d in drafters:
                     d._take(Decision(NO_DRAFT), False, False)
                 return [DraftTree()] * n
@@ -233,11 +233,11 @@ class WhiFlashDrafter(Drafter):
             wishes = [d._wish(f, x, probe, s.min_prob, depth + 1)  # a tree's depth is cut to the tokens left, less one
                       for d, f, x, probe, s, depth in zip(drafters, features, decisions, probes, states, max_depths)]
             decisions = [replace(x, tau=w.predicted) for x, w in zip(decisions, wishes)]  # what calibration learns
-            drafting = plan(wishes, costs, n, times.scales(n))
+            drafting = plan(wishes, costs, n, times.extra(n))
             quiet.planned(any(drafting))
             if not any(drafting) and quiet.gap == QUIET_MAX:
-                drafting = cls._explore(wishes, costs, n, times.scales(n))
-            times.ran(any(drafting), round_seconds(wishes, drafting, costs, n))
+                drafting = cls._explore(wishes, costs, n, times.extra(n))
+            times.ran(any(drafting))
         chosen = [d._take(x, go, probe) for d, x, go, probe in zip(drafters, decisions, drafting, probes)]
         cls._catch_up(drafters, states, [tuple(d.drafters) if c and d.mode == "eager" else c
                                          for d, c in zip(drafters, chosen)])
@@ -246,14 +246,16 @@ class WhiFlashDrafter(Drafter):
             tic = time.perf_counter()
             trees = propose_all([drafters[i].drafters[paradigm] for i in group], [states[i] for i in group],
                                 [max_depths[i] for i in group])
-            drafters[group[0]].router.costs.observe_draft(paradigm, time.perf_counter() - tic, len(group))
+            seconds = time.perf_counter() - tic
+            drafters[group[0]].router.costs.observe_draft(paradigm, seconds, len(group))
+            drafters[0].times.spent(seconds)
             for i, tree in zip(group, trees):
                 drafters[i]._trees[paradigm] = drafters[i].drafted[paradigm] = drafters[i].latest[paradigm] = tree
         return [DraftTree.union(d._trees.values()) if len(d._trees) > 1 else next(iter(d._trees.values()))
                 for d in drafters]
 
     @staticmethod
-    def _explore(wishes: list[Wish], costs, n: int, scales: tuple[float, float]) -> list[bool]:
+    def _explore(wishes: list[Wish], costs, n: int, extra: tuple[float, float]) -> list[bool]:
         """A plan drafting nothing for ``QUIET_MAX`` rounds at a time rests on prices of drafting it no longer
         measures: the request expecting most drafts anyway (with any others that then pay), so that one slow round
         cannot keep a batch from drafting for good."""
@@ -261,9 +263,10 @@ class WhiFlashDrafter(Drafter):
         if wishes[best].tau <= 1:
             return [False] * n
         wishes[best] = replace(wishes[best], forced=True)
-        return plan(wishes, costs, n, scales)
+        return plan(wishes, costs, n, extra)
 
     def observe(self, report: RoundReport) -> None:
+        self.times.forwarded(report.verify_seconds)
         if not self._trees:  # the engine verified without asking for a draft (one token left)
             return
         # each paradigm's own tau as verified: its tree's acceptance, within what the engine kept of the tree
