@@ -28,7 +28,7 @@ from whiflash_sgl.cost_curve import between_counts
 from whiflash_sgl.router import TIMED, CostModel, members
 
 CALIBRATION_WINDOW = 128  # latest request-rounds whose accepted / predicted draft tokens scale predictions
-TIME_WINDOW = 32  # latest rounds of each kind (with drafts, without) whose measured / predicted time is kept
+TIME_WINDOW = 32  # latest rounds of each kind (with drafts, without) and size whose cost beyond the cost model is kept
 LONG_BACKLOG = 32  # catch-up beyond this many positions is a cost paid once: see ``round_seconds``
 IDLE_EVERY = 16  # a batch that drafted this many rounds in a row verifies its roots alone once, to measure that
 
