@@ -289,7 +289,7 @@ def test_a_draft_rows_price_is_set_neither_by_a_rows_jitter_nor_by_one_slow_forw
     """Forwards with one draft row carry a round's jitter (4 ms) over a row the curve prices at under a millisecond,
     and one forward in a few may run slow: the draft rows' scale is the median of the forwards' ratios weighted by
     their draft rows' price, 1.2 here, where a plain median (6, 6, 6, 1.2, 1.2, 1.2) would price every draft row at
-    3.6 times the curve and pooled sums one slow forward among three at 1.9; and a size drafted fewer than ``TIMED``
+    3.6 times the curve and pooled sums (the slow one included) at 1.74; and a size drafted fewer than ``TIMED``
     times is priced at its roots' ratio."""
     costs, roots = CostModel(BY_SEQUENCES), BY_SEQUENCES(8, 8)
     costs.observe_verify(8, roots, sequences=8)

@@ -201,7 +201,7 @@ class CostModel:
     its batch does not draft (``knows_roots``), and beyond the counts that drafted ``TIMED`` times, draft rows are
     priced at the count's roots' ratio, not the nearest count's: the draft rows of one request ran anywhere from 0.1
     to 4 times the curve, and borrowed by 4 requests at 0.1, they had the plan draft rounds it priced at 33 ms that
-    ran 50.
+    ran 50. Before any roots alone were seen, one median ratio over every forward scales both parts.
 
     Catch-up needs the intercept: a KV-only prefill of a few positions costs mostly its fixed overhead, and a
     per-position rate measured there, times the long backlog an idle drafter builds up, would price that drafter

@@ -255,15 +255,14 @@ class WhiFlashDrafter(Drafter):
                 for d in drafters]
 
     @staticmethod
-    def _explore(wishes: list[Wish], costs, n: int, extra: tuple[float, float]) -> list[bool]:
+    def _explore(wishes: Sequence[Wish], costs, n: int, extra: tuple[float, float]) -> list[bool]:
         """A plan drafting nothing for ``QUIET_MAX`` rounds at a time rests on prices of drafting it no longer
         measures: the request expecting most drafts anyway (with any others that then pay), so that one slow round
         cannot keep a batch from drafting for good."""
         best = max(range(n), key=lambda i: wishes[i].tau)
         if wishes[best].tau <= 1:
             return [False] * n
-        wishes[best] = replace(wishes[best], forced=True)
-        return plan(wishes, costs, n, extra)
+        return plan([replace(w, forced=True) if i == best else w for i, w in enumerate(wishes)], costs, n, extra)
 
     def observe(self, report: RoundReport) -> None:
         self.times.forwarded(report.verify_seconds)
