@@ -12,7 +12,7 @@ from whiflash_sgl.cost_curve import MAX_ROWS, ROWS_EACH, SEQUENCES, CostCurve, m
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
-from whiflash_sgl.drafting_plan import IDLE_EVERY, LONG_BACKLOG, Calibration, RoundTimes, Wish, plan, round_seconds
+from whiflash_sgl.drafting_plan import IDLE_EVERY, Calibration, RoundTimes, Wish, plan, round_seconds
 from whiflash_sgl.router import NO_DRAFT, TIMED, BatchLoad, CostModel, Router
 from whiflash_sgl.tree import DraftTree
 

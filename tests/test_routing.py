@@ -362,7 +362,8 @@ def test_each_request_routes_on_its_own_and_mixed_paradigms_verify_in_one_forwar
 def _two_requests_whose_plan_is(drafts: bool, tokens: int, target, models, prompt, tiny_tokenizer, monkeypatch):
     """Two requests batched under a plan that always (``drafts``) or never lets them draft, each checked against its
     solo vanilla output."""
-    monkeypatch.setattr("whiflash_sgl.drafters.whiflash.plan", lambda wishes, *args: [drafts] * len(wishes))
+    for module in ("whiflash_sgl.drafters.whiflash", "whiflash_sgl.drafting_plan"):  # the plan, and explore's
+        monkeypatch.setattr(f"{module}.plan", lambda wishes, *args: [drafts] * len(wishes))
     prompts = [prompt, tiny_tokenizer("The quick brown fox")["input_ids"]]
     solo = [SpeculativeEngine(target).generate(p, tokens).tokens for p in prompts]
     engine = SpeculativeEngine(target, _whiflash(target, models, Fixed("eagle3")))
@@ -449,7 +450,8 @@ def test_a_batch_whose_plan_drafts_nothing_explores_drafting_now_and_then(target
     4-request batch from drafting for the rest of its run): once its quiet gap is at ``QUIET_MAX``, each plan lets
     the request expecting most draft anyway, alone here; the output stays vanilla's."""
     monkeypatch.setattr("whiflash_sgl.drafters.whiflash.QUIET_MAX", 4)
-    monkeypatch.setattr("whiflash_sgl.drafters.whiflash.plan", lambda wishes, *args: [w.forced for w in wishes])
+    for module in ("whiflash_sgl.drafters.whiflash", "whiflash_sgl.drafting_plan"):  # the plan, and explore's
+        monkeypatch.setattr(f"{module}.plan", lambda wishes, *args: [w.forced for w in wishes])
     prompts = [prompt, tiny_tokenizer("The quick brown fox")["input_ids"]]
     solo = [SpeculativeEngine(target).generate(p, 40).tokens for p in prompts]
     engine = SpeculativeEngine(target, _whiflash(target, models, Predicting()))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import statistics
 from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from whiflash_sgl.cost_curve import between_counts
 from whiflash_sgl.router import TIMED, CostModel, members
@@ -122,6 +122,17 @@ def plan(wishes: Sequence[Wish], costs: CostModel, base_rows: int,
     return drafting
 
 
+def explore(wishes: Sequence[Wish], costs: CostModel, base_rows: int,
+            extra: tuple[float, float] = (0.0, 0.0)) -> list[bool]:
+    """The plan with the request that expects most drafting in any case (nothing where none expects more than its
+    root). A batch whose plan has drafted nothing for a long while rests on prices of drafting it no longer
+    measures; this measures them again, so that one slow round cannot keep a batch from drafting for good."""
+    best = max(range(len(wishes)), key=lambda i: wishes[i].tau)
+    if wishes[best].tau <= 1:
+        return [False] * len(wishes)
+    return plan([replace(w, forced=True) if i == best else w for i, w in enumerate(wishes)], costs, base_rows, extra)
+
+
 @dataclass
 class _Round:
     start: float
@@ -187,8 +198,8 @@ class RoundTimes:
         (the median per sequence, ``between_counts`` of the sizes measured); a kind not measured yet is taken to
         cost as much as the other (nothing before any)."""
         idle, drafted = (self._per_sequence(d, sequences) for d in (False, True))
-        return tuple(sequences * (own if own is not None else other if other is not None else 0.0)
-                     for own, other in ((idle, drafted), (drafted, idle)))
+        idle, drafted = (idle if idle is not None else drafted), (drafted if drafted is not None else idle)
+        return sequences * (idle or 0.0), sequences * (drafted or 0.0)
 
     def _per_sequence(self, drafted: bool, sequences: int) -> float | None:
         counts = sorted(n for (d, n), window in self.rest.items() if d == drafted and len(window) >= TIMED)

@@ -278,13 +278,8 @@ class CostModel:
     def _rows_at(self, count: int) -> float:
         if ("rows", count) not in self._scales:
             roots = self.roots_scale(count)
-            ratios = sorted(((seconds - base * roots) / extra, extra) for base, extra, seconds in self._drafted[count])
-            half, weight = sum(extra for _, extra in ratios) / 2, 0.0
-            for ratio, extra in ratios:
-                weight += extra
-                if weight >= half:
-                    break
-            self._scales["rows", count] = max(ratio, 0.0)
+            ratios = [((seconds - base * roots) / extra, extra) for base, extra, seconds in self._drafted[count]]
+            self._scales["rows", count] = max(weighted_median(ratios), 0.0)
         return self._scales["rows", count]
 
     def _overall(self) -> float:
@@ -329,6 +324,17 @@ class CostModel:
             added = self.verify(others_rows + rows, others_sequences + 1) - base
             seconds[action] = added + sum(share[p] for p in chosen)
         return seconds
+
+
+def weighted_median(pairs: Sequence[tuple[float, float]]) -> float:
+    """The median of the ``(value, weight)`` pairs' values, each counting by its weight."""
+    ordered = sorted(pairs)
+    half, weight = sum(w for _, w in ordered) / 2, 0.0
+    for value, w in ordered:
+        weight += w
+        if weight >= half:
+            return value
+    return ordered[-1][0]
 
 
 class _Call:

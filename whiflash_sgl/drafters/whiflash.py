@@ -17,7 +17,7 @@ from dataclasses import replace
 import torch
 
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
-from whiflash_sgl.drafting_plan import Calibration, RoundTimes, Wish, plan
+from whiflash_sgl.drafting_plan import Calibration, RoundTimes, Wish, explore, plan
 from whiflash_sgl.router import NO_DRAFT, BatchLoad, Decision, RoundFeatures, Router, members, root_statistics
 from whiflash_sgl.tree import DraftTree
 
@@ -235,8 +235,8 @@ class WhiFlashDrafter(Drafter):
             decisions = [replace(x, tau=w.predicted) for x, w in zip(decisions, wishes)]  # what calibration learns
             drafting = plan(wishes, costs, n, times.extra(n))
             quiet.planned(any(drafting))
-            if not any(drafting) and quiet.gap == QUIET_MAX:
-                drafting = cls._explore(wishes, costs, n, times.extra(n))
+            if not any(drafting) and quiet.gap == QUIET_MAX:  # drafted nothing for a long while
+                drafting = explore(wishes, costs, n, times.extra(n))
             times.ran(any(drafting))
         chosen = [d._take(x, go, probe) for d, x, go, probe in zip(drafters, decisions, drafting, probes)]
         cls._catch_up(drafters, states, [tuple(d.drafters) if c and d.mode == "eager" else c
@@ -253,16 +253,6 @@ class WhiFlashDrafter(Drafter):
                 drafters[i]._trees[paradigm] = drafters[i].drafted[paradigm] = drafters[i].latest[paradigm] = tree
         return [DraftTree.union(d._trees.values()) if len(d._trees) > 1 else next(iter(d._trees.values()))
                 for d in drafters]
-
-    @staticmethod
-    def _explore(wishes: Sequence[Wish], costs, n: int, extra: tuple[float, float]) -> list[bool]:
-        """A plan drafting nothing for ``QUIET_MAX`` rounds at a time rests on prices of drafting it no longer
-        measures: the request expecting most drafts anyway (with any others that then pay), so that one slow round
-        cannot keep a batch from drafting for good."""
-        best = max(range(n), key=lambda i: wishes[i].tau)
-        if wishes[best].tau <= 1:
-            return [False] * n
-        return plan([replace(w, forced=True) if i == best else w for i, w in enumerate(wishes)], costs, n, extra)
 
     def observe(self, report: RoundReport) -> None:
         self.times.forwarded(report.verify_seconds)
