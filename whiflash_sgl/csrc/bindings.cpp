@@ -9,10 +9,12 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& panels, in
 bool amx_permitted();
 torch::Tensor pack_bf16(const torch::Tensor& weight);
 torch::Tensor linear_bf16(const torch::Tensor& input, const torch::Tensor& panels, int64_t n);
+std::vector<torch::Tensor> visible_keys(const torch::Tensor& qo_indptr, const torch::Tensor& kv_indptr,
+                                        const torch::Tensor& mask, const torch::Tensor& mask_indptr);
 torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                               const torch::Tensor& qo_indptr, const torch::Tensor& kv_indptr,
-                              const torch::Tensor& kv_indices, const torch::Tensor& mask,
-                              const torch::Tensor& mask_indptr, double scale);
+                              const torch::Tensor& kv_indices, const torch::Tensor& lead,
+                              const torch::Tensor& own_indptr, const torch::Tensor& own, double scale);
 }  // namespace whiflash
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -21,5 +23,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_permitted", &whiflash::amx_permitted, "whether the OS gave this process AMX state");
   m.def("pack_bf16", &whiflash::pack_bf16, "[N, K] weight -> bf16 AMX B-tile panels");
   m.def("linear_bf16", &whiflash::linear_bf16, "rows [M, K] . W^T in bf16 products (AMX), float32 sums");
+  m.def("visible_keys", &whiflash::visible_keys, "per query row: leading keys seen, then its other keys (CSR)");
   m.def("paged_attention", &whiflash::paged_attention, "float32 tree attention over a paged KV pool, per row");
 }

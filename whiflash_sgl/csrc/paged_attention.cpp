@@ -7,11 +7,12 @@
 // batch, in a prefill chunk or a verify tree: with bf16-rounded matmul inputs a last-bit difference in attention would
 // otherwise flip roundings and grow into different logits.
 //
-// For speed, one work item is a block of up to four query rows of one request and one KV head (with the query heads
-// that share it): the keys every row of the block sees first (the cached context, a prefill chunk's causal prefix)
-// are loaded once for all of its queries, scores 16 keys at a time and values one 16-dim slice at a time into up
-// to 12 running sums; each row then goes on alone over the keys only it sees. Splitting a row's keys between the
-// two phases moves no operation, so the blocks do not change the bits.
+// For speed, one work item is a block of query rows of one request (4 to 64, as many as keep the threads busy) and its
+// KV heads (with the query heads that share each): the keys every row of the block sees first (the cached context, a
+// prefill chunk's causal prefix) are loaded once for all of its queries, scores 16 keys at a time and values a tile
+// of 64 keys at a time, one 16-dim slice at a time into up to 12 running sums per pass; each row then goes on alone
+// over the keys only it sees. Splitting a row's keys between the two phases moves no operation, so the blocks do
+// not change the bits. Which keys a row sees is read from the mask once per forward (visible_keys), not per layer.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <utility>
@@ -96,6 +98,7 @@ float softmax_numerators(float* scores, int64_t n) {
 }
 
 constexpr int64_t kSums = 12;  // running sums one pass over the values keeps in registers
+constexpr int64_t kTile = 64;  // values one pass over them serves every query with before the next (16 KB at d 64)
 
 // sums[m][c .. c+16) += p[m][j] * values[j][c .. c+16) for keys j in [begin, end), in key order, for M queries
 template <int M>
@@ -129,116 +132,163 @@ void accumulate(float* const* p, const float* const* values, int64_t begin, int6
     kWeightedSums[std::min(kSums, count - m) - 1](p + m, values, begin, end, c, d, sums + m * d);
 }
 
+// the pointers to `count` keys' (or values') head-h vectors: keys[j] is pool row idx[j]
+void head_rows(const float* base, int64_t stride0, const int64_t* idx, int64_t count, std::vector<const float*>& out) {
+  out.resize(count);
+  for (int64_t j = 0; j < count; ++j) out[j] = base + idx[j] * stride0;
+}
+
+// how many query rows one work item serves: enough items for every thread, and each item's rows read the keys they
+// share once (rows of one request are cheap where they share a load, and a tree's rows share all its context)
+int64_t rows_per_item(int64_t requests, int64_t longest) {
+  const int64_t wanted = 4 * at::get_num_threads(), per_request = std::max<int64_t>(1, (wanted + requests - 1) / requests);
+  return std::clamp<int64_t>((longest + per_request - 1) / per_request, 4, 64);
+}
+
 }  // namespace
+
+std::vector<torch::Tensor> visible_keys(const torch::Tensor& qo_indptr, const torch::Tensor& kv_indptr,
+                                        const torch::Tensor& mask, const torch::Tensor& mask_indptr) {
+  const auto qo = qo_indptr.contiguous(), kvp = kv_indptr.contiguous(), mk = mask.contiguous(),
+             mkp = mask_indptr.contiguous();
+  const int64_t batch = qo.numel() - 1, *qo_p = qo.data_ptr<int64_t>(), *kv_p = kvp.data_ptr<int64_t>();
+  const bool causal = mk.numel() == 0;
+  auto lead = torch::empty({qo_p[batch]}, qo.options());
+  auto own_indptr = torch::zeros({qo_p[batch] + 1}, qo.options());
+  int64_t *lead_p = lead.data_ptr<int64_t>(), *own_p = own_indptr.data_ptr<int64_t>();
+  std::vector<int64_t> own;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t q_len = qo_p[b + 1] - qo_p[b], kv_len = kv_p[b + 1] - kv_p[b];
+    for (int64_t i = 0; i < q_len; ++i) {
+      const int64_t row = qo_p[b] + i;
+      if (causal) {
+        lead_p[row] = kv_len - q_len + i + 1;
+      } else {
+        const bool* sees = mk.data_ptr<bool>() + mkp.data_ptr<int64_t>()[b] + i * kv_len;
+        int64_t n = 0;
+        while (n < kv_len && sees[n]) ++n;
+        lead_p[row] = n;
+        for (int64_t j = n + 1; j < kv_len; ++j)
+          if (sees[j]) own.push_back(j);
+      }
+      own_p[row + 1] = static_cast<int64_t>(own.size());
+    }
+  }
+  return {lead, own_indptr, torch::tensor(own, qo.options())};
+}
 
 torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                               const torch::Tensor& qo_indptr, const torch::Tensor& kv_indptr,
-                              const torch::Tensor& kv_indices, const torch::Tensor& mask,
-                              const torch::Tensor& mask_indptr, double scale) {
+                              const torch::Tensor& kv_indices, const torch::Tensor& lead,
+                              const torch::Tensor& own_indptr, const torch::Tensor& own, double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "paged_attention: expected [rows, heads, dim] q, k, v");
   TORCH_CHECK(q.scalar_type() == torch::kFloat && k.scalar_type() == torch::kFloat && v.scalar_type() == torch::kFloat,
               "paged_attention: float32 only");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "paged_attention: head dim must be dense");
   const int64_t total_q = q.size(0), hq = q.size(1), d = q.size(2), hkv = k.size(1), group = hq / hkv;
   TORCH_CHECK(d % kLanes == 0 && hq % hkv == 0 && v.size(2) == d, "paged_attention: head dim a multiple of 16");
-  const auto qo = qo_indptr.contiguous(), kvp = kv_indptr.contiguous(), idx = kv_indices.contiguous();
-  const auto mk = mask.contiguous(), mkp = mask_indptr.contiguous();
-  const int64_t* qo_p = qo.data_ptr<int64_t>();
-  const int64_t* kv_p = kvp.data_ptr<int64_t>();
-  const int64_t* idx_p = idx.data_ptr<int64_t>();
-  const bool causal = mk.numel() == 0;
-  const bool* mask_p = causal ? nullptr : mk.data_ptr<bool>();
-  const int64_t* mask_off = causal ? nullptr : mkp.data_ptr<int64_t>();
-  const int64_t rows_per_item = std::max<int64_t>(1, kSums / group);
+  TORCH_CHECK(lead.numel() == total_q && own_indptr.numel() == total_q + 1, "paged_attention: a plan for other rows");
+  const auto qo = qo_indptr.contiguous(), kvp = kv_indptr.contiguous(), idx = kv_indices.contiguous(),
+             ld = lead.contiguous(), owp = own_indptr.contiguous(), ow = own.contiguous();
+  const int64_t *qo_p = qo.data_ptr<int64_t>(), *kv_p = kvp.data_ptr<int64_t>(), *idx_p = idx.data_ptr<int64_t>(),
+                *lead_p = ld.data_ptr<int64_t>(), *own_p = owp.data_ptr<int64_t>(), *own_keys = ow.data_ptr<int64_t>();
+  const int64_t batch = qo.numel() - 1;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, qo_p[b + 1] - qo_p[b]);
+  const int64_t step = rows_per_item(batch, longest);
   std::vector<std::array<int64_t, 3>> blocks;  // (request, first row, end row)
-  for (int64_t b = 0; b + 1 < qo.numel(); ++b)
-    for (int64_t i = 0; i < qo_p[b + 1] - qo_p[b]; i += rows_per_item)
-      blocks.push_back({b, i, std::min(i + rows_per_item, qo_p[b + 1] - qo_p[b])});
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = 0; i < qo_p[b + 1] - qo_p[b]; i += step)
+      blocks.push_back({b, i, std::min(i + step, qo_p[b + 1] - qo_p[b])});
+  // the threads take the largest blocks first, one at a time (a prefill chunk's blocks beside a batch's trees would
+  // leave one thread all the work if each took a fixed share of the list)
+  const auto work = [&](const std::array<int64_t, 3>& x) { return (x[2] - x[1]) * (kv_p[x[0] + 1] - kv_p[x[0]]); };
+  std::stable_sort(blocks.begin(), blocks.end(), [&](const auto& x, const auto& y) { return work(x) > work(y); });
+  // a work item is a block with every head (they share the pool rows' cache lines), or one head of it where there
+  // are too few blocks to keep every thread busy
+  const int64_t threads = at::get_num_threads(), blocks_n = static_cast<int64_t>(blocks.size());
+  const int64_t heads_per_item = blocks_n >= 2 * threads ? hkv : 1, items = blocks_n * (hkv / heads_per_item);
+  std::atomic<int64_t> next{0};
   auto out = torch::zeros({total_q, hq, d}, q.options());
   const float *qs = q.data_ptr<float>(), *ks = k.data_ptr<float>(), *vs = v.data_ptr<float>();
   float* os = out.data_ptr<float>();
-  const int64_t q0 = q.stride(0), q1 = q.stride(1), k0 = k.stride(0), k1 = k.stride(1), v0 = v.stride(0),
-                v1 = v.stride(1);
+  const int64_t q0 = q.stride(0), q1 = q.stride(1), k0 = k.stride(0), v0 = v.stride(0);
   const __m512 scale16 = _mm512_set1_ps(static_cast<float>(scale));
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()) * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<std::vector<int64_t>> seen;  // each row's visible keys, by index in its request
-    std::vector<std::vector<const float*>> kv;  // ... their key rows, then their value rows
+  at::parallel_for(0, std::min(threads, items), 1, [&](int64_t, int64_t) {
+    std::vector<const float*> shared_k, shared_v;  // the keys every row of the block sees, and their values
+    std::vector<int64_t> rest, rest_at;  // each row's further keys (by index in its request), flat; where each starts
+    std::vector<const float*> rest_k, rest_v;
     std::vector<float> scores, sums, inverse;  // [query][key], [query][dim], [query]
     std::vector<const float*> queries;
-    std::vector<float*> probs;
-    for (int64_t item = begin; item < end; ++item) {
-      const auto [b, i0, i1] = blocks[item / hkv];
-      const int64_t h = item % hkv, rows = i1 - i0, n_q = rows * group;
-      const int64_t q_len = qo_p[b + 1] - qo_p[b], first = kv_p[b], kv_len = kv_p[b + 1] - first;
-      seen.resize(rows);
-      kv.resize(2 * rows);
-      int64_t widest = 0, shared = kv_len;  // shared: how many leading keys every row of the block sees
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = i0 + r;
-        auto& keys = seen[r];
-        keys.clear();
-        if (causal) {
-          for (int64_t j = 0; j <= kv_len - q_len + i; ++j) keys.push_back(j);
-        } else {
-          const bool* sees = mask_p + mask_off[b] + i * kv_len;
-          for (int64_t j = 0; j < kv_len; ++j)
-            if (sees[j]) keys.push_back(j);
-        }
-        int64_t lead = 0;
-        while (lead < static_cast<int64_t>(keys.size()) && keys[lead] == lead) ++lead;
-        shared = std::min(shared, lead);
-        widest = std::max<int64_t>(widest, keys.size());
-        kv[r].resize(keys.size());
-        kv[rows + r].resize(keys.size());
-        for (size_t j = 0; j < keys.size(); ++j) {
-          const int64_t row = idx_p[first + keys[j]];
-          kv[r][j] = ks + row * k0 + h * k1;
-          kv[rows + r][j] = vs + row * v0 + h * v1;
-        }
-      }
+    std::vector<float*> probs, tail;
+    for (int64_t item = next++; item < items; item = next++)
+    for (int64_t h = item * heads_per_item % hkv; h < item * heads_per_item % hkv + heads_per_item; ++h) {
+      const auto [b, i0, i1] = blocks[item * heads_per_item / hkv];
+      const int64_t rows = i1 - i0, n_q = rows * group, first = kv_p[b], row0 = qo_p[b] + i0;
+      int64_t shared = kv_p[b + 1] - first;  // how many leading keys every row of the block sees
+      for (int64_t r = 0; r < rows; ++r) shared = std::min(shared, lead_p[row0 + r]);
       shared -= shared % kLanes;  // whole blocks of 16: a key's place in its block is its place in every row's list
-      scores.assign(n_q * widest, 0.0f);
+      head_rows(ks + h * k.stride(1), k0, idx_p + first, shared, shared_k);
+      head_rows(vs + h * v.stride(1), v0, idx_p + first, shared, shared_v);
+      rest.clear();
+      rest_at.assign(1, 0);
+      for (int64_t r = 0; r < rows; ++r) {  // keys shared .. lead, then the row's own beyond its lead
+        for (int64_t j = shared; j < lead_p[row0 + r]; ++j) rest.push_back(first + j);
+        for (int64_t j = own_p[row0 + r]; j < own_p[row0 + r + 1]; ++j) rest.push_back(first + own_keys[j]);
+        rest_at.push_back(static_cast<int64_t>(rest.size()));
+      }
+      for (auto& j : rest) j = idx_p[j];
+      head_rows(ks + h * k.stride(1), k0, rest.data(), rest.size(), rest_k);
+      head_rows(vs + h * v.stride(1), v0, rest.data(), rest.size(), rest_v);
+      int64_t widest = 0;
+      for (int64_t r = 0; r < rows; ++r) widest = std::max(widest, rest_at[r + 1] - rest_at[r]);
+      widest += shared + kLanes;  // room for a padded last block
+      scores.resize(n_q * widest);
       sums.assign(n_q * d, 0.0f);
       queries.resize(n_q);
       probs.resize(n_q);
+      tail.resize(n_q);
       for (int64_t m = 0; m < n_q; ++m) {
-        queries[m] = qs + (qo_p[b] + i0 + m / group) * q0 + (h * group + m % group) * q1;
+        queries[m] = qs + (row0 + m / group) * q0 + (h * group + m % group) * q1;
         probs[m] = scores.data() + m * widest;
+        tail[m] = probs[m] + shared;
       }
-      prefetch_rows(kv[0].data(), std::min<int64_t>(shared, 2 * kLanes), d);
+      prefetch_rows(shared_k.data(), std::min<int64_t>(shared, 2 * kLanes), d);
       for (int64_t j = 0; j < shared; j += kLanes) {  // the shared keys: each block of 16 loaded once for every query
         const int64_t ahead = j + 2 * kLanes;  // the block two on, if there is one
-        if (ahead < shared) prefetch_rows(kv[0].data() + ahead, std::min(kLanes, shared - ahead), d);
+        if (ahead < shared) prefetch_rows(shared_k.data() + ahead, std::min(kLanes, shared - ahead), d);
         for (int64_t m = 0; m < n_q; ++m)
-          _mm512_storeu_ps(probs[m] + j, _mm512_mul_ps(dots16(queries[m], kv[0].data() + j, d), scale16));
+          _mm512_storeu_ps(probs[m] + j, _mm512_mul_ps(dots16(queries[m], shared_k.data() + j, d), scale16));
       }
-      prefetch_rows(kv[rows].data(), std::min<int64_t>(shared, 2 * kLanes), d);  // the values, for the first slice
-      for (int64_t r = 0; r < rows; ++r) {  // each row's own keys, the last block padded with its last key
-        auto& keys = kv[r];
-        const int64_t n = keys.size();
-        for (int64_t j = shared; j < n; j += kLanes) {
+      for (int64_t r = 0; r < rows; ++r) {  // each row's further keys, the last block padded with its last key
+        const float* const* keys = rest_k.data() + rest_at[r];
+        const int64_t n = rest_at[r + 1] - rest_at[r];
+        for (int64_t j = 0; j < n; j += kLanes) {
           const float* block[kLanes];
           for (int64_t l = 0; l < kLanes; ++l) block[l] = keys[std::min(j + l, n - 1)];
           const __mmask16 live = n - j >= kLanes ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
           for (int64_t g = 0; g < group; ++g) {
             const __m512 dots = _mm512_mul_ps(dots16(queries[r * group + g], block, d), scale16);
-            _mm512_mask_storeu_ps(probs[r * group + g] + j, live, dots);
+            _mm512_mask_storeu_ps(tail[r * group + g] + j, live, dots);
           }
         }
       }
       inverse.resize(n_q);
       for (int64_t m = 0; m < n_q; ++m) {
-        const int64_t n = kv[m / group].size();
+        const int64_t n = shared + rest_at[m / group + 1] - rest_at[m / group];
         inverse[m] = n ? 1.0f / softmax_numerators(probs[m], n) : 0.0f;  // a row that sees no key: zeros
       }
-      for (int64_t c = 0; c < d; c += kLanes) {
-        accumulate(probs.data(), kv[rows].data(), 0, shared, c, d, n_q, sums.data());  // where every row's list agrees
-        for (int64_t r = 0; r < rows; ++r)
-          accumulate(probs.data() + r * group, kv[rows + r].data(), shared, kv[r].size(), c, d, group,
+      // the shared values a tile at a time, every query's sums going on in key order, so a tile serves them all
+      prefetch_rows(shared_v.data(), std::min<int64_t>(shared, 2 * kLanes), d);
+      for (int64_t t = 0; t < shared; t += kTile)
+        for (int64_t c = 0; c < d; c += kLanes)
+          accumulate(probs.data(), shared_v.data(), t, std::min(t + kTile, shared), c, d, n_q, sums.data());
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < d; c += kLanes)
+          accumulate(tail.data() + r * group, rest_v.data() + rest_at[r], 0, rest_at[r + 1] - rest_at[r], c, d, group,
                      sums.data() + r * group * d);
-      }
       for (int64_t m = 0; m < n_q; ++m) {
-        float* o = os + ((qo_p[b] + i0 + m / group) * hq + h * group + m % group) * d;
+        float* o = os + ((row0 + m / group) * hq + h * group + m % group) * d;
         const __m512 inv = _mm512_set1_ps(inverse[m]);
         for (int64_t c = 0; c < d; c += kLanes)
           _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(sums.data() + m * d + c), inv));

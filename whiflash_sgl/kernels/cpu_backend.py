@@ -27,13 +27,17 @@ class CpuPlan:
     def __init__(self, layout: AttentionLayout, scale: float) -> None:
         self.scale = scale
         self.qo_indptr, self.kv_indptr, self.kv_indices = layout.qo_indptr, layout.kv_indptr, layout.key_rows()
-        self.mask = layout.mask if layout.mask is not None else torch.empty(0, dtype=torch.bool)
-        self.mask_indptr = layout.mask_indptr if layout.mask is not None else torch.empty(0, dtype=torch.long)
+        mask = layout.mask if layout.mask is not None else torch.empty(0, dtype=torch.bool)
+        mask_indptr = layout.mask_indptr if layout.mask is not None else torch.empty(0, dtype=torch.long)
+        # which keys each query row sees, read from the mask once for every layer: the keys before its first unseen
+        # one, then the others (for a tree row, its ancestors)
+        self.lead, self.own_indptr, self.own = cpu_kernels().visible_keys(self.qo_indptr, self.kv_indptr, mask,
+                                                                          mask_indptr)
 
     def run(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """``[total_q, Hq, D]`` from ``query [total_q, Hq, D]`` and the pool's ``key/value [rows, Hkv, D]``."""
         return cpu_kernels().paged_attention(query, key, value, self.qo_indptr, self.kv_indptr, self.kv_indices,
-                                             self.mask, self.mask_indptr, self.scale)
+                                             self.lead, self.own_indptr, self.own, self.scale)
 
 
 class CpuBackend:
