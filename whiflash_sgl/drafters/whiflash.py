@@ -14,7 +14,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
-import torch
 
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
 from whiflash_sgl.drafting_plan import Calibration, RoundTimes, Wish, explore, plan
@@ -25,13 +24,8 @@ QUIET_MAX = 32  # most rounds a batch whose plan drafted nothing goes without ro
 
 
 def roots(states: Sequence[SequenceState]) -> list[tuple[float, float]]:
-    """Each sequence's entropy and margin at its root, in one pass over the batch (zeros before its first)."""
-    found = [i for i, s in enumerate(states) if s.root_logits is not None]
-    stats = root_statistics(torch.stack([states[i].root_logits for i in found])) if found else []
-    out = [(0.0, 0.0)] * len(states)
-    for i, value in zip(found, stats):
-        out[i] = value
-    return out
+    """Each sequence's entropy and margin at its root (zeros before its first)."""
+    return [(0.0, 0.0) if s.root_logits is None else root_statistics(s.root_logits[None])[0] for s in states]
 
 
 def round_features(router: Router, drafters: dict[str, Drafter], state: SequenceState, draft_tokens: dict,
