@@ -144,11 +144,15 @@ class _Round:
 
 class RoundTimes:
     """What a batch round costs beyond the parts the cost model prices (the forward, the drafter calls, catch-up):
-    routing, the commit, the Python around each request. It is measured, per sequence, as the round's time from its
-    start to the next round's start less those parts' measured seconds, over the latest ``TIME_WINDOW`` rounds with
-    drafts and without, per batch size; a size's figures stand for it once ``TIMED`` rounds of the kind were
-    measured there, and the nearest size's stand in before. Not measured: a round whose forward also ran a prefill,
-    or whose sequences changed before the next began. A batch that drafted ``IDLE_EVERY`` rounds in a row verifies
+    routing, the commit, the Python around each request. It is measured as the round's time from its start to the
+    next round's start less those parts' measured seconds, over the latest ``TIME_WINDOW`` rounds with drafts and
+    without, per batch size; a size's figures stand for it once ``TIMED`` rounds of the kind were measured there,
+    and before, the sizes measured stand in: interpolated between two, the nearest's beyond them. Per round, not per
+    sequence: much of it is paid once a round (the policy's call, the plan), and scaled per sequence from 4 requests
+    (3.7 ms) it priced a drafting round of 8 at 7.4 ms beyond the cost model where it ran 3.8, so the batch of 8
+    drafted nothing (made to draft, it ran 171 tok/s against 164). Priced too low instead, a size drafts, and its
+    own figure stands after ``TIMED`` rounds. Not measured: a round whose forward also ran a prefill, or whose
+    sequences changed before the next began. A batch that drafted ``IDLE_EVERY`` rounds in a row verifies
     its roots alone once, so that the rounds without drafts stay measured.
 
     Measured, not a ratio to the plan's prediction: the prediction moves as the cost model learns, and a ratio
@@ -158,7 +162,7 @@ class RoundTimes:
     drafting)."""
 
     def __init__(self) -> None:
-        self.rest: dict[tuple[bool, int], deque[float]] = {}  # (drafted, sequences): seconds per sequence
+        self.rest: dict[tuple[bool, int], deque[float]] = {}  # (drafted, sequences): seconds a round
         self._round: _Round | None = None  # the round under way
         self.drafting_streak = 0  # rounds in a row that drafted, up to the last one
 
@@ -169,7 +173,7 @@ class RoundTimes:
         if (last is not None and last.forward is not None and decode_only
                 and len(last.states) == len(states) and all(a is b for a, b in zip(last.states, states))):
             window = self.rest.setdefault((last.drafted, len(states)), deque(maxlen=TIME_WINDOW))
-            window.append((now - last.start - last.priced - last.forward) / len(states))
+            window.append(now - last.start - last.priced - last.forward)
         self._round = _Round(now, list(states))
 
     def ran(self, drafted: bool) -> None:
@@ -195,13 +199,13 @@ class RoundTimes:
 
     def extra(self, sequences: int) -> tuple[float, float]:
         """Seconds a round of ``sequences`` sequences costs beyond the cost model's price, without drafts and with
-        (the median per sequence, ``between_counts`` of the sizes measured); a kind not measured yet is taken to
-        cost as much as the other (nothing before any)."""
-        idle, drafted = (self._per_sequence(d, sequences) for d in (False, True))
+        (the median, ``between_counts`` of the sizes measured); a kind not measured yet is taken to cost as much as
+        the other (nothing before any)."""
+        idle, drafted = (self._median(d, sequences) for d in (False, True))
         idle, drafted = (idle if idle is not None else drafted), (drafted if drafted is not None else idle)
-        return sequences * (idle or 0.0), sequences * (drafted or 0.0)
+        return idle or 0.0, drafted or 0.0
 
-    def _per_sequence(self, drafted: bool, sequences: int) -> float | None:
+    def _median(self, drafted: bool, sequences: int) -> float | None:
         counts = sorted(n for (d, n), window in self.rest.items() if d == drafted and len(window) >= TIMED)
         if not counts:
             return None
