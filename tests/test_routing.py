@@ -247,6 +247,7 @@ def test_root_statistics_are_each_rows_entropy_and_top2_margin():
         assert entropy == pytest.approx(float(-(probs * probs.log()).sum()), abs=1e-5)
         assert margin == pytest.approx(float(top[0] - top[1]), abs=1e-6)
     assert root_statistics(logits)[1] == pytest.approx((np.log(50), 0.0), abs=1e-5)
+    assert root_statistics(list(logits)) == root_statistics(logits) and root_statistics([]) == []
 
 
 def test_oracle_accepts_the_best_paradigm_each_round(target, models, prompt):

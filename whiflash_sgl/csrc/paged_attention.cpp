@@ -141,7 +141,9 @@ void head_rows(const float* base, int64_t stride0, const int64_t* idx, int64_t c
 // how many query rows one work item serves: enough items for every thread, and each item's rows read the keys they
 // share once (rows of one request are cheap where they share a load, and a tree's rows share all its context)
 int64_t rows_per_item(int64_t requests, int64_t longest) {
-  const int64_t wanted = 4 * at::get_num_threads(), per_request = std::max<int64_t>(1, (wanted + requests - 1) / requests);
+  requests = std::max<int64_t>(requests, 1);
+  const int64_t wanted = 4 * at::get_num_threads();
+  const int64_t per_request = std::max<int64_t>(1, (wanted + requests - 1) / requests);
   return std::clamp<int64_t>((longest + per_request - 1) / per_request, 4, 64);
 }
 
@@ -216,82 +218,84 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
   const __m512 scale16 = _mm512_set1_ps(static_cast<float>(scale));
   at::parallel_for(0, std::min(threads, items), 1, [&](int64_t, int64_t) {
     std::vector<const float*> shared_k, shared_v;  // the keys every row of the block sees, and their values
-    std::vector<int64_t> rest, rest_at;  // each row's further keys (by index in its request), flat; where each starts
+    std::vector<int64_t> rest, rest_at;  // each row's further keys (their pool rows), flat; where each row's start
     std::vector<const float*> rest_k, rest_v;
     std::vector<float> scores, sums, inverse;  // [query][key], [query][dim], [query]
     std::vector<const float*> queries;
     std::vector<float*> probs, tail;
-    for (int64_t item = next++; item < items; item = next++)
-    for (int64_t h = item * heads_per_item % hkv; h < item * heads_per_item % hkv + heads_per_item; ++h) {
-      const auto [b, i0, i1] = blocks[item * heads_per_item / hkv];
-      const int64_t rows = i1 - i0, n_q = rows * group, first = kv_p[b], row0 = qo_p[b] + i0;
-      int64_t shared = kv_p[b + 1] - first;  // how many leading keys every row of the block sees
-      for (int64_t r = 0; r < rows; ++r) shared = std::min(shared, lead_p[row0 + r]);
-      shared -= shared % kLanes;  // whole blocks of 16: a key's place in its block is its place in every row's list
-      head_rows(ks + h * k.stride(1), k0, idx_p + first, shared, shared_k);
-      head_rows(vs + h * v.stride(1), v0, idx_p + first, shared, shared_v);
-      rest.clear();
-      rest_at.assign(1, 0);
-      for (int64_t r = 0; r < rows; ++r) {  // keys shared .. lead, then the row's own beyond its lead
-        for (int64_t j = shared; j < lead_p[row0 + r]; ++j) rest.push_back(first + j);
-        for (int64_t j = own_p[row0 + r]; j < own_p[row0 + r + 1]; ++j) rest.push_back(first + own_keys[j]);
-        rest_at.push_back(static_cast<int64_t>(rest.size()));
-      }
-      for (auto& j : rest) j = idx_p[j];
-      head_rows(ks + h * k.stride(1), k0, rest.data(), rest.size(), rest_k);
-      head_rows(vs + h * v.stride(1), v0, rest.data(), rest.size(), rest_v);
-      int64_t widest = 0;
-      for (int64_t r = 0; r < rows; ++r) widest = std::max(widest, rest_at[r + 1] - rest_at[r]);
-      widest += shared + kLanes;  // room for a padded last block
-      scores.resize(n_q * widest);
-      sums.assign(n_q * d, 0.0f);
-      queries.resize(n_q);
-      probs.resize(n_q);
-      tail.resize(n_q);
-      for (int64_t m = 0; m < n_q; ++m) {
-        queries[m] = qs + (row0 + m / group) * q0 + (h * group + m % group) * q1;
-        probs[m] = scores.data() + m * widest;
-        tail[m] = probs[m] + shared;
-      }
-      prefetch_rows(shared_k.data(), std::min<int64_t>(shared, 2 * kLanes), d);
-      for (int64_t j = 0; j < shared; j += kLanes) {  // the shared keys: each block of 16 loaded once for every query
-        const int64_t ahead = j + 2 * kLanes;  // the block two on, if there is one
-        if (ahead < shared) prefetch_rows(shared_k.data() + ahead, std::min(kLanes, shared - ahead), d);
-        for (int64_t m = 0; m < n_q; ++m)
-          _mm512_storeu_ps(probs[m] + j, _mm512_mul_ps(dots16(queries[m], shared_k.data() + j, d), scale16));
-      }
-      for (int64_t r = 0; r < rows; ++r) {  // each row's further keys, the last block padded with its last key
-        const float* const* keys = rest_k.data() + rest_at[r];
-        const int64_t n = rest_at[r + 1] - rest_at[r];
-        for (int64_t j = 0; j < n; j += kLanes) {
-          const float* block[kLanes];
-          for (int64_t l = 0; l < kLanes; ++l) block[l] = keys[std::min(j + l, n - 1)];
-          const __mmask16 live = n - j >= kLanes ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
-          for (int64_t g = 0; g < group; ++g) {
-            const __m512 dots = _mm512_mul_ps(dots16(queries[r * group + g], block, d), scale16);
-            _mm512_mask_storeu_ps(tail[r * group + g] + j, live, dots);
+    for (int64_t item = next++; item < items; item = next++) {
+      const int64_t first_head = item * heads_per_item % hkv;
+      for (int64_t h = first_head; h < first_head + heads_per_item; ++h) {
+        const auto [b, i0, i1] = blocks[item * heads_per_item / hkv];
+        const int64_t rows = i1 - i0, n_q = rows * group, first = kv_p[b], row0 = qo_p[b] + i0;
+        int64_t shared = kv_p[b + 1] - first;  // how many leading keys every row of the block sees
+        for (int64_t r = 0; r < rows; ++r) shared = std::min(shared, lead_p[row0 + r]);
+        shared -= shared % kLanes;  // whole blocks of 16: a key's place in its block is its place in every row's list
+        head_rows(ks + h * k.stride(1), k0, idx_p + first, shared, shared_k);
+        head_rows(vs + h * v.stride(1), v0, idx_p + first, shared, shared_v);
+        rest.clear();
+        rest_at.assign(1, 0);
+        for (int64_t r = 0; r < rows; ++r) {  // keys shared .. lead, then the row's own beyond its lead
+          for (int64_t j = shared; j < lead_p[row0 + r]; ++j) rest.push_back(first + j);
+          for (int64_t j = own_p[row0 + r]; j < own_p[row0 + r + 1]; ++j) rest.push_back(first + own_keys[j]);
+          rest_at.push_back(static_cast<int64_t>(rest.size()));
+        }
+        for (auto& j : rest) j = idx_p[j];
+        head_rows(ks + h * k.stride(1), k0, rest.data(), rest.size(), rest_k);
+        head_rows(vs + h * v.stride(1), v0, rest.data(), rest.size(), rest_v);
+        int64_t widest = 0;
+        for (int64_t r = 0; r < rows; ++r) widest = std::max(widest, rest_at[r + 1] - rest_at[r]);
+        widest += shared + kLanes;  // room for a padded last block
+        scores.resize(n_q * widest);
+        sums.assign(n_q * d, 0.0f);
+        queries.resize(n_q);
+        probs.resize(n_q);
+        tail.resize(n_q);
+        for (int64_t m = 0; m < n_q; ++m) {
+          queries[m] = qs + (row0 + m / group) * q0 + (h * group + m % group) * q1;
+          probs[m] = scores.data() + m * widest;
+          tail[m] = probs[m] + shared;
+        }
+        prefetch_rows(shared_k.data(), std::min<int64_t>(shared, 2 * kLanes), d);
+        for (int64_t j = 0; j < shared; j += kLanes) {  // the shared keys: each block of 16 loaded once for every query
+          const int64_t ahead = j + 2 * kLanes;  // the block two on, if there is one
+          if (ahead < shared) prefetch_rows(shared_k.data() + ahead, std::min(kLanes, shared - ahead), d);
+          for (int64_t m = 0; m < n_q; ++m)
+            _mm512_storeu_ps(probs[m] + j, _mm512_mul_ps(dots16(queries[m], shared_k.data() + j, d), scale16));
+        }
+        for (int64_t r = 0; r < rows; ++r) {  // each row's further keys, the last block padded with its last key
+          const float* const* keys = rest_k.data() + rest_at[r];
+          const int64_t n = rest_at[r + 1] - rest_at[r];
+          for (int64_t j = 0; j < n; j += kLanes) {
+            const float* block[kLanes];
+            for (int64_t l = 0; l < kLanes; ++l) block[l] = keys[std::min(j + l, n - 1)];
+            const __mmask16 live = n - j >= kLanes ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+            for (int64_t g = 0; g < group; ++g) {
+              const __m512 dots = _mm512_mul_ps(dots16(queries[r * group + g], block, d), scale16);
+              _mm512_mask_storeu_ps(tail[r * group + g] + j, live, dots);
+            }
           }
         }
-      }
-      inverse.resize(n_q);
-      for (int64_t m = 0; m < n_q; ++m) {
-        const int64_t n = shared + rest_at[m / group + 1] - rest_at[m / group];
-        inverse[m] = n ? 1.0f / softmax_numerators(probs[m], n) : 0.0f;  // a row that sees no key: zeros
-      }
-      // the shared values a tile at a time, every query's sums going on in key order, so a tile serves them all
-      prefetch_rows(shared_v.data(), std::min<int64_t>(shared, 2 * kLanes), d);
-      for (int64_t t = 0; t < shared; t += kTile)
-        for (int64_t c = 0; c < d; c += kLanes)
-          accumulate(probs.data(), shared_v.data(), t, std::min(t + kTile, shared), c, d, n_q, sums.data());
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < d; c += kLanes)
-          accumulate(tail.data() + r * group, rest_v.data() + rest_at[r], 0, rest_at[r + 1] - rest_at[r], c, d, group,
-                     sums.data() + r * group * d);
-      for (int64_t m = 0; m < n_q; ++m) {
-        float* o = os + ((row0 + m / group) * hq + h * group + m % group) * d;
-        const __m512 inv = _mm512_set1_ps(inverse[m]);
-        for (int64_t c = 0; c < d; c += kLanes)
-          _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(sums.data() + m * d + c), inv));
+        inverse.resize(n_q);
+        for (int64_t m = 0; m < n_q; ++m) {
+          const int64_t n = shared + rest_at[m / group + 1] - rest_at[m / group];
+          inverse[m] = n ? 1.0f / softmax_numerators(probs[m], n) : 0.0f;  // a row that sees no key: zeros
+        }
+        // the shared values a tile at a time, every query's sums going on in key order, so a tile serves them all
+        prefetch_rows(shared_v.data(), std::min<int64_t>(shared, 2 * kLanes), d);
+        for (int64_t t = 0; t < shared; t += kTile)
+          for (int64_t c = 0; c < d; c += kLanes)
+            accumulate(probs.data(), shared_v.data(), t, std::min(t + kTile, shared), c, d, n_q, sums.data());
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < d; c += kLanes)
+            accumulate(tail.data() + r * group, rest_v.data() + rest_at[r], 0, rest_at[r + 1] - rest_at[r], c, d,
+                       group, sums.data() + r * group * d);
+        for (int64_t m = 0; m < n_q; ++m) {
+          float* o = os + ((row0 + m / group) * hq + h * group + m % group) * d;
+          const __m512 inv = _mm512_set1_ps(inverse[m]);
+          for (int64_t c = 0; c < d; c += kLanes)
+            _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(sums.data() + m * d + c), inv));
+        }
       }
     }
   });

@@ -14,7 +14,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
-
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
 from whiflash_sgl.drafting_plan import Calibration, RoundTimes, Wish, explore, plan
 from whiflash_sgl.router import NO_DRAFT, BatchLoad, Decision, RoundFeatures, Router, members, root_statistics
@@ -25,7 +24,8 @@ QUIET_MAX = 32  # most rounds a batch whose plan drafted nothing goes without ro
 
 def roots(states: Sequence[SequenceState]) -> list[tuple[float, float]]:
     """Each sequence's entropy and margin at its root (zeros before its first)."""
-    return [(0.0, 0.0) if s.root_logits is None else root_statistics(s.root_logits[None])[0] for s in states]
+    stats = iter(root_statistics([s.root_logits for s in states if s.root_logits is not None]))
+    return [(0.0, 0.0) if s.root_logits is None else next(stats) for s in states]
 
 
 def round_features(router: Router, drafters: dict[str, Drafter], state: SequenceState, draft_tokens: dict,
