@@ -224,28 +224,28 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
     std::vector<const float*> queries;
     std::vector<float*> probs, tail;
     for (int64_t item = next++; item < items; item = next++) {
+      // what every head of the block shares: its rows, the keys they all see, each row's further keys
+      const auto [b, i0, i1] = blocks[item * heads_per_item / hkv];
+      const int64_t rows = i1 - i0, n_q = rows * group, first = kv_p[b], row0 = qo_p[b] + i0;
+      int64_t shared = kv_p[b + 1] - first;  // how many leading keys every row of the block sees
+      for (int64_t r = 0; r < rows; ++r) shared = std::min(shared, lead_p[row0 + r]);
+      shared -= shared % kLanes;  // whole blocks of 16: a key's place in its block is its place in every row's list
+      rest.clear();
+      rest_at.assign(1, 0);
+      for (int64_t r = 0; r < rows; ++r) {  // keys shared .. lead, then the row's own beyond its lead
+        for (int64_t j = shared; j < lead_p[row0 + r]; ++j) rest.push_back(idx_p[first + j]);
+        for (int64_t j = own_p[row0 + r]; j < own_p[row0 + r + 1]; ++j) rest.push_back(idx_p[first + own_keys[j]]);
+        rest_at.push_back(static_cast<int64_t>(rest.size()));
+      }
+      int64_t widest = 0;
+      for (int64_t r = 0; r < rows; ++r) widest = std::max(widest, rest_at[r + 1] - rest_at[r]);
+      widest += shared + kLanes;  // room for a padded last block
       const int64_t first_head = item * heads_per_item % hkv;
       for (int64_t h = first_head; h < first_head + heads_per_item; ++h) {
-        const auto [b, i0, i1] = blocks[item * heads_per_item / hkv];
-        const int64_t rows = i1 - i0, n_q = rows * group, first = kv_p[b], row0 = qo_p[b] + i0;
-        int64_t shared = kv_p[b + 1] - first;  // how many leading keys every row of the block sees
-        for (int64_t r = 0; r < rows; ++r) shared = std::min(shared, lead_p[row0 + r]);
-        shared -= shared % kLanes;  // whole blocks of 16: a key's place in its block is its place in every row's list
         head_rows(ks + h * k.stride(1), k0, idx_p + first, shared, shared_k);
         head_rows(vs + h * v.stride(1), v0, idx_p + first, shared, shared_v);
-        rest.clear();
-        rest_at.assign(1, 0);
-        for (int64_t r = 0; r < rows; ++r) {  // keys shared .. lead, then the row's own beyond its lead
-          for (int64_t j = shared; j < lead_p[row0 + r]; ++j) rest.push_back(first + j);
-          for (int64_t j = own_p[row0 + r]; j < own_p[row0 + r + 1]; ++j) rest.push_back(first + own_keys[j]);
-          rest_at.push_back(static_cast<int64_t>(rest.size()));
-        }
-        for (auto& j : rest) j = idx_p[j];
         head_rows(ks + h * k.stride(1), k0, rest.data(), rest.size(), rest_k);
         head_rows(vs + h * v.stride(1), v0, rest.data(), rest.size(), rest_v);
-        int64_t widest = 0;
-        for (int64_t r = 0; r < rows; ++r) widest = std::max(widest, rest_at[r + 1] - rest_at[r]);
-        widest += shared + kLanes;  // room for a padded last block
         scores.resize(n_q * widest);
         sums.assign(n_q * d, 0.0f);
         queries.resize(n_q);

@@ -227,10 +227,11 @@ class WhiFlashDrafter(Drafter):
             wishes = [d._wish(f, x, probe, s.min_prob, depth + 1)  # a tree's depth is cut to the tokens left, less one
                       for d, f, x, probe, s, depth in zip(drafters, features, decisions, probes, states, max_depths)]
             decisions = [replace(x, tau=w.predicted) for x, w in zip(decisions, wishes)]  # what calibration learns
-            drafting = plan(wishes, costs, n, times.extra(n))
+            extra = times.extra(n)
+            drafting = plan(wishes, costs, n, extra)
             quiet.planned(any(drafting))
             if not any(drafting) and quiet.gap == QUIET_MAX:  # drafted nothing for a long while
-                drafting = explore(wishes, costs, n, times.extra(n))
+                drafting = explore(wishes, costs, n, extra)
             times.ran(any(drafting))
         chosen = [d._take(x, go, probe) for d, x, go, probe in zip(drafters, decisions, drafting, probes)]
         cls._catch_up(drafters, states, [tuple(d.drafters) if c and d.mode == "eager" else c
