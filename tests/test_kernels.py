@@ -30,7 +30,7 @@ from whiflash_sgl.kernels import (
     unpack_bits,
 )
 from whiflash_sgl.kernels.cpu_backend import CpuBackend
-from whiflash_sgl.kernels.cpu_extension import cpu_kernels
+from whiflash_sgl.kernels.cpu_extension import amx_runs_here, cpu_kernels
 from whiflash_sgl.kernels.check import Case, main as check_main, random_layout, random_parents, sdpa_oracle
 from whiflash_sgl.tree import DraftTree
 from whiflash_sgl.verify import accept_greedy, accept_sampled
@@ -224,13 +224,16 @@ def test_layout_validation_errors():
 
 
 needs_cpu_kernel = pytest.mark.skipif("cpu" not in available_backends(), reason="needs an AVX-512 CPU and a compiler")
+needs_amx = pytest.mark.skipif(not amx_runs_here(), reason="needs a CPU with AMX and a compiler")
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=needs_amx)], ids=["float32", "bf16-products"])
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: c.name)
-def test_the_cpu_kernel_matches_per_request_sdpa_and_gives_each_row_alone_the_same_bits(case):
+def test_the_cpu_kernel_matches_per_request_sdpa_and_gives_each_row_alone_the_same_bits(case, bf16):
     """Paged (keys scattered over a larger pool through ``kv_indices``), every case's masks; a request run on its
-    own, and each of its rows on its own with the keys that row sees, give bit for bit what the batch gave."""
+    own, and each of its rows on its own with the keys that row sees (a tree row as a decode row would), give bit for
+    bit what the batch gave. In bf16 products (AMX) too, where the outputs are SDPA's to bf16 precision."""
     rng = random.Random(hash(case.name) % 1000)
     layout = random_layout(case, 5, rng, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
@@ -243,19 +246,21 @@ def test_the_cpu_kernel_matches_per_request_sdpa_and_gives_each_row_alone_the_sa
     paged = AttentionLayout(layout.qo_indptr, layout.kv_indptr, layout.mask, kv_indices=rows)
     heads = dict(num_qo_heads=case.num_qo_heads, num_kv_heads=case.num_kv_heads, head_dim=16, scale=0.25,
                  dtype=torch.float32)
-    out = CpuBackend().plan(paged, **heads).run(q, pool_k, pool_v)
-    torch.testing.assert_close(out, sdpa_oracle(q, k, v, layout, 0.25), atol=1e-5, rtol=1e-5)
+    backend = CpuBackend(bf16)
+    out = backend.plan(paged, **heads).run(q, pool_k, pool_v)
+    tolerance = 3e-2 if bf16 else 1e-5
+    torch.testing.assert_close(out, sdpa_oracle(q, k, v, layout, 0.25), atol=tolerance, rtol=tolerance)
     for i in range(layout.batch_size):
         q0, q1 = int(layout.qo_indptr[i]), int(layout.qo_indptr[i + 1])
         keys = rows[int(layout.kv_indptr[i]) : int(layout.kv_indptr[i + 1])]
         mask = layout.request_mask(i)
         alone = AttentionLayout.from_request_masks([mask])
         alone = AttentionLayout(alone.qo_indptr, alone.kv_indptr, alone.mask, kv_indices=keys)
-        assert torch.equal(CpuBackend().plan(alone, **heads).run(q[q0:q1], pool_k, pool_v), out[q0:q1])
+        assert torch.equal(backend.plan(alone, **heads).run(q[q0:q1], pool_k, pool_v), out[q0:q1])
         for r in range(q1 - q0):
             sees = keys[mask[r]]
             row = AttentionLayout(torch.tensor([0, 1]), torch.tensor([0, len(sees)]), kv_indices=sees)
-            assert torch.equal(CpuBackend().plan(row, **heads).run(q[q0 + r : q0 + r + 1], pool_k, pool_v),
+            assert torch.equal(backend.plan(row, **heads).run(q[q0 + r : q0 + r + 1], pool_k, pool_v),
                                out[q0 + r : q0 + r + 1])
 
 
@@ -275,6 +280,11 @@ def test_backend_selection_and_errors(monkeypatch):
         assert isinstance(get_backend("auto", "cpu", head_dim=64), CpuBackend)
         with pytest.raises(BackendUnavailableError, match="multiple of 16, not 8"):
             get_backend("cpu", head_dim=8)
+        if amx_runs_here():
+            assert get_backend("cpu", head_dim=64, bf16_products=True).bf16_products
+        else:
+            with pytest.raises(BackendUnavailableError, match="need a CPU with AMX"):
+                get_backend("cpu", head_dim=64, bf16_products=True)
     with pytest.raises(BackendUnavailableError, match="pip install flashinfer-python"):
         get_backend("flashinfer")
 

@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 import torch
 
-from whiflash_sgl.kernels.cpu_extension import cpu_kernels, has_avx512
+from whiflash_sgl.kernels.cpu_extension import amx_runs_here, cpu_kernels, has_avx512
 
 SMALL_ROWS = 4  # at most this many rows: bf16 weights; more: the float32 copy (on CPUs without AVX-512)
 PROBE_CALLS = 15  # timed calls per kernel and row count when deciding whether prepacking pays
@@ -79,8 +79,7 @@ def _seconds(linear: torch.nn.Module, inputs: list[torch.Tensor]) -> float:
 
 def bf16_products_run_here() -> bool:
     """Whether this CPU and OS run the kernel's AMX bf16 path."""
-    gemm = cpu_kernels()
-    return gemm is not None and torch.cpu._is_amx_tile_supported() and gemm.amx_permitted()
+    return amx_runs_here()
 
 
 class InvariantLinear(torch.nn.Module):

@@ -1,5 +1,5 @@
 // The Python module of the CPU kernels: the batch-invariant GEMMs (invariant_gemm.cpp) and paged tree attention
-// (paged_attention.cpp).
+// (paged_attention.cpp, and with bf16 products on AMX: paged_attention_bf16.cpp).
 
 #include <torch/extension.h>
 
@@ -15,6 +15,10 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
                               const torch::Tensor& qo_indptr, const torch::Tensor& kv_indptr,
                               const torch::Tensor& kv_indices, const torch::Tensor& lead,
                               const torch::Tensor& own_indptr, const torch::Tensor& own, double scale);
+torch::Tensor paged_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                   const torch::Tensor& qo_indptr, const torch::Tensor& kv_indptr,
+                                   const torch::Tensor& kv_indices, const torch::Tensor& lead,
+                                   const torch::Tensor& own_indptr, const torch::Tensor& own, double scale);
 }  // namespace whiflash
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -25,4 +29,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &whiflash::linear_bf16, "rows [M, K] . W^T in bf16 products (AMX), float32 sums");
   m.def("visible_keys", &whiflash::visible_keys, "per query row: leading keys seen, then its other keys (CSR)");
   m.def("paged_attention", &whiflash::paged_attention, "float32 tree attention over a paged KV pool, per row");
+  m.def("paged_attention_bf16", &whiflash::paged_attention_bf16, "the same in bf16 products on AMX, float32 sums");
 }

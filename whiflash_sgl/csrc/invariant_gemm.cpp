@@ -25,6 +25,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "amx.h"
+
 namespace whiflash {
 
 constexpr int64_t kLanes = 16;  // floats per 512-bit vector: the panel width
@@ -101,13 +103,6 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& panels, in
 constexpr int64_t kTileRows = 16;  // AMX: rows of a tile, and k pairs of a B tile
 constexpr int64_t kTileK = 32;     // bf16 values of k per tile row (64 bytes)
 
-struct TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Linux hands out AMX state only on request, once per process.
 bool amx_permitted() {
   constexpr long kReqXcompPerm = 0x1023, kXfeatureTiledata = 18;
   static const bool ok = syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureTiledata) == 0;

@@ -14,39 +14,14 @@
 // over the keys only it sees. Splitting a row's keys between the two phases moves no operation, so the blocks do
 // not change the bits. Which keys a row sees is read from the mask once per forward (visible_keys), not per layer.
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "attention_common.h"
 
-#include <algorithm>
-#include <array>
 #include <atomic>
-#include <cstdint>
 #include <limits>
 #include <utility>
-#include <vector>
 
 namespace whiflash {
 namespace {
-
-constexpr int64_t kLanes = 16;
-
-// e^x, Cephes' single-precision polynomial with the exponent applied by scalef
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
 
 // [sum of v[i]'s lanes for i = 0 .. 15]: pairwise across registers, the same tree for every key
 inline __m512 sum_lanes16(const __m512* v) {
@@ -75,13 +50,6 @@ inline __m512 dots16(const float* q, const float* const* keys, int64_t d) {
   return sum_lanes16(v);
 }
 
-// asks for the d floats at each of rows[0 .. count) to be brought into cache: keys and values live in pool rows
-// scattered over tens of megabytes per layer, so a pass over them waits on memory unless it asks ahead
-inline void prefetch_rows(const float* const* rows, int64_t count, int64_t d) {
-  for (int64_t i = 0; i < count; ++i)
-    for (int64_t c = 0; c < d; c += kLanes) _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c), _MM_HINT_T0);
-}
-
 // scores[0 .. n) -> exp(scores - max), in place; returns their sum (lane-wise in key order, then across lanes)
 float softmax_numerators(float* scores, int64_t n) {
   float top = -std::numeric_limits<float>::infinity();
@@ -89,7 +57,7 @@ float softmax_numerators(float* scores, int64_t n) {
   const __m512 shift = _mm512_set1_ps(top);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += kLanes) {
-    const __mmask16 live = n - j >= kLanes ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __mmask16 live = first_lanes(n - j);
     const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + j), shift)));
     _mm512_mask_storeu_ps(scores + j, live, e);
     sum = _mm512_add_ps(sum, e);
@@ -132,21 +100,6 @@ void accumulate(float* const* p, const float* const* values, int64_t begin, int6
     kWeightedSums[std::min(kSums, count - m) - 1](p + m, values, begin, end, c, d, sums + m * d);
 }
 
-// the pointers to `count` keys' (or values') head-h vectors: keys[j] is pool row idx[j]
-void head_rows(const float* base, int64_t stride0, const int64_t* idx, int64_t count, std::vector<const float*>& out) {
-  out.resize(count);
-  for (int64_t j = 0; j < count; ++j) out[j] = base + idx[j] * stride0;
-}
-
-// how many query rows one work item serves: enough items for every thread, and each item's rows read the keys they
-// share once (rows of one request are cheap where they share a load, and a tree's rows share all its context)
-int64_t rows_per_item(int64_t requests, int64_t longest) {
-  requests = std::max<int64_t>(requests, 1);
-  const int64_t wanted = 4 * at::get_num_threads();
-  const int64_t per_request = std::max<int64_t>(1, (wanted + requests - 1) / requests);
-  return std::clamp<int64_t>((longest + per_request - 1) / per_request, 4, 64);
-}
-
 }  // namespace
 
 std::vector<torch::Tensor> visible_keys(const torch::Tensor& qo_indptr, const torch::Tensor& kv_indptr,
@@ -183,67 +136,34 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
                               const torch::Tensor& qo_indptr, const torch::Tensor& kv_indptr,
                               const torch::Tensor& kv_indices, const torch::Tensor& lead,
                               const torch::Tensor& own_indptr, const torch::Tensor& own, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "paged_attention: expected [rows, heads, dim] q, k, v");
-  TORCH_CHECK(q.scalar_type() == torch::kFloat && k.scalar_type() == torch::kFloat && v.scalar_type() == torch::kFloat,
-              "paged_attention: float32 only");
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "paged_attention: head dim must be dense");
+  check_inputs("paged_attention", q, k, v, lead, own_indptr);
   const int64_t total_q = q.size(0), hq = q.size(1), d = q.size(2), hkv = k.size(1), group = hq / hkv;
-  TORCH_CHECK(d % kLanes == 0 && hq % hkv == 0 && v.size(2) == d, "paged_attention: head dim a multiple of 16");
-  TORCH_CHECK(lead.numel() == total_q && own_indptr.numel() == total_q + 1, "paged_attention: a plan for other rows");
-  const auto qo = qo_indptr.contiguous(), kvp = kv_indptr.contiguous(), idx = kv_indices.contiguous(),
-             ld = lead.contiguous(), owp = own_indptr.contiguous(), ow = own.contiguous();
-  const int64_t *qo_p = qo.data_ptr<int64_t>(), *kv_p = kvp.data_ptr<int64_t>(), *idx_p = idx.data_ptr<int64_t>(),
-                *lead_p = ld.data_ptr<int64_t>(), *own_p = owp.data_ptr<int64_t>(), *own_keys = ow.data_ptr<int64_t>();
-  const int64_t batch = qo.numel() - 1;
-  int64_t longest = 0;
-  for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, qo_p[b + 1] - qo_p[b]);
-  const int64_t step = rows_per_item(batch, longest);
-  std::vector<std::array<int64_t, 3>> blocks;  // (request, first row, end row)
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t i = 0; i < qo_p[b + 1] - qo_p[b]; i += step)
-      blocks.push_back({b, i, std::min(i + step, qo_p[b + 1] - qo_p[b])});
-  // the threads take the largest blocks first, one at a time (a prefill chunk's blocks beside a batch's trees would
-  // leave one thread all the work if each took a fixed share of the list)
-  const auto work = [&](const std::array<int64_t, 3>& x) { return (x[2] - x[1]) * (kv_p[x[0] + 1] - kv_p[x[0]]); };
-  std::stable_sort(blocks.begin(), blocks.end(), [&](const auto& x, const auto& y) { return work(x) > work(y); });
-  // a work item is a block with every head (they share the pool rows' cache lines), or one head of it where there
-  // are too few blocks to keep every thread busy
-  const int64_t threads = at::get_num_threads(), blocks_n = static_cast<int64_t>(blocks.size());
-  const int64_t heads_per_item = blocks_n >= 2 * threads ? hkv : 1, items = blocks_n * (hkv / heads_per_item);
+  const Plan plan(qo_indptr, kv_indptr, kv_indices, lead, own_indptr, own);
+  const WorkItems items(plan.rows, plan.batch, hkv);
   std::atomic<int64_t> next{0};
   auto out = torch::zeros({total_q, hq, d}, q.options());
   const float *qs = q.data_ptr<float>(), *ks = k.data_ptr<float>(), *vs = v.data_ptr<float>();
   float* os = out.data_ptr<float>();
   const int64_t q0 = q.stride(0), q1 = q.stride(1), k0 = k.stride(0), v0 = v.stride(0);
   const __m512 scale16 = _mm512_set1_ps(static_cast<float>(scale));
-  at::parallel_for(0, std::min(threads, items), 1, [&](int64_t, int64_t) {
-    std::vector<const float*> shared_k, shared_v;  // the keys every row of the block sees, and their values
-    std::vector<int64_t> rest, rest_at;  // each row's further keys (their pool rows), flat; where each row's start
-    std::vector<const float*> rest_k, rest_v;
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items.count), 1, [&](int64_t, int64_t) {
+    BlockKeys seen;
+    std::vector<const float*> shared_k, shared_v, rest_k, rest_v;
     std::vector<float> scores, sums, inverse;  // [query][key], [query][dim], [query]
     std::vector<const float*> queries;
     std::vector<float*> probs, tail;
-    for (int64_t item = next++; item < items; item = next++) {
-      // what every head of the block shares: its rows, the keys they all see, each row's further keys
-      const auto [b, i0, i1] = blocks[item * heads_per_item / hkv];
-      const int64_t rows = i1 - i0, n_q = rows * group, first = kv_p[b], row0 = qo_p[b] + i0;
-      int64_t shared = kv_p[b + 1] - first;  // how many leading keys every row of the block sees
-      for (int64_t r = 0; r < rows; ++r) shared = std::min(shared, lead_p[row0 + r]);
-      shared -= shared % kLanes;  // whole blocks of 16: a key's place in its block is its place in every row's list
-      rest.clear();
-      rest_at.assign(1, 0);
-      for (int64_t r = 0; r < rows; ++r) {  // keys shared .. lead, then the row's own beyond its lead
-        for (int64_t j = shared; j < lead_p[row0 + r]; ++j) rest.push_back(idx_p[first + j]);
-        for (int64_t j = own_p[row0 + r]; j < own_p[row0 + r + 1]; ++j) rest.push_back(idx_p[first + own_keys[j]]);
-        rest_at.push_back(static_cast<int64_t>(rest.size()));
-      }
-      int64_t widest = 0;
-      for (int64_t r = 0; r < rows; ++r) widest = std::max(widest, rest_at[r + 1] - rest_at[r]);
-      widest += shared + kLanes;  // room for a padded last block
-      const int64_t first_head = item * heads_per_item % hkv;
-      for (int64_t h = first_head; h < first_head + heads_per_item; ++h) {
-        head_rows(ks + h * k.stride(1), k0, idx_p + first, shared, shared_k);
-        head_rows(vs + h * v.stride(1), v0, idx_p + first, shared, shared_v);
+    for (int64_t item = next++; item < items.count; item = next++) {
+      const Block& span = items.blocks[item * items.heads / hkv];
+      seen.gather(plan.rows, span, kLanes);
+      const int64_t rows = span.end - span.begin, n_q = rows * group, first = plan.rows.kv[span.request];
+      const int64_t row0 = plan.rows.qo[span.request] + span.begin, shared = seen.shared;
+      const int64_t widest = seen.widest + kLanes;  // room for a padded last block
+      const std::vector<int64_t>& rest = seen.rest;
+      const std::vector<int64_t>& rest_at = seen.rest_at;
+      const int64_t first_head = item * items.heads % hkv;
+      for (int64_t h = first_head; h < first_head + items.heads; ++h) {
+        head_rows(ks + h * k.stride(1), k0, plan.rows.idx + first, shared, shared_k);
+        head_rows(vs + h * v.stride(1), v0, plan.rows.idx + first, shared, shared_v);
         head_rows(ks + h * k.stride(1), k0, rest.data(), rest.size(), rest_k);
         head_rows(vs + h * v.stride(1), v0, rest.data(), rest.size(), rest_v);
         scores.resize(n_q * widest);
@@ -269,7 +189,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
           for (int64_t j = 0; j < n; j += kLanes) {
             const float* block[kLanes];
             for (int64_t l = 0; l < kLanes; ++l) block[l] = keys[std::min(j + l, n - 1)];
-            const __mmask16 live = n - j >= kLanes ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+            const __mmask16 live = first_lanes(n - j);
             for (int64_t g = 0; g < group; ++g) {
               const __m512 dots = _mm512_mul_ps(dots16(queries[r * group + g], block, d), scale16);
               _mm512_mask_storeu_ps(tail[r * group + g] + j, live, dots);

@@ -21,9 +21,10 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str = "auto", device: torch.device | str | None = None,
-                head_dim: int | None = None) -> TreeAttentionBackend:
+                head_dim: int | None = None, bf16_products: bool = False) -> TreeAttentionBackend:
     """A backend by name. ``auto`` is FlashInfer when CUDA and flashinfer are both usable; on a CPU (``device``) the
-    compiled kernel where it runs (an AVX-512 CPU, a compiler, ``head_dim`` a multiple of 16); else the reference.
+    compiled kernel where it runs (an AVX-512 CPU, a compiler, ``head_dim`` a multiple of 16), in bf16 products on
+    AMX with ``bf16_products`` (a float32 target whose matmuls are bf16: ``Target.matmul``); else the reference.
 
     Asking for ``flashinfer`` or ``cpu`` where it cannot run raises :class:`BackendUnavailableError` saying why (no
     CUDA, or the package missing, with the install command; no AVX-512 or no compiler).
@@ -34,9 +35,9 @@ def get_backend(name: str = "auto", device: torch.device | str | None = None,
         return ReferenceBackend()
     on_cpu = device is not None and torch.device(device).type == "cpu"
     if name == "cpu" or name == "auto" and on_cpu:
-        reason = cpu_unavailable_reason(head_dim)
+        reason = cpu_unavailable_reason(head_dim, bf16_products)
         if reason is None:
-            return CpuBackend()
+            return CpuBackend(bf16_products)
         if name == "cpu":
             raise BackendUnavailableError(reason)
         return ReferenceBackend()

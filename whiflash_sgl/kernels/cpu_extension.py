@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("invariant_gemm.cpp", "paged_attention.cpp", "bindings.cpp")
+SOURCES = ("invariant_gemm.cpp", "paged_attention.cpp", "paged_attention_bf16.cpp", "bindings.cpp")
 
 
 def has_avx512() -> bool:
@@ -28,8 +28,15 @@ def cpu_kernels():
 
         csrc = Path(__file__).resolve().parent.parent / "csrc"
         return load("whiflash_cpu_kernels", [str(csrc / name) for name in SOURCES],
-                    extra_cflags=["-O3", "-mavx512f", "-mfma", "-mamx-tile", "-mamx-bf16", "-fopenmp"],
+                    extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mfma", "-mamx-tile",
+                                  "-mamx-bf16", "-fopenmp"],
                     extra_ldflags=["-fopenmp"])
     except Exception as exc:  # no compiler or ninja
         warnings.warn(f"the CPU kernels could not be built, so torch's own GEMM and attention are used: {exc}")
         return None
+
+
+def amx_runs_here() -> bool:
+    """Whether this CPU and OS run the kernels' AMX paths (bf16 products)."""
+    kernels = cpu_kernels()
+    return kernels is not None and torch.cpu._is_amx_tile_supported() and kernels.amx_permitted()
