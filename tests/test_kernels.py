@@ -140,6 +140,7 @@ ATTENTION_CASES = [
     Case("long-prefix", "random", (4, 12), (600, 1200), 4, 1),
     Case("causal", "chain", (5, 5), (0, 30), 4, 2, causal=True),
     Case("wide-group", "random", (1, 6), (20, 60), 16, 1),  # more query heads per KV head than one pass sums
+    Case("multi-query", "random", (1, 6), (20, 60), 40, 1),  # a row's queries over several AMX tiles
     Case("big-trees", "random", (60, 90), (70, 200), 6, 2),  # a request's rows over several work items
     Case("causal-chunks", "chain", (70, 70), (0, 100), 6, 2, causal=True),
 ]

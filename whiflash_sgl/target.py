@@ -114,8 +114,8 @@ class Target:
     def set_attention(self, name: str) -> None:
         """Route attention through backend ``name`` of ``whiflash_sgl.kernels`` (``auto``: FlashInfer on CUDA with a
         16-bit model, the compiled batch-invariant kernel for a float32 model on an AVX-512 CPU, in bf16 products
-        where the matmuls are bf16, else the PyTorch reference) or ``direct`` (the reference on HF's layout, no planning). A path
-        that cannot run here raises and leaves the target on the path it was on."""
+        where the matmuls are bf16, else the PyTorch reference) or ``direct`` (the reference on HF's layout, no
+        planning). A path that cannot run here raises and leaves the target on the path it was on."""
         if name not in ATTENTION_PATHS:
             raise WhiFlashError(f"unknown attention path {name!r}; choose one of {', '.join(ATTENTION_PATHS)}")
         if name == "direct":

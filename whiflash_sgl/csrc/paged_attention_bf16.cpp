@@ -11,11 +11,12 @@
 // Work items are paged_attention.cpp's: blocks of one request's rows. The keys every row of a block sees (rounded
 // down to a multiple of 32, so that a group of 32 is the same group in every row's list) are converted once per head
 // into B tiles (keys transposed, for the scores; value pairs interleaved, for the sums) and serve every tile of 16 of
-// the block's queries; then each row goes on over its further keys with its own tiles. Decode rows, 3 queries per KV
-// head for a GQA model, leave most of a tile's rows idle, but the time goes to reading and converting the keys, which
-// they would cost anyway; a tree's rows share them, which is what makes draft rows cheap: on SmolLM2-135M (2 threads,
-// 16 requests at 800 positions, one layer) 4 rows a request 1.6 -> 0.8 ms and 17 rows 5.9 -> 1.8 ms against the
-// float32 kernel, one row 0.6-0.7 ms either way.
+// the block's queries; then each row goes on over its queries' further keys with tiles of its own. A block of fewer
+// than 16 queries (decode rows: 3 per KV head for a GQA model) configures tiles of that many rows. The time goes to
+// reading and converting the keys and values, which a tree's rows share: that is what makes draft rows cheap. On
+// SmolLM2-135M's shapes (2 threads, 16 requests at 800 positions, one layer), against the float32 kernel: 4 rows a
+// request 1.43 -> 0.81 ms, 17 rows 5.1 -> 1.7 ms, a 512-row prefill chunk 11.6 -> 3.9 ms; one decode row a request
+// 0.63 -> 0.68 ms (converting each key and value to bf16 costs about what its float32 products saved).
 
 #include "amx.h"
 #include "attention_common.h"
@@ -30,12 +31,22 @@ namespace {
 constexpr int64_t kTile = 16;   // rows of a tile: queries of a score or sum tile, keys of a score tile
 constexpr int64_t kGroup = 32;  // bf16 values in a tile row (64 bytes): dims of a score step, keys of a sum step
 
-constexpr TileConfig all_full() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) cfg.rows[t] = kTile, cfg.colsb[t] = 64;
-  return cfg;
+// [m]: sums and scores (tiles 0-3) and queries or numerators (4, 5) of m rows, keys or values (6, 7) of 16: a block
+// of fewer than 16 queries (decode rows: 3 for a GQA model) moves only its own rows
+struct TileConfigs {
+  TileConfig rows[kTile + 1];
+};
+
+constexpr TileConfigs tile_configs() {
+  TileConfigs all;
+  for (int m = 1; m <= kTile; ++m)
+    for (int t = 0; t < 8; ++t) {
+      all.rows[m].rows[t] = static_cast<uint8_t>(t < 6 ? m : kTile);
+      all.rows[m].colsb[t] = 64;
+    }
+  return all;
 }
-alignas(64) const TileConfig kFullTiles = all_full();  // in memory: GCC drops stores into a local config as dead
+alignas(64) const TileConfigs kTileConfigs = tile_configs();  // in memory: GCC drops stores into a local config
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -184,14 +195,14 @@ torch::Tensor paged_attention_bf16(const torch::Tensor& q, const torch::Tensor& 
   const int64_t q0 = q.stride(0), q1 = q.stride(1), k0 = k.stride(0), v0 = v.stride(0);
   const float factor = static_cast<float>(scale);
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items.count), 1, [&](int64_t, int64_t) {
-    _tile_loadconfig(&kFullTiles);
+    const TileConfig* loaded = nullptr;
     BlockKeys seen;
     std::vector<const float*> shared_k, shared_v, rest_k, rest_v;
     std::vector<uint32_t> queries, units, key_b;  // bf16 queries [query][dk/2]; a key tile's units; shared key tiles
     std::vector<uint16_t> numerators, value_b;    // bf16 [query][widest]; shared value tiles
     std::vector<float> scores, sums, scratch;     // [query][widest], [query][d], one tile's rows
     std::vector<uint32_t> own_keys(dk / 2 * kTile);
-    std::vector<uint16_t> own_values(blocks_d * kTile * kGroup);
+    std::vector<uint16_t> own_values;  // a row's further values' tiles
     std::vector<float> inverse;
     units.resize(dk / 2 * kTile);
     scratch.resize(kTile * std::max(d, kTile));
@@ -207,6 +218,9 @@ torch::Tensor paged_attention_bf16(const torch::Tensor& q, const torch::Tensor& 
       numerators.resize(padded * widest);
       sums.resize(padded * d);
       inverse.resize(n_q);
+      own_values.resize(round_up(seen.widest - shared, kGroup) * d);
+      const TileConfig* config = &kTileConfigs.rows[std::min(n_q, kTile)];
+      if (config != loaded) _tile_loadconfig(loaded = config);
       const int64_t first_head = item * items.heads % hkv;
       for (int64_t h = first_head; h < first_head + items.heads; ++h) {
         head_rows(ks + h * k.stride(1), k0, plan.rows.idx + first, shared, shared_k);
@@ -227,15 +241,18 @@ torch::Tensor paged_attention_bf16(const torch::Tensor& q, const torch::Tensor& 
             score_tile(queries.data() + t * dk / 2, key_b.data() + j * dk / 2, dk);
             _tile_stored(0, scores.data() + t * widest + j, widest * 4);
           }
-        // each row's further keys, against its own queries (the tile's other rows are discarded)
+        // each row's further keys, against its own queries 16 at a time (the tile's other rows are discarded)
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t j = 0; j < seen.further(r); j += kTile) {
             const int64_t n = std::min(kTile, seen.further(r) - j);
             key_tiles(rest_k.data() + seen.rest_at[r] + j, n, d, dk, units.data(), own_keys.data());
-            score_tile(queries.data() + r * group * dk / 2, own_keys.data(), dk);
-            _tile_stored(0, scratch.data(), kTile * 4);
-            for (int64_t g = 0; g < group; ++g)
-              std::memcpy(scores.data() + (r * group + g) * widest + shared + j, scratch.data() + g * kTile, n * 4);
+            for (int64_t g0 = 0; g0 < group; g0 += kTile) {
+              score_tile(queries.data() + (r * group + g0) * dk / 2, own_keys.data(), dk);
+              _tile_stored(0, scratch.data(), kTile * 4);
+              for (int64_t g = g0; g < std::min(group, g0 + kTile); ++g)
+                std::memcpy(scores.data() + (r * group + g) * widest + shared + j, scratch.data() + (g - g0) * kTile,
+                            n * 4);
+            }
           }
         for (int64_t m = 0; m < n_q; ++m) {  // a row that sees no key: zeros
           const int64_t n = seen.count(m / group);
@@ -260,21 +277,24 @@ torch::Tensor paged_attention_bf16(const torch::Tensor& q, const torch::Tensor& 
               sum_step(numerators.data() + t * widest + j, widest, value_b.data() + j * d, c, blocks);
             store_sums(sums.data() + t * d + c * kLanes, d, blocks);
           }
-        // each row's further values, going on from its shared sums
+        // each row's further values, going on from its shared sums, its queries 16 at a time
         for (int64_t r = 0; r < rows; ++r) {
           if (!seen.further(r)) continue;
-          float* row_sums = sums.data() + r * group * d;
-          for (int64_t c = 0; c < blocks_d; c += 4) {
-            const int64_t blocks = std::min<int64_t>(4, blocks_d - c);
-            load_sums(row_sums + c * kLanes, d, blocks);
-            for (int64_t j = 0; j < seen.further(r); j += kGroup) {
-              value_tiles(rest_v.data() + seen.rest_at[r] + j, std::min(kGroup, seen.further(r) - j), d,
-                          own_values.data());
-              sum_step(numerators.data() + r * group * widest + shared + j, widest, own_values.data(), c, blocks);
+          for (int64_t j = 0; j < seen.further(r); j += kGroup) {  // their tiles, all of the row's at once
+            value_tiles(rest_v.data() + seen.rest_at[r] + j, std::min(kGroup, seen.further(r) - j), d,
+                        own_values.data() + j * d);
+          }
+          for (int64_t g0 = 0; g0 < group; g0 += kTile) {
+            const int64_t m0 = r * group + g0, count = std::min(kTile, group - g0);
+            for (int64_t c = 0; c < blocks_d; c += 4) {
+              const int64_t blocks = std::min<int64_t>(4, blocks_d - c);
+              load_sums(sums.data() + m0 * d + c * kLanes, d, blocks);
+              for (int64_t j = 0; j < seen.further(r); j += kGroup)
+                sum_step(numerators.data() + m0 * widest + shared + j, widest, own_values.data() + j * d, c, blocks);
+              store_sums(scratch.data(), d, blocks);  // the tile's rows past these queries belong to other rows
+              for (int64_t g = 0; g < count; ++g)
+                std::memcpy(sums.data() + (m0 + g) * d + c * kLanes, scratch.data() + g * d, blocks * kLanes * 4);
             }
-            store_sums(scratch.data(), d, blocks);  // the tile's rows past the row's queries belong to other rows
-            for (int64_t g = 0; g < group; ++g)
-              std::memcpy(row_sums + g * d + c * kLanes, scratch.data() + g * d, blocks * kLanes * 4);
           }
         }
         for (int64_t m = 0; m < n_q; ++m) {
@@ -285,7 +305,7 @@ torch::Tensor paged_attention_bf16(const torch::Tensor& q, const torch::Tensor& 
         }
       }
     }
-    _tile_release();
+    if (loaded) _tile_release();
   });
   return out;
 }
