@@ -50,6 +50,23 @@ def test_vanilla_equals_hf_generate(tiny_target, prompt_ids):
     assert len(ours.tokens) == 40 and ours.tau == 1.0 and ours.rounds == 39
 
 
+def test_captured_features_are_hfs_hidden_states(tiny_target, prompt_ids):
+    """The capture hooks keep each named layer's input and, past the last layer, the final norm's output: HF's
+    ``hidden_states`` at those indices, in the order asked; a forward without capture keeps none."""
+    last = tiny_target.config.num_hidden_layers
+    with torch.no_grad():
+        expected = tiny_target.model(torch.tensor([prompt_ids]), output_hidden_states=True).hidden_states
+    try:
+        tiny_target.capture_layers = (last, 0, 1)
+        hidden = tiny_target.prefill(prompt_ids).hidden
+        for column, index in enumerate((last, 0, 1)):
+            torch.testing.assert_close(hidden[:, column], expected[index][0], atol=1e-4, rtol=1e-4)
+        tiny_target.capture_layers = ()
+        assert tiny_target.prefill(prompt_ids).hidden is None
+    finally:
+        tiny_target.capture_layers = ()
+
+
 @pytest.mark.parametrize("width", [1, 3])
 def test_ngram_is_lossless_and_accepts(looping_target, prompt_ids, width):
     reference = _vanilla(looping_target, prompt_ids, 60)
