@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -72,8 +73,9 @@ struct Plan {
         batch(qo_t.numel() - 1) {}
 };
 
-// q [rows, Hq, D], k and v [pool rows, Hkv, D], float32, head dim dense and a multiple of 16; a plan for q's rows
-inline void check_inputs(const char* name, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+// q [rows, Hq, D], k and v [pool rows, Hkv, D], float32, head dim dense and a multiple of 16; a plan for q's rows.
+// Returns q's rows.
+inline int64_t checked_rows(const char* name, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                          const torch::Tensor& lead, const torch::Tensor& own_indptr) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, name, ": expected [rows, heads, dim] q, k, v");
   TORCH_CHECK(q.scalar_type() == torch::kFloat && k.scalar_type() == torch::kFloat && v.scalar_type() == torch::kFloat,
@@ -83,6 +85,7 @@ inline void check_inputs(const char* name, const torch::Tensor& q, const torch::
                   k.size(2) == q.size(2),
               name, ": head dim a multiple of 16, query heads a multiple of KV heads");
   TORCH_CHECK(lead.numel() == q.size(0) && own_indptr.numel() == q.size(0) + 1, name, ": a plan for other rows");
+  return q.size(0);
 }
 
 // One request's query rows [begin, end) (indices within the request).
@@ -144,6 +147,67 @@ struct BlockKeys {
 
   int64_t further(int64_t r) const { return rest_at[r + 1] - rest_at[r]; }
   int64_t count(int64_t r) const { return shared + further(r); }
+};
+
+// One kernel call: the checked inputs as raw pointers with their row and head strides, the plan, the work items and
+// the output.
+struct Call {
+  const int64_t total_q, hq, d, hkv, group;
+  const Plan plan;
+  const WorkItems items;
+  torch::Tensor out;
+  const float *qs, *ks, *vs;
+  float* os;
+  const int64_t q0, q1, k0, k1, v0, v1;
+
+  Call(const char* name, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+       const torch::Tensor& qo_indptr, const torch::Tensor& kv_indptr, const torch::Tensor& kv_indices,
+       const torch::Tensor& lead, const torch::Tensor& own_indptr, const torch::Tensor& own)
+      : total_q(checked_rows(name, q, k, v, lead, own_indptr)), hq(q.size(1)), d(q.size(2)),
+        hkv(k.size(1)), group(hq / hkv), plan(qo_indptr, kv_indptr, kv_indices, lead, own_indptr, own),
+        items(plan.rows, plan.batch, hkv), out(torch::zeros({total_q, hq, d}, q.options())),
+        qs(q.data_ptr<float>()), ks(k.data_ptr<float>()), vs(v.data_ptr<float>()), os(out.data_ptr<float>()),
+        q0(q.stride(0)), q1(q.stride(1)), k0(k.stride(0)), k1(k.stride(1)), v0(v.stride(0)), v1(v.stride(1)) {}
+
+  // Each thread runs `body(next)` once, with its own state; next() hands out the work items one at a time, the
+  // largest first, to whichever thread is free, and count past the last.
+  template <typename Body>
+  void run(Body&& body) const {
+    std::atomic<int64_t> counter{0};
+    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items.count), 1,
+                     [&](int64_t, int64_t) { body([&counter] { return counter++; }); });
+  }
+
+  const float* query(int64_t row, int64_t head) const { return qs + row * q0 + head * q1; }
+  float* output(int64_t row, int64_t head) const { return os + (row * hq + head) * d; }
+};
+
+// Work item `index` of a call: its block's rows and queries (rows x the query heads per KV head), where they start,
+// and its KV heads; the block's keys gathered into `seen`, aligned to `align`.
+struct Item {
+  int64_t rows, n_q, first, row0, first_head, heads;
+
+  Item(const Call& call, int64_t index, BlockKeys& seen, int64_t align) {
+    const WorkItems& items = call.items;
+    const Block& span = items.blocks[index * items.heads / call.hkv];
+    seen.gather(call.plan.rows, span, align);
+    rows = span.end - span.begin, n_q = rows * call.group, first = call.plan.rows.kv[span.request];
+    row0 = call.plan.rows.qo[span.request] + span.begin;
+    first_head = index * items.heads % call.hkv, heads = items.heads;
+  }
+};
+
+// One KV head's key and value vectors for an item: those every row sees, then each row's further ones (`seen`'s).
+struct HeadRows {
+  std::vector<const float*> shared_k, shared_v, rest_k, rest_v;
+
+  void point(const Call& call, const Item& item, const BlockKeys& seen, int64_t h) {
+    const int64_t* idx = call.plan.rows.idx + item.first;
+    head_rows(call.ks + h * call.k1, call.k0, idx, seen.shared, shared_k);
+    head_rows(call.vs + h * call.v1, call.v0, idx, seen.shared, shared_v);
+    head_rows(call.ks + h * call.k1, call.k0, seen.rest.data(), seen.rest.size(), rest_k);
+    head_rows(call.vs + h * call.v1, call.v0, seen.rest.data(), seen.rest.size(), rest_v);
+  }
 };
 
 }  // namespace whiflash

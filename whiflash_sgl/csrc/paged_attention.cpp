@@ -136,55 +136,41 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
                               const torch::Tensor& qo_indptr, const torch::Tensor& kv_indptr,
                               const torch::Tensor& kv_indices, const torch::Tensor& lead,
                               const torch::Tensor& own_indptr, const torch::Tensor& own, double scale) {
-  check_inputs("paged_attention", q, k, v, lead, own_indptr);
-  const int64_t total_q = q.size(0), hq = q.size(1), d = q.size(2), hkv = k.size(1), group = hq / hkv;
-  const Plan plan(qo_indptr, kv_indptr, kv_indices, lead, own_indptr, own);
-  const WorkItems items(plan.rows, plan.batch, hkv);
-  std::atomic<int64_t> next{0};
-  auto out = torch::zeros({total_q, hq, d}, q.options());
-  const float *qs = q.data_ptr<float>(), *ks = k.data_ptr<float>(), *vs = v.data_ptr<float>();
-  float* os = out.data_ptr<float>();
-  const int64_t q0 = q.stride(0), q1 = q.stride(1), k0 = k.stride(0), v0 = v.stride(0);
+  const Call call("paged_attention", q, k, v, qo_indptr, kv_indptr, kv_indices, lead, own_indptr, own);
+  const int64_t group = call.group, d = call.d;
   const __m512 scale16 = _mm512_set1_ps(static_cast<float>(scale));
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items.count), 1, [&](int64_t, int64_t) {
+  call.run([&](auto next) {
     BlockKeys seen;
-    std::vector<const float*> shared_k, shared_v, rest_k, rest_v;
+    HeadRows kv;
     std::vector<float> scores, sums, inverse;  // [query][key], [query][dim], [query]
     std::vector<const float*> queries;
     std::vector<float*> probs, tail;
-    for (int64_t item = next++; item < items.count; item = next++) {
-      const Block& span = items.blocks[item * items.heads / hkv];
-      seen.gather(plan.rows, span, kLanes);
-      const int64_t rows = span.end - span.begin, n_q = rows * group, first = plan.rows.kv[span.request];
-      const int64_t row0 = plan.rows.qo[span.request] + span.begin, shared = seen.shared;
+    for (int64_t index = next(); index < call.items.count; index = next()) {
+      const Item item(call, index, seen, kLanes);
+      const int64_t rows = item.rows, n_q = item.n_q, row0 = item.row0, shared = seen.shared;
       const int64_t widest = seen.widest + kLanes;  // room for a padded last block
-      const std::vector<int64_t>& rest = seen.rest;
       const std::vector<int64_t>& rest_at = seen.rest_at;
-      const int64_t first_head = item * items.heads % hkv;
-      for (int64_t h = first_head; h < first_head + items.heads; ++h) {
-        head_rows(ks + h * k.stride(1), k0, plan.rows.idx + first, shared, shared_k);
-        head_rows(vs + h * v.stride(1), v0, plan.rows.idx + first, shared, shared_v);
-        head_rows(ks + h * k.stride(1), k0, rest.data(), rest.size(), rest_k);
-        head_rows(vs + h * v.stride(1), v0, rest.data(), rest.size(), rest_v);
+      for (int64_t h = item.first_head; h < item.first_head + item.heads; ++h) {
+        kv.point(call, item, seen, h);
         scores.resize(n_q * widest);
         sums.assign(n_q * d, 0.0f);
         queries.resize(n_q);
         probs.resize(n_q);
         tail.resize(n_q);
         for (int64_t m = 0; m < n_q; ++m) {
-          queries[m] = qs + (row0 + m / group) * q0 + (h * group + m % group) * q1;
+          queries[m] = call.query(row0 + m / group, h * group + m % group);
           probs[m] = scores.data() + m * widest;
           tail[m] = probs[m] + shared;
         }
-        prefetch_rows(shared_k.data(), std::min<int64_t>(shared, 2 * kLanes), d);
+        prefetch_rows(kv.shared_k.data(), std::min<int64_t>(shared, 2 * kLanes), d);
         for (int64_t j = 0; j < shared; j += kLanes) {  // the shared keys: each block of 16 loaded once for every query
           const int64_t ahead = j + 2 * kLanes;  // the block two on, if there is one
-          if (ahead < shared) prefetch_rows(shared_k.data() + ahead, std::min(kLanes, shared - ahead), d);
+          if (ahead < shared) prefetch_rows(kv.shared_k.data() + ahead, std::min(kLanes, shared - ahead), d);
           for (int64_t m = 0; m < n_q; ++m)
-            _mm512_storeu_ps(probs[m] + j, _mm512_mul_ps(dots16(queries[m], shared_k.data() + j, d), scale16));
+            _mm512_storeu_ps(probs[m] + j, _mm512_mul_ps(dots16(queries[m], kv.shared_k.data() + j, d), scale16));
         }
         for (int64_t r = 0; r < rows; ++r) {  // each row's further keys, the last block padded with its last key
-          const float* const* keys = rest_k.data() + rest_at[r];
+          const float* const* keys = kv.rest_k.data() + rest_at[r];
           const int64_t n = rest_at[r + 1] - rest_at[r];
           for (int64_t j = 0; j < n; j += kLanes) {
             const float* block[kLanes];
@@ -202,16 +188,16 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
           inverse[m] = n ? 1.0f / softmax_numerators(probs[m], n) : 0.0f;  // a row that sees no key: zeros
         }
         // the shared values a tile at a time, every query's sums going on in key order, so a tile serves them all
-        prefetch_rows(shared_v.data(), std::min<int64_t>(shared, 2 * kLanes), d);
+        prefetch_rows(kv.shared_v.data(), std::min<int64_t>(shared, 2 * kLanes), d);
         for (int64_t t = 0; t < shared; t += kTile)
           for (int64_t c = 0; c < d; c += kLanes)
-            accumulate(probs.data(), shared_v.data(), t, std::min(t + kTile, shared), c, d, n_q, sums.data());
+            accumulate(probs.data(), kv.shared_v.data(), t, std::min(t + kTile, shared), c, d, n_q, sums.data());
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < d; c += kLanes)
-            accumulate(tail.data() + r * group, rest_v.data() + rest_at[r], 0, rest_at[r + 1] - rest_at[r], c, d,
+            accumulate(tail.data() + r * group, kv.rest_v.data() + rest_at[r], 0, rest_at[r + 1] - rest_at[r], c, d,
                        group, sums.data() + r * group * d);
         for (int64_t m = 0; m < n_q; ++m) {
-          float* o = os + ((row0 + m / group) * hq + h * group + m % group) * d;
+          float* o = call.output(row0 + m / group, h * group + m % group);
           const __m512 inv = _mm512_set1_ps(inverse[m]);
           for (int64_t c = 0; c < d; c += kLanes)
             _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(sums.data() + m * d + c), inv));
@@ -219,7 +205,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
       }
     }
   });
-  return out;
+  return call.out;
 }
 
 }  // namespace whiflash

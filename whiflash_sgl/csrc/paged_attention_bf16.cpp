@@ -183,21 +183,14 @@ torch::Tensor paged_attention_bf16(const torch::Tensor& q, const torch::Tensor& 
                                    const torch::Tensor& kv_indices, const torch::Tensor& lead,
                                    const torch::Tensor& own_indptr, const torch::Tensor& own, double scale) {
   TORCH_CHECK(amx_permitted(), "paged_attention_bf16: the kernel did not get AMX state from the OS");
-  check_inputs("paged_attention_bf16", q, k, v, lead, own_indptr);
-  const int64_t total_q = q.size(0), hq = q.size(1), d = q.size(2), hkv = k.size(1), group = hq / hkv;
+  const Call call("paged_attention_bf16", q, k, v, qo_indptr, kv_indptr, kv_indices, lead, own_indptr, own);
+  const int64_t group = call.group, d = call.d;
   const int64_t dk = round_up(d, kGroup), blocks_d = d / kLanes;  // dims of a score row; 16-dim blocks of a sum
-  const Plan plan(qo_indptr, kv_indptr, kv_indices, lead, own_indptr, own);
-  const WorkItems items(plan.rows, plan.batch, hkv);
-  std::atomic<int64_t> next{0};
-  auto out = torch::empty({total_q, hq, d}, q.options());
-  const float *qs = q.data_ptr<float>(), *ks = k.data_ptr<float>(), *vs = v.data_ptr<float>();
-  float* os = out.data_ptr<float>();
-  const int64_t q0 = q.stride(0), q1 = q.stride(1), k0 = k.stride(0), v0 = v.stride(0);
   const float factor = static_cast<float>(scale);
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items.count), 1, [&](int64_t, int64_t) {
+  call.run([&](auto next) {
     const TileConfig* loaded = nullptr;
     BlockKeys seen;
-    std::vector<const float*> shared_k, shared_v, rest_k, rest_v;
+    HeadRows kv;
     std::vector<uint32_t> queries, units, key_b;  // bf16 queries [query][dk/2]; a key tile's units; shared key tiles
     std::vector<uint16_t> numerators, value_b;    // bf16 [query][widest]; shared value tiles
     std::vector<float> scores, sums, scratch;     // [query][widest], [query][d], one tile's rows
@@ -206,11 +199,9 @@ torch::Tensor paged_attention_bf16(const torch::Tensor& q, const torch::Tensor& 
     std::vector<float> inverse;
     units.resize(dk / 2 * kTile);
     scratch.resize(kTile * std::max(d, kTile));
-    for (int64_t item = next++; item < items.count; item = next++) {
-      const Block& span = items.blocks[item * items.heads / hkv];
-      seen.gather(plan.rows, span, kGroup);
-      const int64_t rows = span.end - span.begin, n_q = rows * group, first = plan.rows.kv[span.request];
-      const int64_t row0 = plan.rows.qo[span.request] + span.begin, shared = seen.shared;
+    for (int64_t index = next(); index < call.items.count; index = next()) {
+      const Item item(call, index, seen, kGroup);
+      const int64_t rows = item.rows, n_q = item.n_q, row0 = item.row0, shared = seen.shared;
       const int64_t widest = round_up(seen.widest, kGroup);
       const int64_t padded = round_up(n_q, kTile) + kTile;  // a row's tile may start at any of its queries
       queries.resize(padded * dk / 2);
@@ -221,20 +212,16 @@ torch::Tensor paged_attention_bf16(const torch::Tensor& q, const torch::Tensor& 
       own_values.resize(round_up(seen.widest - shared, kGroup) * d);
       const TileConfig* config = &kTileConfigs.rows[std::min(n_q, kTile)];
       if (config != loaded) _tile_loadconfig(loaded = config);
-      const int64_t first_head = item * items.heads % hkv;
-      for (int64_t h = first_head; h < first_head + items.heads; ++h) {
-        head_rows(ks + h * k.stride(1), k0, plan.rows.idx + first, shared, shared_k);
-        head_rows(vs + h * v.stride(1), v0, plan.rows.idx + first, shared, shared_v);
-        head_rows(ks + h * k.stride(1), k0, seen.rest.data(), seen.rest.size(), rest_k);
-        head_rows(vs + h * v.stride(1), v0, seen.rest.data(), seen.rest.size(), rest_v);
+      for (int64_t h = item.first_head; h < item.first_head + item.heads; ++h) {
+        kv.point(call, item, seen, h);
         for (int64_t m = 0; m < n_q; ++m)
-          bf16_units(qs + (row0 + m / group) * q0 + (h * group + m % group) * q1, d, dk, queries.data() + m * dk / 2);
+          bf16_units(call.query(row0 + m / group, h * group + m % group), d, dk, queries.data() + m * dk / 2);
         // scores over the shared keys: their tiles once, then every 16 queries against them
         key_b.resize(shared / kTile * dk / 2 * kTile);
-        prefetch_rows(shared_k.data(), std::min<int64_t>(shared, 2 * kTile), d);
+        prefetch_rows(kv.shared_k.data(), std::min<int64_t>(shared, 2 * kTile), d);
         for (int64_t j = 0; j < shared; j += kTile) {
-          if (j + 2 * kTile < shared) prefetch_rows(shared_k.data() + j + 2 * kTile, kTile, d);
-          key_tiles(shared_k.data() + j, kTile, d, dk, units.data(), key_b.data() + j * dk / 2);
+          if (j + 2 * kTile < shared) prefetch_rows(kv.shared_k.data() + j + 2 * kTile, kTile, d);
+          key_tiles(kv.shared_k.data() + j, kTile, d, dk, units.data(), key_b.data() + j * dk / 2);
         }
         for (int64_t t = 0; t < n_q; t += kTile)
           for (int64_t j = 0; j < shared; j += kTile) {
@@ -245,7 +232,7 @@ torch::Tensor paged_attention_bf16(const torch::Tensor& q, const torch::Tensor& 
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t j = 0; j < seen.further(r); j += kTile) {
             const int64_t n = std::min(kTile, seen.further(r) - j);
-            key_tiles(rest_k.data() + seen.rest_at[r] + j, n, d, dk, units.data(), own_keys.data());
+            key_tiles(kv.rest_k.data() + seen.rest_at[r] + j, n, d, dk, units.data(), own_keys.data());
             for (int64_t g0 = 0; g0 < group; g0 += kTile) {
               score_tile(queries.data() + (r * group + g0) * dk / 2, own_keys.data(), dk);
               _tile_stored(0, scratch.data(), kTile * 4);
@@ -261,10 +248,10 @@ torch::Tensor paged_attention_bf16(const torch::Tensor& q, const torch::Tensor& 
         }
         // sums over the shared values: their tiles once, then every 16 queries' sums, 4 blocks of 16 dims a pass
         value_b.resize(shared * d);
-        prefetch_rows(shared_v.data(), std::min<int64_t>(shared, kGroup), d);
+        prefetch_rows(kv.shared_v.data(), std::min<int64_t>(shared, kGroup), d);
         for (int64_t j = 0; j < shared; j += kGroup) {
-          if (j + kGroup < shared) prefetch_rows(shared_v.data() + j + kGroup, kGroup, d);
-          value_tiles(shared_v.data() + j, kGroup, d, value_b.data() + j * d);
+          if (j + kGroup < shared) prefetch_rows(kv.shared_v.data() + j + kGroup, kGroup, d);
+          value_tiles(kv.shared_v.data() + j, kGroup, d, value_b.data() + j * d);
         }
         for (int64_t t = 0; t < n_q; t += kTile)
           for (int64_t c = 0; c < blocks_d; c += 4) {
@@ -281,7 +268,7 @@ torch::Tensor paged_attention_bf16(const torch::Tensor& q, const torch::Tensor& 
         for (int64_t r = 0; r < rows; ++r) {
           if (!seen.further(r)) continue;
           for (int64_t j = 0; j < seen.further(r); j += kGroup) {  // their tiles, all of the row's at once
-            value_tiles(rest_v.data() + seen.rest_at[r] + j, std::min(kGroup, seen.further(r) - j), d,
+            value_tiles(kv.rest_v.data() + seen.rest_at[r] + j, std::min(kGroup, seen.further(r) - j), d,
                         own_values.data() + j * d);
           }
           for (int64_t g0 = 0; g0 < group; g0 += kTile) {
@@ -298,7 +285,7 @@ torch::Tensor paged_attention_bf16(const torch::Tensor& q, const torch::Tensor& 
           }
         }
         for (int64_t m = 0; m < n_q; ++m) {
-          float* o = os + ((row0 + m / group) * hq + h * group + m % group) * d;
+          float* o = call.output(row0 + m / group, h * group + m % group);
           const __m512 inv = _mm512_set1_ps(inverse[m]);
           for (int64_t c = 0; c < d; c += kLanes)
             _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(sums.data() + m * d + c), inv));
@@ -307,7 +294,7 @@ torch::Tensor paged_attention_bf16(const torch::Tensor& q, const torch::Tensor& 
     }
     if (loaded) _tile_release();
   });
-  return out;
+  return call.out;
 }
 
 }  // namespace whiflash
