@@ -150,7 +150,7 @@ struct BlockKeys {
 };
 
 // One kernel call: the checked inputs as raw pointers with their row and head strides, the plan, the work items and
-// the output.
+// the output (not zeroed: every row of every request is in a work item, which writes all its heads).
 struct Call {
   const int64_t total_q, hq, d, hkv, group;
   const Plan plan;
@@ -165,12 +165,12 @@ struct Call {
        const torch::Tensor& lead, const torch::Tensor& own_indptr, const torch::Tensor& own)
       : total_q(checked_rows(name, q, k, v, lead, own_indptr)), hq(q.size(1)), d(q.size(2)),
         hkv(k.size(1)), group(hq / hkv), plan(qo_indptr, kv_indptr, kv_indices, lead, own_indptr, own),
-        items(plan.rows, plan.batch, hkv), out(torch::zeros({total_q, hq, d}, q.options())),
+        items(plan.rows, plan.batch, hkv), out(torch::empty({total_q, hq, d}, q.options())),
         qs(q.data_ptr<float>()), ks(k.data_ptr<float>()), vs(v.data_ptr<float>()), os(out.data_ptr<float>()),
         q0(q.stride(0)), q1(q.stride(1)), k0(k.stride(0)), k1(k.stride(1)), v0(v.stride(0)), v1(v.stride(1)) {}
 
   // Each thread runs `body(next)` once, with its own state; next() hands out the work items one at a time, the
-  // largest first, to whichever thread is free, and count past the last.
+  // largest first, to whichever thread is free, and a number past the last when none is left.
   template <typename Body>
   void run(Body&& body) const {
     std::atomic<int64_t> counter{0};
