@@ -144,6 +144,25 @@ def test_chunked_prefill_gives_the_same_output(target, prompts, solo):
     assert [r.tokens for r in _run(engine, requests)] == solo[:3]
 
 
+def test_a_round_that_prefills_a_prompt_chunk_drafts_nothing(target, prompts, solo, monkeypatch):
+    """While B's prompt is prefilled two tokens a round, A (decoding, with a drafter whose trees get accepted) verifies
+    its root alone in those forwards, and drafts again once B decodes; both outputs stay their solo ones."""
+    engine = SpeculativeEngine(target, _drafter(), prefill_chunk=2)
+    chunks_of, forward = engine._prefill_chunks, target.forward
+    prefilling, rounds = [], []  # per round: its prompt chunks; (how many, the rows of each verify chunk)
+    monkeypatch.setattr(engine, "_prefill_chunks", lambda: prefilling.append(chunks_of()) or prefilling[-1])
+    monkeypatch.setattr(target, "forward", lambda chunks: rounds.append(
+        (len(prefilling[-1]), [len(c.tokens) for c in chunks[len(prefilling[-1]):]])) or forward(chunks))
+    a = engine.submit(prompts[0], 40)
+    while not a.decoding:
+        engine.step()
+    b = engine.submit(prompts[4], 40)
+    assert [r.tokens for r in _run(engine, [a, b])] == [solo[0], solo[4]]
+    shared = [rows for chunks, rows in rounds if chunks and rows]  # B's prefill with A's verify
+    assert len(shared) >= len(prompts[4]) // 2 - 1 and all(rows == [1] for rows in shared)
+    assert any(max(rows) > 1 for chunks, rows in rounds if not chunks)  # A and B draft in the other rounds
+
+
 def test_seeded_sampling_is_batch_invariant(target, prompts):
     """Keyed sampling: a request's text is its seed's, alone or in a batch with others of other seeds."""
     params = SamplingParams(0.9, 0.95)
