@@ -12,7 +12,7 @@ from whiflash_sgl.cost_curve import MAX_ROWS, ROWS_EACH, SEQUENCES, CostCurve, m
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
-from whiflash_sgl.drafting_plan import IDLE_EVERY, Calibration, RoundTimes, Wish, plan, round_seconds
+from whiflash_sgl.drafting_plan import IDLE_EVERY, TIME_WINDOW, Calibration, RoundTimes, Wish, plan, round_seconds
 from whiflash_sgl.router import NO_DRAFT, TIMED, BatchLoad, CostModel, Router
 from whiflash_sgl.tree import DraftTree
 
@@ -159,14 +159,16 @@ class _Seq:
 
 
 def _round(times: RoundTimes, states, clock: float, drafts: bool, forward: float, drafting: float, rest: float,
-           decode_only: bool = True) -> float:
+           decode_only: bool = True, routed: bool | None = None, tokens: int = 1) -> float:
     """One round of ``states`` from ``clock``: a forward, drafter calls and catch-up of those seconds, and ``rest``
-    per sequence around them; the next round starts at the clock it returns."""
+    per sequence around them, each sequence committing ``tokens`` (routed: when it drafts, unless told); the next
+    round starts at the clock it returns."""
     times.start(states, decode_only, clock)
-    times.ran(drafts)
+    times.ran(drafts, drafts if routed is None else routed)
     times.spent(drafting)
     for _ in states:
-        times.forwarded(forward)
+        times.forwarded(forward, prefilled=False)
+        times.committed(tokens)
     return clock + forward + drafting + rest * len(states)
 
 
@@ -214,6 +216,27 @@ def test_round_times_are_kept_per_batch_size():
     assert times.extra(5) == pytest.approx((0.006, 0.012))
     assert times.extra(16) == pytest.approx((0.008, 0.016))
     assert times.extra(1) == pytest.approx((0.004, 0.008))
+
+
+def test_routing_pays_while_routed_rounds_commit_at_least_as_fast_as_rounds_without_routing():
+    """Outcome against outcome, per batch size: routed rounds of 2 sequences that commit 4 tokens in 60 ms, against
+    2 in 30 ms without routing, break even (it pays); in 70 ms they lose; another size, or too few rounds of a kind,
+    has no verdict (it pays)."""
+    times, clock, states = RoundTimes(), 0.0, [_Seq(), _Seq()]
+    for _ in range(TIMED):
+        clock = _round(times, states, clock, False, 0.03, 0.0, 0.0)
+    for _ in range(TIMED - 1):
+        clock = _round(times, states, clock, True, 0.03, 0.02, 0.005, tokens=2)
+    times.start(states, True, clock)  # measures the last round
+    assert times.routing_pays(2)  # not measured enough: TIMED - 1 routed rounds
+    clock = _round(times, states, clock, False, 0.03, 0.0, 0.0, routed=True)  # routed, the plan drafted nothing
+    times.start(states, True, clock)
+    assert times.routing_pays(2)  # 4 tokens in 60 ms, and 2 in 30, as fast as 2 in 30 without routing
+    for _ in range(TIME_WINDOW):
+        clock = _round(times, states, clock, True, 0.03, 0.03, 0.005, tokens=2)
+    times.start(states, True, clock)
+    assert not times.routing_pays(2)  # 4 tokens in 70 ms
+    assert times.routing_pays(4)
 
 
 def test_the_plan_adds_what_rounds_cost_beyond_the_cost_model():

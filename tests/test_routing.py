@@ -21,6 +21,7 @@ from whiflash_sgl.drafters.eagle3 import Eagle3Drafter, Eagle3Model
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.drafters.oracle import OracleDrafter
 from whiflash_sgl.drafters.whiflash import QUIET_MAX, QuietRounds, WhiFlashDrafter
+from whiflash_sgl.drafting_plan import RoundTimes
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.policies import load_policy
@@ -362,9 +363,10 @@ def test_each_request_routes_on_its_own_and_mixed_paradigms_verify_in_one_forwar
 
 def _two_requests_whose_plan_is(drafts: bool, tokens: int, target, models, prompt, tiny_tokenizer, monkeypatch):
     """Two requests batched under a plan that always (``drafts``) or never lets them draft, each checked against its
-    solo vanilla output."""
+    solo vanilla output. Routing is taken to pay when it drafts (tiny drafters' rounds would not, as measured)."""
     for module in ("whiflash_sgl.drafters.whiflash", "whiflash_sgl.drafting_plan"):  # the plan, and explore's
         monkeypatch.setattr(f"{module}.plan", lambda wishes, *args: [drafts] * len(wishes))
+    monkeypatch.setattr(RoundTimes, "routing_pays", lambda self, sequences: drafts)
     prompts = [prompt, tiny_tokenizer("The quick brown fox")["input_ids"]]
     solo = [SpeculativeEngine(target).generate(p, tokens).tokens for p in prompts]
     engine = SpeculativeEngine(target, _whiflash(target, models, Fixed("eagle3")))
@@ -409,6 +411,7 @@ def test_a_batch_verifies_its_roots_alone_first_at_a_size_not_timed_yet(target, 
     batch of a size whose roots alone were not timed ``TIMED`` times verifies them alone until they were (the first
     such forward after a prefill can run half again as long as the next ones)."""
     monkeypatch.setattr("whiflash_sgl.drafters.whiflash.plan", lambda wishes, *args: [True] * len(wishes))
+    monkeypatch.setattr(RoundTimes, "routing_pays", lambda self, sequences: True)  # tiny drafters' rounds do not
     drafters = _drafters(target, models)
     router = Router(Fixed("eagle3"), tuple(drafters), "eagle3", curve=CostCurve((1, 8), (0.010, 0.012)))
     engine = SpeculativeEngine(target, WhiFlashDrafter(drafters, router, target.tokenizer))

@@ -53,7 +53,9 @@ class QuietRounds:
     7% of a round without drafts on a 2-core CPU, which a batch whose drafting does not pay would otherwise lose to
     vanilla (at a gap of 8, whiflash:mlp drafting nothing at 8 and 16 requests still ran 3-4% behind it); a round
     whose plan drafts again, or a batch half or twice the size it was when it last routed, brings the gap back to
-    none (requests coming and going one at a time do not: at 8 requests that was a routing round in eight)."""
+    none (requests coming and going one at a time do not: at 8 requests that was a routing round in eight). A plan
+    that drafts counts as one without drafts while routed rounds of the batch's size are measured to commit tokens
+    more slowly than rounds without routing (``RoundTimes.routing_pays``)."""
 
     def __init__(self) -> None:
         self.gap = self.left = self.size = 0
@@ -213,7 +215,7 @@ class WhiFlashDrafter(Drafter):
         if n > 1:
             times.start(states, drafters[0].load.sequences + 1 == n, time.perf_counter())
             if quiet.skip(n) or times.idle_due or not costs.knows_roots(n):
-                times.ran(False)
+                times.ran(False, routed=False)
                 for d in drafters:
                     d._take(Decision(NO_DRAFT), False, False)
                 return [DraftTree()] * n
@@ -229,10 +231,10 @@ class WhiFlashDrafter(Drafter):
             decisions = [replace(x, tau=w.predicted) for x, w in zip(decisions, wishes)]  # what calibration learns
             extra = times.extra(n)
             drafting = plan(wishes, costs, n, extra)
-            quiet.planned(any(drafting))
+            quiet.planned(any(drafting) and times.routing_pays(n))
             if not any(drafting) and quiet.gap == QUIET_MAX:  # drafted nothing for a long while
                 drafting = explore(wishes, costs, n, extra)
-            times.ran(any(drafting))
+            times.ran(any(drafting), routed=True)
         chosen = [d._take(x, go, probe) for d, x, go, probe in zip(drafters, decisions, drafting, probes)]
         cls._catch_up(drafters, states, [tuple(d.drafters) if c and d.mode == "eager" else c
                                          for d, c in zip(drafters, chosen)])
@@ -250,7 +252,8 @@ class WhiFlashDrafter(Drafter):
                 for d in drafters]
 
     def observe(self, report: RoundReport) -> None:
-        self.times.forwarded(report.verify_seconds)
+        self.times.forwarded(report.verify_seconds, report.prefilled)
+        self.times.committed(len(report.new_tokens))
         if not self._trees:  # the engine verified without asking for a draft (one token left)
             return
         # each paradigm's own tau as verified: its tree's acceptance, within what the engine kept of the tree
