@@ -15,6 +15,7 @@ import torch
 from scipy.stats import chi2_contingency
 
 from whiflash_sgl.cost_curve import CostCurve
+from whiflash_sgl.drafters.base import RoundReport
 from whiflash_sgl.drafters.checkpoint import dflash_config, eagle3_config
 from whiflash_sgl.drafters.dflash import DFlashDrafter, DFlashModel
 from whiflash_sgl.drafters.eagle3 import Eagle3Drafter, Eagle3Model
@@ -489,6 +490,25 @@ def test_a_wish_counts_the_rows_its_tree_keeps_at_the_bar_and_the_tau_they_hold(
         whiflash.calibration.observe(2.0, 4.0)
     wish = whiflash._wish(features, Decision("eagle3", 5.0), False, bar=0.85, tokens_left=60)
     assert wish.rows == 1 and wish.tau == 2.0  # ... but a draft row accepts one token at most
+
+
+def test_a_tree_that_keeps_nothing_at_the_bar_or_went_stale_does_not_stand_for_this_round(target, models):
+    """Its own tree from the last round stands for a request's next one; where none of its nodes clears the bar,
+    the latest tree of any sequence stands in, and where none of that one's does either, the size last verified,
+    whole; a request that did not draft with a paradigm this round has no tree of its own for it next round."""
+    whiflash = _whiflash(target, models, Fixed("eagle3"))
+    whiflash.tree_size["eagle3"] = 5
+    own, latest = DraftTree((5, 6), (-1, 0), (0.2, 0.1)), DraftTree((5, 6, 7), (-1, 0, 0), (0.9, 0.6, 0.3))
+    whiflash.drafted["eagle3"], whiflash.latest["eagle3"] = own, latest
+    assert whiflash._kept("eagle3", 0.15) == (1, pytest.approx(2 / 3))  # its own
+    assert whiflash._kept("eagle3", 0.5) == (2, pytest.approx(1.5 / 1.8))  # its own keeps nothing: the latest
+    assert whiflash._kept("eagle3", 0.95) == (5, 1.0)  # neither keeps anything
+    whiflash._take(Decision("eagle3"), False, False)  # it does not draft this round
+    assert "eagle3" not in whiflash.drafted and whiflash._kept("eagle3", 0.15) == (3, 1.0)
+    whiflash._take(Decision("eagle3"), True, False)
+    whiflash._trees = {"eagle3": own}
+    whiflash.observe(RoundReport(DraftTree(), [], [9], verify_seconds=0.01))  # the engine cut its tree away
+    assert whiflash.tree_size["eagle3"] == 5  # the size it last verified of one still stands
 
 
 def test_quiet_rounds_double_after_each_plan_without_drafts_and_end_when_it_drafts_or_the_batch_halves(

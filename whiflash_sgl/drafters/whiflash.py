@@ -83,7 +83,7 @@ class WhiFlashDrafter(Drafter):
             raise ValueError(f"catch_up must be 'lazy' or 'eager', got {catch_up!r}")
         self.drafters, self.router, self.tokenizer, self.mode = drafters, router, tokenizer, catch_up
         self.feature_layers = tuple(sorted({layer for d in drafters.values() for layer in d.feature_layers}))
-        self.tree_size = {p: 8 for p in drafters}  # last verified draft size per paradigm, for the cost model
+        self.tree_size = {p: 8 for p in drafters}  # last verified draft size per paradigm (never 0), for the cost model
         self.calibration = Calibration()  # shared by the forks, as the cost model is
         self.quiet = QuietRounds()  # shared too: a batch's rounds without routing ...
         self.times = RoundTimes()  # ... and what its rounds cost beyond the cost model's price
@@ -136,17 +136,24 @@ class WhiFlashDrafter(Drafter):
 
     def _kept(self, paradigm: str, bar: float) -> tuple[int, float]:
         """The draft rows ``paradigm`` would add this round, and the share of its tree's expected accepted tokens
-        they hold: the nodes of its latest tree (this sequence's, else any sequence's) likely enough to clear the
-        batch's bar for a row (``SequenceState.min_prob``); for a tree without estimates, all of it. At batch 1 the
-        bar is near 0 and whole trees count; at 16 requests, a node or two of each, holding half of what the
-        whole tree was expected to accept."""
-        tree = self.drafted.get(paradigm, self.latest.get(paradigm))  # its own, else another sequence's
-        if tree is None:
-            return self.tree_size[paradigm], 1.0
-        if not tree.probs:
-            return len(tree), 1.0
-        kept = [p for p in tree.probs if p >= bar]
-        return len(kept), sum(kept) / sum(tree.probs) if sum(tree.probs) > 0 else 1.0
+        they hold: the nodes of a recent tree likely enough to clear the batch's bar for a row
+        (``SequenceState.min_prob``); for a tree without estimates, all of it. At batch 1 the bar is near 0 and
+        whole trees count; at 16 requests, a node or two of each, holding half of what the whole tree was expected
+        to accept. The tree is this sequence's from the last round if it drafted with ``paradigm`` then, else the
+        latest any sequence drafted, else none (the size last verified, whole). A tree no node of which clears the
+        bar was drafted at another position and says nothing of this one, so the next in that order stands in:
+        taken at its word, one weak tree kept a request from drafting for good (its own tree is refreshed only when
+        it drafts), and at 8 requests two or three of them went 30-40 rounds without a draft while their policy
+        predicted a tau of 2-3."""
+        for tree in (self.drafted.get(paradigm), self.latest.get(paradigm)):
+            if tree is None:
+                continue
+            if not tree.probs:
+                return len(tree), 1.0
+            kept = [p for p in tree.probs if p >= bar]
+            if kept:
+                return len(kept), sum(kept) / sum(tree.probs) if sum(tree.probs) > 0 else 1.0
+        return self.tree_size[paradigm], 1.0
 
     def _wish(self, features: RoundFeatures, decision: Decision, forced: bool, bar: float, tokens_left: int) -> Wish:
         """What the decision's action would bring and cost this sequence: the policy's tau for its trees cut to the
@@ -168,10 +175,11 @@ class WhiFlashDrafter(Drafter):
         self.predicted_tau = decision.tau if drafts else None
         previous, self.action = self.action, self.router.settle(decision.paradigm if drafts else NO_DRAFT, probe)
         self._switched = bool(previous) and previous != self.action
-        if self.action == NO_DRAFT:
+        chosen = () if self.action == NO_DRAFT else members(self.action)
+        self.drafted = {p: tree for p, tree in self.drafted.items() if p in chosen}  # the others' trees go stale
+        if not chosen:
             self._trees = {NO_DRAFT: DraftTree()}
-            return ()
-        return members(self.action)
+        return chosen
 
     @staticmethod
     def _catch_up(drafters: Sequence["WhiFlashDrafter"], states: Sequence[SequenceState],
@@ -260,7 +268,9 @@ class WhiFlashDrafter(Drafter):
         each = {p: min(tree.matched(report.new_tokens), len(report.path)) + 1
                 for p, tree in self._trees.items() if p != NO_DRAFT}
         for p in each:
-            self.tree_size[p] = min(len(self._trees[p]), len(report.tree))  # what the engine last verified of it
+            # what the engine last verified of it; a tree it cut away entirely says nothing of the size (and a size
+            # of 0 would stand for every later tree of the paradigm: ``_kept``)
+            self.tree_size[p] = min(len(self._trees[p]), len(report.tree)) or self.tree_size[p]
             self.drafters[p].observe(report)  # its node estimates learn from this round
         self._trees = {}
         self.router.update(self.action, len(report.path) + 1, each)
