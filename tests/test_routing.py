@@ -511,24 +511,24 @@ def test_a_tree_that_keeps_nothing_at_the_bar_or_went_stale_does_not_stand_for_t
     assert whiflash.tree_size["eagle3"] == 5  # the size it last verified of one still stands
 
 
-def test_quiet_rounds_double_after_each_plan_without_drafts_and_end_when_it_drafts_or_the_batch_halves(
+def test_quiet_rounds_double_after_each_plan_without_drafts_and_end_when_it_drafts_or_the_batch_shrinks_or_grows(
         monkeypatch):
     monkeypatch.setattr("whiflash_sgl.drafters.whiflash.QUIET_MAX", 8)
     quiet = QuietRounds()
     pattern = []
     for drafts in (False, False, False, False, False, True, False):
         skipped = 0
-        while quiet.skip(4):
+        while quiet.skip(8):
             skipped += 1
         pattern.append(skipped)
         quiet.planned(drafts)
     assert pattern == [0, 1, 2, 4, 8, 8, 0] and quiet.left == 1
     for _ in range(3):
         quiet.planned(False)
-    assert quiet.skip(4) and quiet.skip(5) and quiet.skip(3)  # a request joined or left: routing waits
-    assert not quiet.skip(2)  # the batch halved since it last routed: route now
+    assert quiet.skip(8) and quiet.skip(10) and quiet.skip(7)  # a request or two joined or left: routing waits
+    assert not quiet.skip(6)  # the batch is a quarter smaller than when it last routed: route now
     quiet.planned(False)
-    assert quiet.skip(2) and not quiet.skip(4)  # ... or doubled
+    assert quiet.skip(6) and not quiet.skip(8)  # ... or a third larger
 
 
 def test_a_batch_whose_plan_drafts_nothing_routes_less_and_less_often(target, models, prompt, tiny_tokenizer,

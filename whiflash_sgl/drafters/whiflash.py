@@ -52,8 +52,9 @@ class QuietRounds:
     request verifies its root alone without features, policy call or plan. Routing costs a batch of 8 ~5 ms a round,
     7% of a round without drafts on a 2-core CPU, which a batch whose drafting does not pay would otherwise lose to
     vanilla (at a gap of 8, whiflash:mlp drafting nothing at 8 and 16 requests still ran 3-4% behind it); a round
-    whose plan drafts again, or a batch half or twice the size it was when it last routed, brings the gap back to
-    none (requests coming and going one at a time do not: at 8 requests that was a routing round in eight). A plan
+    whose plan drafts again, or a batch a quarter smaller or a third larger than it was when it last routed, brings
+    the gap back to none (a request coming or going at 8 does not: that was a routing round in eight; the tail of a
+    16-request run does, where a batch of 12 or fewer drafts again, instead of going 30 rounds without routing). A plan
     that drafts counts as one without drafts while routed rounds of the batch's size are measured to commit tokens
     more slowly than rounds without routing (``RoundTimes.routing_pays``)."""
 
@@ -62,7 +63,7 @@ class QuietRounds:
 
     def skip(self, size: int) -> bool:
         """Whether a round of ``size`` requests skips routing."""
-        if 2 * size <= self.size or size >= 2 * self.size:
+        if 4 * size <= 3 * self.size or 3 * size >= 4 * self.size:
             self.gap = self.left = 0
         if self.left:
             self.left -= 1
