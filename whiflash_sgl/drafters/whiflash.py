@@ -263,7 +263,9 @@ class WhiFlashDrafter(Drafter):
     def observe(self, report: RoundReport) -> None:
         self.times.forwarded(report.verify_seconds, report.prefilled)
         self.times.committed(len(report.new_tokens))
-        if not self._trees:  # the engine verified without asking for a draft (one token left)
+        if not self._trees:  # the engine verified the root without asking for a draft (one token left, or ...
+            if report.prefilled:  # ... a round that ran a prompt chunk: one without a draft, for the record)
+                self.trace.append((NO_DRAFT, 0))
             return
         # each paradigm's own tau as verified: its tree's acceptance, within what the engine kept of the tree
         each = {p: min(tree.matched(report.new_tokens), len(report.path)) + 1
