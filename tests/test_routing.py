@@ -362,12 +362,14 @@ def test_each_request_routes_on_its_own_and_mixed_paradigms_verify_in_one_forwar
     assert len(mixed) >= 3
 
 
-def _two_requests_whose_plan_is(drafts: bool, tokens: int, target, models, prompt, tiny_tokenizer, monkeypatch):
+def _two_requests_whose_plan_is(drafts: bool, tokens: int, target, models, prompt, tiny_tokenizer, monkeypatch,
+                                pays: bool | None = None):
     """Two requests batched under a plan that always (``drafts``) or never lets them draft, each checked against its
-    solo vanilla output. Routing is taken to pay when it drafts (tiny drafters' rounds would not, as measured)."""
+    solo vanilla output. Routing is taken to pay (``pays``) when it drafts unless told (tiny drafters' rounds would
+    not, as measured)."""
     for module in ("whiflash_sgl.drafters.whiflash", "whiflash_sgl.drafting_plan"):  # the plan, and explore's
         monkeypatch.setattr(f"{module}.plan", lambda wishes, *args: [drafts] * len(wishes))
-    monkeypatch.setattr(RoundTimes, "routing_pays", lambda self, sequences: drafts)
+    monkeypatch.setattr(RoundTimes, "routing_pays", lambda self, sequences: drafts if pays is None else pays)
     prompts = [prompt, tiny_tokenizer("The quick brown fox")["input_ids"]]
     solo = [SpeculativeEngine(target).generate(p, tokens).tokens for p in prompts]
     engine = SpeculativeEngine(target, _whiflash(target, models, Fixed("eagle3")))
@@ -529,6 +531,15 @@ def test_quiet_rounds_double_after_each_plan_without_drafts_and_end_when_it_draf
     assert not quiet.skip(6)  # the batch is a quarter smaller than when it last routed: route now
     quiet.planned(False)
     assert quiet.skip(6) and not quiet.skip(8)  # ... or a third larger
+
+
+def test_a_batch_whose_routed_rounds_run_slower_routes_less_and_less_often_though_its_plan_drafts(
+        target, models, prompt, tiny_tokenizer, monkeypatch):
+    """Routed rounds measured to commit more slowly than rounds without routing: the plan drafts in every round it
+    is asked, yet after each the batch goes 1, 2, 4, ... rounds without routing, as after a plan without drafts."""
+    requests = _two_requests_whose_plan_is(True, 48, target, models, prompt, tiny_tokenizer, monkeypatch, pays=False)
+    rounds = ["".join(sorted(set(actions))) for actions in zip(*(r.result.paradigms for r in requests))]
+    assert [k for k, action in enumerate(rounds) if action != NO_DRAFT][:4] == [0, 2, 5, 10]
 
 
 def test_a_batch_whose_plan_drafts_nothing_routes_less_and_less_often(target, models, prompt, tiny_tokenizer,
