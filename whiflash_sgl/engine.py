@@ -7,11 +7,12 @@ accepts its path, keeps the KV rows of the accepted path, frees the rest and str
 at round boundaries after their prefill and leave when done or cancelled; a batch of one is the single-sequence
 case (:meth:`SpeculativeEngine.generate`).
 
-A round that runs a prompt chunk drafts nothing, as SGLang's prefill batches do not: its forward is compute-bound
-on the chunk, so a draft row costs its full share of it rather than the few percent it adds to a decode forward,
-and every request in the chunk waits on that forward for its first token (at 16 requests, 42 draft rows in a
-518-row prefill forward added 39 ms to it and 63 ms to the round, for 12 tokens that a decode round of the batch
-commits in 30 ms).
+A round that runs a prompt chunk drafts nothing (SGLang goes further: with speculative decoding it turns mixed
+chunks off, so decoding requests sit out a prefill batch; here they verify their roots in it): its forward is
+compute-bound on the chunk, so a draft row costs its full share of it rather than the few percent it adds to a
+decode forward, and every request in the chunk waits on that forward for its first token (at 16 requests, 42 draft
+rows in a 518-row prefill forward added 39 ms to it and 63 ms to the round, for 12 tokens that a decode round of
+the batch commits in 30 ms).
 
 Greedy output is token-identical to the target's own greedy decoding, and sampled output follows the target's
 distribution, for any drafter and any batch: see ``verify.py``. With the keyed rule (the default), sampled output is
