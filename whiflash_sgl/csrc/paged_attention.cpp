@@ -16,9 +16,7 @@
 
 #include "attention_common.h"
 
-#include <atomic>
 #include <limits>
-#include <utility>
 
 namespace whiflash {
 namespace {

@@ -21,7 +21,6 @@
 #include "amx.h"
 #include "attention_common.h"
 
-#include <atomic>
 #include <cstring>
 #include <limits>
 
