@@ -239,6 +239,28 @@ def test_routing_pays_while_routed_rounds_commit_at_least_as_fast_as_rounds_with
     assert times.routing_pays(4)
 
 
+def test_routing_waits_for_rounds_without_it_to_be_measured_once_routed_rounds_were():
+    """Routed rounds are measured first; then, until as many rounds without routing were, routing does not pay, so
+    the batch goes without it and measures that. A round that verifies the roots alone to time them is neither."""
+    times, clock, states = RoundTimes(), 0.0, [_Seq(), _Seq()]
+    for _ in range(TIMED):
+        assert times.routing_pays(2)
+        clock = _round(times, states, clock, True, 0.03, 0.02, 0.005, tokens=2)
+    for _ in range(TIMED):  # rounds of the roots alone, to time them
+        times.start(states, True, clock)
+        assert not times.routing_pays(2)
+        times.ran(False, None)
+        for _ in states:
+            times.forwarded(0.03, prefilled=False)
+            times.committed(1)
+        clock += 0.03
+    for _ in range(TIMED):
+        clock = _round(times, states, clock, True, 0.03, 0.0, 0.0, routed=False, tokens=2)  # lookups drafted
+    times.start(states, True, clock)
+    assert not times.routing_pays(2)  # 4 tokens in 55 ms against 4 in 30
+    assert set(times.rates) == {(True, 2), (False, 2)} and len(times.rates[False, 2]) == TIMED
+
+
 def test_the_plan_adds_what_rounds_cost_beyond_the_cost_model():
     costs = _costs()
     wishes = [Wish("eagle3", 2.0, 2, {})] * 8  # 16 tokens in 172 ms against 8 in 108 ms

@@ -140,7 +140,7 @@ class _Round:
     start: float
     states: list
     drafted: bool = False
-    routed: bool = False  # its requests' policies were asked and the plan made
+    routed: bool | None = None  # its requests' policies were asked and the plan made (None: a measurement)
     priced: float = 0.0  # measured seconds of the parts the cost model prices: drafter calls, catch-up ...
     forward: float | None = None  # ... and the forward
     tokens: int = 0  # what its requests committed
@@ -179,12 +179,14 @@ class RoundTimes:
                 and len(last.states) == len(states) and all(a is b for a, b in zip(last.states, states))):
             window = self.rest.setdefault((last.drafted, len(states)), deque(maxlen=TIME_WINDOW))
             window.append(now - last.start - last.priced - last.forward)
-            rates = self.rates.setdefault((last.routed, len(states)), deque(maxlen=TIME_WINDOW))
-            rates.append((last.tokens, now - last.start))
+            if last.routed is not None:
+                rates = self.rates.setdefault((last.routed, len(states)), deque(maxlen=TIME_WINDOW))
+                rates.append((last.tokens, now - last.start))
         self._round = _Round(now, list(states))
 
-    def ran(self, drafted: bool, routed: bool) -> None:
-        """The round under way drafts or not, and was routed or went without (``QuietRounds``)."""
+    def ran(self, drafted: bool, routed: bool | None) -> None:
+        """The round under way drafts or not, and was routed or went without (``QuietRounds``); None: it verifies
+        the roots alone to measure them, and its rate stands for neither kind."""
         if self._round is not None:
             self._round.drafted, self._round.routed = drafted, routed
         self.drafting_streak = self.drafting_streak + 1 if drafted else 0
@@ -196,8 +198,11 @@ class RoundTimes:
 
     def routing_pays(self, sequences: int) -> bool:
         """Whether rounds of ``sequences`` sequences that were routed committed tokens at least as fast as rounds
-        that went without routing, over the latest ``TIME_WINDOW`` measured of each (yes until ``TIMED`` of each
-        were). The plan's every price is a prediction, and at 16 requests a drafting round's gain is a few percent
+        that went without routing (each request drafting its n-gram lookup, if any), over the latest ``TIME_WINDOW``
+        measured of each: yes until ``TIMED`` routed rounds were measured, then no until as many without routing
+        were, so that the batch goes without for a while to measure it (rounds without routing come only after a
+        plan without drafts, and a batch of 8 whose plans drafted routed 50 rounds in a row before the comparison
+        could start; the lookups alone then ran 322 tok/s against the routed rounds' 229). The plan's every price is a prediction, and at 16 requests a drafting round's gain is a few percent
         of it where its errors are tens: rounds it priced 5-15% faster per token than not drafting ran 10-30%
         slower, and a batch of 16 that drafted on that ran 10-14% behind vanilla while full. What routing brings
         is measured here, outcome against outcome, so that a batch of that size goes without it (``QuietRounds``).
@@ -207,7 +212,7 @@ class RoundTimes:
         lengthens the quiet gap after it."""
         routed, quiet = (self.rates.get((kind, sequences), ()) for kind in (True, False))
         if len(routed) < TIMED or len(quiet) < TIMED:
-            return True
+            return len(routed) < TIMED
         return _rate(routed) >= _rate(quiet)
 
     def spent(self, seconds: float) -> None:
