@@ -457,7 +457,8 @@ def test_a_batch_whose_plan_drafts_nothing_explores_drafting_now_and_then(target
                                                                           monkeypatch):
     """A plan that finds drafting never pays rests on prices it no longer measures (one slow round had kept a
     4-request batch from drafting for the rest of its run): once its quiet gap is at ``QUIET_MAX``, each plan lets
-    the request expecting most draft anyway, alone here; the output stays vanilla's."""
+    the request expecting most draft anyway, alone here (the other drafts its n-gram lookup, if it finds one); the
+    output stays vanilla's."""
     monkeypatch.setattr("whiflash_sgl.drafters.whiflash.QUIET_MAX", 4)
     for module in ("whiflash_sgl.drafters.whiflash", "whiflash_sgl.drafting_plan"):  # the plan, and explore's
         monkeypatch.setattr(f"{module}.plan", lambda wishes, *args: [w.forced for w in wishes])
@@ -470,7 +471,8 @@ def test_a_batch_whose_plan_drafts_nothing_explores_drafting_now_and_then(target
     assert [r.result.tokens for r in requests] == solo
     rounds = [sorted(actions) for actions in zip(*(r.result.paradigms for r in requests))]
     explored = [k for k, actions in enumerate(rounds) if "eagle3" in actions]  # the others: lookups at most
-    assert len(explored) >= 2 and all(rounds[k] == ["eagle3", NO_DRAFT] for k in explored)
+    assert len(explored) >= 2 and all(rounds[k].count("eagle3") == 1 for k in explored)  # one request drafts
+    assert ["eagle3", "ngram"] in [rounds[k] for k in explored]  # ... and the other its lookup
     # a plan, then 4 rounds without routing (lookups), and now and then a round of the roots alone, measured: lookups
     # draft too, and IDLE_EVERY rounds in a row that drafted bring one
     assert {b - a for a, b in zip(explored, explored[1:])} <= {4 + 1, 4 + 2} and any(
@@ -562,19 +564,16 @@ def test_a_batch_whose_routed_rounds_run_slower_routes_less_and_less_often_thoug
 def test_a_batch_whose_plan_drafts_nothing_routes_less_and_less_often(target, models, prompt, tiny_tokenizer,
                                                                      monkeypatch):
     """A plan that never drafts: the batch skips routing (features, policy, plan) on 1, 2, 4, ... rounds in between,
-    up to ``QUIET_MAX``; in those rounds each request drafts its n-gram lookup where it finds one, and every output
-    stays vanilla's."""
+    up to ``QUIET_MAX``; in every round each request drafts its n-gram lookup where it finds one (in a routed round,
+    each the plan leaves out), and every output stays vanilla's."""
     routed = []
     features = WhiFlashDrafter._features
     monkeypatch.setattr(WhiFlashDrafter, "_features", lambda self, *a: routed.append(1) or features(self, *a))
     requests = _two_requests_whose_plan_is(False, 48, target, models, prompt, tiny_tokenizer, monkeypatch)
     rounds = min(len(r.result.paradigms) for r in requests)
-    due, gap, at, routed_at = 0, 0, 0, []  # routed at rounds 0, 2, 5, 10, 19, 36, ...: each gap twice the last
+    due, gap, at = 0, 0, 0  # routed at rounds 0, 2, 5, 10, 19, 36, ...: each gap twice the last, up to QUIET_MAX
     while at < rounds:
-        routed_at.append(at)
         due, gap = due + 1, min(max(2 * gap, 1), QUIET_MAX)
         at += 1 + gap
     assert len(routed) / len(requests) <= due + 1  # and once more where one request finished first
-    for r in requests:
-        assert set(r.result.paradigms[:rounds]) == {NO_DRAFT, "ngram"}  # lookups (while both run), in rounds ...
-        assert all(r.result.paradigms[k] == NO_DRAFT for k in routed_at)  # ... that were not routed
+    assert all(set(r.result.paradigms[:rounds]) == {NO_DRAFT, "ngram"} for r in requests)  # while both run

@@ -233,7 +233,8 @@ class WhiFlashDrafter(Drafter):
     def propose_batch(cls, drafters: Sequence["WhiFlashDrafter"], states: Sequence[SequenceState],
                       max_depths: Sequence[int]) -> list[DraftTree]:
         """Every sequence's policy picks its action; in a batch, the round's plan (``drafting_plan``) then says which
-        of them draft (alone, the policy's choice stands: its objective weighs tau against cost already). Each
+        of them draft (alone, the policy's choice stands: its objective weighs tau against cost already), and each it
+        leaves out drafts its n-gram lookup where that finds something (the engine keeps what pays of it). Each
         paradigm drafts, in one call, the sequences that chose it (a hedge's sequence is in several such calls, and
         its trees are verified together as one). After a plan without drafts, a batch skips routing for a while
         (:class:`QuietRounds`), and now and then to measure a round without drafts (``RoundTimes``); and a batch of
@@ -263,6 +264,9 @@ class WhiFlashDrafter(Drafter):
             quiet.planned(any(drafting) and times.routing_pays(n))
             if not any(drafting) and quiet.gap == QUIET_MAX:  # drafted nothing for a long while
                 drafting = explore(wishes, costs, n, extra)
+            for i, d in enumerate(drafters):  # one the plan leaves out drafts its lookup, which costs no call
+                if not drafting[i] and d.drafted.get("ngram"):
+                    decisions[i], drafting[i] = Decision("ngram"), True
             times.ran(any(drafting), routed=True)
         chosen = [d._take(x, go, probe) for d, x, go, probe in zip(drafters, decisions, drafting, probes)]
         cls._catch_up(drafters, states, [tuple(d.drafters) if c and d.mode == "eager" else c
