@@ -33,6 +33,7 @@ CALIBRATION_WINDOW = 128  # latest request-rounds whose accepted / predicted dra
 TIME_WINDOW = 32  # latest rounds of each kind (with drafts, without) and size whose cost beyond the cost model is kept
 LONG_BACKLOG = 32  # catch-up beyond this many positions is a cost paid once: see ``round_seconds``
 IDLE_EVERY = 16  # a batch that drafted this many rounds in a row verifies its roots alone once, to measure that
+PAIRED = 8  # latest rounds without routing that a routed round's rate is compared with (``routing_pays``)
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,10 @@ class RoundTimes:
 
     def __init__(self) -> None:
         self.rest: dict[tuple[bool, int], deque[float]] = {}  # (drafted, sequences): seconds a round
-        self.rates: dict[tuple[bool, int], deque[tuple[int, float]]] = {}  # (routed, sequences): (tokens, seconds)
+        # per batch size: the latest rounds without routing as (tokens, seconds), and each routed round as (tokens,
+        # seconds, the rate of those rounds when it was measured)
+        self.quiet: dict[int, deque[tuple[int, float]]] = {}
+        self.paired: dict[int, deque[tuple[int, float, float]]] = {}
         self._round: _Round | None = None  # the round under way
         self.drafting_streak = 0  # rounds in a row that drafted, up to the last one
 
@@ -179,9 +183,12 @@ class RoundTimes:
                 and len(last.states) == len(states) and all(a is b for a, b in zip(last.states, states))):
             window = self.rest.setdefault((last.drafted, len(states)), deque(maxlen=TIME_WINDOW))
             window.append(now - last.start - last.priced - last.forward)
-            if last.routed is not None:
-                rates = self.rates.setdefault((last.routed, len(states)), deque(maxlen=TIME_WINDOW))
-                rates.append((last.tokens, now - last.start))
+            quiet, seconds = self.quiet.setdefault(len(states), deque(maxlen=PAIRED)), now - last.start
+            if last.routed is False:
+                quiet.append((last.tokens, seconds))
+            elif last.routed and len(quiet) >= TIMED:
+                self.paired.setdefault(len(states), deque(maxlen=TIME_WINDOW)).append(
+                    (last.tokens, seconds, _rate(quiet)))
         self._round = _Round(now, list(states))
 
     def ran(self, drafted: bool, routed: bool | None) -> None:
@@ -197,12 +204,19 @@ class RoundTimes:
             self._round.tokens += tokens
 
     def routing_pays(self, sequences: int) -> bool:
-        """Whether rounds of ``sequences`` sequences that were routed committed tokens at least as fast as rounds
-        that went without routing (each request drafting its n-gram lookup, if any), over the latest ``TIME_WINDOW``
-        measured of each: yes until ``TIMED`` routed rounds were measured, then no until as many without routing
-        were, so that the batch goes without for a while to measure it (rounds without routing come only after a
-        plan without drafts, and a batch of 8 whose plans drafted routed 50 rounds in a row before the comparison
-        could start; the lookups alone then ran 322 tok/s against the routed rounds' 229). The plan's every price is a prediction, and at 16 requests a drafting round's gain is a few percent
+        """Whether routed rounds of ``sequences`` sequences committed at least the tokens that rounds without routing
+        (each request drafting its n-gram lookup, if any) would have in their time, over the latest ``TIME_WINDOW``
+        routed rounds measured, each against the latest ``PAIRED`` rounds without routing measured before it. Until
+        ``TIMED`` of those were measured, it does not pay (the batch goes without routing, to measure that); then it
+        does until ``TIMED`` routed rounds were compared.
+
+        Each routed round is compared with rounds just before it because both kinds slow down as contexts grow (at 8
+        requests from 300 to 230 tok/s over a run), and whole windows of each kind span different stretches of it:
+        the routed rounds' window, filled slowly while routing did not pay, still held rounds of shorter contexts and
+        looked faster than the latest rounds without routing, so a batch kept routing while its routed rounds ran 20%
+        slower. The comparison leans towards routing: rounds without it follow plans that found nothing worth
+        drafting, the harder stretches of text (at 4 requests routed rounds ran 191 tok/s against 142 for those
+        before them, where whiflash:mlp as a whole ran within 1% of the lookups alone). The plan's every price is a prediction, and at 16 requests a drafting round's gain is a few percent
         of it where its errors are tens: rounds it priced 5-15% faster per token than not drafting ran 10-30%
         slower, and a batch of 16 that drafted on that ran 10-14% behind vanilla while full. What routing brings
         is measured here, outcome against outcome, so that a batch of that size goes without it (``QuietRounds``).
@@ -210,10 +224,12 @@ class RoundTimes:
         than with drafting (an earlier veto of each drafting round on measured tokens per second stopped 142 of 223
         rounds at 4 requests, where drafting ran 21% faster); this one leaves the plan's round as it is and only
         lengthens the quiet gap after it."""
-        routed, quiet = (self.rates.get((kind, sequences), ()) for kind in (True, False))
-        if len(routed) < TIMED or len(quiet) < TIMED:
-            return len(routed) < TIMED
-        return _rate(routed) >= _rate(quiet)
+        if len(self.quiet.get(sequences, ())) < TIMED:
+            return False
+        paired = self.paired.get(sequences, ())
+        if len(paired) < TIMED:
+            return True
+        return sum(tokens for tokens, _, _ in paired) >= sum(seconds * rate for _, seconds, rate in paired)
 
     def spent(self, seconds: float) -> None:
         """The round under way spent ``seconds`` in a drafter call or a catch-up."""
