@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 import sys
+import threading
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +32,8 @@ from whiflash_sgl.kernels import (
     unpack_bits,
 )
 from whiflash_sgl.kernels.cpu_backend import CpuBackend
-from whiflash_sgl.kernels.cpu_extension import amx_runs_here, cpu_kernels
+from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.kernels.cpu_extension import amx_runs_here, build_directory, cpu_kernels, wait_for_build_lock
 from whiflash_sgl.kernels.check import Case, main as check_main, random_layout, random_parents, sdpa_oracle
 from whiflash_sgl.tree import DraftTree
 from whiflash_sgl.verify import accept_greedy, accept_sampled
@@ -310,6 +313,23 @@ def test_flashinfer_matches_oracle():
 def test_self_check_passes_on_this_machine(capsys):
     assert check_main(["--device", "cpu", "--repeats", "1"]) == 0
     assert "all checks passed" in capsys.readouterr().out
+
+
+def test_each_checkout_builds_the_cpu_kernels_in_a_folder_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here, there = build_directory(Path("/a/whiflash_sgl/csrc")), build_directory(Path("/b/whiflash_sgl/csrc"))
+    assert here != there and here.parent == there.parent == tmp_path
+    assert build_directory(Path("/a/whiflash_sgl/csrc")) == here
+
+
+def test_a_build_lock_left_behind_is_an_error_that_names_it_and_one_released_is_waited_for(tmp_path):
+    lock = tmp_path / "lock"
+    lock.touch()
+    with pytest.raises(WhiFlashError, match=f"delete {lock}"):
+        wait_for_build_lock(tmp_path, timeout=0.05, poll=0.01)
+    threading.Timer(0.05, lock.unlink).start()  # another process's build ends
+    wait_for_build_lock(tmp_path, timeout=10.0, poll=0.01)
+    assert not lock.exists()
 
 
 # ---- acceptance --------------------------------------------------------------------------------------------------

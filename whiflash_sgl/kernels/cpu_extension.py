@@ -1,16 +1,46 @@
 """The package's compiled CPU kernels (``whiflash_sgl/csrc``): batch-invariant GEMMs, float32 and AMX bf16, and paged
-tree attention. Built with torch's ``cpp_extension`` on first use (~30 s once per machine, into torch's extension
-cache), for AVX-512 CPUs only."""
+tree attention. Built with torch's ``cpp_extension`` on first use (~60 s on 2 cores, once per checkout, into torch's
+extension cache), for AVX-512 CPUs only."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from whiflash_sgl.errors import WhiFlashError
+
 SOURCES = ("invariant_gemm.cpp", "paged_attention.cpp", "paged_attention_bf16.cpp", "bindings.cpp")
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+BUILD_LOCK_WAIT_S = 600.0  # how long a load waits for another process's build (one takes ~60 s on 2 cores)
+
+
+def build_directory(csrc: Path = CSRC) -> Path:
+    """Where this checkout's kernels are built: one folder per sources folder. Torch's default, one per extension
+    name, holds the sources' paths in its build file, so every checkout that loaded the kernels rebuilt them for the
+    next (~60 s each time, for a CI clone beside a working tree)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / f"whiflash_cpu_kernels-{hashlib.sha1(str(csrc).encode()).hexdigest()[:12]}"
+
+
+def wait_for_build_lock(directory: Path, timeout: float = BUILD_LOCK_WAIT_S, poll: float = 1.0) -> None:
+    """Wait while ``directory`` holds the lock of a build under way, at most ``timeout`` seconds. Torch waits on that
+    lock forever, and a build killed midway leaves it behind: every later load of the kernels then hung."""
+    lock = directory / "lock"
+    deadline = time.monotonic() + timeout
+    while lock.exists():
+        if time.monotonic() >= deadline:
+            raise WhiFlashError(
+                f"the C++ kernels' build folder has been locked for {timeout:.0f} s ({lock}): another process is "
+                f"building them, or a build was stopped midway; if none is running, delete {lock} and try again")
+        time.sleep(poll)
 
 
 def has_avx512() -> bool:
@@ -23,14 +53,16 @@ def cpu_kernels():
     warning; torch's own GEMM and the reference attention then serve)."""
     if not has_avx512():
         return None
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    wait_for_build_lock(directory)
     try:
         from torch.utils.cpp_extension import load
 
-        csrc = Path(__file__).resolve().parent.parent / "csrc"
-        return load("whiflash_cpu_kernels", [str(csrc / name) for name in SOURCES],
+        return load("whiflash_cpu_kernels", [str(CSRC / name) for name in SOURCES],
                     extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mfma", "-mamx-tile",
                                   "-mamx-bf16", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"])
+                    extra_ldflags=["-fopenmp"], build_directory=str(directory))
     except Exception as exc:  # no compiler or ninja
         warnings.warn(f"the CPU kernels could not be built, so torch's own GEMM and attention are used: {exc}")
         return None
