@@ -211,19 +211,19 @@ class RoundTimes:
         does until ``TIMED`` routed rounds were compared.
 
         Each routed round is compared with rounds just before it because both kinds slow down as contexts grow (at 8
-        requests from 300 to 230 tok/s over a run), and whole windows of each kind span different stretches of it:
-        the routed rounds' window, filled slowly while routing did not pay, still held rounds of shorter contexts and
-        looked faster than the latest rounds without routing, so a batch kept routing while its routed rounds ran 20%
-        slower. The comparison leans towards routing: rounds without it follow plans that found nothing worth
-        drafting, the harder stretches of text (at 4 requests routed rounds ran 191 tok/s against 142 for those
-        before them, where whiflash:mlp as a whole ran within 1% of the lookups alone). The plan's every price is a prediction, and at 16 requests a drafting round's gain is a few percent
-        of it where its errors are tens: rounds it priced 5-15% faster per token than not drafting ran 10-30%
-        slower, and a batch of 16 that drafted on that ran 10-14% behind vanilla while full. What routing brings
-        is measured here, outcome against outcome, so that a batch of that size goes without it (``QuietRounds``).
-        Windows of rounds, and only to quiet the batch: what one round commits moves more with its requests' text
-        than with drafting (an earlier veto of each drafting round on measured tokens per second stopped 142 of 223
-        rounds at 4 requests, where drafting ran 21% faster); this one leaves the plan's round as it is and only
-        lengthens the quiet gap after it."""
+        requests from 300 to 230 tok/s over a run), and whole windows of each kind span different stretches of it: the
+        routed rounds' window, filled slowly while routing did not pay, still held rounds of shorter contexts and looked
+        faster than the latest rounds without routing, so a batch kept routing while its routed rounds ran 20% slower.
+        The comparison leans towards routing: rounds without it follow plans that found nothing worth drafting, the
+        harder stretches of text (at 4 requests routed rounds ran 191 tok/s against 142 for those before them, where
+        whiflash:mlp as a whole ran within 1% of the lookups alone). The plan's every price is a prediction, and at 16
+        requests a drafting round's gain is a few percent of it where its errors are tens: rounds it priced 5-15% faster
+        per token than not drafting ran 10-30% slower, and a batch of 16 that drafted on that ran 10-14% behind vanilla
+        while full. What routing brings is measured here, outcome against outcome, so that a batch of that size goes
+        without it (``QuietRounds``). Windows of rounds, and only to quiet the batch: what one round commits moves more
+        with its requests' text than with drafting (an earlier veto of each drafting round on measured tokens per second
+        stopped 142 of 223 rounds at 4 requests, where drafting ran 21% faster); this one leaves the plan's round as it
+        is and only lengthens the quiet gap after it."""
         if len(self.quiet.get(sequences, ())) < TIMED:
             return False
         paired = self.paired.get(sequences, ())

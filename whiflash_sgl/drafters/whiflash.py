@@ -49,17 +49,17 @@ def round_features(router: Router, drafters: dict[str, Drafter], state: Sequence
 
 
 class QuietRounds:
-    """After a batch's plan drafted nothing, the next 1, 2, 4, ... up to ``QUIET_MAX`` rounds skip routing: no
-    features, policy call or plan; each request drafts its n-gram lookup, if it finds one, or verifies its root alone
-    (:meth:`WhiFlashDrafter._unrouted`). Routing costs a batch of 8 ~5 ms a round,
-    7% of a round without drafts on a 2-core CPU, which a batch whose drafting does not pay would otherwise lose to
-    vanilla (at a gap of 8, whiflash:mlp drafting nothing at 8 and 16 requests still ran 3-4% behind it); a round
-    whose plan drafts again, or a batch a quarter smaller or a third larger than it was when it last routed, brings
-    the gap back to none (a request coming or going at 8 does not: that was a routing round in eight; the tail of a
-    16-request run does, where a batch of 12 or fewer drafts again, instead of going 30 rounds without routing). A plan
-    that drafts counts as one without drafts while routed rounds of the batch's size are measured to commit tokens
-    more slowly than rounds without routing (``RoundTimes.routing_pays``); and a batch that routed ``ROUTED_RUN``
-    rounds in a row goes one without, so that those stay measured."""
+    """After a batch's plan drafted nothing, the next 1, 2, 4, ... up to ``QUIET_MAX`` rounds skip routing: no features,
+    policy call or plan; each request drafts its n-gram lookup, if it finds one, or verifies its root alone
+    (:meth:`WhiFlashDrafter._unrouted`). Routing costs a batch of 8 ~5 ms a round, 7% of a round without drafts on a
+    2-core CPU, which a batch whose drafting does not pay would otherwise lose to vanilla (at a gap of 8, whiflash:mlp
+    drafting nothing at 8 and 16 requests still ran 3-4% behind it); a round whose plan drafts again, or a batch a
+    quarter smaller or a third larger than it was when it last routed, brings the gap back to none (a request coming or
+    going at 8 does not: that was a routing round in eight; the tail of a 16-request run does, where a batch of 12 or
+    fewer drafts again, instead of going 30 rounds without routing). A plan that drafts counts as one without drafts
+    while routed rounds of the batch's size are measured to commit tokens more slowly than rounds without routing
+    (``RoundTimes.routing_pays``); and a batch that routed ``ROUTED_RUN`` rounds in a row goes one without, so that
+    those stay measured."""
 
     def __init__(self) -> None:
         self.gap = self.left = self.size = self.routed = 0
@@ -217,8 +217,8 @@ class WhiFlashDrafter(Drafter):
         """A round without routing: each sequence's n-gram lookup, where it finds one within ``max_depths`` (0: the
         roots alone). A lookup costs microseconds and no drafter call; the engine keeps of it only the nodes whose
         measured acceptance pays for their rows at the batch's size (``trim_to_value``). On a 2-core CPU, the lookup
-        alone committed 5% more tokens per second than the roots alone at 16 requests and 20% more at 8, where
-        routing (features, the policy, the plan) costs 3-4 ms of a 40 ms round."""
+        alone committed 16% more tokens per second than the roots alone at 16 requests and 17-20% more at 8, where
+        routing (features, the policy, the plan) costs 2-4 ms of a 40 ms round."""
         trees = []
         for d, state, depth in zip(drafters, states, max_depths):
             lookup = d.drafters.get("ngram")
