@@ -203,6 +203,22 @@ def test_round_times_measure_what_a_round_costs_beyond_the_cost_model():
     assert {key: len(window) for key, window in times.rest.items()} == measured
 
 
+def test_rounds_of_lookups_are_priced_by_no_plan_and_leave_the_drafting_streak_as_it_is():
+    """A round without routing whose requests drafted their n-gram lookups costs what no plan prices (no routing):
+    it is not measured as a round with drafts, and it neither adds to the streak of drafting rounds that brings a
+    round of the roots alone nor ends it; one whose lookups found nothing is a round without drafts."""
+    times, clock, states = RoundTimes(), 0.0, [_Seq(), _Seq()]
+    for _ in range(3):
+        clock = _round(times, states, clock, True, 0.03, 0.01, 0.004)
+    for _ in range(5):
+        clock = _round(times, states, clock, True, 0.03, 0.0, 0.001, routed=False)
+    times.start(states, True, clock)
+    assert times.drafting_streak == 3 and set(times.rest) == {(True, 2)} and len(times.rest[True, 2]) == 3
+    clock = _round(times, states, clock, False, 0.03, 0.0, 0.001, routed=False)
+    times.start(states, True, clock)
+    assert times.drafting_streak == 0 and len(times.rest[False, 2]) == 1
+
+
 def test_round_times_are_kept_per_batch_size():
     """Each size keeps its own figures (rounds with drafts cost 8 ms beyond the cost model at 2 sequences, 16 ms at
     8), a size between two measured is interpolated, one beyond them takes the nearest's (not scaled per sequence:

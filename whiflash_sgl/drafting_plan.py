@@ -32,7 +32,7 @@ from whiflash_sgl.router import TIMED, CostModel, members
 CALIBRATION_WINDOW = 128  # latest request-rounds whose accepted / predicted draft tokens scale predictions
 TIME_WINDOW = 32  # latest rounds of each kind (with drafts, without) and size whose cost beyond the cost model is kept
 LONG_BACKLOG = 32  # catch-up beyond this many positions is a cost paid once: see ``round_seconds``
-IDLE_EVERY = 16  # a batch that drafted this many rounds in a row verifies its roots alone once, to measure that
+IDLE_EVERY = 16  # a batch that drafted this many routed rounds in a row verifies its roots alone once, to measure it
 PAIRED = 8  # latest rounds without routing that a routed round's rate is compared with (``routing_pays``)
 
 
@@ -157,8 +157,9 @@ class RoundTimes:
     (3.7 ms) it priced a drafting round of 8 at 7.4 ms beyond the cost model where it ran 3.8, so the batch of 8
     drafted nothing (made to draft, it ran 171 tok/s against 164). Priced too low instead, a size drafts, and its
     own figure stands after ``TIMED`` rounds. Not measured: a round whose forward also ran a prefill, or whose
-    sequences changed before the next began. A batch that drafted ``IDLE_EVERY`` rounds in a row verifies
-    its roots alone once, so that the rounds without drafts stay measured.
+    sequences changed before the next began, or one without routing that drafted lookups (no plan prices it). A batch
+    that drafted ``IDLE_EVERY`` routed rounds in a row verifies its roots alone once, so that the rounds without
+    drafts stay measured.
 
     Measured, not a ratio to the plan's prediction: the prediction moves as the cost model learns, and a ratio
     measured against one version of it, applied to the next, counted the model's correction twice (the first
@@ -181,8 +182,9 @@ class RoundTimes:
         last = self._round
         if (last is not None and last.forward is not None and decode_only
                 and len(last.states) == len(states) and all(a is b for a, b in zip(last.states, states))):
-            window = self.rest.setdefault((last.drafted, len(states)), deque(maxlen=TIME_WINDOW))
-            window.append(now - last.start - last.priced - last.forward)
+            if last.routed is not False or not last.drafted:  # no plan prices a round of lookups
+                window = self.rest.setdefault((last.drafted, len(states)), deque(maxlen=TIME_WINDOW))
+                window.append(now - last.start - last.priced - last.forward)
             quiet, seconds = self.quiet.setdefault(len(states), deque(maxlen=PAIRED)), now - last.start
             if last.routed is False:
                 quiet.append((last.tokens, seconds))
@@ -196,7 +198,10 @@ class RoundTimes:
         the roots alone to measure them, and its rate stands for neither kind."""
         if self._round is not None:
             self._round.drafted, self._round.routed = drafted, routed
-        self.drafting_streak = self.drafting_streak + 1 if drafted else 0
+        if not drafted:
+            self.drafting_streak = 0
+        elif routed is not False:  # a round of lookups neither adds to the streak nor ends it
+            self.drafting_streak += 1
 
     def committed(self, tokens: int) -> None:
         """A sequence of the round under way committed ``tokens``."""
