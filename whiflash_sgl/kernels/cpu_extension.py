@@ -50,20 +50,21 @@ def has_avx512() -> bool:
 @functools.cache
 def cpu_kernels():
     """The compiled module, or None where it cannot run: a CPU without AVX-512, or no C++ compiler (said once, as a
-    warning; torch's own GEMM and the reference attention then serve)."""
+    warning; torch's own GEMM and the reference attention then serve). A build lock held past ``BUILD_LOCK_WAIT_S``
+    is an error (:func:`wait_for_build_lock`): falling back would change the numerics without saying why."""
     if not has_avx512():
         return None
     directory = build_directory()
-    directory.mkdir(parents=True, exist_ok=True)
     wait_for_build_lock(directory)
     try:
         from torch.utils.cpp_extension import load
 
+        directory.mkdir(parents=True, exist_ok=True)
         return load("whiflash_cpu_kernels", [str(CSRC / name) for name in SOURCES],
                     extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mfma", "-mamx-tile",
                                   "-mamx-bf16", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], build_directory=str(directory))
-    except Exception as exc:  # no compiler or ninja
+    except Exception as exc:  # no compiler or ninja, or a cache folder it cannot write
         warnings.warn(f"the CPU kernels could not be built, so torch's own GEMM and attention are used: {exc}")
         return None
 
