@@ -22,7 +22,8 @@ from whiflash_sgl.drafters.eagle3 import Eagle3Drafter, Eagle3Model
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.drafters.oracle import OracleDrafter
 from whiflash_sgl.drafters.whiflash import QUIET_MAX, ROUTED_RUN, QuietRounds, WhiFlashDrafter
-from whiflash_sgl.drafting_plan import RoundTimes
+from whiflash_sgl.drafting_plan import (CALIBRATION_WINDOW, FIRST_STEP, FIRST_STEP_PROBE, FirstSteps,
+                                       RoundTimes)
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.policies import load_policy
@@ -563,8 +564,8 @@ def test_a_batch_whose_routed_rounds_run_slower_routes_less_and_less_often_thoug
 def test_a_batch_whose_plan_drafts_nothing_routes_less_and_less_often(target, models, prompt, tiny_tokenizer,
                                                                      monkeypatch):
     """A plan that never drafts: the batch skips routing (features, policy, plan) on 1, 2, 4, ... rounds in between,
-    up to ``QUIET_MAX``; in every round each request drafts its n-gram lookup where it finds one (in a routed round,
-    each the plan leaves out), and every output stays vanilla's."""
+    up to ``QUIET_MAX``; in every round each request drafts its n-gram lookup where it finds one, else EAGLE-3's first
+    step (in a routed round, each the plan leaves out), and every output stays vanilla's."""
     routed = []
     features = WhiFlashDrafter._features
     monkeypatch.setattr(WhiFlashDrafter, "_features", lambda self, *a: routed.append(1) or features(self, *a))
@@ -575,4 +576,53 @@ def test_a_batch_whose_plan_drafts_nothing_routes_less_and_less_often(target, mo
         due, gap = due + 1, min(max(2 * gap, 1), QUIET_MAX)
         at += 1 + gap
     assert len(routed) / len(requests) <= due + 1  # and once more where one request finished first
-    assert all(set(r.result.paradigms[:rounds]) == {NO_DRAFT, "ngram"} for r in requests)  # while both run
+    assert all(set(r.result.paradigms[:rounds]) <= {NO_DRAFT, "ngram", FIRST_STEP} for r in requests)
+    assert {"ngram", FIRST_STEP} <= {p for r in requests for p in r.result.paradigms}
+
+
+def test_requests_without_a_lookup_draft_eagle3s_first_step_alone(target, models, prompt, tiny_tokenizer,
+                                                                  monkeypatch):
+    """A plan that never drafts: a request whose lookup finds nothing drafts EAGLE-3's first step (every EAGLE-3 call
+    is of depth 1), priced as a call of its own; what it brings is measured, and it leaves the routing's own
+    estimates of EAGLE-3's trees (their sizes, the latest tree) alone. Outputs stay vanilla's."""
+    depths = []
+    propose_batch = Eagle3Drafter.propose_batch.__func__
+    monkeypatch.setattr(Eagle3Drafter, "propose_batch", classmethod(
+        lambda cls, drafters, states, max_depths: depths.append(list(max_depths)) or propose_batch(
+            cls, drafters, states, max_depths)))
+    requests = _two_requests_whose_plan_is(False, 32, target, models, prompt, tiny_tokenizer, monkeypatch)
+    drafter = requests[0].drafter
+    firsts = sum(r.result.paradigms.count(FIRST_STEP) for r in requests)
+    assert firsts >= 1 and sum(map(len, depths)) == firsts and {d for call in depths for d in call} == {1}
+    assert len(drafter.first_steps.drafts) == firsts
+    assert all(0 <= accepted <= rows for accepted, rows in drafter.first_steps.drafts)
+    assert FIRST_STEP in drafter.router.costs.draft and "eagle3" not in drafter.router.costs.draft
+    assert "eagle3" not in drafter.latest and all(r.drafter.tree_size["eagle3"] == 8 for r in requests)
+
+
+def test_where_first_steps_do_not_pay_requests_without_a_lookup_verify_their_roots_alone(
+        target, models, prompt, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(FirstSteps, "pays", lambda self, *args: False)
+    requests = _two_requests_whose_plan_is(False, 32, target, models, prompt, tiny_tokenizer, monkeypatch)
+    assert {p for r in requests for p in r.result.paradigms} == {NO_DRAFT, "ngram"}
+
+
+def test_first_steps_pay_while_their_tokens_come_at_the_rounds_rate_and_are_probed_when_not():
+    """Until ``TIMED`` first steps were verified, or without a rate or a timed call, they draft; then they do while
+    the tokens they got accepted, per request, beat their call's and rows' time at the round's rate; and when they
+    do not, once every ``FIRST_STEP_PROBE`` rounds all the same."""
+    costs = CostModel(CostCurve((1, 8, 64), (0.010, 0.012, 0.040)))
+    steps = FirstSteps()
+    assert steps.pays(4, costs, 8, 8, 250.0)  # nothing measured
+    for _ in range(TIMED):
+        steps.observe(1, 2)
+    assert steps.pays(4, costs, 8, 8, 250.0)  # no call timed
+    costs.observe_draft(FIRST_STEP, 0.004, 4)
+    costs.observe_draft(FIRST_STEP, 0.004, 4)
+    # 4 tokens against (4 ms + 8 rows at 0.5 ms) x 250 tok/s = 2 tokens' time
+    assert steps.pays(4, costs, 8, 8, 250.0) and not steps.pays(4, costs, 8, 8, 600.0)
+    assert steps.pays(4, costs, 8, 8, 0.0)  # no rate known
+    for _ in range(CALIBRATION_WINDOW):
+        steps.observe(0, 2)  # nothing accepted any more
+    pattern = [steps.pays(4, costs, 8, 8, 250.0) for _ in range(2 * FIRST_STEP_PROBE + 2)]
+    assert pattern == ([False] * FIRST_STEP_PROBE + [True]) * 2

@@ -289,10 +289,11 @@ def test_metrics_parse_and_count_speculation(server):
     samples = metric_samples(server)
     paradigms = {dict(labels)["paradigm"] for name, labels in samples
                  if name == "whiflash_spec_accept_length_count"}
-    # "none": rounds the router drafted nothing for (it may, in a batch, when drafting does not pay)
-    assert paradigms and paradigms <= {"eagle3", "dflash", "ngram", "none"}
+    # "none": rounds the router drafted nothing for (it may, in a batch, when drafting does not pay); "eagle3:first":
+    # EAGLE-3's first step alone, which a request in a batch drafts by default where it finds no lookup
+    assert paradigms and paradigms <= {"eagle3", "eagle3:first", "dflash", "ngram", "none"}
     drafted = {dict(labels)["paradigm"] for name, labels in samples if name == "whiflash_paradigm_rounds_total"}
-    assert drafted and drafted <= {"eagle3", "dflash", "ngram"}
+    assert drafted and drafted <= {"eagle3", "eagle3:first", "dflash", "ngram"}
     assert samples[("whiflash_batch_rounds_total", ())] >= max(
         samples[("whiflash_paradigm_rounds_total", (("paradigm", p),))] for p in drafted)
     assert samples[("whiflash_running_requests", ())] == samples[("whiflash_queued_requests", ())] == 0

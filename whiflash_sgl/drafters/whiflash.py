@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
-from whiflash_sgl.drafting_plan import Calibration, RoundTimes, Wish, explore, plan
+from whiflash_sgl.drafting_plan import FIRST_STEP, Calibration, FirstSteps, RoundTimes, Wish, explore, plan
 from whiflash_sgl.router import NO_DRAFT, BatchLoad, Decision, RoundFeatures, Router, members, root_statistics
 from whiflash_sgl.tree import DraftTree
 
@@ -50,8 +50,8 @@ def round_features(router: Router, drafters: dict[str, Drafter], state: Sequence
 
 class QuietRounds:
     """After a batch's plan drafted nothing, the next 1, 2, 4, ... up to ``QUIET_MAX`` rounds skip routing: no features,
-    policy call or plan; each request drafts its n-gram lookup, if it finds one, or verifies its root alone
-    (:meth:`WhiFlashDrafter._unrouted`). Routing costs a batch of 8 ~5 ms a round, 7% of a round without drafts on a
+    policy call or plan; each request drafts its n-gram lookup, if it finds one, else EAGLE-3's first step where that
+    pays, or verifies its root alone (:meth:`WhiFlashDrafter._unrouted`). Routing costs a batch of 8 ~5 ms a round, 7% of a round without drafts on a
     2-core CPU, which a batch whose drafting does not pay would otherwise lose to vanilla (at a gap of 8, whiflash:mlp
     drafting nothing at 8 and 16 requests still ran 3-4% behind it); a round whose plan drafts again, or a batch a
     quarter smaller or a third larger than it was when it last routed, brings the gap back to none (a request coming or
@@ -91,6 +91,7 @@ class WhiFlashDrafter(Drafter):
         self.calibration = Calibration()  # shared by the forks, as the cost model is
         self.quiet = QuietRounds()  # shared too: a batch's rounds without routing ...
         self.times = RoundTimes()  # ... and what its rounds cost beyond the cost model's price
+        self.first_steps = FirstSteps()  # ... and what EAGLE-3's first step brings its requests without a draft
         self.latest: dict[str, DraftTree] = {}  # each paradigm's latest tree for any sequence (shared by the forks)
         self._reset_sequence()
 
@@ -105,6 +106,7 @@ class WhiFlashDrafter(Drafter):
         self.trace: list[tuple[str, int]] = []  # (action, accepted draft tokens) per drafted round
         self._trees: dict[str, DraftTree] = {}  # this round's draft per paradigm of the action
         self.drafted: dict[str, DraftTree] = {}  # each paradigm's latest tree for this sequence, with its estimates
+        self._first_step = False  # this round's draft is EAGLE-3's first step alone (``FirstSteps``)
 
     def fork(self) -> "WhiFlashDrafter":
         """Another sequence's router state and drafters (their caches); weights, cost model and statistics shared."""
@@ -211,32 +213,78 @@ class WhiFlashDrafter(Drafter):
     def propose(self, state: SequenceState, max_depth: int) -> DraftTree:
         return self.propose_batch([self], [state], [max_depth])[0]
 
-    @staticmethod
-    def _unrouted(drafters: Sequence["WhiFlashDrafter"], states: Sequence[SequenceState],
+    @classmethod
+    def _unrouted(cls, drafters: Sequence["WhiFlashDrafter"], states: Sequence[SequenceState],
                   max_depths: Sequence[int], routed: bool | None) -> list[DraftTree]:
         """A round without routing: each sequence's n-gram lookup, where it finds one within ``max_depths`` (0: the
-        roots alone). A lookup costs microseconds and no drafter call; the engine keeps of it only the nodes whose
-        measured acceptance pays for their rows at the batch's size (``trim_to_value``). On a 2-core CPU, the lookup
-        alone committed 16% more tokens per second than the roots alone at 16 requests and 17-20% more at 8, where
-        routing (features, the policy, the plan) costs 2-4 ms of a 40 ms round."""
-        trees = []
-        for d, state, depth in zip(drafters, states, max_depths):
-            lookup = d.drafters.get("ngram")
-            tree = lookup.propose(state, depth) if lookup is not None and depth > 0 else DraftTree()
-            if d._take(Decision("ngram" if tree else NO_DRAFT), bool(tree), False):
-                d._trees["ngram"] = d.drafted["ngram"] = d.latest["ngram"] = tree
-            trees.append(tree)
-        drafters[0].times.ran(any(trees), routed)
-        return trees
+        roots alone), and EAGLE-3's first step for the others, where that pays (:meth:`_first_steps`). A lookup costs
+        microseconds and no drafter call; the engine keeps of each draft only the nodes whose measured acceptance pays
+        for their rows at the batch's size (``trim_to_value``). On a 2-core CPU, the lookup alone committed 16% more
+        tokens per second than the roots alone at 16 requests and 17-20% more at 8, where routing (features, the
+        policy, the plan) costs 2-4 ms of a 40 ms round."""
+        lookups = [d.drafters["ngram"].propose(state, depth) if "ngram" in d.drafters and depth > 0 else DraftTree()
+                   for d, state, depth in zip(drafters, states, max_depths)]
+        first = cls._first_steps(drafters, states, [i for i, tree in enumerate(lookups) if not tree and max_depths[i]],
+                                 sum(map(len, lookups)))
+        decisions = [Decision("eagle3" if i in first else "ngram" if tree else NO_DRAFT)
+                     for i, tree in enumerate(lookups)]
+        drafting = [i in first or bool(tree) for i, tree in enumerate(lookups)]
+        drafted = cls._draft(drafters, states, max_depths, decisions, drafting, [False] * len(drafters), first)
+        drafters[0].times.ran(any(drafted), routed)
+        return drafted
+
+    @staticmethod
+    def _first_steps(drafters: Sequence["WhiFlashDrafter"], states: Sequence[SequenceState], idle: Sequence[int],
+                     draft_rows: int) -> set[int]:
+        """Of the requests ``idle`` (that would verify their roots alone), those that draft EAGLE-3's first step: all
+        that have EAGLE-3 where the batch's :class:`FirstSteps` find that it pays (``draft_rows``: the round's other
+        draft rows), else none."""
+        idle = [i for i in idle if "eagle3" in drafters[i].drafters]
+        rate = drafters[0].times.quiet_rate(len(states)) or max(s.commit_rate for s in states)
+        if idle and drafters[0].first_steps.pays(len(idle), drafters[0].router.costs, len(states) + draft_rows,
+                                                 len(states), rate):
+            return set(idle)
+        return set()
+
+    @classmethod
+    def _draft(cls, drafters: Sequence["WhiFlashDrafter"], states: Sequence[SequenceState], max_depths: Sequence[int],
+               decisions: Sequence[Decision], drafting: Sequence[bool], probes: Sequence[bool],
+               first: set[int]) -> list[DraftTree]:
+        """Settle each sequence's action (``decisions[i]`` where ``drafting[i]``, else none) and draft: each paradigm,
+        in one call, for the sequences that chose it (a hedge's sequence is in several such calls, and its trees are
+        verified together as one); the sequences in ``first`` draft EAGLE-3's first step alone. A call of first steps
+        alone is priced on its own (``FIRST_STEP``), and their trees stand for no sequence's EAGLE-3 tree in the
+        routing's estimates (``_kept``)."""
+        chosen = [d._take(x, go, probe) for d, x, go, probe in zip(drafters, decisions, drafting, probes)]
+        for i, d in enumerate(drafters):
+            d._first_step = i in first
+        # a first step catches up inside its call, whose time is then its price
+        cls._catch_up(drafters, states, [tuple(d.drafters) if c and d.mode == "eager" else () if i in first else c
+                                         for i, (d, c) in enumerate(zip(drafters, chosen))])
+        for paradigm in dict.fromkeys(p for c in chosen for p in c):
+            group = [i for i, c in enumerate(chosen) if paradigm in c]
+            tic = time.perf_counter()
+            trees = propose_all([drafters[i].drafters[paradigm] for i in group], [states[i] for i in group],
+                                [min(max_depths[i], 1) if i in first else max_depths[i] for i in group])
+            seconds = time.perf_counter() - tic
+            drafters[group[0]].router.costs.observe_draft(FIRST_STEP if first.issuperset(group) else paradigm,
+                                                          seconds, len(group))
+            drafters[0].times.spent(seconds)
+            for i, tree in zip(group, trees):
+                drafters[i]._trees[paradigm] = tree
+                if i not in first:
+                    drafters[i].drafted[paradigm] = drafters[i].latest[paradigm] = tree
+        return [DraftTree.union(d._trees.values()) if len(d._trees) > 1 else next(iter(d._trees.values()))
+                for d in drafters]
 
     @classmethod
     def propose_batch(cls, drafters: Sequence["WhiFlashDrafter"], states: Sequence[SequenceState],
                       max_depths: Sequence[int]) -> list[DraftTree]:
         """Every sequence's policy picks its action; in a batch, the round's plan (``drafting_plan``) then says which
         of them draft (alone, the policy's choice stands: its objective weighs tau against cost already), and each it
-        leaves out drafts its n-gram lookup where that finds something (the engine keeps what pays of it). Each
-        paradigm drafts, in one call, the sequences that chose it (a hedge's sequence is in several such calls, and
-        its trees are verified together as one). After a plan without drafts, a batch skips routing for a while
+        leaves out drafts its n-gram lookup where that finds something (the engine keeps what pays of it), else
+        EAGLE-3's first step where that pays (:class:`FirstSteps`). Each paradigm drafts, in one call, the sequences
+        that chose it (a hedge's sequence is in several such calls, and its trees are verified together as one). After a plan without drafts, a batch skips routing for a while
         (:class:`QuietRounds`), and now and then to measure a round without drafts (``RoundTimes``); and a batch of
         a size whose roots alone the cost model has not timed yet verifies them first: what not drafting costs is
         the plan's yardstick, and borrowed from 8 requests, where the curve was off by more, it made drafting at 16
@@ -253,6 +301,7 @@ class WhiFlashDrafter(Drafter):
         decisions = Router.choose_all([d.router for d in drafters], features)
         # a policy that predicts tau sees the present; only tau statistics from past drafts need probing
         probes = [n > 1 and x.tau is None and d.router.probe_due for d, x in zip(drafters, decisions)]
+        first: set[int] = set()
         if n == 1:
             drafting = [True]
         else:
@@ -267,22 +316,13 @@ class WhiFlashDrafter(Drafter):
             for i, d in enumerate(drafters):  # one the plan leaves out drafts its lookup, which costs no call
                 if not drafting[i] and d.drafted.get("ngram"):
                     decisions[i], drafting[i] = Decision("ngram"), True
+            lookup_rows = sum(len(d.drafted["ngram"]) for d, x in zip(drafters, decisions) if x.paradigm == "ngram")
+            first = cls._first_steps(drafters, states, [i for i, go in enumerate(drafting) if not go and max_depths[i]],
+                                     lookup_rows)
+            for i in first:
+                decisions[i], drafting[i] = Decision("eagle3"), True
             times.ran(any(drafting), routed=True)
-        chosen = [d._take(x, go, probe) for d, x, go, probe in zip(drafters, decisions, drafting, probes)]
-        cls._catch_up(drafters, states, [tuple(d.drafters) if c and d.mode == "eager" else c
-                                         for d, c in zip(drafters, chosen)])
-        for paradigm in dict.fromkeys(p for c in chosen for p in c):
-            group = [i for i, c in enumerate(chosen) if paradigm in c]
-            tic = time.perf_counter()
-            trees = propose_all([drafters[i].drafters[paradigm] for i in group], [states[i] for i in group],
-                                [max_depths[i] for i in group])
-            seconds = time.perf_counter() - tic
-            drafters[group[0]].router.costs.observe_draft(paradigm, seconds, len(group))
-            drafters[0].times.spent(seconds)
-            for i, tree in zip(group, trees):
-                drafters[i]._trees[paradigm] = drafters[i].drafted[paradigm] = drafters[i].latest[paradigm] = tree
-        return [DraftTree.union(d._trees.values()) if len(d._trees) > 1 else next(iter(d._trees.values()))
-                for d in drafters]
+        return cls._draft(drafters, states, max_depths, decisions, drafting, probes, first)
 
     def observe(self, report: RoundReport) -> None:
         self.times.forwarded(report.verify_seconds, report.prefilled)
@@ -294,19 +334,24 @@ class WhiFlashDrafter(Drafter):
         # each paradigm's own tau as verified: its tree's acceptance, within what the engine kept of the tree
         each = {p: min(tree.matched(report.new_tokens), len(report.path)) + 1
                 for p, tree in self._trees.items() if p != NO_DRAFT}
+        verified = {p: min(len(tree), len(report.tree)) for p, tree in self._trees.items()}
         for p in each:
-            # what the engine last verified of it; a tree it cut away entirely says nothing of the size (and a size
-            # of 0 would stand for every later tree of the paradigm: ``_kept``)
-            self.tree_size[p] = min(len(self._trees[p]), len(report.tree)) or self.tree_size[p]
             self.drafters[p].observe(report)  # its node estimates learn from this round
         self._trees = {}
-        self.router.update(self.action, len(report.path) + 1, each)
+        if self._first_step:  # what a first step brings; the policy's statistics are of the trees it chooses
+            self.first_steps.observe(each["eagle3"] - 1, verified["eagle3"])
+        else:
+            for p in each:
+                # what the engine last verified of it; a tree it cut away entirely says nothing of the size (and a
+                # size of 0 would stand for every later tree of the paradigm: ``_kept``)
+                self.tree_size[p] = verified[p] or self.tree_size[p]
+            self.router.update(self.action, len(report.path) + 1, each)
         if self.predicted_tau is not None:
             self.calibration.observe(self.predicted_tau, len(report.path) + 1)
         rows = report.forward_rows or len(report.tree) + 1
         if not report.prefilled:  # a prompt chunk's rows are priced nothing like a draft's: the curve would learn them
             self.router.costs.observe_verify(rows, report.verify_seconds, report.forward_sequences)
-        self.trace.append((self.action, len(report.path)))
+        self.trace.append((FIRST_STEP if self._first_step else self.action, len(report.path)))
         others = rows - len(report.tree) - 1
         self.load = BatchLoad(others, max(report.forward_tokens - len(report.new_tokens), 0),
                               report.draft_seconds * others / rows, report.forward_sequences - 1)

@@ -2,8 +2,9 @@
 
 Each server has its own registry (several can run in one process, as in the tests). Accepted length per paradigm
 is a histogram of tokens committed per round of each request, by the paradigm that request chose for that round
-(``none`` where the router drafted nothing), so ``_sum / _count`` is the mean and the buckets its spread; switch overhead is catch-up time spent on rounds
-that changed paradigm, over the engine's generation time. The batch: ``whiflash_running_requests`` are in the
+(``none`` where the router drafted nothing, ``eagle3:first`` for EAGLE-3's first step alone), so ``_sum / _count``
+is the mean and the buckets its spread; switch overhead is catch-up time spent on rounds that changed paradigm,
+over the engine's generation time. The batch: ``whiflash_running_requests`` are in the
 engine's running batch, ``whiflash_queued_requests`` submitted and not yet in it (queued, or waiting for KV);
 ``whiflash_batch_rounds`` counts engine rounds (one target forward for the whole batch),
 ``whiflash_paradigm_rounds{paradigm}`` those in which the paradigm drafted for at least one request and
