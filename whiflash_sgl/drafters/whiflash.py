@@ -51,15 +51,15 @@ def round_features(router: Router, drafters: dict[str, Drafter], state: Sequence
 class QuietRounds:
     """After a batch's plan drafted nothing, the next 1, 2, 4, ... up to ``QUIET_MAX`` rounds skip routing: no features,
     policy call or plan; each request drafts its n-gram lookup, if it finds one, else EAGLE-3's first step where that
-    pays, or verifies its root alone (:meth:`WhiFlashDrafter._unrouted`). Routing costs a batch of 8 ~5 ms a round, 7% of a round without drafts on a
-    2-core CPU, which a batch whose drafting does not pay would otherwise lose to vanilla (at a gap of 8, whiflash:mlp
-    drafting nothing at 8 and 16 requests still ran 3-4% behind it); a round whose plan drafts again, or a batch a
-    quarter smaller or a third larger than it was when it last routed, brings the gap back to none (a request coming or
-    going at 8 does not: that was a routing round in eight; the tail of a 16-request run does, where a batch of 12 or
-    fewer drafts again, instead of going 30 rounds without routing). A plan that drafts counts as one without drafts
-    while routed rounds of the batch's size are measured to commit tokens more slowly than rounds without routing
-    (``RoundTimes.routing_pays``); and a batch that routed ``ROUTED_RUN`` rounds in a row goes one without, so that
-    those stay measured."""
+    pays, or verifies its root alone (:meth:`WhiFlashDrafter._unrouted`). Routing costs a batch of 8 ~5 ms a round, 7%
+    of a round without drafts on a 2-core CPU, which a batch whose drafting does not pay would otherwise lose to vanilla
+    (at a gap of 8, whiflash:mlp drafting nothing at 8 and 16 requests still ran 3-4% behind it); a round whose plan
+    drafts again, or a batch a quarter smaller or a third larger than it was when it last routed, brings the gap back to
+    none (a request coming or going at 8 does not: that was a routing round in eight; the tail of a 16-request run does,
+    where a batch of 12 or fewer drafts again, instead of going 30 rounds without routing). A plan that drafts counts as
+    one without drafts while routed rounds of the batch's size are measured to commit tokens more slowly than rounds
+    without routing (``RoundTimes.routing_pays``); and a batch that routed ``ROUTED_RUN`` rounds in a row goes one
+    without, so that those stay measured."""
 
     def __init__(self) -> None:
         self.gap = self.left = self.size = self.routed = 0
@@ -280,15 +280,16 @@ class WhiFlashDrafter(Drafter):
     @classmethod
     def propose_batch(cls, drafters: Sequence["WhiFlashDrafter"], states: Sequence[SequenceState],
                       max_depths: Sequence[int]) -> list[DraftTree]:
-        """Every sequence's policy picks its action; in a batch, the round's plan (``drafting_plan``) then says which
-        of them draft (alone, the policy's choice stands: its objective weighs tau against cost already), and each it
+        """Every sequence's policy picks its action; in a batch, the round's plan (``drafting_plan``) then says which of
+        them draft (alone, the policy's choice stands: its objective weighs tau against cost already), and each it
         leaves out drafts its n-gram lookup where that finds something (the engine keeps what pays of it), else
         EAGLE-3's first step where that pays (:class:`FirstSteps`). Each paradigm drafts, in one call, the sequences
-        that chose it (a hedge's sequence is in several such calls, and its trees are verified together as one). After a plan without drafts, a batch skips routing for a while
-        (:class:`QuietRounds`), and now and then to measure a round without drafts (``RoundTimes``); and a batch of
-        a size whose roots alone the cost model has not timed yet verifies them first: what not drafting costs is
-        the plan's yardstick, and borrowed from 8 requests, where the curve was off by more, it made drafting at 16
-        look cheap (14 drafting rounds at 1.7x a round without drafts, before ``RoundTimes`` had one to compare)."""
+        that chose it (a hedge's sequence is in several such calls, and its trees are verified together as one). After a
+        plan without drafts, a batch skips routing for a while (:class:`QuietRounds`), and now and then to measure a
+        round without drafts (``RoundTimes``); and a batch of a size whose roots alone the cost model has not timed yet
+        verifies them first: what not drafting costs is the plan's yardstick, and borrowed from 8 requests, where the
+        curve was off by more, it made drafting at 16 look cheap (14 drafting rounds at 1.7x a round without drafts,
+        before ``RoundTimes`` had one to compare)."""
         quiet, times, costs = drafters[0].quiet, drafters[0].times, drafters[0].router.costs
         n = len(drafters)
         if n > 1:
