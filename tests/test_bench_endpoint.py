@@ -60,7 +60,7 @@ def test_endpoint_bench_writes_the_reference_contract(run_cli, server, vanilla_s
     assert vanilla["tau"] == 1.0 and vanilla["rounds"] == vanilla["new_tokens"] and vanilla["switches"] == 0
     assert vanilla["speedup_vs_vanilla"] == 1.0 and vanilla["paradigm_rounds"] == {"vanilla": vanilla["rounds"]}
     assert routed["tau"] > 1 and routed["rounds"] < routed["new_tokens"]
-    assert set(routed["paradigm_rounds"]) <= {"eagle3", "dflash", "ngram"}
+    assert set(routed["paradigm_rounds"]) <= {"eagle3", "eagle3:first", "dflash", "ngram"}
     assert isinstance(routed["switches"], int) and routed["switch_overhead_frac"] is not None
     assert routed["draft_ms_per_round"] is None  # not visible over HTTP
     assert routed["speedup_vs_vanilla"] > 0
