@@ -34,7 +34,7 @@ TIME_WINDOW = 32  # latest rounds of each kind (with drafts, without) and size w
 LONG_BACKLOG = 32  # catch-up beyond this many positions is a cost paid once: see ``round_seconds``
 IDLE_EVERY = 16  # a batch that drafted this many routed rounds in a row verifies its roots alone once, to measure it
 PAIRED = 8  # latest rounds without routing that a routed round's rate is compared with (``routing_pays``)
-FIRST_STEP = "eagle3:first"  # the name of EAGLE-3's first step alone (``FirstSteps``): its calls' and rounds'
+FIRST_STEP = "eagle3:first"  # EAGLE-3's first step alone (``FirstSteps``): its calls' price, its rounds' paradigm
 FIRST_STEP_PROBE = 16  # a batch whose first steps did not pay drafts them anyway after this many rounds, to measure
 
 
@@ -150,9 +150,12 @@ class FirstSteps:
     a depth step costs the batch about what the first one does, and brings less. What it brings is measured: the
     draft tokens each first step got accepted and the rows it kept, over the latest ``CALIBRATION_WINDOW``; what it
     costs is its call's time (the cost model's ``FIRST_STEP``) and those rows' share of the forward; it pays while
-    the tokens come at least at the rate the round commits its others (``SequenceState.commit_rate``). Until
-    ``TIMED`` first steps were verified it drafts, and when it does not pay, it drafts once every
-    ``FIRST_STEP_PROBE`` rounds all the same, so that what it brings stays measured."""
+    the tokens come at least at the rate the batch's latest rounds without routing committed
+    (``RoundTimes.quiet_rate``; before those are measured, the engine's expected ``SequenceState.commit_rate``). At 8
+    requests that margin is thin (median 2.5 tokens against 2.1 tokens' worth of time: 6 requests at 0.42 accepted,
+    a 3.9 ms call and 4.8 ms of rows, at 256 tok/s), and drafting them in every round ran as fast. Until ``TIMED``
+    first steps were verified it drafts, and when it does not pay, it drafts once every ``FIRST_STEP_PROBE`` rounds
+    all the same, so that what it brings stays measured."""
 
     def __init__(self) -> None:
         self.drafts: deque[tuple[int, int]] = deque(maxlen=CALIBRATION_WINDOW)  # (accepted, verified rows) each
