@@ -67,7 +67,9 @@ class Server:
         self.name, self.port = name, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"{name.replace(':', '-').replace('/', '-')}.log"
-        argv, env = sglang_command(method, str(model), port=self.port, **options)
+        # SGLang draws its scheduler's port itself, from a range these overlap, and binds it a minute later
+        argv, env = sglang_command(method, str(model), port=self.port, extra=("--nccl-port", str(_free_port())),
+                                   **options)
         with open(self.log, "w") as out:
             self.process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)
@@ -108,19 +110,27 @@ class Server:
         return response.json()
 
 
+_HANDED_OUT: set[int] = set()  # ports given to servers of this session, bound or not yet
+
+
 def _free_port() -> int:
-    """A free port below the kernel's ephemeral range. A server takes a minute or more to start, and a port from that
-    range (a bind to port 0) can meanwhile go to an outgoing connection, such as a health check of another server
-    starting beside it; the server then cannot bind it (seen in CI: 25 tests erred at setup)."""
+    """A free port below the kernel's ephemeral range, never one handed out before in this session. A server takes a
+    minute or more to start, and a port from that range (a bind to port 0) can meanwhile go to an outgoing
+    connection, such as a health check of another server starting beside it; the server then cannot bind it (seen in
+    CI: 25 tests erred at setup). For the same reason, two servers starting side by side must not be given one port
+    between them: the first to bind it fails the other (seen in CI: the scheduler's port was another's)."""
     ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
     ephemeral = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
     for port in random.sample(range(20000, max(ephemeral, 20001)), 100):
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _HANDED_OUT.add(port)
+        return port
     raise RuntimeError(f"no free port found between 20000 and {ephemeral}")
 
 
