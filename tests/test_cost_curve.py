@@ -5,6 +5,7 @@ pricing actions on top of the rest of the batch, and the round's plan drafting f
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -12,7 +13,7 @@ from whiflash_sgl.cost_curve import MAX_ROWS, ROWS_EACH, SEQUENCES, CostCurve, m
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
-from whiflash_sgl.drafting_plan import (IDLE_EVERY, PAIRED, TIME_WINDOW, Calibration, RoundTimes, Wish, plan,
+from whiflash_sgl.drafting_plan import (IDLE_EVERY, PAIRED, TIME_WINDOW, Calibration, RoundTimes, Wish, explore, plan,
                                         round_seconds)
 from whiflash_sgl.router import NO_DRAFT, TIMED, BatchLoad, CostModel, Router
 from whiflash_sgl.tree import DraftTree
@@ -141,6 +142,23 @@ def test_the_plan_keeps_the_prefix_that_pays_and_always_drafts_probes():
     probe, weaker = Wish("eagle3", 1.0, 2, {}, forced=True), Wish("eagle3", 1.01, 2, {})
     assert plan([probe, weaker], costs, base_rows=2) == [True, False]
     assert plan([probe, weak], costs, base_rows=2) == [True, True]  # the probe's call is paid: 3 ms for 0.05 tokens
+
+
+def test_the_plan_counts_what_drafting_adds_over_each_requests_fallback():
+    costs = _costs()
+    drafted = [Wish("eagle3", 3.0, 4, {})] * 8  # 24 tokens in 180 ms against 8 in 108 ms
+    assert plan(drafted, costs, base_rows=8) == [True] * 8
+    # left out, each drafts a lookup of 2 rows committing 2.5 tokens (20 in 124 ms): the trees' 4 more tokens are
+    # not worth their call and rows
+    looked_up = [replace(w, fallback_tau=2.5, fallback_rows=2) for w in drafted]
+    assert plan(looked_up, costs, base_rows=8) == [False] * 8
+    assert round_seconds(looked_up, [False] * 8, costs, 8) == pytest.approx(0.124)
+    assert round_seconds(looked_up, [True] + [False] * 7, costs, 8) == pytest.approx(0.124 + 0.041 + 0.002)
+    # where the fallback brings little, the same trees pay again
+    assert plan([replace(w, fallback_tau=1.2, fallback_rows=1) for w in drafted], costs, base_rows=8) == [True] * 8
+    # one drafts in any case, to measure drafting, and with its call paid the others' trees pay: 24 tokens in 188 ms
+    assert explore(looked_up, costs, base_rows=8) == [True] * 8
+    assert explore([replace(w, fallback_tau=3.0) for w in drafted], costs, base_rows=8) == [False] * 8  # no gain
 
 
 def test_an_idle_request_probes_less_often_while_probes_find_nothing():

@@ -451,7 +451,7 @@ class Predicting:
     """EAGLE-3 with a prediction of its tau, as a learned policy gives: no probes."""
 
     def decide(self, features):
-        return Decision("eagle3", 3.0)
+        return Decision("eagle3", 5.0)  # 3.0 as calibrated before any draft: more than a lookup of one row commits
 
 
 def test_a_batch_whose_plan_drafts_nothing_explores_drafting_now_and_then(target, models, prompt, tiny_tokenizer,
@@ -463,6 +463,7 @@ def test_a_batch_whose_plan_drafts_nothing_explores_drafting_now_and_then(target
     monkeypatch.setattr("whiflash_sgl.drafters.whiflash.QUIET_MAX", 4)
     for module in ("whiflash_sgl.drafters.whiflash", "whiflash_sgl.drafting_plan"):  # the plan, and explore's
         monkeypatch.setattr(f"{module}.plan", lambda wishes, *args: [w.forced for w in wishes])
+    monkeypatch.setattr(FirstSteps, "pays", lambda self, *args: False)  # a request left out falls back to its root
     prompts = [prompt, tiny_tokenizer("The quick brown fox")["input_ids"]]
     solo = [SpeculativeEngine(target).generate(p, 40).tokens for p in prompts]
     engine = SpeculativeEngine(target, _whiflash(target, models, Predicting()))
@@ -499,6 +500,33 @@ def test_a_wish_counts_the_rows_its_tree_keeps_at_the_bar_and_the_tau_they_hold(
         whiflash.calibration.observe(2.0, 4.0)
     wish = whiflash._wish(features, Decision("eagle3", 5.0), False, bar=0.85, tokens_left=60)
     assert wish.rows == 1 and wish.tau == 2.0  # ... but a draft row accepts one token at most
+
+
+def test_a_wish_counts_on_its_lookup_else_a_first_step_when_the_plan_leaves_it_out(target, models):
+    """What drafting adds is counted over what the request drafts without it: its lookup (the rows it keeps at the
+    bar, at the tau its lookups reached), else EAGLE-3's first step, as the batch's first steps did while they
+    paid, else its root alone."""
+    whiflash = _whiflash(target, models, Fixed("eagle3"))
+    features = RoundFeatures(
+        entropy=0.5, margin=0.5, last_tau=1.0, last_paradigm="", ema_tau={"eagle3": 2.0, "ngram": 2.5},
+        pending={"eagle3": 3, "ngram": 0}, predicted_seconds={}, dflash_expected=0.0, eagle_top1=0.6, ngram_draft=3,
+        in_code=False, in_json=False, bracket_depth=0)
+
+    def fallback():
+        wish = whiflash._wish(features, Decision("eagle3", 3.0), False, bar=0.5, tokens_left=60)
+        return wish.fallback_tau, wish.fallback_rows
+
+    whiflash.drafted["ngram"] = DraftTree((5, 6, 7), (-1, 0, 1), (0.9, 0.6, 0.2))
+    assert fallback() == (2.5, 2)
+    whiflash.drafted["ngram"] = DraftTree((5,), (-1,), (0.9,))
+    assert fallback() == (2.0, 1)  # a row accepts one token at most
+    del whiflash.drafted["ngram"]
+    assert fallback() == (1.0, 0.0)  # no first step measured yet
+    for accepted in (0, 1) * TIMED:
+        whiflash.first_steps.observe(accepted, 2)
+    assert fallback() == (1.5, 2.0)
+    whiflash.first_steps.declined = 1  # the latest decision found that they do not pay
+    assert fallback() == (1.0, 0.0)
 
 
 def test_a_tree_that_keeps_nothing_at_the_bar_or_went_stale_does_not_stand_for_this_round(target, models):

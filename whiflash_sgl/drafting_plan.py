@@ -49,6 +49,10 @@ class Wish:
     forced: bool = False  # a probe: it drafts whatever the plan finds
     predicted: float | None = None  # the policy's tau for the trees as cut, before calibration
     rounds_left: float = 1.0  # the rounds it has left when it drafts (tokens left over tau): see ``round_seconds``
+    # what it commits, and adds rows, when the plan leaves it out: its n-gram lookup, or EAGLE-3's first step where
+    # those pay (:class:`FirstSteps`), else its root alone
+    fallback_tau: float = 1.0
+    fallback_rows: float = 0.0
 
 
 class Calibration:
@@ -79,8 +83,10 @@ class Calibration:
 
 
 def round_seconds(wishes: Sequence[Wish], drafting: Sequence[bool], costs: CostModel, base_rows: int) -> float:
-    """The round's predicted time: one forward over every request's root (``base_rows``) and the drafted rows, and
-    each drafter's call for the requests that chose it, after one catch-up over their backlogs. A backlog's first
+    """The round's predicted time: one forward over every request's root (``base_rows``), the drafted rows and the
+    fallbacks' of the others (``Wish.fallback_rows``), and each drafter's call for the requests that chose it, after
+    one catch-up over their backlogs (a fallback's call is not priced: a lookup has none, and first steps are drafted
+    for most requests left out whatever the plan is). A backlog's first
     ``LONG_BACKLOG`` positions count whole; the rest (a prompt's, the first time a request drafts with a paradigm, or
     what a long idle left) is paid once and serves every round the request has left, so it counts spread over them
     (``Wish.rounds_left``). Charged whole to one round, the prompts of a batch of 8 that had not drafted yet (40-800
@@ -92,7 +98,8 @@ def round_seconds(wishes: Sequence[Wish], drafting: Sequence[bool], costs: CostM
     for w in chosen:
         backlog.update({p: n if n <= LONG_BACKLOG else LONG_BACKLOG + (n - LONG_BACKLOG) / max(w.rounds_left, 1.0)
                         for p, n in w.backlog.items()})
-    return (costs.verify(base_rows + sum(w.rows for w in chosen), len(wishes))
+    rows = sum(w.rows if go else w.fallback_rows for w, go in zip(wishes, drafting))
+    return (costs.verify(base_rows + rows, len(wishes))
             + sum(costs.draft_call(p, n) + costs.catchup_seconds(p, backlog[p]) for p, n in groups.items()))
 
 
@@ -100,7 +107,12 @@ def plan(wishes: Sequence[Wish], costs: CostModel, base_rows: int,
          extra: tuple[float, float] = (0.0, 0.0)) -> list[bool]:
     """Whether each request drafts this round: the best prefix, by the round's tokens per second, of the requests
     ordered by what each adds alone (forced ones always draft). ``extra``: the seconds a round costs beyond the cost
-    model's price, without drafts and with (:class:`RoundTimes`)."""
+    model's price, without drafts and with (:class:`RoundTimes`).
+
+    A request left out still drafts its fallback (``Wish.fallback_tau``), so what drafting adds is measured from
+    there. Counted from its root alone, an EAGLE-3 tree beside a lookup the request drafts anyway looked worth its
+    call and rows, and at 8 requests on a 2-core CPU such hedges and trees added 1.9 verify rows and 0.7-2 ms of
+    drafting a round for no more tokens a round than the fallbacks alone committed (13.9)."""
     idle = round_seconds(wishes, [False] * len(wishes), costs, base_rows)
 
     def seconds(drafting: Sequence[bool]) -> float:
@@ -109,16 +121,18 @@ def plan(wishes: Sequence[Wish], costs: CostModel, base_rows: int,
     def value(i: int) -> float:
         """The tokens request ``i`` adds per second it adds, drafting alone."""
         alone = [j == i for j in range(len(wishes))]
-        return (wishes[i].tau - 1) / max(round_seconds(wishes, alone, costs, base_rows) - idle, 1e-9)
+        return (wishes[i].tau - wishes[i].fallback_tau) / max(round_seconds(wishes, alone, costs, base_rows) - idle,
+                                                               1e-9)
 
     drafting = [w.forced for w in wishes]
-    order = sorted((i for i, w in enumerate(wishes) if not w.forced and w.tau > 1), key=value, reverse=True)
-    tokens = len(wishes) + sum(w.tau - 1 for w in wishes if w.forced)
+    order = sorted((i for i, w in enumerate(wishes) if not w.forced and w.tau > w.fallback_tau), key=value,
+                   reverse=True)
+    tokens = sum(w.tau if w.forced else w.fallback_tau for w in wishes)
     best, best_rate = 0, tokens / max(seconds(drafting), 1e-9)
     trial = list(drafting)
     for k, i in enumerate(order, 1):
         trial[i] = True
-        tokens += wishes[i].tau - 1
+        tokens += wishes[i].tau - wishes[i].fallback_tau
         rate = tokens / max(seconds(trial), 1e-9)  # no costs seen yet: draft
         if rate > best_rate:
             best, best_rate = k, rate
@@ -129,11 +143,11 @@ def plan(wishes: Sequence[Wish], costs: CostModel, base_rows: int,
 
 def explore(wishes: Sequence[Wish], costs: CostModel, base_rows: int,
             extra: tuple[float, float] = (0.0, 0.0)) -> list[bool]:
-    """The plan with the request that expects most drafting in any case (nothing where none expects more than its
-    root). A batch whose plan has drafted nothing for a long while rests on prices of drafting it no longer
+    """The plan with the request that expects most from drafting in any case (nothing where none expects more than
+    its fallback). A batch whose plan has drafted nothing for a long while rests on prices of drafting it no longer
     measures; this measures them again, so that one slow round cannot keep a batch from drafting for good."""
-    best = max(range(len(wishes)), key=lambda i: wishes[i].tau)
-    if wishes[best].tau <= 1:
+    best = max(range(len(wishes)), key=lambda i: wishes[i].tau - wishes[i].fallback_tau)
+    if wishes[best].tau <= wishes[best].fallback_tau:
         return [False] * len(wishes)
     return plan([replace(w, forced=True) if i == best else w for i, w in enumerate(wishes)], costs, base_rows, extra)
 
@@ -170,14 +184,25 @@ class FirstSteps:
         sequences without them, whose round commits ``rate`` tokens a second (0: not known)."""
         call = costs.draft_call(FIRST_STEP, requests)
         if len(self.drafts) >= TIMED and rate > 0 and call > 0 and self.declined < FIRST_STEP_PROBE:
-            accepted = sum(a for a, _ in self.drafts) / len(self.drafts)
-            rows = sum(r for _, r in self.drafts) / len(self.drafts)
+            accepted, rows = self._means()
             seconds = call + costs.verify(base_rows + requests * rows, sequences) - costs.verify(base_rows, sequences)
             if requests * accepted < seconds * rate:
                 self.declined += 1
                 return False
         self.declined = 0
         return True
+
+    def fallback(self) -> tuple[float, float]:
+        """The tau and verify rows a first step is expected to bring a request the plan leaves out: as measured while
+        the latest decision drafted them, else a root alone's (1, 0)."""
+        if self.declined or len(self.drafts) < TIMED:
+            return 1.0, 0.0
+        accepted, rows = self._means()
+        return 1 + accepted, rows
+
+    def _means(self) -> tuple[float, float]:
+        """Draft tokens accepted and rows verified per first step, over the latest ones."""
+        return (sum(a for a, _ in self.drafts) / len(self.drafts), sum(r for _, r in self.drafts) / len(self.drafts))
 
 
 @dataclass

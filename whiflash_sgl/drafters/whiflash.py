@@ -174,7 +174,17 @@ class WhiFlashDrafter(Drafter):
                else max(features.expected_tau().get(p, 1.0) for p in chosen))
         tau = min(tau, 1 + rows)  # a draft row accepts one token at most
         return Wish(decision.paradigm, tau, rows, {p: features.pending[p] for p in chosen}, forced, predicted,
-                    tokens_left / max(tau, 1.0))
+                    tokens_left / max(tau, 1.0), *self._fallback(features, bar))
+
+    def _fallback(self, features: RoundFeatures, bar: float) -> tuple[float, float]:
+        """The tau and rows of what this sequence drafts if the plan leaves it out (``Wish.fallback_tau``): its
+        lookup, at the tau its lookups reached, else EAGLE-3's first step, as the batch's first steps have done."""
+        if self.drafted.get("ngram"):
+            rows = self._kept("ngram", bar)[0]
+            return min(features.expected_tau().get("ngram", 1.0), 1 + rows), rows
+        if "eagle3" in self.drafters:
+            return self.first_steps.fallback()
+        return 1.0, 0.0
 
     def _take(self, decision: Decision, drafts: bool, probe: bool) -> tuple[str, ...]:
         """Settle this round's action (``NO_DRAFT`` unless it ``drafts``); return the paradigms that draft."""
