@@ -93,6 +93,36 @@ def test_eagle3_lazy_catch_up_matches_the_training_forward(target, eagle):
     torch.testing.assert_close(logp[0], torch.log_softmax(step0_logits[n - 2], -1), atol=1e-4, rtol=1e-4)
 
 
+def test_eagle3_catches_up_in_the_roots_pass_as_a_kv_only_prefill_before_it_would(target, eagle):
+    """A proposal folds the catch-up into the pass over the roots: for sequences lagging by different amounts, the
+    caches and trees equal those of a KV-only prefill first and the roots' pass alone; proposing again for the same
+    tokens gives the same tree."""
+    state = _state(target, Eagle3Drafter(eagle, target.model.get_input_embeddings()).feature_layers)
+    other = SequenceState(state.tokens[:20], 19, state.features[:19], state.feature_layers)
+
+    def batch(caught_up_first: bool):
+        drafters = [Eagle3Drafter(eagle, target.model.get_input_embeddings(), depth=3, topk=2, budget=6)
+                    for _ in range(2)]
+        for d, s in zip(drafters, (state, other)):
+            d.start(s)
+        drafters[0].catch_up(SequenceState(state.tokens[:9], 8, state.features[:8], state.feature_layers))
+        if caught_up_first:
+            Eagle3Drafter.catch_up_batch(drafters, [state, other])
+        trees = Eagle3Drafter.propose_batch(drafters, [state, other], [3, 3])
+        return drafters, trees
+
+    (folded, trees), (apart, expected) = batch(False), batch(True)
+    assert [(t.tokens, t.parents) for t in trees] == [(t.tokens, t.parents) for t in expected]
+    for t, e in zip(trees, expected):
+        assert t.probs == pytest.approx(e.probs, abs=1e-5)
+    for d, e, n in zip(folded, apart, (len(state.tokens), len(other.tokens))):
+        assert d.frontier == e.frontier == n - 1 and d.cache.get_seq_length() == n - 1
+        torch.testing.assert_close(d.cache.layers[0].keys, e.cache.layers[0].keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(d.cache.layers[0].values, e.cache.layers[0].values, atol=1e-5, rtol=1e-5)
+    again = folded[0].propose(state, 3)
+    assert (again.tokens, again.parents) == (trees[0].tokens, trees[0].parents)
+
+
 def test_dflash_kv_only_prefill_matches_the_training_forward(target, dflash):
     embed, head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
     drafter = DFlashDrafter(dflash, embed, head)
