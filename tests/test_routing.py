@@ -430,6 +430,9 @@ def test_a_batch_verifies_its_roots_alone_first_at_a_size_not_timed_yet(target, 
     assert rounds[:TIMED] == [NO_DRAFT] * TIMED and set(rounds[TIMED:]) == {"eagle3"}
     assert len(rounds) > TIMED + 2
     assert router.costs.knows_roots(2) and not router.costs.knows_roots(3)
+    for _ in range(TIMED):  # between two counts timed, the scale is interpolated
+        router.costs.observe_verify(5, 0.013 + 0.0001 * _, 5)
+    assert [router.costs.knows_roots(n) for n in range(1, 7)] == [False, True, True, True, True, False]
 
 
 def test_a_batch_that_always_drafts_verifies_its_roots_alone_now_and_then(target, models, prompt, tiny_tokenizer,

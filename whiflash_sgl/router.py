@@ -214,8 +214,8 @@ class CostModel:
     rows: a forward with a draft row or two is priced a millisecond over its roots, and its jitter divided by that
     had run a plain median to 2.8-3.7x by the end of a 4-request run; pooled sums instead let one slow forward among
     the first four of a size price its rows at 2.4x, and a batch that does not draft does not measure them again
-    (a 4-request batch then drafted in 6 of its 300 rounds). Until a count's roots alone were timed ``TIMED`` times,
-    its batch does not draft (``knows_roots``), and beyond the counts that drafted ``TIMED`` times, draft rows are
+    (a 4-request batch then drafted in 6 of its 300 rounds). Until a count's roots alone were timed ``TIMED`` times
+    (or a smaller and a larger count's were), its batch does not draft (``knows_roots``), and beyond the counts that drafted ``TIMED`` times, draft rows are
     priced at the count's roots' ratio, not the nearest count's: the draft rows of one request ran anywhere from 0.1
     to 4 times the curve, and borrowed by 4 requests at 0.1, they had the plan draft rounds it priced at 33 ms that
     ran 50. Before any roots alone were seen, one median ratio over every forward scales both parts.
@@ -284,10 +284,15 @@ class CostModel:
         return between_counts(counts, sequences, lambda i: self._rows_at(counts[i]), self.roots_scale(sequences))
 
     def knows_roots(self, sequences: int) -> bool:
-        """Whether forwards of ``sequences`` sequences' roots alone were timed ``TIMED`` times (always, without
-        a curve to scale): the first such forward after a batch's prefill ran half again as long as the next ones,
-        and alone it priced not drafting at 16 requests at 87.5 ms where it ran 68."""
-        return self.curve is None or len(self._roots.get(sequences, ())) >= TIMED
+        """Whether forwards of ``sequences`` sequences' roots alone were timed ``TIMED`` times, or those of a count
+        below it and one above it were (always, without a curve to scale): the first such forward after a batch's
+        prefill ran half again as long as the next ones, and alone it priced not drafting at 16 requests at 87.5
+        ms where it ran 68. Between two counts timed, the scale is interpolated (``roots_scale``), which is where a
+        run's tail passes through every count below its level, a few rounds each, when drafting pays most."""
+        if self.curve is None or len(self._roots.get(sequences, ())) >= TIMED:
+            return True
+        timed = [n for n, ratios in self._roots.items() if len(ratios) >= TIMED]
+        return any(n < sequences for n in timed) and any(n > sequences for n in timed)
 
     def _roots_at(self, count: int) -> float:
         if ("roots", count) not in self._memo:
