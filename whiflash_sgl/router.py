@@ -215,10 +215,11 @@ class CostModel:
     had run a plain median to 2.8-3.7x by the end of a 4-request run; pooled sums instead let one slow forward among
     the first four of a size price its rows at 2.4x, and a batch that does not draft does not measure them again
     (a 4-request batch then drafted in 6 of its 300 rounds). Until a count's roots alone were timed ``TIMED`` times
-    (or a smaller and a larger count's were), its batch does not draft (``knows_roots``), and beyond the counts that drafted ``TIMED`` times, draft rows are
-    priced at the count's roots' ratio, not the nearest count's: the draft rows of one request ran anywhere from 0.1
-    to 4 times the curve, and borrowed by 4 requests at 0.1, they had the plan draft rounds it priced at 33 ms that
-    ran 50. Before any roots alone were seen, one median ratio over every forward scales both parts.
+    (or a smaller and a larger count's were), its batch does not draft (``knows_roots``), and beyond the counts that
+    drafted ``TIMED`` times, draft rows are priced at the count's roots' ratio, not the nearest count's: the draft
+    rows of one request ran anywhere from 0.1 to 4 times the curve, and borrowed by 4 requests at 0.1, they had the
+    plan draft rounds it priced at 33 ms that ran 50. Before any roots alone were seen, one median ratio over every
+    forward scales both parts.
 
     Catch-up needs the intercept: a KV-only prefill of a few positions costs mostly its fixed overhead, and a
     per-position rate measured there, times the long backlog an idle drafter builds up, would price that drafter
