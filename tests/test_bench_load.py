@@ -73,7 +73,35 @@ def test_without_vanilla_at_concurrency_1_the_reference_runs_alone(run_cli, tiny
     assert len(first) == 2 and first[0]["text"] == first[1]["text"]
 
 
+def test_resume_runs_only_what_the_log_lacks(run_cli, tiny_model_dir, prompts, tmp_path):
+    """An interrupted bench (its log cut after two runs, mid-line) goes on: the logged runs are reused, the rest
+    run and are judged against the logged vanilla reference; a log of other settings is refused."""
+    out_json, log = tmp_path / "load.json", tmp_path / "load.levels.jsonl"
+    bench = ("bench", "--model", tiny_model_dir, "--prompts", prompts, "--methods", "vanilla,ngram",
+             "--concurrency", "1,2", "--max-new-tokens", 6, "--out", out_json)
+    code, _, err = run_cli(*bench)
+    assert code == 0, err
+    first = json.loads(out_json.read_text())
+    lines = log.read_text().splitlines()
+    assert len(lines) == 5  # the settings, then (vanilla, 1), (ngram, 1), (vanilla, 2), (ngram, 2)
+    log.write_text("\n".join(lines[:3]) + "\n" + lines[3][:100])
+
+    code, out, err = run_cli(*bench, "--resume")
+    assert code == 0, err
+    assert "--resume: 2 runs from" in err and "vanilla at 1, ngram at 1" in err
+    report = json.loads(out_json.read_text())
+    walls = [{(r["method"], r["concurrency"]): r["wall_seconds"] for r in rep["runs"]} for rep in (first, report)]
+    assert walls[1][("vanilla", 1)] == walls[0][("vanilla", 1)] and walls[1][("ngram", 1)] == walls[0][("ngram", 1)]
+    assert walls[1][("vanilla", 2)] != walls[0][("vanilla", 2)]  # run again
+    _check_rows(report, ("vanilla", "ngram"), (1, 2))  # the new runs are judged identical to the logged reference
+    assert len(log.read_text().splitlines()) == 5
+
+    code, out, err = run_cli(*bench[:-4], "--max-new-tokens", 5, "--out", out_json, "--resume")
+    assert code == 2 and "other settings (max_new_tokens)" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--resume", "--out", "x.json"], "--resume goes on with a --concurrency bench"),
     (["--methods", "vanilla,hf-generate", "--concurrency", "1,2"], "run one request at a time (hf-generate)"),
     (["--concurrency", "0,2"], "--concurrency takes distinct positive integers"),
     (["--concurrency", "2,2"], "--concurrency takes distinct positive integers"),

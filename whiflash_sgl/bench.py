@@ -32,7 +32,7 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.methods import EngineMethod, make_method
 from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.target import Target
+
+if TYPE_CHECKING:
+    from whiflash_sgl.bench_log import LevelLog
 
 REJECTION = "[rejection]"  # suffix of the rows that sample with the rejection rule
 
@@ -181,8 +184,10 @@ def run_bench(
     progress: bool = True,
     policy_params: dict | None = None,
     levels: Sequence[int] | None = None,
+    log: LevelLog | None = None,
 ) -> dict:
-    """The bench report; with concurrency ``levels``, the concurrency bench's (:func:`load_bench`)."""
+    """The bench report; with concurrency ``levels``, the concurrency bench's (:func:`load_bench`, kept in
+    ``log``)."""
     if not prompts:
         raise WhiFlashError("no prompts to run")
     runners = {m: make_method(m, target, config, policy_params) for m in methods}
@@ -200,7 +205,7 @@ def run_bench(
                     dtype=str(target.model.dtype).removeprefix("torch."), matmul=target.matmul,
                     threads=torch.get_num_threads())
     if levels:
-        return load_bench(target, runners, encoded, levels, max_new_tokens, sampling, seed, head, progress)
+        return load_bench(target, runners, encoded, levels, max_new_tokens, sampling, seed, head, progress, log)
     rules = {m: sampling for m in methods}
     if not sampling.greedy and sampling.rule == "keyed":
         rules.update({m + REJECTION: replace(sampling, rule="rejection") for m in methods if m != "vanilla"})
@@ -490,20 +495,26 @@ def judge(runs: list[LoadRun], prompt_ids: Sequence[list[int]], reference: Seque
 def load_levels(methods: Sequence[str], levels: Sequence[int], run_level: Callable[[str, int], LoadLevel],
                 prompt_ids: Sequence[list[int]], compared: Callable[[str], bool],
                 reference: Callable[[], list[list[int]]] | None,
-                top_scores: Callable[[list[int]], dict[int, float]] | None) -> list[tuple[str, int, LoadLevel]]:
+                top_scores: Callable[[list[int]], dict[int, float]] | None,
+                logged: dict[tuple[str, int], LoadLevel] | None = None,
+                log: Callable[[str, int, LoadLevel], None] | None = None) -> list[tuple[str, int, LoadLevel]]:
     """Every (method, level) run, levels ascending and ``vanilla`` first in each. Runs of the methods ``compared``
     names are judged against vanilla at concurrency 1, which ``reference()`` produces beforehand when that run is
-    not among them (``reference`` None: nothing to compare with)."""
-    done, tokens = [], None
+    not among them (``reference`` None: nothing to compare with). A run in ``logged`` (a resumed bench's, judged
+    when it ran) is taken from there; each new one goes to ``log`` once judged."""
+    done, tokens, logged = [], None, logged or {}
     if reference is not None and not ("vanilla" in methods and 1 in levels):
         tokens = reference()
     for level in sorted(levels):
         for method in vanilla_first(methods):
-            result = run_level(method, level)
+            result = logged.get((method, level)) or run_level(method, level)
             if tokens is None and method == "vanilla" and level == 1:
                 tokens = [r.tokens for r in result.runs]
-            if tokens is not None and compared(method):
-                judge(result.runs, prompt_ids, tokens, top_scores)
+            if (method, level) not in logged:
+                if tokens is not None and compared(method):
+                    judge(result.runs, prompt_ids, tokens, top_scores)
+                if log is not None:
+                    log(method, level, result)
             running = result.peak_running
             if running is not None and running < level:
                 print(f"warning: {method} at concurrency {level}: at most {running} requests ran at once (the KV "
@@ -517,11 +528,22 @@ def load_requests(prompts: int, levels: Sequence[int]) -> int:
     return sum(len(request_prompts(prompts, level)) for level in levels)
 
 
+def start_log(log: LevelLog | None, head: dict, encoded: Sequence[tuple[ChatPrompt, list[int]]],
+              methods: Sequence[str], levels: Sequence[int]) -> tuple[dict[tuple[str, int], LoadLevel], int]:
+    """The runs ``log`` holds for this bench (none without a log, or unless it resumes) and how many requests
+    of the bench they hold."""
+    logged = log.start(head, [p.id for p, _ in encoded]) if log else {}
+    return logged, sum(len(r.runs) for (m, c), r in logged.items() if m in methods and c in levels)
+
+
 def load_bench(target: Target, runners: dict, encoded: list[tuple[ChatPrompt, list[int]]], levels: Sequence[int],
-               max_new_tokens: int, sampling: SamplingParams, seed: int, head: dict, progress: bool) -> dict:
-    """The concurrency bench on the engine: every method (``runners``) at every level (:func:`engine_load`)."""
+               max_new_tokens: int, sampling: SamplingParams, seed: int, head: dict, progress: bool,
+               log: LevelLog | None = None) -> dict:
+    """The concurrency bench on the engine: every method (``runners``) at every level (:func:`engine_load`), each
+    run kept in ``log`` and, when resuming, taken from it."""
+    logged, requests = start_log(log, head, encoded, list(runners), levels)
     bar = tqdm(total=load_requests(len(encoded), levels) * len(runners), desc="bench", disable=not progress,
-               file=sys.stderr)
+               file=sys.stderr, initial=requests)
 
     def run_level(method: str, level: int) -> LoadLevel:
         return engine_load(runners[method], encoded, max_new_tokens, sampling, seed, level, bar)
@@ -532,7 +554,7 @@ def load_bench(target: Target, runners: dict, encoded: list[tuple[ChatPrompt, li
 
     keyed = sampling.greedy or sampling.rule == "keyed"
     done = load_levels(list(runners), levels, run_level, [ids for _, ids in encoded], lambda m: keyed or m == "vanilla",
-                       reference, target_top_scores(target) if sampling.greedy else None)
+                       reference, target_top_scores(target) if sampling.greedy else None, logged, log and log.add)
     bar.close()
     return make_load_report(head, levels, done)
 

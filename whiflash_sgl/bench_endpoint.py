@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from whiflash_sgl.bench import (TOP_SCORES, LoadLevel, LoadRun, interleave, load_levels, load_requests,
-                                make_load_report, make_report, request_prompts, settings, switches)
+                                make_load_report, make_report, request_prompts, settings, start_log, switches)
+from whiflash_sgl.bench_log import LevelLog
 from whiflash_sgl.chat import ChatPrompt, encode_chat
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.model_store import DEFAULT_MODEL, resolve_model
@@ -235,10 +236,12 @@ def run_endpoint_bench(
     model: str | None = None,
     progress: bool = True,
     levels: Sequence[int] | None = None,
+    log: LevelLog | None = None,
 ) -> dict:
     """The bench report of ``endpoints`` on ``prompts``; ``model`` (a folder or hub id) overrides the tokenizer the
     servers name. Sampled requests carry ``sampling_seed`` = ``seed`` + the prompt's index, as the reference bench
-    seeds them. With concurrency ``levels``, the concurrency bench's report (:func:`endpoint_load_bench`)."""
+    seeds them. With concurrency ``levels``, the concurrency bench's report (:func:`endpoint_load_bench`, kept in
+    ``log``)."""
     if not prompts:
         raise WhiFlashError("no prompts to run")
     served, tokenizer_path = served_model(endpoints, model)
@@ -252,7 +255,7 @@ def run_endpoint_bench(
                     endpoints={e.method: e.url for e in endpoints})
     if levels:
         return endpoint_load_bench(endpoints, encoded, levels, max_new_tokens, sampling, seed, tokenizer, head,
-                                   progress)
+                                   progress, log)
 
     def run_one(method: str, index: int, prompt: ChatPrompt, ids: list[int]) -> tuple[list[int], EndpointRun]:
         params = sampling_body(max_new_tokens, sampling, seed + index)
@@ -392,12 +395,15 @@ def endpoint_top_scores(endpoint: Endpoint):
 
 def endpoint_load_bench(endpoints: list[Endpoint], encoded: list[tuple[ChatPrompt, list[int]]], levels: Sequence[int],
                         max_new_tokens: int, sampling: SamplingParams, seed: int, tokenizer, head: dict,
-                        progress: bool) -> dict:
-    """The concurrency bench on running servers: every endpoint at every level (:func:`endpoint_load`)."""
+                        progress: bool, log: LevelLog | None = None) -> dict:
+    """The concurrency bench on running servers: every endpoint at every level (:func:`endpoint_load`), each run
+    kept in ``log`` and, when resuming, taken from it."""
     from tqdm import tqdm
 
     by_method = {e.method: e for e in endpoints}
-    bar = tqdm(total=load_requests(len(encoded), levels) * len(endpoints), desc="bench", disable=not progress)
+    logged, requests = start_log(log, head, encoded, list(by_method), levels)
+    bar = tqdm(total=load_requests(len(encoded), levels) * len(endpoints), desc="bench", disable=not progress,
+               initial=requests)
 
     def params(i: int) -> dict:
         return sampling_body(max_new_tokens, sampling, seed + i)
@@ -412,6 +418,7 @@ def endpoint_load_bench(endpoints: list[Endpoint], encoded: list[tuple[ChatPromp
     vanilla = "vanilla" in by_method
     done = load_levels(list(by_method), levels, run_level, [ids for _, ids in encoded], lambda _: sampling.greedy,
                        reference if vanilla else None,
-                       endpoint_top_scores(by_method["vanilla"]) if vanilla and sampling.greedy else None)
+                       endpoint_top_scores(by_method["vanilla"]) if vanilla and sampling.greedy else None, logged,
+                       log and log.add)
     bar.close()
     return make_load_report(head, levels, done)

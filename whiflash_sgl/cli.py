@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                         "streaming client threads) and reports throughput, TTFT and ITL percentiles")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--plot", action="store_true", help="also write PNG figures next to --out")
+    p.add_argument("--resume", action="store_true",
+                   help="with --concurrency: go on with an interrupted bench of the same settings and prompts, "
+                        "running only the (method, level) runs its log next to --out (.levels.jsonl) lacks")
     _add_common(p)
     p.set_defaults(engine_defaults={dest: p.get_default(dest) for dest in ENGINE_ONLY})
 
@@ -205,7 +208,7 @@ def _bench_engine(args, prompts) -> dict:
     methods = _method_list(args.methods or DEFAULT_METHODS)
     levels = _levels(args.concurrency)
     return run_bench(_load_target(args), prompts, methods, args.max_new_tokens, sampling, args.seed, config,
-                     policy_params=policy_params, levels=levels)
+                     policy_params=policy_params, levels=levels, log=_level_log(args))
 
 
 def _bench_endpoints(args, prompts) -> dict:
@@ -219,7 +222,16 @@ def _bench_endpoints(args, prompts) -> dict:
     sampling, _, _ = _setup(args)
     levels = _levels(args.concurrency)
     return run_endpoint_bench(endpoints, prompts, args.max_new_tokens, sampling, args.seed, args.model,
-                              levels=levels)
+                              levels=levels, log=_level_log(args))
+
+
+def _level_log(args):
+    """A concurrency bench writing --out keeps a log of its finished runs, which --resume reads back."""
+    from whiflash_sgl.bench_log import LevelLog, log_path
+
+    if args.resume and not (args.concurrency and args.out):
+        raise WhiFlashError("--resume goes on with a --concurrency bench from the log next to its --out: give both")
+    return LevelLog(log_path(args.out), args.resume) if args.concurrency and args.out else None
 
 
 def _write_report(report: dict, out: str | None, plot: bool) -> None:
