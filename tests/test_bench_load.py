@@ -82,6 +82,7 @@ def test_resume_runs_only_what_the_log_lacks(run_cli, tiny_model_dir, prompts, t
     code, _, err = run_cli(*bench)
     assert code == 0, err
     first = json.loads(out_json.read_text())
+    assert first["processor"]  # a log from another CPU is refused like any other setting
     lines = log.read_text().splitlines()
     assert len(lines) == 5  # the settings, then (vanilla, 1), (ngram, 1), (vanilla, 2), (ngram, 2)
     log.write_text("\n".join(lines[:3]) + "\n" + lines[3][:100])

@@ -26,6 +26,7 @@ shape), counted in ``near_ties``, not a failure.
 
 from __future__ import annotations
 
+import platform
 import sys
 import time
 from collections import Counter, defaultdict, deque
@@ -153,6 +154,16 @@ def settings(model: str, device: str, max_new_tokens: int, sampling: SamplingPar
     }
 
 
+def processor() -> str:
+    """The CPU's model name (figures from different CPUs differ by 2x and more, and a resumed bench must not mix
+    them)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def make_report(head: dict, methods: list[str], runs: list) -> dict:
     """The bench JSON: ``head`` (the run settings), the summary rows and the per-prompt records."""
     return {
@@ -201,7 +212,7 @@ def run_bench(
             raise WhiFlashError(f"prompt {p.id} has {len(ids)} tokens: with max_new_tokens it exceeds the context")
     for runner in runners.values():  # warm-up: first-call allocations and kernel selection stay out of the figures
         runner.generate(encoded[0][1], 8, sampling, seed)
-    head = settings(target.name, str(target.device), max_new_tokens, sampling, seed,
+    head = settings(target.name, str(target.device), max_new_tokens, sampling, seed, processor=processor(),
                     dtype=str(target.model.dtype).removeprefix("torch."), matmul=target.matmul,
                     threads=torch.get_num_threads())
     if levels:
