@@ -15,7 +15,7 @@ from whiflash_sgl.methods import make_method
 from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.cpu_linears import (SMALL_ROWS, InvariantLinear, PackedLinear, RowAdaptiveLinear,
                                       bf16_products_run_here, drafter_linears)
-from whiflash_sgl.kernels.cpu_extension import cpu_kernels
+from whiflash_sgl.kernels.cpu_extension import avx2_gemm, cpu_kernels, float32_gemm
 from whiflash_sgl.target import Target
 from whiflash_sgl.tree import DraftTree
 
@@ -197,11 +197,11 @@ def test_a_packed_linear_gives_the_dense_product_for_one_row_and_for_many():
             torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
-needs_cpu_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="needs an AVX-512 CPU and a C++ compiler")
+needs_float32_gemm = pytest.mark.skipif(float32_gemm() is None, reason="needs AVX2 and a C++ compiler")
 needs_amx = pytest.mark.skipif(not bf16_products_run_here(), reason="needs a CPU with AMX and a C++ compiler")
 
 
-@needs_cpu_kernels
+@needs_float32_gemm
 def test_loading_picks_the_invariant_kernel_on_a_cpu_that_runs_it(tiny_tokenizer, make_model, prompt_ids):
     """``pack=None`` (what ``Target.load`` passes) swaps every linear, the LM head included, for the kernel; the
     drafters' dense LM head stays, and greedy output is the dense model's."""
@@ -213,16 +213,17 @@ def test_loading_picks_the_invariant_kernel_on_a_cpu_that_runs_it(tiny_tokenizer
 
 
 @pytest.mark.parametrize("bf16_products", [
-    pytest.param(False, marks=needs_cpu_kernels), pytest.param(True, marks=needs_amx)], ids=["float32", "bf16"])
+    pytest.param(False, marks=needs_float32_gemm), pytest.param(True, marks=needs_amx)], ids=["float32", "bf16"])
 def test_the_invariant_linear_gives_its_product_and_each_row_whatever_the_batch(bf16_products):
-    """The target's kernels: the product (float32: the dense one; bf16: of the bf16-rounded rows and weights, summed
-    in float32), up to float32 rounding, for widths that are and are not a multiple of the panels and of 32 input
-    features, with a bias; each row bit for bit the same alone, in a batch of any size up to 40 (every float32 tile
-    shape, and one to three AMX row tiles, the last cut to the rows left) and at any place in it."""
+    """The target's kernels (float32: this CPU's build, AVX-512 or AVX2): the product (float32: the dense one; bf16:
+    of the bf16-rounded rows and weights, summed in float32), up to float32 rounding, for widths that are and are
+    not a multiple of the panels and of 32 input features, with a bias; each row bit for bit the same alone, in a
+    batch of any size up to 40 (every float32 tile shape, and one to three AMX row tiles, the last cut to the rows
+    left) and at any place in it."""
     gen = torch.Generator().manual_seed(0)
     for out_features in (48, 37):
         linear = torch.nn.Linear(72, out_features)
-        kernel = InvariantLinear(linear, cpu_kernels(), bf16_products)
+        kernel = InvariantLinear(linear, cpu_kernels() if bf16_products else float32_gemm(), bf16_products)
         x = torch.randn(40, 72, generator=gen)
         with torch.no_grad():
             alone = torch.cat([kernel(x[i : i + 1]) for i in range(len(x))])
@@ -236,6 +237,16 @@ def test_the_invariant_linear_gives_its_product_and_each_row_whatever_the_batch(
             for rows in range(1, len(x) + 1):
                 assert torch.equal(kernel(x[None, :rows])[0], alone[:rows])
                 assert torch.equal(kernel(x[len(x) - rows :]), alone[len(x) - rows :])
+
+
+@pytest.mark.skipif(cpu_kernels() is None or avx2_gemm() is None, reason="needs an AVX-512 CPU and a C++ compiler")
+def test_the_avx2_and_avx512_builds_give_the_same_bits():
+    """A request served on an AVX2 host and on an AVX-512 one gets the same float32 linears, whatever the rows."""
+    gen = torch.Generator().manual_seed(1)
+    linear = torch.nn.Linear(72, 37)
+    x = torch.randn(13, 72, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(InvariantLinear(linear, cpu_kernels())(x), InvariantLinear(linear, avx2_gemm())(x))
 
 
 @needs_amx

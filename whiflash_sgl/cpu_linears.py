@@ -10,13 +10,19 @@ on the CPU:
   against 8.9 ms, of a 576x1536 MLP projection 0.05 against 0.08 ms; 26 rows 8.4 against 10.0 and 0.15 against
   0.22 ms), as fast at one row and within 7% at 512. Whole forwards: one sequence of 8 rows 70 -> 47 ms, 8 sequences
   of one row 80 -> 59 ms, of 3 rows 97 -> 83 ms.
+* float32 target on an AVX2 CPU without AVX-512: the same kernel's AVX2 build (``csrc/invariant_gemm_avx2.cpp``),
+  the same panels and the same chains of FMAs, so the same bits as the AVX-512 build. On an AVX2-only EPYC
+  (2 threads) MKL's sgemm took twice its one-row time from 2 rows on (the LM head: 1 row 8.6 ms, 2 rows 20.1, 8
+  rows 18.6, 32 rows 26.7), the kernel 4.7, 4.6, 5.4 and 12.0 ms; an MLP projection at 8 rows 0.13 against 0.30
+  ms. Whole forwards: one sequence of 1 row 57 -> 47 ms, of 8 rows 96 -> 63, 8 sequences of 1 row 103 -> 67, of 4
+  rows 141 -> 125, 16 of 4 rows 219 -> 185.
 * float32 target with ``matmul="bfloat16"`` on a CPU with AMX (Sapphire Rapids on): the same kernel file's AMX
   path, bf16 products of the weights and rows (each rounded to nearest even) summed in float32, the precision of
   ``torch.set_float32_matmul_precision("medium")`` and of models published in bf16. Rows are computed
   independently within AMX tiles, so it is batch-invariant too. The weights take half the bytes and extra rows
   next to no time (whole forwards with the paged attention kernel: one sequence's 8 verify rows 47 -> 29 ms, 8
   sequences of one row 54 -> 34, of 4 rows 89 -> 49).
-* float32 target where that kernel cannot run (no AVX-512, or no C++ compiler): oneDNN's prepacked inner product
+* float32 target where neither build can run (no C++ compiler, or neither ISA): oneDNN's prepacked inner product
   beat the default GEMM on one AVX-512 host (SmolLM2's verify of 8 rows 64 -> 49 ms, one row 40 -> 35 ms); on an
   AVX2-only host (AMD EPYC) the default was as fast or faster at every row count from 1 to 512 (30 layers' linears:
   1 row 44 against 68 ms, 2 rows 67 against 90, 8 rows 101 against 109, 64 rows 287 against 300), and so it was on
@@ -41,7 +47,7 @@ from collections.abc import Callable
 
 import torch
 
-from whiflash_sgl.kernels.cpu_extension import amx_runs_here, cpu_kernels, has_avx512
+from whiflash_sgl.kernels.cpu_extension import amx_runs_here, cpu_kernels, float32_gemm, has_avx512
 
 SMALL_ROWS = 4  # at most this many rows: bf16 weights; more: the float32 copy (on CPUs without AVX-512)
 PROBE_CALLS = 15  # timed calls per kernel and row count when deciding whether prepacking pays
@@ -83,8 +89,9 @@ def bf16_products_run_here() -> bool:
 
 
 class InvariantLinear(torch.nn.Module):
-    """An inference-only ``nn.Linear`` computed by :func:`cpu_kernels`' GEMM on its packed weight: float32
-    products, or with ``bf16_products`` bf16 ones (AMX) summed in float32; the output in the input's dtype."""
+    """An inference-only ``nn.Linear`` computed by a compiled GEMM on its packed weight: float32 products
+    (:func:`float32_gemm`), or with ``bf16_products`` bf16 ones (AMX, :func:`cpu_kernels`) summed in float32; the
+    output in the input's dtype."""
 
     def __init__(self, linear: torch.nn.Linear, gemm, bf16_products: bool = False):
         super().__init__()
@@ -150,7 +157,7 @@ def invariant_linears(module: torch.nn.Module, bf16_products: bool = False) -> b
     """Swap every float32 ``nn.Linear`` under ``module`` for an :class:`InvariantLinear` (inference only), where
     the kernel runs on this CPU (for ``bf16_products``: where :func:`bf16_products_run_here`); returns whether it
     did."""
-    gemm = cpu_kernels()
+    gemm = cpu_kernels() if bf16_products else float32_gemm()
     if gemm is None or next(module.parameters()).dtype != torch.float32:
         return False
     if bf16_products and not bf16_products_run_here():
