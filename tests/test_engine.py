@@ -15,7 +15,7 @@ from whiflash_sgl.methods import make_method
 from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.cpu_linears import (SMALL_ROWS, InvariantLinear, PackedLinear, RowAdaptiveLinear,
                                       bf16_products_run_here, drafter_linears)
-from whiflash_sgl.kernels.cpu_extension import avx2_gemm, cpu_kernels, float32_gemm
+from whiflash_sgl.kernels.cpu_extension import avx2_gemm, cpu_kernels, float32_gemm, has_avx512
 from whiflash_sgl.target import Target
 from whiflash_sgl.tree import DraftTree
 
@@ -283,6 +283,28 @@ def test_bf16_drafters_run_their_linears_on_the_amx_path_in_bf16():
             out = block(x)
             assert out.dtype == torch.bfloat16
             torch.testing.assert_close(out.float(), dense(x).float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_float32_gemm
+def test_a_bf16_layer_on_the_float32_kernel_gives_its_product_in_bf16():
+    """A bf16 drafter's linear on the float32 kernel (what ``drafter_linears`` picks on an AVX2 CPU): the product
+    of its bf16 weights and rows, summed in float32, returned in bf16; ``drafter_linears`` swaps in that kernel, or
+    the AMX one, or leaves the layer to torch on an AVX-512 CPU without AMX."""
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(72, 37).to(torch.bfloat16)
+    kernel = InvariantLinear(linear, float32_gemm())
+    with torch.no_grad():
+        for rows in (1, 5, 33):
+            x = torch.randn(rows, 72, generator=gen).to(torch.bfloat16)
+            out = kernel(x)
+            assert out.dtype == torch.bfloat16
+            exact = torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
+            torch.testing.assert_close(out.double(), exact, rtol=1e-2, atol=1e-2)
+    swapped = drafter_linears(copy.deepcopy(linear))
+    if bf16_products_run_here() or not has_avx512():
+        assert isinstance(swapped, InvariantLinear) and swapped.bf16_products == bf16_products_run_here()
+    else:
+        assert isinstance(swapped, torch.nn.Linear)
 
 
 def test_matmul_precision_errors_and_the_auto_fallback(tiny_tokenizer, make_model, monkeypatch):

@@ -32,9 +32,11 @@ on the CPU:
 * bfloat16 drafters on a CPU with AMX: the same AMX path (:func:`drafter_linears`). oneDNN's bf16 linear costs
   ~0.065 ms a call whatever the shape at up to 32 rows, the kernel 0.01-0.03 ms, and a draft step is a dozen calls.
 * bfloat16 drafters without AVX-512: bf16 products are emulated. While reading the weights dominates they still
-  win (an EAGLE-3 layer and its 8k head, 1 row 2.9 against 4.4 ms in float32), but from a few rows on they lose
-  2-4x (16 rows 37 against 12 ms, 64 rows 138 against 30), which is what a batch of requests drafting together
-  is. There a bf16 linear keeps a float32 copy of its weight for calls of more than ``SMALL_ROWS`` rows.
+  win over MKL's float32 (an EAGLE-3 layer and its 8k head, 1 row 2.9 against 4.4 ms), but from a few rows on they
+  lose 2-4x (16 rows 37 against 12 ms, 64 rows 138 against 30), which is what a batch of requests drafting together
+  is. With the AVX2 build, every call runs the float32 kernel on the weights widened to float32 (exactly: a bf16
+  value is a float32 one); without it, a bf16 linear keeps a float32 copy of its weight for calls of more than
+  ``SMALL_ROWS`` rows (:class:`RowAdaptiveLinear`).
 
 Either way the products are the same up to rounding, and drafts only propose, so no output changes.
 """
@@ -47,7 +49,7 @@ from collections.abc import Callable
 
 import torch
 
-from whiflash_sgl.kernels.cpu_extension import amx_runs_here, cpu_kernels, float32_gemm, has_avx512
+from whiflash_sgl.kernels.cpu_extension import amx_runs_here, avx2_gemm, cpu_kernels, float32_gemm, has_avx512
 
 SMALL_ROWS = 4  # at most this many rows: bf16 weights; more: the float32 copy (on CPUs without AVX-512)
 PROBE_CALLS = 15  # timed calls per kernel and row count when deciding whether prepacking pays
@@ -90,19 +92,19 @@ def bf16_products_run_here() -> bool:
 
 class InvariantLinear(torch.nn.Module):
     """An inference-only ``nn.Linear`` computed by a compiled GEMM on its packed weight: float32 products
-    (:func:`float32_gemm`), or with ``bf16_products`` bf16 ones (AMX, :func:`cpu_kernels`) summed in float32; the
-    output in the input's dtype."""
+    (:func:`float32_gemm`; a bf16 layer's weight and rows are widened, exactly), or with ``bf16_products`` bf16 ones
+    (AMX, :func:`cpu_kernels`) summed in float32; the output in the input's dtype."""
 
     def __init__(self, linear: torch.nn.Linear, gemm, bf16_products: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.bf16_products = linear.in_features, linear.out_features, bf16_products
         self._linear = gemm.linear_bf16 if bf16_products else gemm.linear
         pack = gemm.pack_bf16 if bf16_products else gemm.pack
-        self.register_buffer("panels", pack(linear.weight.detach()), persistent=False)
+        self.register_buffer("panels", pack(linear.weight.detach().float()), persistent=False)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._linear(x.reshape(-1, self.in_features), self.panels, self.out_features)
+        y = self._linear(x.reshape(-1, self.in_features).float(), self.panels, self.out_features)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -170,8 +172,9 @@ def invariant_linears(module: torch.nn.Module, bf16_products: bool = False) -> b
 def drafter_linears(module: torch.nn.Module) -> torch.nn.Module:
     """The linear layers a bfloat16 drafter (or ``module`` itself, a linear) runs on this CPU: the kernel's AMX path
     where it runs (bf16 products as before, summed in float32 and rounded back to bf16, at a fraction of oneDNN's
-    per-call cost: a draft step is a dozen small GEMMs); on CPUs without AVX-512, :class:`RowAdaptiveLinear`;
-    elsewhere, and for other dtypes or devices, ``module`` stays as it is. Returns ``module`` or its swap."""
+    per-call cost: a draft step is a dozen small GEMMs); on CPUs without AVX-512, the AVX2 float32 kernel on the
+    widened weights, else :class:`RowAdaptiveLinear`; elsewhere, and for other dtypes or devices, ``module`` stays
+    as it is. Returns ``module`` or its swap."""
     weight = next(module.parameters())
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
         return module
@@ -179,7 +182,8 @@ def drafter_linears(module: torch.nn.Module) -> torch.nn.Module:
         gemm = cpu_kernels()
         make = lambda linear: InvariantLinear(linear, gemm, bf16_products=True)  # noqa: E731
     elif not has_avx512():
-        make = RowAdaptiveLinear
+        gemm = avx2_gemm()
+        make = RowAdaptiveLinear if gemm is None else lambda linear: InvariantLinear(linear, gemm)  # noqa: E731
     else:
         return module
     if isinstance(module, torch.nn.Linear):
