@@ -241,6 +241,23 @@ def test_policy_calls_share_one_thread_that_ends_when_idle(monkeypatch):
     assert worker.call([None], 1.0) == ["eagle3"] and threads[-1] is not threads[0]
 
 
+def test_the_policy_thread_runs_torch_on_one_thread_and_leaves_every_other_threads_count():
+    """A second thread's parallel torch ops slowed every later forward of the caller by a quarter on 2 cores."""
+    counts = []
+    worker = PolicyWorker(lambda features: counts.append(torch.get_num_threads()) or "eagle3")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert worker.call([None], 1.0) == ["eagle3"]
+        later = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert counts == [1] and torch.get_num_threads() == 2 and later == [2]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_root_statistics_are_each_rows_entropy_and_top2_margin():
     logits = torch.randn(3, 50, dtype=torch.bfloat16) * 4
     logits[1] = 0.0  # uniform: entropy log(50), margin 0

@@ -379,7 +379,14 @@ class PolicyWorker:
     handing the call to a waiting thread costs a fraction of that, and one call decides for every sequence of a
     batch (a hand-off per sequence was half a millisecond each, at 8 sequences). The thread is a daemon, so a policy
     that never returns cannot keep the process alive, and it ends after ``POLICY_IDLE_EXIT_S`` without calls, so
-    engines that come and go leave no threads behind."""
+    engines that come and go leave no threads behind.
+
+    The thread runs torch single-threaded. A torch op parallelised on a second thread gives that thread an OpenMP
+    team of its own; with more OpenMP threads than cores, libgomp stops spinning between parallel regions and every
+    later one pays a wake-up: on a 2-core CPU each target forward ran 23% slower for the rest of the process (8
+    requests' decode step 72 -> 88 ms, after one small MLP call on another thread), slowing every method that
+    routes by an MLP. torch's thread count is per thread once set, but the setting is also the default of threads
+    started later: the starting thread sets its own count back, once the policy thread has taken its one."""
 
     def __init__(self, decide, decide_batch=None):
         self._decide, self._decide_batch = decide, decide_batch  # decide_batch: the policy's, where it has one
@@ -416,14 +423,20 @@ class PolicyWorker:
         with self._lock:
             self._calls.put(call)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="whiflash-policy", daemon=True)
+                threads, single = torch.get_num_threads(), threading.Event()
+                self._thread = threading.Thread(target=self._serve, args=(single,), name="whiflash-policy",
+                                                daemon=True)
                 self._thread.start()
+                single.wait()
+                torch.set_num_threads(threads)
         if call.done.wait(timeout):
             return call.result
         self._late = call
         return None
 
-    def _serve(self) -> None:
+    def _serve(self, single: threading.Event) -> None:
+        torch.set_num_threads(1)
+        single.set()
         while True:
             try:
                 call = self._calls.get(timeout=POLICY_IDLE_EXIT_S)
