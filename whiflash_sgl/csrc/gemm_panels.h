@@ -27,10 +27,19 @@ inline torch::Tensor pack(const torch::Tensor& weight) {
   return panels;
 }
 
-inline void check_rows(const torch::Tensor& input, const torch::Tensor& panels) {
+// The product of float32 rows [M, K] and pack()'s panels, [M, n]: multiply(xs, ps, ys, m, k, blocks, width) fills
+// the column-padded [M, width] output ys.
+template <class Multiply>
+inline torch::Tensor panel_product(const torch::Tensor& input, const torch::Tensor& panels, int64_t n,
+                                   Multiply multiply) {
   TORCH_CHECK(input.dim() == 2 && input.scalar_type() == torch::kFloat, "linear: expected float32 [M, K] rows");
   TORCH_CHECK(panels.dim() == 3 && panels.size(1) == input.size(1) && panels.size(2) == kLanes,
               "linear: the rows' width does not match the packed weight");
+  const auto x = input.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), blocks = panels.size(0), width = blocks * kLanes;
+  auto y = torch::empty({m, width}, x.options());
+  multiply(x.data_ptr<float>(), panels.data_ptr<float>(), y.data_ptr<float>(), m, k, blocks, width);
+  return width == n ? y : y.narrow(1, 0, n).contiguous();
 }
 
 // Row groups of at most `most` rows, balanced (26 rows by 8 run as 7, 7, 6, 6, not 8, 8, 8, 2): calls

@@ -45,20 +45,15 @@ using Tile = void (*)(const float*, int64_t, const float*, float*, int64_t);
 constexpr Tile kTiles[kMaxRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
 
 torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& panels, int64_t n) {
-  check_rows(input, panels);
-  const auto x = input.contiguous();
-  const int64_t m = x.size(0), k = x.size(1), blocks = panels.size(0), width = blocks * kLanes;
-  auto y = torch::empty({m, width}, x.options());
-  const float* xs = x.data_ptr<float>();
-  const float* ps = panels.data_ptr<float>();
-  float* ys = y.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      row_groups(m, kMaxRows, [&](int64_t row, int64_t rows) {
-        kTiles[rows](xs + row * k, k, ps + b * k * kLanes, ys + row * width + b * kLanes, width);
-      });
+  return panel_product(input, panels, n, [](const float* xs, const float* ps, float* ys, int64_t m, int64_t k,
+                                            int64_t blocks, int64_t width) {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        row_groups(m, kMaxRows, [&](int64_t row, int64_t rows) {
+          kTiles[rows](xs + row * k, k, ps + b * k * kLanes, ys + row * width + b * kLanes, width);
+        });
+    });
   });
-  return width == n ? y : y.narrow(1, 0, n).contiguous();
 }
 
 }  // namespace whiflash
