@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import sys
 import threading
 from collections import Counter
@@ -33,7 +35,9 @@ from whiflash_sgl.kernels import (
 )
 from whiflash_sgl.kernels.cpu_backend import CpuBackend
 from whiflash_sgl.errors import WhiFlashError
-from whiflash_sgl.kernels.cpu_extension import amx_runs_here, build_directory, cpu_kernels, wait_for_build_lock
+from whiflash_sgl.kernels.cpu_extension import (
+    amx_runs_here, avx2_gemm, build_directory, cpu_kernels, has_avx2, has_avx512, wait_for_build_lock,
+)
 from whiflash_sgl.kernels.check import Case, main as check_main, random_layout, random_parents, sdpa_oracle
 from whiflash_sgl.tree import DraftTree
 from whiflash_sgl.verify import accept_greedy, accept_sampled
@@ -313,6 +317,14 @@ def test_flashinfer_matches_oracle():
 def test_self_check_passes_on_this_machine(capsys):
     assert check_main(["--device", "cpu", "--repeats", "1"]) == 0
     assert "all checks passed" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler")
+def test_the_kernels_this_cpu_can_run_build_and_load():
+    # a build that fails falls back to torch with a warning, and the kernel tests then skip: a source that does not
+    # compile or link here (an AVX-512 module missing a symbol once did) must fail a test instead
+    assert (cpu_kernels() is not None) == has_avx512()
+    assert (avx2_gemm() is not None) == has_avx2()
 
 
 def test_each_checkout_builds_the_cpu_kernels_in_a_folder_of_its_own(tmp_path, monkeypatch):

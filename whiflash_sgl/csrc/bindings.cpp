@@ -3,8 +3,9 @@
 
 #include <torch/extension.h>
 
+#include "gemm_panels.h"  // pack()
+
 namespace whiflash {
-torch::Tensor pack(const torch::Tensor& weight);
 torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& panels, int64_t n);
 bool amx_permitted();
 torch::Tensor pack_bf16(const torch::Tensor& weight);
