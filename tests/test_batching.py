@@ -56,9 +56,9 @@ def test_every_request_in_a_batch_matches_its_solo_output(target, prompts, solo,
         assert sum(r.tau for r in results) / len(results) > 1.2  # the trees were verified together, and accepted
 
 
-@pytest.mark.skipif(not bf16_products_run_here(), reason="needs a CPU with AMX and a C++ compiler")
+@pytest.mark.skipif(not bf16_products_run_here(), reason="needs a CPU with AMX or AVX512-BF16 and a C++ compiler")
 def test_with_bf16_products_every_request_in_a_batch_matches_its_solo_output(tiny_tokenizer, make_model, prompts):
-    """The AMX kernel's rows do not depend on the batch: drafted trees verified together give each request its
+    """The bf16 kernel's rows do not depend on the batch: drafted trees verified together give each request its
     text alone."""
     target = Target(make_model(len(tiny_tokenizer), initializer_range=0.02), tiny_tokenizer, matmul="bfloat16")
     alone = [SpeculativeEngine(target).generate(p, 40).tokens for p in prompts]

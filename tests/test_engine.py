@@ -198,7 +198,8 @@ def test_a_packed_linear_gives_the_dense_product_for_one_row_and_for_many():
 
 
 needs_float32_gemm = pytest.mark.skipif(float32_gemm() is None, reason="needs AVX2 and a C++ compiler")
-needs_amx = pytest.mark.skipif(not bf16_products_run_here(), reason="needs a CPU with AMX and a C++ compiler")
+needs_bf16_products = pytest.mark.skipif(not bf16_products_run_here(),
+                                         reason="needs a CPU with AMX or AVX512-BF16 and a C++ compiler")
 
 
 @needs_float32_gemm
@@ -213,13 +214,14 @@ def test_loading_picks_the_invariant_kernel_on_a_cpu_that_runs_it(tiny_tokenizer
 
 
 @pytest.mark.parametrize("bf16_products", [
-    pytest.param(False, marks=needs_float32_gemm), pytest.param(True, marks=needs_amx)], ids=["float32", "bf16"])
+    pytest.param(False, marks=needs_float32_gemm), pytest.param(True, marks=needs_bf16_products),
+], ids=["float32", "bf16"])
 def test_the_invariant_linear_gives_its_product_and_each_row_whatever_the_batch(bf16_products):
     """The target's kernels (float32: this CPU's build, AVX-512 or AVX2): the product (float32: the dense one; bf16:
     of the bf16-rounded rows and weights, summed in float32), up to float32 rounding, for widths that are and are
     not a multiple of the panels and of 32 input features, with a bias; each row bit for bit the same alone, in a
-    batch of any size up to 40 (every float32 tile shape, and one to three AMX row tiles, the last cut to the rows
-    left) and at any place in it."""
+    batch of any size up to 40 (every float32 and AVX512-BF16 tile shape, or one to three AMX row tiles, the last cut
+    to the rows left) and at any place in it."""
     gen = torch.Generator().manual_seed(0)
     for out_features in (48, 37):
         linear = torch.nn.Linear(72, out_features)
@@ -249,8 +251,8 @@ def test_the_avx2_and_avx512_builds_give_the_same_bits():
         assert torch.equal(InvariantLinear(linear, cpu_kernels())(x), InvariantLinear(linear, avx2_gemm())(x))
 
 
-@needs_amx
-def test_matmul_bfloat16_puts_every_linear_on_the_amx_path(tiny_tokenizer, make_model, prompt_ids):
+@needs_bf16_products
+def test_matmul_bfloat16_puts_every_linear_on_the_bf16_kernel(tiny_tokenizer, make_model, prompt_ids):
     """The drafters' dense LM head stays; "auto" picks bf16 products where they run; vanilla and a drafter give one
     greedy text, the bf16 target's own."""
     target = Target(make_model(len(tiny_tokenizer)), tiny_tokenizer, matmul="bfloat16")
@@ -266,8 +268,8 @@ def test_matmul_bfloat16_puts_every_linear_on_the_amx_path(tiny_tokenizer, make_
     assert method.generate(prompt_ids, 40, SamplingParams(), 0).tokens == expected
 
 
-@needs_amx
-def test_bf16_drafters_run_their_linears_on_the_amx_path_in_bf16():
+@needs_bf16_products
+def test_bf16_drafters_run_their_linears_on_the_bf16_kernel_in_bf16():
     """``drafter_linears`` swaps a bf16 module's linears (or a linear itself) for the kernel; outputs stay bf16 and
     are the bf16 product up to bf16 rounding; float32 modules stay as they are."""
     gen = torch.Generator().manual_seed(0)
@@ -289,7 +291,7 @@ def test_bf16_drafters_run_their_linears_on_the_amx_path_in_bf16():
 def test_a_bf16_layer_on_the_float32_kernel_gives_its_product_in_bf16():
     """A bf16 drafter's linear on the float32 kernel (what ``drafter_linears`` picks on an AVX2 CPU): the product
     of its bf16 weights and rows, summed in float32, returned in bf16; ``drafter_linears`` swaps in that kernel, or
-    the AMX one, or leaves the layer to torch on an AVX-512 CPU without AMX."""
+    the bf16 one, or leaves the layer to torch on an AVX-512 CPU without AMX or AVX512-BF16."""
     gen = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(72, 37).to(torch.bfloat16)
     kernel = InvariantLinear(linear, float32_gemm())
@@ -315,7 +317,7 @@ def test_matmul_precision_errors_and_the_auto_fallback(tiny_tokenizer, make_mode
         Target(bf16_model, tiny_tokenizer, matmul="bfloat16")
     monkeypatch.setattr("whiflash_sgl.target.bf16_products_run_here", lambda: False)
     monkeypatch.setattr("whiflash_sgl.target.invariant_linears", lambda model, bf16_products=False: False)
-    with pytest.raises(WhiFlashError, match="needs a CPU with AMX.*--matmul float32"):
+    with pytest.raises(WhiFlashError, match="needs a CPU with AMX or AVX512-BF16.*--matmul float32"):
         Target(make_model(len(tiny_tokenizer)), tiny_tokenizer, matmul="bfloat16")
     assert Target(make_model(len(tiny_tokenizer)), tiny_tokenizer, matmul="auto").matmul == "float32"
 

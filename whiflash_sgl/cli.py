@@ -35,9 +35,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="target weights (bfloat16 is ~2x faster on CPUs with AVX512-BF16/AMX, but not batch-invariant)")
     p.add_argument("--matmul", choices=MATMUL_PRECISIONS, default="auto",
-                   help="products in a float32 target's linear layers: bfloat16 (summed in float32, on CPUs with AMX; "
-                        "the checkpoint's own precision, and a verify pass's extra rows next to free) or float32; "
-                        "auto (default): bfloat16 where it runs")
+                   help="products in a float32 target's linear layers: bfloat16 (summed in float32, on CPUs with "
+                        "AMX or AVX512-BF16; the checkpoint's own precision, and a verify pass's extra rows cheap) or "
+                        "float32; auto (default): bfloat16 where it runs")
     p.add_argument("--device", default="cpu", help="where the target and drafters run: cpu (default) or cuda")
     p.add_argument("--attention", choices=ATTENTION_PATHS, default="auto",
                    help="target attention: a whiflash_sgl.kernels backend (auto: FlashInfer on CUDA, else the "

@@ -21,7 +21,8 @@ on the CPU:
   ``torch.set_float32_matmul_precision("medium")`` and of models published in bf16. Rows are computed
   independently within AMX tiles, so it is batch-invariant too. The weights take half the bytes and extra rows
   next to no time (whole forwards with the paged attention kernel: one sequence's 8 verify rows 47 -> 29 ms, 8
-  sequences of one row 54 -> 34, of 4 rows 89 -> 49).
+  sequences of one row 54 -> 34, of 4 rows 89 -> 49). On a CPU with AVX512-BF16 but no AMX (AMD Zen 4), the same
+  panels through VDPBF16PS: 1.6-2x the float32 kernel at every row count, batch-invariant as well.
 * float32 target where neither build can run (no C++ compiler, or neither ISA): oneDNN's prepacked inner product
   beat the default GEMM on one AVX-512 host (SmolLM2's verify of 8 rows 64 -> 49 ms, one row 40 -> 35 ms); on an
   AVX2-only host (AMD EPYC) the default was as fast or faster at every row count from 1 to 512 (30 layers' linears:
@@ -29,8 +30,9 @@ on the CPU:
   a Sapphire Rapids host with AMX (whole forwards: 1 row 37 against 61 ms, 8 sequences of 1 row 76 against 88, of 8
   rows 137 against 161). The ISA does not tell them apart, so :func:`prepacking_pays` times both on a linear of the
   model's own shape.
-* bfloat16 drafters on a CPU with AMX: the same AMX path (:func:`drafter_linears`). oneDNN's bf16 linear costs
-  ~0.065 ms a call whatever the shape at up to 32 rows, the kernel 0.01-0.03 ms, and a draft step is a dozen calls.
+* bfloat16 drafters on a CPU with AMX or AVX512-BF16: the same bf16 path (:func:`drafter_linears`). oneDNN's bf16
+  linear costs ~0.065 ms a call whatever the shape at up to 32 rows, the kernel 0.01-0.03 ms, and a draft step is a
+  dozen calls.
 * bfloat16 drafters without AVX-512: bf16 products are emulated. While reading the weights dominates they still
   win over MKL's float32 (an EAGLE-3 layer and its 8k head, 1 row 2.9 against 4.4 ms), but from a few rows on they
   lose 2-4x (16 rows 37 against 12 ms, 64 rows 138 against 30), which is what a batch of requests drafting together
@@ -86,14 +88,15 @@ def _seconds(linear: torch.nn.Module, inputs: list[torch.Tensor]) -> float:
 
 
 def bf16_products_run_here() -> bool:
-    """Whether this CPU and OS run the kernel's AMX bf16 path."""
-    return amx_runs_here()
+    """Whether this CPU runs the kernel's bf16 products: on AMX (where the OS grants it), or with AVX512-BF16."""
+    kernels = cpu_kernels()
+    return kernels is not None and (amx_runs_here() or kernels.bf16_dot_runs())
 
 
 class InvariantLinear(torch.nn.Module):
     """An inference-only ``nn.Linear`` computed by a compiled GEMM on its packed weight: float32 products
     (:func:`float32_gemm`; a bf16 layer's weight and rows are widened, exactly), or with ``bf16_products`` bf16 ones
-    (AMX, :func:`cpu_kernels`) summed in float32; the output in the input's dtype."""
+    (AMX or AVX512-BF16, :func:`cpu_kernels`) summed in float32; the output in the input's dtype."""
 
     def __init__(self, linear: torch.nn.Linear, gemm, bf16_products: bool = False):
         super().__init__()
@@ -170,7 +173,7 @@ def invariant_linears(module: torch.nn.Module, bf16_products: bool = False) -> b
 
 
 def drafter_linears(module: torch.nn.Module) -> torch.nn.Module:
-    """The linear layers a bfloat16 drafter (or ``module`` itself, a linear) runs on this CPU: the kernel's AMX path
+    """The linear layers a bfloat16 drafter (or ``module`` itself, a linear) runs on this CPU: the kernel's bf16 path
     where it runs (bf16 products as before, summed in float32 and rounded back to bf16, at a fraction of oneDNN's
     per-call cost: a draft step is a dozen small GEMMs); on CPUs without AVX-512, the AVX2 float32 kernel on the
     widened weights, else :class:`RowAdaptiveLinear`; elsewhere, and for other dtypes or devices, ``module`` stays

@@ -24,6 +24,7 @@ from whiflash_sgl.cost_curve import CostCurve
 from whiflash_sgl.cpu_linears import bf16_products_run_here, invariant_linears, pack_linears, prepacking_pays
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.kernels import AttentionLayout, BackendUnavailableError, get_backend, tree_attention
+from whiflash_sgl.kernels.cpu_extension import amx_runs_here
 from whiflash_sgl.kernels.layout import indptr_from_lengths
 from whiflash_sgl.kv_pool import PoolCache, TokenPool
 from whiflash_sgl.model_store import resolve_model
@@ -70,8 +71,8 @@ class Target:
     for drafters that share it.
 
     ``matmul="bfloat16"`` computes the float32 target's linear layers with bf16 products summed in float32 (the
-    kernel's AMX path, batch-invariant too; ``pack`` is then moot), the precision models are published in, and a
-    verify pass's extra rows next to free; ``"auto"`` picks it where it runs, else float32."""
+    kernel's AMX or AVX512-BF16 path, batch-invariant too; ``pack`` is then moot), the precision models are published
+    in, and a verify pass's extra rows cheap; ``"auto"`` picks it where it runs, else float32."""
 
     def __init__(self, model, tokenizer, capture_layers: tuple[int, ...] = (), name: str = "",
                  attention: str = "auto", pack: bool | None = False, matmul: str = "float32"):
@@ -111,15 +112,18 @@ class Target:
             raise WhiFlashError(f"bfloat16 matmul is for a float32 target on a CPU, not a {self.model.dtype} one on "
                                 f"{self.device.type}; load it in float32 (--dtype float32) or use --matmul float32")
         if not invariant_linears(self.model, bf16_products=True):
-            raise WhiFlashError("bfloat16 matmul needs a CPU with AMX (Intel Sapphire Rapids or later) and a C++ "
-                                "compiler to build its kernel; use --matmul float32 (or auto) here")
+            raise WhiFlashError("bfloat16 matmul needs a CPU with AMX or AVX512-BF16 (Intel Sapphire Rapids or "
+                                "Cooper Lake, AMD Zen 4 or later) and a C++ compiler to build its kernel; use --matmul "
+                                "float32 (or auto) here")
         return "bfloat16"
 
     def set_attention(self, name: str) -> None:
         """Route attention through backend ``name`` of ``whiflash_sgl.kernels`` (``auto``: FlashInfer on CUDA with a
         16-bit model, the compiled batch-invariant kernel for a float32 model on an AVX-512 CPU, in bf16 products
         where the matmuls are bf16, else the PyTorch reference) or ``direct`` (the reference on HF's layout, no
-        planning). A path that cannot run here raises and leaves the target on the path it was on."""
+        planning). Attention's products are bf16 on AMX only (that kernel is built on AMX tiles); without AMX, bf16
+        matmuls keep the float32 attention kernel. A path that cannot run here raises and leaves the target on the
+        path it was on."""
         if name not in ATTENTION_PATHS:
             raise WhiFlashError(f"unknown attention path {name!r}; choose one of {', '.join(ATTENTION_PATHS)}")
         if name == "direct":
@@ -127,7 +131,8 @@ class Target:
             return
         dtype = self.model.dtype
         try:
-            backend = get_backend(name, self.device, self._heads["head_dim"], self.matmul == "bfloat16")
+            backend = get_backend(name, self.device, self._heads["head_dim"],
+                                  self.matmul == "bfloat16" and amx_runs_here())
         except BackendUnavailableError as exc:
             raise WhiFlashError(f"attention backend {name!r} cannot run here: {exc}") from exc
         if dtype not in backend.dtypes():

@@ -8,6 +8,7 @@
 namespace whiflash {
 torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& panels, int64_t n);
 bool amx_permitted();
+bool bf16_dot_runs();
 torch::Tensor pack_bf16(const torch::Tensor& weight);
 torch::Tensor linear_bf16(const torch::Tensor& input, const torch::Tensor& panels, int64_t n);
 std::vector<torch::Tensor> visible_keys(const torch::Tensor& qo_indptr, const torch::Tensor& kv_indptr,
@@ -27,7 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &whiflash::linear, "rows [M, K] . W^T with W packed, batch-invariant");
   m.def("amx_permitted", &whiflash::amx_permitted, "whether the OS gave this process AMX state");
   m.def("pack_bf16", &whiflash::pack_bf16, "[N, K] weight -> bf16 AMX B-tile panels");
-  m.def("linear_bf16", &whiflash::linear_bf16, "rows [M, K] . W^T in bf16 products (AMX), float32 sums");
+  m.def("bf16_dot_runs", &whiflash::bf16_dot_runs, "whether this CPU has AVX512-BF16 (linear_bf16 without AMX)");
+  m.def("linear_bf16", &whiflash::linear_bf16, "rows [M, K] . W^T in bf16 products (AMX or AVX512-BF16), float32 sums");
   m.def("visible_keys", &whiflash::visible_keys, "per query row: leading keys seen, then its other keys (CSR)");
   m.def("paged_attention", &whiflash::paged_attention, "float32 tree attention over a paged KV pool, per row");
   m.def("paged_attention_bf16", &whiflash::paged_attention_bf16, "the same in bf16 products on AMX, float32 sums");
