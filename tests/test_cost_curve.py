@@ -400,3 +400,31 @@ def test_measured_curve_drives_a_batch_that_stays_lossless(tiny_target, prompt_i
     finally:
         tiny_target.cost_curve = None
     assert all(r.result.tokens == reference for r in requests)
+
+
+def test_trees_are_trimmed_at_the_price_rows_have_on_this_machine():
+    """The curve's rows were measured elsewhere: where draft rows run four times the curve's (roots alone as it
+    says), the cost model's price cuts chains the curve would have verified."""
+    costs = CostModel(BY_SEQUENCES)
+    for _ in range(TIMED):
+        costs.observe_verify(8, BY_SEQUENCES(8, 8), 8)
+        costs.observe_verify(24, BY_SEQUENCES(8, 8) + 4 * BY_SEQUENCES.added(8, 16, 8), 8)
+    chains = [_chain([0.3, 0.2])] * 8
+    assert [len(t) for t in trim_to_value(chains, BY_SEQUENCES)] == [2] * 8
+    assert [len(t) for t in trim_to_value(chains, costs.verify)] == [0] * 8
+    assert value_bar(chains, costs.verify)[0] > 2 * value_bar(chains, BY_SEQUENCES)[0]
+
+
+class _PricedNgram(NgramDrafter):
+    def forward_price(self):
+        return lambda rows, sequences: 0.1 * rows  # every row costs what a whole forward of one does
+
+
+def test_the_engine_trims_by_the_drafters_price_where_it_has_one(tiny_target, prompt_ids):
+    tiny_target.cost_curve = CostCurve((1, 64), (0.1, 0.1))  # rows free: every node pays
+    try:
+        free, priced = (SpeculativeEngine(tiny_target, drafter(min_ngram=1)).generate(prompt_ids, 24)
+                        for drafter in (NgramDrafter, _PricedNgram))
+    finally:
+        tiny_target.cost_curve = None
+    assert free.drafted > 0 and priced.drafted == 0 and priced.tokens == free.tokens

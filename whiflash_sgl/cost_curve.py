@@ -38,6 +38,7 @@ ROWS_EACH = (1, 2, 4, 8, 16, 32)  # rows per sequence in a measured forward
 MAX_ROWS = 256
 # next to a target's committed drafters, in WEIGHTS_DIR: one per precision of the target's matmuls (``Target.matmul``)
 COST_CURVE_FILES = {"float32": "cost_curve.json", "bfloat16": "cost_curve_bf16.json"}
+Price = Callable[[float, int], float]  # seconds of a forward of (rows, sequences): a CostCurve, or a scaled price
 
 
 @dataclass(frozen=True)
@@ -194,21 +195,21 @@ def plot(curve: CostCurve, path: Path, title: str) -> Path:
     return path
 
 
-def trim_to_value(trees: Sequence[DraftTree], curve: CostCurve) -> list[DraftTree]:
+def trim_to_value(trees: Sequence[DraftTree], price: Price) -> list[DraftTree]:
     """Spend one round's verify rows where they pay, across the whole batch.
 
     Every request's root row is verified and commits a token. Draft nodes then join the forward likeliest first (by
     ``DraftTree.probs``; trees without them are kept whole), as long as a node's expected token is worth its rows'
-    added cost at the batch's current rate: ``p / (T(R + 1) - T(R)) >= tokens / T(R)`` (``T`` at the batch's
-    sequence count). At batch 1 that keeps all but the long shots; as the batch grows each row costs more and the
-    trees shrink, down to no draft at all."""
+    added cost at the batch's current rate: ``p / (T(R + 1) - T(R)) >= tokens / T(R)`` (``T = price`` at the
+    batch's sequence count: the curve, or a cost model's price of it scaled to this machine). At batch 1 that keeps
+    all but the long shots; as the batch grows each row costs more and the trees shrink, down to no draft at all."""
     sequences = len(trees)
     rows = sequences + sum(len(t) for t in trees if not t.probs)
     tokens = float(sequences)
     nodes = sorted(((-p, t.depths[n], i, n) for i, t in enumerate(trees) if t.probs for n, p in enumerate(t.probs)))
     kept: dict[int, list[int]] = {i: [] for i, t in enumerate(trees) if t.probs}
     for neg_p, _, i, n in nodes:
-        if -neg_p < _bar(curve, rows, tokens, sequences):
+        if -neg_p < _bar(price, rows, tokens, sequences):
             break
         if trees[i].parents[n] >= 0 and trees[i].parents[n] not in kept[i]:
             continue  # a node likelier than its parent (the estimate broke its contract) waits for the parent
@@ -218,7 +219,7 @@ def trim_to_value(trees: Sequence[DraftTree], curve: CostCurve) -> list[DraftTre
     return [t.subtree(sorted(kept[i])) if i in kept else t for i, t in enumerate(trees)]
 
 
-def value_bar(trees: Sequence[DraftTree], curve: CostCurve) -> tuple[float, float]:
+def value_bar(trees: Sequence[DraftTree], price: Price) -> tuple[float, float]:
     """For one round's trimmed ``trees``: the least probability at which one more draft node would pay for its row
     on top of them (what :func:`trim_to_value` would ask of the next node), and the tokens per second the round is
     expected to commit. The engine hands both to the next round's drafters: they need not draft what could not pass,
@@ -227,10 +228,10 @@ def value_bar(trees: Sequence[DraftTree], curve: CostCurve) -> tuple[float, floa
         return 0.0, 0.0
     rows = len(trees) + sum(len(t) for t in trees)
     tokens = len(trees) + sum(sum(t.probs) for t in trees)
-    return _bar(curve, rows, tokens, len(trees)), tokens / curve(rows, len(trees))
+    return _bar(price, rows, tokens, len(trees)), tokens / price(rows, len(trees))
 
 
-def _bar(curve: CostCurve, rows: int, tokens: float, sequences: int) -> float:
+def _bar(price: Price, rows: int, tokens: float, sequences: int) -> float:
     """The probability a node needs to pay for one more row in a forward of ``rows`` rows over ``sequences``
     sequences that commits ``tokens`` (expected): its share of the forward's rate, ``tokens * dT / T``."""
-    return tokens * curve.added(rows, 1, sequences) / curve(rows, sequences)
+    return tokens * (price(rows + 1, sequences) - price(rows, sequences)) / price(rows, sequences)

@@ -371,7 +371,9 @@ class SpeculativeEngine:
         their requests together. With the target's cost curve known, the batch's verify rows then go to the likeliest
         nodes of all trees, as many as pay (``cost_curve.trim_to_value``), and the bar a node had to clear is the
         next round's ``SequenceState.min_prob`` (and the round's expected rate its ``commit_rate``): drafters need not
-        draft what could not pass."""
+        draft what could not pass. Rows are priced by the drafter's cost model where it keeps one
+        (``Drafter.forward_price``): the curve was measured on one machine, and its rows' share of a forward is not
+        another's."""
         trees = [DraftTree()] * len(requests)
         asks = [(i, r) for i, r in enumerate(requests)
                 if r.drafter is not None and r.max_new_tokens - len(r.out.tokens) > 1]
@@ -384,8 +386,9 @@ class SpeculativeEngine:
         curve = self.target.cost_curve
         if curve is None:
             return trees
-        trees = trim_to_value(trees, curve)
-        self.draft_floor, self.commit_rate = value_bar(trees, curve)
+        price = (self.drafter.forward_price() if self.drafter is not None else None) or curve
+        trees = trim_to_value(trees, price)
+        self.draft_floor, self.commit_rate = value_bar(trees, price)
         return trees
 
     def _verify_chunk(self, request: Request, tree: DraftTree) -> Chunk:

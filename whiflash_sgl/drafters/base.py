@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from whiflash_sgl.cost_curve import Price
 from whiflash_sgl.drafters.node_estimates import ContinuationRates, ProbCalibration
 from whiflash_sgl.sampling import KeyedSampler
 from whiflash_sgl.tree import DraftTree
@@ -130,6 +131,11 @@ class Drafter:
         """``drafters[i].propose(states[i], max_depths[i])`` for every i, all instances of this class; a drafter
         that can batch its forwards over sequences overrides this."""
         return [d.propose(s, depth) for d, s, depth in zip(drafters, states, max_depths)]
+
+    def forward_price(self) -> Price | None:
+        """Seconds of a target forward of (rows, sequences) as this drafter's cost model prices it on this machine,
+        where it keeps one (the engine then trims every tree of the round by it); None: the target's curve."""
+        return None
 
     def observe(self, report: RoundReport) -> None:
         """Called after each verify pass with its outcome (``report.tree`` may hold other drafters' nodes too): the
