@@ -155,13 +155,22 @@ def settings(model: str, device: str, max_new_tokens: int, sampling: SamplingPar
 
 
 def processor() -> str:
-    """The CPU's model name (figures from different CPUs differ by 2x and more, and a resumed bench must not mix
-    them)."""
+    """The CPU's model name and the instruction sets the kernels are chosen by, e.g. "AMD EPYC, AVX512, AVX512-BF16":
+    figures from different CPUs differ by 2x and more, and a resumed bench must not mix them (a virtual machine names
+    an AVX2-only EPYC and a Zen 4 alike)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+
+    def field(key: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), "")
+
+    flags = set(field("flags").split())
+    extras = [label for flag, label in (("avx512_bf16", "AVX512-BF16"), ("amx_tile", "AMX")) if flag in flags]
+    name = field("model name") or platform.processor() or platform.machine()
+    return ", ".join([name, torch.backends.cpu.get_cpu_capability(), *extras])
 
 
 def make_report(head: dict, methods: list[str], runs: list) -> dict:
