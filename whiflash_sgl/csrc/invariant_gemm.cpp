@@ -210,12 +210,12 @@ torch::Tensor linear_bf16(const torch::Tensor& input, const torch::Tensor& panel
   float* ys = y.data_ptr<float>();
   const int64_t panel = kblocks * kTileRows * kLanes * 2;  // bf16 values of one 16-column block
   if (!amx) {
-    const auto* pairs = reinterpret_cast<const uint32_t*>(xs);
+    const auto* x_pairs = reinterpret_cast<const uint32_t*>(xs);  // a row's k pairs as 32-bit words
     at::parallel_for(0, blocks / 2, 1, [&](int64_t begin, int64_t end) {
       for (int64_t pair = begin; pair < end; ++pair) {
         const uint16_t* p0 = ps + 2 * pair * panel;
         row_groups(m, kMaxRows, [&](int64_t row, int64_t rows) {
-          kDotTiles[rows](pairs + row * kp / 2, kp / 2, p0, p0 + panel, ys + row * width + 2 * pair * kLanes, width);
+          kDotTiles[rows](x_pairs + row * kp / 2, kp / 2, p0, p0 + panel, ys + row * width + 2 * pair * kLanes, width);
         });
       }
     });
