@@ -25,13 +25,13 @@ CURVE = CostCurve((1, 16, 64, 256), (0.100, 0.110, 0.200, 0.600))
 def test_the_curve_interpolates_and_extrapolates():
     assert CURVE(0) == 0.0 and CURVE(1) == pytest.approx(0.1) and CURVE(40) == pytest.approx(0.155)
     assert CURVE(512) == pytest.approx(1.1333, abs=1e-3)  # the last segment's slope
-    assert CURVE.added(0, 4) == CURVE(4) and CURVE.added(64, 1) == pytest.approx(0.4 / 192)
+    assert CURVE(65) - CURVE(64) == pytest.approx(0.4 / 192)
 
 
 def test_a_measured_dip_is_pooled_away_so_no_rows_look_free():
     noisy = CostCurve((1, 8, 12, 16, 32), (0.15, 0.25, 0.45, 0.35, 0.40))  # 12 rows measured slower than 16
     assert noisy.seconds == pytest.approx((0.15, 0.25, 0.40, 0.40, 0.40))
-    assert all(noisy.added(base, 4) >= 0 for base in range(1, 40))
+    assert all(noisy(base + 4) >= noisy(base) for base in range(1, 40))
     assert CURVE.seconds == (0.100, 0.110, 0.200, 0.600)  # a curve that never dips stays as measured
 
 
@@ -41,13 +41,13 @@ BY_SEQUENCES = CostCurve((1, 4, 8, 8, 32, 64), (0.037, 0.053, 0.076, 0.076, 0.09
 
 def test_a_curve_per_sequence_count_prices_rows_at_the_batch_shape():
     assert BY_SEQUENCES(8, 8) == pytest.approx(0.076) and BY_SEQUENCES(4, 1) == pytest.approx(0.053)
-    assert BY_SEQUENCES.added(8, 8, 8) == pytest.approx(0.019 * 8 / 24)  # 8 more rows of the same 8 sequences
+    assert BY_SEQUENCES(16, 8) - BY_SEQUENCES(8, 8) == pytest.approx(0.019 * 8 / 24)  # 8 more rows, same 8 sequences
     assert BY_SEQUENCES(16, 4) == pytest.approx((4 * BY_SEQUENCES(16, 1) + 3 * BY_SEQUENCES(16, 8)) / 7)  # 1..8
     assert BY_SEQUENCES(64, 16) == BY_SEQUENCES(64, 8)  # beyond the last count measured: its curve
     trimmed = trim_to_value([_chain([0.3, 0.2])] * 8, BY_SEQUENCES)
     assert [len(t) for t in trimmed] == [2] * 8  # rows priced at 8 sequences are cheap: the chains pay
     bar, rate = value_bar(trimmed, BY_SEQUENCES)  # what one more node would need: 12 tokens' worth of its row's cost
-    assert bar == pytest.approx(12 * BY_SEQUENCES.added(24, 1, 8) / BY_SEQUENCES(24, 8))
+    assert bar == pytest.approx(12 * (BY_SEQUENCES(25, 8) - BY_SEQUENCES(24, 8)) / BY_SEQUENCES(24, 8))
     assert rate == pytest.approx(12 / BY_SEQUENCES(24, 8))  # and the tokens per second the round expects
     assert len(trim_to_value([_chain([0.3, 0.2, bar * 1.01])] + [_chain([0.3, 0.2])] * 7, BY_SEQUENCES)[0]) == 3
     assert len(trim_to_value([_chain([0.3, 0.2, bar * 0.99])] + [_chain([0.3, 0.2])] * 7, BY_SEQUENCES)[0]) == 2
@@ -102,7 +102,7 @@ def test_the_router_prices_actions_on_top_of_the_batch():
     assert router.decide(alone) == "eagle3"
     load = BatchLoad(rows=240, tokens=20.0, draft_seconds=0.09)
     crowded = router.features(*args, batch=load)
-    assert crowded.predicted_seconds["eagle3"] == pytest.approx(CURVE.added(240, 13) + 0.09 / 16)
+    assert crowded.predicted_seconds["eagle3"] == pytest.approx(CURVE(253) - CURVE(240) + 0.09 / 16)
     assert crowded.batch_seconds == pytest.approx(CURVE(240) + 0.09)
 
 
@@ -408,7 +408,7 @@ def test_trees_are_trimmed_at_the_price_rows_have_on_this_machine():
     costs = CostModel(BY_SEQUENCES)
     for _ in range(TIMED):
         costs.observe_verify(8, BY_SEQUENCES(8, 8), 8)
-        costs.observe_verify(24, BY_SEQUENCES(8, 8) + 4 * BY_SEQUENCES.added(8, 16, 8), 8)
+        costs.observe_verify(24, BY_SEQUENCES(8, 8) + 4 * (BY_SEQUENCES(24, 8) - BY_SEQUENCES(8, 8)), 8)
     chains = [_chain([0.3, 0.2])] * 8
     assert [len(t) for t in trim_to_value(chains, BY_SEQUENCES)] == [2] * 8
     assert [len(t) for t in trim_to_value(chains, costs.verify)] == [0] * 8

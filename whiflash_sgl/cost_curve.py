@@ -74,11 +74,6 @@ class CostCurve:
             return 0.0
         return between_counts([count for count, _, _ in self.lines], sequences, lambda i: _along(self.lines[i], rows))
 
-    def added(self, base_rows: float, extra_rows: float, sequences: int = 1) -> float:
-        """What ``extra_rows`` add to a forward over ``sequences`` sequences that already has ``base_rows`` (the
-        whole forward when none)."""
-        return self(base_rows + extra_rows, sequences) - self(base_rows, sequences)
-
     @classmethod
     def load(cls, path: Path) -> "CostCurve":
         try:
