@@ -13,9 +13,10 @@ from whiflash_sgl.cost_curve import MAX_ROWS, ROWS_EACH, SEQUENCES, CostCurve, m
 from whiflash_sgl.drafters.ngram import NgramDrafter
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.forward_price import CURVE_WINDOW, TIMED, ScaledCurve
 from whiflash_sgl.drafting_plan import (IDLE_EVERY, PAIRED, TIME_WINDOW, Calibration, RoundTimes, Wish, explore, plan,
                                         round_seconds)
-from whiflash_sgl.router import NO_DRAFT, TIMED, BatchLoad, CostModel, Router
+from whiflash_sgl.router import NO_DRAFT, BatchLoad, CostModel, Router
 from whiflash_sgl.tree import DraftTree
 
 # weight-bound up to 16 rows (each extra row almost free), then every row pays its share: a CPU's shape
@@ -312,27 +313,27 @@ def test_calibration_scales_predictions_to_what_was_accepted():
 def test_a_curve_is_scaled_to_the_forwards_this_machine_runs():
     """Before the batch's roots alone were seen, one median ratio (an outlier ignored) scales every forward; a
     forward that each of its sequences reports counts once."""
-    costs = CostModel(BY_SEQUENCES)
-    assert costs.verify(16, 8) == BY_SEQUENCES(16, 8)  # nothing seen yet: as measured
+    forwards = ScaledCurve(BY_SEQUENCES)
+    assert forwards(16, 8) == BY_SEQUENCES(16, 8)  # nothing seen yet: as measured
     for rows, factor in ((16, 2.1), (32, 1.9), (64, 2.0), (24, 5.0), (16, 2.0)):  # one slow outlier ...
         for _ in range(8 if factor == 5.0 else 1):  # ... that all 8 sequences of its forward report
-            costs.observe_verify(rows, BY_SEQUENCES(rows, 8) * factor, sequences=8)
-    assert costs.verify(8, 8) == pytest.approx(2 * BY_SEQUENCES(8, 8))
-    assert costs.verify(32, 8) == pytest.approx(2 * BY_SEQUENCES(32, 8))
+            forwards.observe(rows, BY_SEQUENCES(rows, 8) * factor, sequences=8)
+    assert forwards(8, 8) == pytest.approx(2 * BY_SEQUENCES(8, 8))
+    assert forwards(32, 8) == pytest.approx(2 * BY_SEQUENCES(32, 8))
 
 
 def test_the_roots_alone_and_the_draft_rows_on_top_are_scaled_apart():
     """Served draft rows that cost three times what the curve says, on roots that cost what it says: the roots alone
     stay at their price (one ratio for the whole forward would make them 2-3x dearer, and not drafting look slower
     than it is), and the rows on top are priced at three times theirs."""
-    costs, roots = CostModel(BY_SEQUENCES), BY_SEQUENCES(8, 8)
+    forwards, roots = ScaledCurve(BY_SEQUENCES), BY_SEQUENCES(8, 8)
     for rows in (16, 32, 64, 32):
-        costs.observe_verify(rows, roots + 3 * (BY_SEQUENCES(rows, 8) - roots), sequences=8)
-    assert costs.verify(8, 8) > 1.3 * roots  # the roots alone not seen yet: one ratio for everything
+        forwards.observe(rows, roots + 3 * (BY_SEQUENCES(rows, 8) - roots), sequences=8)
+    assert forwards(8, 8) > 1.3 * roots  # the roots alone not seen yet: one ratio for everything
     for _ in range(2):
-        costs.observe_verify(8, roots, sequences=8)
-    assert costs.verify(8, 8) == pytest.approx(roots)
-    assert costs.verify(48, 8) == pytest.approx(roots + 3 * (BY_SEQUENCES(48, 8) - roots))
+        forwards.observe(8, roots, sequences=8)
+    assert forwards(8, 8) == pytest.approx(roots)
+    assert forwards(48, 8) == pytest.approx(roots + 3 * (BY_SEQUENCES(48, 8) - roots))
 
 
 def test_the_curve_is_scaled_per_number_of_sequences():
@@ -340,22 +341,22 @@ def test_the_curve_is_scaled_per_number_of_sequences():
     ratio, a count between two seen is interpolated, one beyond them takes the nearest (one median over all would
     price 16 sequences' roots 27% too dear, and not drafting as slower than it is); and so do the draft rows on top
     of each count's roots."""
-    costs = CostModel(BY_SEQUENCES)
+    forwards = ScaledCurve(BY_SEQUENCES)
     for i in range(3):
         for sequences, ratio in ((1, 1.4), (8, 1.4), (16, 1.1)):
-            costs.observe_verify(sequences, ratio * BY_SEQUENCES(sequences, sequences) + 1e-6 * i, sequences)
-    assert costs.verify(8, 8) == pytest.approx(1.4 * BY_SEQUENCES(8, 8), rel=1e-3)
-    assert costs.verify(16, 16) == pytest.approx(1.1 * BY_SEQUENCES(16, 16), rel=1e-3)
-    assert costs.verify(12, 12) == pytest.approx(1.25 * BY_SEQUENCES(12, 12), rel=1e-3)
-    assert costs.verify(32, 32) == pytest.approx(1.1 * BY_SEQUENCES(32, 32), rel=1e-3)
+            forwards.observe(sequences, ratio * BY_SEQUENCES(sequences, sequences) + 1e-6 * i, sequences)
+    assert forwards(8, 8) == pytest.approx(1.4 * BY_SEQUENCES(8, 8), rel=1e-3)
+    assert forwards(16, 16) == pytest.approx(1.1 * BY_SEQUENCES(16, 16), rel=1e-3)
+    assert forwards(12, 12) == pytest.approx(1.25 * BY_SEQUENCES(12, 12), rel=1e-3)
+    assert forwards(32, 32) == pytest.approx(1.1 * BY_SEQUENCES(32, 32), rel=1e-3)
     for sequences, ratio in ((8, 3.0), (16, 2.0)):  # draft rows at three times the curve with 8, twice with 16
         roots = BY_SEQUENCES(sequences, sequences)
         for i in range(TIMED):
-            costs.observe_verify(48, costs.verify(sequences, sequences) + 1e-9 * i
+            forwards.observe(48, forwards(sequences, sequences) + 1e-9 * i
                                  + ratio * (BY_SEQUENCES(48, sequences) - roots), sequences)
     for sequences, ratio in ((8, 3.0), (12, 2.5), (16, 2.0)):
         roots = BY_SEQUENCES(sequences, sequences)
-        assert costs.verify(40, sequences) - costs.verify(sequences, sequences) == pytest.approx(
+        assert forwards(40, sequences) - forwards(sequences, sequences) == pytest.approx(
             ratio * (BY_SEQUENCES(40, sequences) - roots), rel=1e-3)
 
 
@@ -365,17 +366,17 @@ def test_a_draft_rows_price_is_set_neither_by_a_rows_jitter_nor_by_one_slow_forw
     their draft rows' price, 1.2 here, where a plain median (6, 6, 6, 1.2, 1.2, 1.2) would price every draft row at
     3.6 times the curve and pooled sums (the slow one included) at 1.74; and a size drafted fewer than ``TIMED``
     times is priced at its roots' ratio."""
-    costs, roots = CostModel(BY_SEQUENCES), BY_SEQUENCES(8, 8)
-    costs.observe_verify(8, roots, sequences=8)
+    forwards, roots = ScaledCurve(BY_SEQUENCES), BY_SEQUENCES(8, 8)
+    forwards.observe(8, roots, sequences=8)
     extra = BY_SEQUENCES(40, 8) - roots
-    costs.observe_verify(40, roots + 3.0 * extra, sequences=8)  # the first forward with drafts ran slow
-    assert costs.verify(40, 8) - roots == pytest.approx(extra)  # one forward does not stand for the size
+    forwards.observe(40, roots + 3.0 * extra, sequences=8)  # the first forward with drafts ran slow
+    assert forwards(40, 8) - roots == pytest.approx(extra)  # one forward does not stand for the size
     for i in range(3):
-        costs.observe_verify(9, BY_SEQUENCES(9, 8) + 0.004 + 1e-6 * i, sequences=8)
-        costs.observe_verify(40, roots + 1.2 * extra + 1e-6 * i, sequences=8)
-    assert costs.verify(40, 8) - roots == pytest.approx(1.2 * extra, rel=1e-3)
-    costs.observe_verify(16, 1.3 * BY_SEQUENCES(16, 16), sequences=16)  # beyond the sizes that drafted: no borrowing
-    assert costs.verify(48, 16) == pytest.approx(1.3 * BY_SEQUENCES(48, 16))
+        forwards.observe(9, BY_SEQUENCES(9, 8) + 0.004 + 1e-6 * i, sequences=8)
+        forwards.observe(40, roots + 1.2 * extra + 1e-6 * i, sequences=8)
+    assert forwards(40, 8) - roots == pytest.approx(1.2 * extra, rel=1e-3)
+    forwards.observe(16, 1.3 * BY_SEQUENCES(16, 16), sequences=16)  # beyond the sizes that drafted: no borrowing
+    assert forwards(48, 16) == pytest.approx(1.3 * BY_SEQUENCES(48, 16))
 
 
 def test_cost_model_without_a_curve_learns_the_verify_line():
@@ -404,27 +405,67 @@ def test_measured_curve_drives_a_batch_that_stays_lossless(tiny_target, prompt_i
 
 def test_trees_are_trimmed_at_the_price_rows_have_on_this_machine():
     """The curve's rows were measured elsewhere: where draft rows run four times the curve's (roots alone as it
-    says), the cost model's price cuts chains the curve would have verified."""
-    costs = CostModel(BY_SEQUENCES)
+    says), the scaled curve cuts chains the curve would have verified."""
+    forwards = ScaledCurve(BY_SEQUENCES)
     for _ in range(TIMED):
-        costs.observe_verify(8, BY_SEQUENCES(8, 8), 8)
-        costs.observe_verify(24, BY_SEQUENCES(8, 8) + 4 * (BY_SEQUENCES(24, 8) - BY_SEQUENCES(8, 8)), 8)
+        forwards.observe(8, BY_SEQUENCES(8, 8), 8)
+        forwards.observe(24, BY_SEQUENCES(8, 8) + 4 * (BY_SEQUENCES(24, 8) - BY_SEQUENCES(8, 8)), 8)
     chains = [_chain([0.3, 0.2])] * 8
     assert [len(t) for t in trim_to_value(chains, BY_SEQUENCES)] == [2] * 8
-    assert [len(t) for t in trim_to_value(chains, costs.verify)] == [0] * 8
-    assert value_bar(chains, costs.verify)[0] > 2 * value_bar(chains, BY_SEQUENCES)[0]
+    assert [len(t) for t in trim_to_value(chains, forwards)] == [0] * 8
+    assert value_bar(chains, forwards)[0] > 2 * value_bar(chains, BY_SEQUENCES)[0]
+
+
+SLOPED = CostCurve((1, 64), (0.1, 0.1063))  # a row costs a thousandth of a forward: every lookup pays
+
+
+class _Told(ScaledCurve):
+    """``SLOPED`` scaled by a full window of forwards whose draft rows ran 2000 times the curve's on roots as it
+    says (so a row costs two forwards, and a short generation's own forwards do not outvote them); it records the
+    forwards it is told of later."""
+
+    def __init__(self):
+        super().__init__(SLOPED)
+        for i in range(CURVE_WINDOW):
+            self.observe(1, SLOPED(1) + 1e-9 * i)
+            self.observe(16, SLOPED(1) + 2000 * (SLOPED(16) - SLOPED(1)) + 1e-9 * i)
+        self.told = []
+
+    def observe(self, rows, seconds, sequences=1):
+        getattr(self, "told", []).append((rows, sequences))
+        super().observe(rows, seconds, sequences)
 
 
 class _PricedNgram(NgramDrafter):
+    price = None
+
     def forward_price(self):
-        return lambda rows, sequences: 0.1 * rows  # every row costs what a whole forward of one does
+        return self.price
 
 
 def test_the_engine_trims_by_the_drafters_price_where_it_has_one(tiny_target, prompt_ids):
     tiny_target.cost_curve = CostCurve((1, 64), (0.1, 0.1))  # rows free: every node pays
+    drafter = _PricedNgram(min_ngram=1)
+    drafter.price = _Told()
     try:
-        free, priced = (SpeculativeEngine(tiny_target, drafter(min_ngram=1)).generate(prompt_ids, 24)
-                        for drafter in (NgramDrafter, _PricedNgram))
+        free = SpeculativeEngine(tiny_target, NgramDrafter(min_ngram=1)).generate(prompt_ids, 24)
+        priced = SpeculativeEngine(tiny_target, drafter).generate(prompt_ids, 24)
     finally:
         tiny_target.cost_curve = None
     assert free.drafted > 0 and priced.drafted == 0 and priced.tokens == free.tokens
+    assert drafter.price.told == [(1, 1)] * priced.rounds  # the engine told it of every forward but the prefill
+
+
+def test_an_engine_scales_the_curve_itself_for_a_drafter_without_a_price(tiny_target, prompt_ids):
+    """Plain EAGLE-3 or DFlash keep no cost model: the engine scales the target's curve to the forwards it runs, so
+    their rows too are priced as this machine runs them, not as the machine that measured the curve did."""
+    tiny_target.cost_curve = SLOPED
+    try:
+        engines = [SpeculativeEngine(tiny_target, NgramDrafter(min_ngram=1)) for _ in range(2)]
+    finally:
+        tiny_target.cost_curve = None
+    assert isinstance(engines[0].forward_price, ScaledCurve) and engines[0].forward_price.curve is SLOPED
+    engines[1].forward_price = told = _Told()
+    fresh, scaled = (engine.generate(prompt_ids, 24) for engine in engines)
+    assert fresh.drafted > 0 and scaled.drafted == 0 and scaled.tokens == fresh.tokens
+    assert told.told == [(1, 1)] * scaled.rounds

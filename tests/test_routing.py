@@ -26,9 +26,10 @@ from whiflash_sgl.drafting_plan import (CALIBRATION_WINDOW, FIRST_STEP, FIRST_ST
                                        RoundTimes)
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.forward_price import TIMED
 from whiflash_sgl.policies import load_policy
 from whiflash_sgl import router as router_module
-from whiflash_sgl.router import (NO_DRAFT, TIMED, CostModel, Decision, PolicyWorker, RoundFeatures, Router,
+from whiflash_sgl.router import (NO_DRAFT, CostModel, Decision, PolicyWorker, RoundFeatures, Router,
                                best_paradigm, root_statistics, syntax_state)
 from whiflash_sgl.sampling import SamplingParams
 from whiflash_sgl.target import Target

@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from whiflash_sgl.cost_curve import between_counts
-from whiflash_sgl.router import TIMED, CostModel, members
+from whiflash_sgl.forward_price import TIMED
+from whiflash_sgl.router import CostModel, members
 
 CALIBRATION_WINDOW = 128  # latest request-rounds whose accepted / predicted draft tokens scale predictions
 TIME_WINDOW = 32  # latest rounds of each kind (with drafts, without) and size whose cost beyond the cost model is kept

@@ -33,6 +33,7 @@ import torch
 from whiflash_sgl.cost_curve import trim_to_value, value_bar
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.forward_price import ScaledCurve
 from whiflash_sgl.kv_pool import Region
 from whiflash_sgl.sampling import KeyedSampler, SamplingParams, check_seed
 from whiflash_sgl.target import Chunk, Target
@@ -178,6 +179,10 @@ class SpeculativeEngine:
         self.running: list[Request] = []  # admitted: prefilling, then decoding
         # the last round's bar for one more draft node and its expected tokens per second (``cost_curve.value_bar``)
         self.draft_floor = self.commit_rate = 0.0
+        # what the round's trim prices a forward at: the target's curve scaled to this machine's forwards, the
+        # drafter's where its cost model keeps one (they then learn from the same forwards), else the engine's own
+        curve, kept = target.cost_curve, drafter.forward_price() if drafter is not None else None
+        self.forward_price = kept if kept is not None or curve is None else ScaledCurve(curve)
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
@@ -276,6 +281,8 @@ class SpeculativeEngine:
         load = RoundReport(DraftTree(), [], [], verify_seconds=t2 - t1, draft_seconds=t1 - t0,
                            forward_rows=sum(len(c.tokens) for c in chunks), forward_sequences=len(chunks),
                            forward_tokens=sum(len(path) + 1 for path, _ in accepted), prefilled=bool(prefilling))
+        if self.forward_price is not None and not prefilling:  # a prompt chunk's rows cost nothing like a draft's
+            self.forward_price.observe(load.forward_rows, load.verify_seconds, load.forward_sequences)
         for (request, tree, chunk, out), (path, bonus) in zip(verified, accepted):
             self._commit(request, tree, chunk, out, path, bonus, load)
             request.draft_seconds += t1 - t0
@@ -371,9 +378,8 @@ class SpeculativeEngine:
         their requests together. With the target's cost curve known, the batch's verify rows then go to the likeliest
         nodes of all trees, as many as pay (``cost_curve.trim_to_value``), and the bar a node had to clear is the
         next round's ``SequenceState.min_prob`` (and the round's expected rate its ``commit_rate``): drafters need not
-        draft what could not pass. Rows are priced by the drafter's cost model where it keeps one
-        (``Drafter.forward_price``): the curve was measured on one machine, and its rows' share of a forward is not
-        another's."""
+        draft what could not pass. Rows are priced at ``forward_price``: the curve was measured on one machine, and
+        its rows' share of a forward is not another's."""
         trees = [DraftTree()] * len(requests)
         asks = [(i, r) for i, r in enumerate(requests)
                 if r.drafter is not None and r.max_new_tokens - len(r.out.tokens) > 1]
@@ -383,12 +389,10 @@ class SpeculativeEngine:
         proposed = propose_all([r.drafter for _, r in asks], [r.state for _, r in asks], depths)
         for (i, _), tree, depth in zip(asks, proposed, depths):
             trees[i] = tree.pruned(depth).first(MAX_TREE_NODES)
-        curve = self.target.cost_curve
-        if curve is None:
+        if self.forward_price is None:
             return trees
-        price = (self.drafter.forward_price() if self.drafter is not None else None) or curve
-        trees = trim_to_value(trees, price)
-        self.draft_floor, self.commit_rate = value_bar(trees, price)
+        trees = trim_to_value(trees, self.forward_price)
+        self.draft_floor, self.commit_rate = value_bar(trees, self.forward_price)
         return trees
 
     def _verify_chunk(self, request: Request, tree: DraftTree) -> Chunk:

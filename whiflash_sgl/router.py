@@ -21,13 +21,11 @@ forward.
 
 from __future__ import annotations
 
-import collections
 import copy
 import itertools
 import logging
 import math
 import queue
-import statistics
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from whiflash_sgl.cost_curve import CostCurve, between_counts
+from whiflash_sgl.cost_curve import CostCurve
+from whiflash_sgl.forward_price import ScaledCurve
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +42,6 @@ PARADIGMS = ("eagle3", "dflash", "ngram")
 NO_DRAFT = "none"  # the router's own action: verify the root alone this round
 PROBE_EVERY = 4  # after this many rounds without drafting, draft once to refresh the tau statistics ...
 MAX_PROBE_GAP = 64  # ... and twice as many after each probe that changed nothing, up to this many
-CURVE_WINDOW = 64  # forwards whose observed time scales the cost curve to this machine
-TIMED = 3  # forwards (or rounds) of a kind timed at a batch size before their ratio stands for that size
 POLICY_IDLE_EXIT_S = 5.0  # the policy's thread ends after this long without a call (a later call starts another)
 
 
@@ -195,51 +192,21 @@ class LinearFit:
 class CostModel:
     """Latency estimates, shared by every sequence a router serves: each paradigm's draft time as
     ``a + b * sequences`` (one call drafts all the sequences that chose it), the target's verify time against the
-    rows of the whole batched forward (the measured ``curve`` when there is one, scaled to the forwards seen, else a
-    least-squares line over them), and each paradigm's catch-up time as ``a + b * backlog``.
-
-    The curve is scaled to the forwards observed here, in two parts: a committed curve was measured on one machine,
-    and another runs its forwards faster or slower (two 2-core hosts of this project differed 2x at one row), while
-    the drafters' times are always observed here; priced against an unscaled curve, drafting would look cheaper or
-    dearer than it is. Both parts are kept per number of sequences in the forward (interpolated between the
-    nearest counts seen), since how far the curve is off moves with the batch: roots alone ran 1.36x the curve at 8
-    sequences and 1.09x at 16 on a 2-core host, and one median over all counts had priced a 16-request round without
-    drafts at 58 ms where it ran 45 (so the plan drafted rounds of 75-110 ms), and one of 8 too cheaply; draft rows
-    ran 3-4x the curve at 1 request (trees of dozens of rows over long contexts) and under 2x at 8. The forward of
-    the batch's roots alone is scaled by the median observed/curve ratio of the last ``CURVE_WINDOW`` such forwards,
-    and the draft rows on top of it by their own ratio: measured rows are uniform causal chunks over 256 positions,
-    served draft trees are uneven and their contexts longer, and one scale fitted where the batch drafts would
-    misprice the roots alone, which is what not drafting costs. The draft rows' ratio is each forward's time beyond
-    its roots over the curve's, and the window's median of it weighted by the curve's time of each forward's draft
-    rows: a forward with a draft row or two is priced a millisecond over its roots, and its jitter divided by that
-    had run a plain median to 2.8-3.7x by the end of a 4-request run; pooled sums instead let one slow forward among
-    the first four of a size price its rows at 2.4x, and a batch that does not draft does not measure them again
-    (a 4-request batch then drafted in 6 of its 300 rounds). Until a count's roots alone were timed ``TIMED`` times
-    (or a smaller and a larger count's were), its batch does not draft (``knows_roots``), and beyond the counts that
-    drafted ``TIMED`` times, draft rows are priced at the count's roots' ratio, not the nearest count's: the draft
-    rows of one request ran anywhere from 0.1 to 4 times the curve, and borrowed by 4 requests at 0.1, they had the
-    plan draft rounds it priced at 33 ms that ran 50. Before any roots alone were seen, one median ratio over every
-    forward scales both parts.
+    rows of the whole batched forward (the measured ``curve`` when there is one, scaled to the forwards seen here,
+    ``forward_price.ScaledCurve``, else a least-squares line over them), and each paradigm's catch-up time as
+    ``a + b * backlog``. The drafters' times are always observed here: priced against a curve from another machine,
+    drafting would look cheaper or dearer than it is.
 
     Catch-up needs the intercept: a KV-only prefill of a few positions costs mostly its fixed overhead, and a
     per-position rate measured there, times the long backlog an idle drafter builds up, would price that drafter
     out of ever being chosen again."""
 
     def __init__(self, curve: CostCurve | None = None) -> None:
-        self.curve = curve
+        self.forwards = ScaledCurve(curve) if curve is not None else None
         self.draft: dict[str, LinearFit] = {}
         self.catchup: dict[str, LinearFit] = {}
         self.verify_seconds = LinearFit()
         self.group: dict[str, int] = {}  # sequences in each paradigm's last batched draft call
-        self._ratios: collections.deque[float] = collections.deque(maxlen=CURVE_WINDOW)  # observed / curve, all
-        # per number of sequences: observed / curve of roots-only forwards, and forwards with draft rows as (curve of
-        # their roots alone, curve of the rest, observed seconds)
-        self._roots: dict[int, collections.deque[float]] = {}
-        self._drafted: dict[int, collections.deque[tuple[float, float, float]]] = {}
-        # what was computed since the last forward: ("roots" | "rows", count) scales, ("verify", rows, count) prices
-        # (a round prices every action of every request, mostly at the same few row counts)
-        self._memo: dict[tuple, float] = {}
-        self._last_forward: tuple[int, float, int] | None = None
 
     def observe_draft(self, paradigm: str, seconds: float, sequences: int = 1) -> None:
         self.draft.setdefault(paradigm, LinearFit()).observe(sequences, seconds)
@@ -250,79 +217,23 @@ class CostModel:
             self.catchup.setdefault(paradigm, LinearFit()).observe(positions, seconds)
 
     def observe_verify(self, rows: int, seconds: float, sequences: int = 1) -> None:
-        """A forward of ``rows`` rows over ``sequences`` sequences took ``seconds``. Each of its sequences reports it;
-        it counts once (16 copies of each forward would leave the 64-forward windows 4 forwards deep)."""
-        if (rows, seconds, sequences) == self._last_forward:
-            return
-        self._last_forward = (rows, seconds, sequences)
-        self._memo = {}
-        self.verify_seconds.observe(rows, seconds)
-        if self.curve is None or rows <= 0:
-            return
-        roots, whole = self.curve(sequences, sequences), self.curve(rows, sequences)
-        self._ratios.append(seconds / max(whole, 1e-9))
-        if rows <= sequences:
-            self._roots.setdefault(sequences, collections.deque(maxlen=CURVE_WINDOW)).append(seconds / max(roots, 1e-9))
-        elif whole > roots:
-            self._drafted.setdefault(sequences, collections.deque(maxlen=CURVE_WINDOW)).append(
-                (roots, whole - roots, seconds))
-
-    def roots_scale(self, sequences: int) -> float:
-        """This machine's time over the curve's for the roots alone of ``sequences`` sequences: the median ratio at
-        that count (``between_counts`` of the counts seen), else the median over every forward (1 before any)."""
-        if not self._roots:
-            return self._overall()
-        counts = sorted(self._roots)
-        return between_counts(counts, sequences, lambda i: self._roots_at(counts[i]))
-
-    def rows_scale(self, sequences: int) -> float:
-        """This machine's time over the curve's for the draft rows on top of the roots of ``sequences`` sequences:
-        over the forwards with draft rows at that count, each less its roots' price (``between_counts`` of the counts
-        seen; beyond them, the roots' scale at ``sequences``)."""
-        counts = sorted(n for n, window in self._drafted.items() if len(window) >= TIMED)
-        if not self._roots or not counts:
-            return self.roots_scale(sequences)
-        return between_counts(counts, sequences, lambda i: self._rows_at(counts[i]), self.roots_scale(sequences))
+        """A forward of ``rows`` rows over ``sequences`` sequences took ``seconds`` (each of its sequences may report
+        it: ``ScaledCurve.observe`` counts it once)."""
+        if self.forwards is not None:
+            self.forwards.observe(rows, seconds, sequences)
+        elif rows > 0:
+            self.verify_seconds.observe(rows, seconds)
 
     def knows_roots(self, sequences: int) -> bool:
-        """Whether forwards of ``sequences`` sequences' roots alone were timed ``TIMED`` times, or those of a count
-        below it and one above it were (always, without a curve to scale): the first such forward after a batch's
-        prefill ran half again as long as the next ones, and alone it priced not drafting at 16 requests at 87.5
-        ms where it ran 68. Between two counts timed, the scale is interpolated (``roots_scale``), which is where a
-        run's tail passes through every count below its level, a few rounds each, when drafting pays most."""
-        if self.curve is None or len(self._roots.get(sequences, ())) >= TIMED:
-            return True
-        timed = [n for n, ratios in self._roots.items() if len(ratios) >= TIMED]
-        return any(n < sequences for n in timed) and any(n > sequences for n in timed)
-
-    def _roots_at(self, count: int) -> float:
-        if ("roots", count) not in self._memo:
-            self._memo["roots", count] = statistics.median(self._roots[count])
-        return self._memo["roots", count]
-
-    def _rows_at(self, count: int) -> float:
-        if ("rows", count) not in self._memo:
-            roots = self.roots_scale(count)
-            ratios = [((seconds - base * roots) / extra, extra) for base, extra, seconds in self._drafted[count]]
-            self._memo["rows", count] = max(weighted_median(ratios), 0.0)
-        return self._memo["rows", count]
-
-    def _overall(self) -> float:
-        return statistics.median(self._ratios) if self._ratios else 1.0
+        """Whether the forward of ``sequences`` sequences' roots alone is priced from this machine's forwards yet
+        (``ScaledCurve.knows_roots``; always, without a curve to scale)."""
+        return self.forwards is None or self.forwards.knows_roots(sequences)
 
     def verify(self, rows: float, sequences: int = 1) -> float:
         """Seconds of a forward of ``rows`` rows over ``sequences`` sequences (0 for none)."""
         if rows <= 0:
             return 0.0
-        key = ("verify", rows, sequences)
-        if key not in self._memo:
-            if self.curve is None:
-                self._memo[key] = self.verify_seconds(rows)
-            else:
-                roots, whole = self.curve(sequences, sequences), self.curve(rows, sequences)
-                self._memo[key] = roots * self.roots_scale(sequences) + max(whole - roots, 0.0) * self.rows_scale(
-                    sequences)
-        return self._memo[key]
+        return self.verify_seconds(rows) if self.forwards is None else self.forwards(rows, sequences)
 
     def draft_call(self, paradigm: str, sequences: int) -> float:
         """Seconds of one call of ``paradigm``'s drafter for ``sequences`` sequences (0 before any was seen)."""
@@ -354,17 +265,6 @@ class CostModel:
             added = self.verify(others_rows + rows, others_sequences + 1) - base
             seconds[action] = added + sum(share[p] for p in chosen)
         return seconds
-
-
-def weighted_median(pairs: Sequence[tuple[float, float]]) -> float:
-    """The median of the ``(value, weight)`` pairs' values, each counting by its weight."""
-    ordered = sorted(pairs)
-    half, weight = sum(w for _, w in ordered) / 2, 0.0
-    for value, w in ordered:
-        weight += w
-        if weight >= half:
-            return value
-    return ordered[-1][0]
 
 
 class _Call:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from whiflash_sgl.cost_curve import Price
 from whiflash_sgl.drafters.node_estimates import ContinuationRates, ProbCalibration
+from whiflash_sgl.forward_price import ScaledCurve
 from whiflash_sgl.sampling import KeyedSampler
 from whiflash_sgl.tree import DraftTree
 
@@ -132,9 +132,9 @@ class Drafter:
         that can batch its forwards over sequences overrides this."""
         return [d.propose(s, depth) for d, s, depth in zip(drafters, states, max_depths)]
 
-    def forward_price(self) -> Price | None:
-        """Seconds of a target forward of (rows, sequences) as this drafter's cost model prices it on this machine,
-        where it keeps one (the engine then trims every tree of the round by it); None: the target's curve."""
+    def forward_price(self) -> ScaledCurve | None:
+        """The target's curve scaled to this machine's forwards that this drafter's cost model keeps, where it keeps
+        one: the engine then trims by it and tells it of every forward. None: the engine keeps its own."""
         return None
 
     def observe(self, report: RoundReport) -> None:

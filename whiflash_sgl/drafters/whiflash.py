@@ -14,9 +14,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
-from whiflash_sgl.cost_curve import Price
 from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, propose_all
 from whiflash_sgl.drafting_plan import FIRST_STEP, Calibration, FirstSteps, RoundTimes, Wish, explore, plan
+from whiflash_sgl.forward_price import ScaledCurve
 from whiflash_sgl.router import NO_DRAFT, BatchLoad, Decision, RoundFeatures, Router, members, root_statistics
 from whiflash_sgl.tree import DraftTree
 
@@ -124,13 +124,10 @@ class WhiFlashDrafter(Drafter):
         self.router.reset()
         self._reset_sequence()
 
-    def forward_price(self) -> Price | None:
-        """The router's cost model prices the target's forwards as this machine runs them: the batch's roots alone
-        and the draft rows on top, each scaled to what was observed (``CostModel``). The committed curve's own rows
-        can be far off: measured on a CPU with AMX, 8 more rows of 8 sequences cost 2.4 ms there and 8.6 ms on a
-        Zen 4, where trimming by that curve verified every node likelier than 0.08 at 8 requests."""
-        costs = self.router.costs
-        return costs.verify if costs.curve is not None else None
+    def forward_price(self) -> ScaledCurve | None:
+        """The router's own scaled curve (``CostModel.forwards``): the round's trim then prices rows as the plan
+        does, and the scaling carries over from one batch to the next as the router's cost estimates do."""
+        return self.router.costs.forwards
 
     def summary(self) -> dict:
         return {"paradigms": [action for action, _ in self.trace], "switch_seconds": self.switch_seconds,
