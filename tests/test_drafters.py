@@ -3,18 +3,21 @@ trees see exactly their ancestors, and checkpoints refuse a target they were not
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
 import pytest
 import torch
 
+from whiflash_sgl.drafters import layers
 from whiflash_sgl.drafters.base import SequenceState
 from whiflash_sgl.drafters.checkpoint import dflash_config, eagle3_config, load_drafter_model, save_drafter
 from whiflash_sgl.drafters.dflash import DFlashDrafter, DFlashModel, _marginal_tree
 from whiflash_sgl.drafters.eagle3 import Eagle3Drafter, Eagle3Model, _best_subtree
 from whiflash_sgl.engine import SpeculativeEngine
 from whiflash_sgl.errors import WhiFlashError
+from whiflash_sgl.kv_cache import KVCache
 from whiflash_sgl.sampling import KeyedSampler, SamplingParams
 from whiflash_sgl.target import Target
 from whiflash_sgl.train.dflash import DFlashTrainer
@@ -357,3 +360,29 @@ def test_appended_features_equal_their_concatenation():
     given = SequenceState([0], 0, features=chunks[0].clone())
     given.add_features(chunks[1])
     assert torch.equal(given.features, torch.cat(chunks[:2]))
+
+
+def test_a_kv_cache_with_a_dtype_stores_in_it():
+    cache = KVCache(torch.float32)
+    k, v = (torch.randn(1, 2, 3, 8).to(torch.bfloat16) for _ in range(2))
+    keys, values = cache.update(k, v, 0)
+    assert keys.dtype == values.dtype == torch.float32
+    assert torch.equal(keys, k.float()) and torch.equal(values, v.float())
+
+
+@pytest.mark.parametrize("float32_pays", [True, False])
+def test_a_bf16_eagle3_keeps_its_cache_in_the_faster_dtype_and_drafts_alike(target, eagle, monkeypatch, float32_pays):
+    model, embed = copy.deepcopy(eagle).to(torch.bfloat16), copy.deepcopy(target.model.get_input_embeddings())
+    reference = Eagle3Drafter(model, embed.to(torch.bfloat16), depth=2, topk=3)
+    state = _state(target, reference.feature_layers)
+    monkeypatch.setattr(layers, "float32_attention_pays", lambda *shape: False)
+    reference.start(state)
+    expected = reference.propose(state, 2)
+    monkeypatch.setattr(layers, "float32_attention_pays", lambda *shape: float32_pays)
+    drafter = Eagle3Drafter(model, embed.to(torch.bfloat16), depth=2, topk=3)
+    drafter.start(state)
+    tree = drafter.propose(state, 2)
+    assert drafter.cache.layers[0].keys.dtype == (torch.float32 if float32_pays else torch.bfloat16)
+    assert tree.tokens[:3] == expected.tokens[:3]  # the root's children
+    torch.testing.assert_close(torch.tensor(drafter.last_scores), torch.tensor(reference.last_scores), atol=0.05,
+                               rtol=0.05)

@@ -67,10 +67,16 @@ class _GrowingLayer(DynamicLayer):
 
 
 class KVCache(Cache):
-    """A drafter's cache, HF-compatible."""
+    """A drafter's cache, HF-compatible; with ``dtype``, what it stores is converted to that dtype."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
         super().__init__(layer_class_to_replicate=_GrowingLayer)
+        self.dtype = dtype
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.dtype is not None:
+            key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def truncate(self, length: int) -> None:
         """Keep the first ``length`` positions."""

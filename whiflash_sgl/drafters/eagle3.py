@@ -24,7 +24,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from whiflash_sgl.drafters.base import SequenceState
-from whiflash_sgl.drafters.layers import CachedDrafter, attend_each, heads, rope_at, rotate
+from whiflash_sgl.drafters.layers import CachedDrafter, attend_each, attention_dtype, heads, rope_at, rotate
 from whiflash_sgl.drafters.node_estimates import ProbCalibration
 from whiflash_sgl.kv_cache import KVCache
 from whiflash_sgl.rowwise import topk_rows
@@ -126,12 +126,15 @@ class Eagle3Drafter(CachedDrafter):
         # the draft stops early where the drafter is unsure, which saves draft steps and verify rows
         self.min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
         self.feature_layers = tuple(i + 1 for i in aux_layer_ids(model.config))
-        self.cache = KVCache()
+        self.cache = self.new_cache()
         self.estimates = ProbCalibration()  # its path probabilities, corrected by what verification accepts
         self.step_clock = StepClock()  # shared by the forks, as the estimates are
         self.frontier = 0  # committed pairs (F_t, x_{t+1}) whose K/V are cached: t < frontier
         self.last_scores: list[float] = []  # cumulative draft log-prob of each node of the last tree
         self.sampler: KeyedSampler | None = None  # the sequence's keyed draw, while proposing
+
+    def new_cache(self) -> KVCache:
+        return KVCache(attention_dtype(self.model))
 
     def _pairs(self, states: Sequence[SequenceState], spans: Sequence[tuple[int, int]]):
         """Attention inputs and residuals of the committed pairs ``t in [start, end)`` of each sequence (one span
