@@ -98,6 +98,7 @@ class CachedDrafter(Drafter):
         self.frontier = 0
 
     def new_cache(self) -> KVCache:
+        """A sequence's empty cache (EAGLE-3's holds :func:`attention_dtype`)."""
         return KVCache()
 
     def pending(self, state: SequenceState) -> int:
