@@ -384,6 +384,12 @@ def test_cost_model_without_a_curve_learns_the_verify_line():
     for rows, seconds in ((1, 0.1), (9, 0.14), (17, 0.18)):
         costs.observe_verify(rows, seconds)
     assert costs.verify(5) == pytest.approx(0.12) and costs.verify(0) == 0.0
+    once, repeated = CostModel(), CostModel()
+    for rows, seconds, sequences in ((1, 0.1, 1), (9, 0.14, 1), (16, 0.5, 16)):
+        once.observe_verify(rows, seconds, sequences)
+        for _ in range(sequences):  # each sequence of the forward reports it: it counts once
+            repeated.observe_verify(rows, seconds, sequences)
+    assert repeated.verify(5) == pytest.approx(once.verify(5)) and once.verify(5) != pytest.approx(0.12)
 
 
 def test_measured_curve_drives_a_batch_that_stays_lossless(tiny_target, prompt_ids):

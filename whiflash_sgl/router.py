@@ -207,6 +207,7 @@ class CostModel:
         self.catchup: dict[str, LinearFit] = {}
         self.verify_seconds = LinearFit()
         self.group: dict[str, int] = {}  # sequences in each paradigm's last batched draft call
+        self._last_verify: tuple[int, float, int] | None = None  # the forward the line last learned from
 
     def observe_draft(self, paradigm: str, seconds: float, sequences: int = 1) -> None:
         self.draft.setdefault(paradigm, LinearFit()).observe(sequences, seconds)
@@ -217,11 +218,13 @@ class CostModel:
             self.catchup.setdefault(paradigm, LinearFit()).observe(positions, seconds)
 
     def observe_verify(self, rows: int, seconds: float, sequences: int = 1) -> None:
-        """A forward of ``rows`` rows over ``sequences`` sequences took ``seconds`` (each of its sequences may report
-        it: ``ScaledCurve.observe`` counts it once)."""
+        """A forward of ``rows`` rows over ``sequences`` sequences took ``seconds``. Each of its sequences may report
+        it; it counts once (``ScaledCurve.observe`` drops a repeat itself, as the engine tells it too), else the
+        least-squares line would weigh each forward by its number of sequences."""
         if self.forwards is not None:
             self.forwards.observe(rows, seconds, sequences)
-        elif rows > 0:
+        elif rows > 0 and (rows, seconds, sequences) != self._last_verify:
+            self._last_verify = (rows, seconds, sequences)
             self.verify_seconds.observe(rows, seconds)
 
     def knows_roots(self, sequences: int) -> bool:
