@@ -180,9 +180,10 @@ class SpeculativeEngine:
         # the last round's bar for one more draft node and its expected tokens per second (``cost_curve.value_bar``)
         self.draft_floor = self.commit_rate = 0.0
         # what the round's trim prices a forward at: the target's curve scaled to this machine's forwards, the
-        # drafter's where its cost model keeps one (they then learn from the same forwards), else the engine's own
+        # drafter's where its cost model keeps one (they then learn from the same forwards), else the engine's own;
+        # without a drafter there is nothing to trim
         curve, kept = target.cost_curve, drafter.forward_price() if drafter is not None else None
-        self.forward_price = kept if kept is not None or curve is None else ScaledCurve(curve)
+        self.forward_price = kept if kept is not None or curve is None or drafter is None else ScaledCurve(curve)
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
