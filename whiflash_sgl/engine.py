@@ -182,8 +182,10 @@ class SpeculativeEngine:
         # what the round's trim prices a forward at: the target's curve scaled to this machine's forwards, the
         # drafter's where its cost model keeps one (they then learn from the same forwards), else the engine's own;
         # without a drafter there is nothing to trim
-        curve, kept = target.cost_curve, drafter.forward_price() if drafter is not None else None
-        self.forward_price = kept if kept is not None or curve is None or drafter is None else ScaledCurve(curve)
+        self.forward_price: ScaledCurve | None = None
+        if drafter is not None:
+            kept, curve = drafter.forward_price(), target.cost_curve
+            self.forward_price = kept if kept is not None or curve is None else ScaledCurve(curve)
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
