@@ -5,15 +5,20 @@ and the per-token ITL, commit and time-share arithmetic on constructed runs."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from whiflash_sgl.bench import (LoadLevel, LoadRun, commit_tokens, full_batch, judge, load_rows, near_tie,
-                                time_shares)
+from whiflash_sgl.bench import (LoadLevel, LoadRun, commit_tokens, engine_load, full_batch, judge, load_rows,
+                                near_tie, paired_load, time_shares)
 from whiflash_sgl.bench_endpoint import stream_commits
+from whiflash_sgl.chat import ChatPrompt, encode_chat
+from whiflash_sgl.drafters.ngram import NgramDrafter
+from whiflash_sgl.methods import EngineMethod
+from whiflash_sgl.sampling import SamplingParams
 
 LOAD_KEYS = ("method", "category", "concurrency", "prompts", "new_tokens", "tokens_per_s", "speedup_vs_vanilla",
              "tau", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "identical_to_vanilla", "near_ties",
@@ -73,6 +78,16 @@ def test_without_vanilla_at_concurrency_1_the_reference_runs_alone(run_cli, tiny
     assert len(first) == 2 and first[0]["text"] == first[1]["text"]
 
 
+def test_a_paired_bench_says_so_and_its_runs_are_judged(run_cli, tiny_model_dir, prompts, tmp_path):
+    out_json = tmp_path / "load.json"
+    code, out, err = run_cli("bench", "--model", tiny_model_dir, "--prompts", prompts, "--methods", "vanilla,ngram",
+                          "--concurrency", "1,2", "--max-new-tokens", 6, "--out", out_json, "--paired")
+    assert code == 0, err
+    report = json.loads(out_json.read_text())
+    assert report["paired"] is True
+    _check_rows(report, ("vanilla", "ngram"), (1, 2))
+
+
 def test_resume_runs_only_what_the_log_lacks(run_cli, tiny_model_dir, prompts, tmp_path):
     """An interrupted bench (its log cut after two runs, mid-line) goes on: the logged runs are reused, the rest
     run and are judged against the logged vanilla reference; a log of other settings is refused."""
@@ -101,8 +116,29 @@ def test_resume_runs_only_what_the_log_lacks(run_cli, tiny_model_dir, prompts, t
     assert code == 2 and "other settings (max_new_tokens)" in err and "Traceback" not in err
 
 
+def test_paired_runs_take_turns_each_on_a_clock_of_its_own(tiny_target, tiny_tokenizer):
+    """A level's methods run together, a round of each in turn: every request's output is the one it has run alone,
+    and each method's clock ran only in its own rounds, so their wall times add up to no more than the time the
+    pair took (on one shared clock each would be about all of it)."""
+    prompts = [ChatPrompt(f"p{i}", "chat", ({"role": "user", "content": f"count to {i + 3}"},)) for i in range(3)]
+    encoded = [(prompt, encode_chat(tiny_tokenizer, prompt.messages)) for prompt in prompts]
+    methods = {"vanilla": EngineMethod("vanilla", tiny_target),
+               "ngram": EngineMethod("ngram", tiny_target, NgramDrafter(min_ngram=1))}
+    alone = engine_load(methods["vanilla"], encoded, 12, SamplingParams(), 0, 2)
+    tic = time.perf_counter()
+    paired = paired_load(methods, encoded, 12, SamplingParams(), 0, 2)
+    together = time.perf_counter() - tic
+    for level in paired.values():
+        assert [run.tokens for run in level.runs] == [run.tokens for run in alone.runs]
+        assert level.peak_running == 2 and all(run.end <= level.wall_seconds for run in level.runs)
+    assert sum(level.wall_seconds for level in paired.values()) <= together
+    assert min(level.wall_seconds for level in paired.values()) > 0.2 * together
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--resume", "--out", "x.json"], "--resume goes on with a --concurrency bench"),
+    (["--paired"], "--paired runs the closed loops of --concurrency together"),
+    (["--paired", "--methods", "vanilla,hf-generate", "--concurrency", "1"], "and without --paired"),
     (["--methods", "vanilla,hf-generate", "--concurrency", "1,2"], "run one request at a time (hf-generate)"),
     (["--concurrency", "0,2"], "--concurrency takes distinct positive integers"),
     (["--concurrency", "2,2"], "--concurrency takes distinct positive integers"),

@@ -21,7 +21,9 @@ tokens after 40 ms gives four samples of 10 ms (SGLang bench_serving's adjusted 
 one sample of 40 ms). Greedy output of every request must equal vanilla's at concurrency 1 (run on its own when it
 is not among the runs); a divergence where the reference's two best logits at the first differing position are
 within ``NEAR_TIE`` of each other, and the two tokens are those, is a near tie (float rounding of another batch
-shape), counted in ``near_ties``, not a failure.
+shape), counted in ``near_ties``, not a failure. With ``--paired`` (:func:`paired_load`) a level's methods run
+together, one round of each in turn, each timed on a clock that runs only during its own rounds: the host's drift
+then falls on every method alike, and the ratios between them hold from one run to the next.
 """
 
 from __future__ import annotations
@@ -205,16 +207,20 @@ def run_bench(
     policy_params: dict | None = None,
     levels: Sequence[int] | None = None,
     log: LevelLog | None = None,
+    paired: bool = False,
 ) -> dict:
     """The bench report; with concurrency ``levels``, the concurrency bench's (:func:`load_bench`, kept in
-    ``log``)."""
+    ``log``; ``paired``: the methods of a level run together, :func:`paired_load`)."""
     if not prompts:
         raise WhiFlashError("no prompts to run")
+    if paired and not levels:
+        raise WhiFlashError("--paired runs the closed loops of --concurrency together; without --concurrency the "
+                            "methods already run interleaved per prompt")
     runners = {m: make_method(m, target, config, policy_params) for m in methods}
     one_at_a_time = [m for m, runner in runners.items() if not isinstance(runner, EngineMethod)]
-    if levels and max(levels) > 1 and one_at_a_time:
+    if levels and (paired or max(levels) > 1) and one_at_a_time:
         raise WhiFlashError(f"methods off the engine run one request at a time ({', '.join(one_at_a_time)}): bench "
-                            f"them at --concurrency 1 only, or leave them out")
+                            f"them at --concurrency 1 only and without --paired, or leave them out")
     encoded = [(p, encode_chat(target.tokenizer, p.messages)) for p in prompts]
     for p, ids in encoded:
         if len(ids) + max_new_tokens > target.context_length:
@@ -223,9 +229,10 @@ def run_bench(
         runner.generate(encoded[0][1], 8, sampling, seed)
     head = settings(target.name, str(target.device), max_new_tokens, sampling, seed, processor=processor(),
                     dtype=str(target.model.dtype).removeprefix("torch."), matmul=target.matmul,
-                    threads=torch.get_num_threads())
+                    threads=torch.get_num_threads(), **({"paired": True} if paired else {}))
     if levels:
-        return load_bench(target, runners, encoded, levels, max_new_tokens, sampling, seed, head, progress, log)
+        return load_bench(target, runners, encoded, levels, max_new_tokens, sampling, seed, head, progress, log,
+                          paired)
     rules = {m: sampling for m in methods}
     if not sampling.greedy and sampling.rule == "keyed":
         rules.update({m + REJECTION: replace(sampling, rule="rejection") for m in methods if m != "vanilla"})
@@ -433,41 +440,102 @@ def request_prompts(prompts: int, level: int) -> list[int]:
     return [j % prompts for j in range(-(-prompts // level) * level)]
 
 
+class StepClock:
+    """A clock that runs only while its method works (``with clock:`` around each of its turns): in a paired run each
+    method's figures are on its own clock, as if it had had the machine alone, and a slow spell of the host falls
+    on every method alike instead of on whichever ran then."""
+
+    def __init__(self) -> None:
+        self.elapsed, self._since = 0.0, None
+
+    def __call__(self) -> float:
+        return self.elapsed + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+    def __enter__(self) -> "StepClock":
+        self._since = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.elapsed, self._since = self(), None
+
+
+class ClosedLoop:
+    """One engine method's closed loop: ``concurrency`` requests in flight on its own batched engine, the next of
+    :func:`request_prompts` submitted as soon as one finishes (prompt ``i`` seeded ``seed + i``); each :meth:`turn`
+    submits into the free slots and runs one round. Times are on ``clock``."""
+
+    def __init__(self, method: EngineMethod, encoded: Sequence[tuple[ChatPrompt, list[int]]], max_new_tokens: int,
+                 sampling: SamplingParams, seed: int, concurrency: int, bar=None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.method, self.encoded, self.max_new_tokens, self.seed = method, encoded, max_new_tokens, seed
+        self.concurrency, self.bar, self.clock = concurrency, bar, clock
+        self.engine = SpeculativeEngine(method.target, method.drafter, sampling, seed, max_running=concurrency,
+                                        clock=clock)
+        self.waiting = deque(enumerate(request_prompts(len(encoded), concurrency)))
+        self.flight: dict = {}
+        self.runs: dict[int, LoadRun] = {}
+        self.peak, self.start = 0, clock()
+
+    @property
+    def done(self) -> bool:
+        return not (self.waiting or self.flight)
+
+    def turn(self) -> None:
+        method = self.method
+        with nullcontext() if method.attention is None else method.target.attention_path(method.attention):
+            while self.waiting and len(self.flight) < self.concurrency:
+                j, i = self.waiting.popleft()
+                self.flight[self.engine.submit(self.encoded[i][1], self.max_new_tokens, seed=self.seed + i)] = j, i
+            finished = self.engine.step()
+        self.peak = max(self.peak, len(self.engine.running) + len(finished))
+        for request in finished:
+            j, i = self.flight.pop(request)
+            self.runs[j] = load_run(method.name, self.concurrency, i, self.encoded[i][0], request.result,
+                                    request.submitted - self.start)
+            if self.bar is not None:
+                self.bar.update()
+
+    def level(self) -> LoadLevel:
+        return LoadLevel([self.runs[j] for j in sorted(self.runs)], self.clock() - self.start, self.peak)
+
+
 def engine_load(method, encoded: Sequence[tuple[ChatPrompt, list[int]]], max_new_tokens: int,
                 sampling: SamplingParams, seed: int, concurrency: int, bar=None) -> LoadLevel:
-    """Closed loop: ``concurrency`` requests in flight on one batched engine, the next of :func:`request_prompts`
-    submitted as soon as one finishes; prompt ``i`` is seeded ``seed + i``. A method off the engine (transformers'
-    loop) runs its prompts one after another, at concurrency 1 only."""
-    runs: dict[int, LoadRun] = {}
-    if not isinstance(method, EngineMethod):
-        if concurrency != 1:
-            raise WhiFlashError(f"{method.name} generates one request at a time: bench it at --concurrency 1 only")
-        t0 = time.perf_counter()
-        for i, (prompt, ids) in enumerate(encoded):
-            start = time.perf_counter() - t0
-            runs[i] = load_run(method.name, 1, i, prompt, method.generate(ids, max_new_tokens, sampling, seed + i),
-                               start)
-            if bar is not None:
-                bar.update()
-        return LoadLevel([runs[i] for i in sorted(runs)], time.perf_counter() - t0, 1)
-    engine = SpeculativeEngine(method.target, method.drafter, sampling, seed, max_running=concurrency)
-    waiting, flight, peak = deque(enumerate(request_prompts(len(encoded), concurrency))), {}, 0
-    attention = nullcontext() if method.attention is None else method.target.attention_path(method.attention)
-    with attention:
-        t0 = time.perf_counter()
-        while waiting or flight:
-            while waiting and len(flight) < concurrency:
-                j, i = waiting.popleft()
-                flight[engine.submit(encoded[i][1], max_new_tokens, seed=seed + i)] = j, i
-            finished = engine.step()
-            peak = max(peak, len(engine.running) + len(finished))
-            for request in finished:
-                j, i = flight.pop(request)
-                runs[j] = load_run(method.name, concurrency, i, encoded[i][0], request.result, request.submitted - t0)
-                if bar is not None:
-                    bar.update()
-        wall = time.perf_counter() - t0
-    return LoadLevel([runs[i] for i in sorted(runs)], wall, peak)
+    """The :class:`ClosedLoop` of ``method`` at ``concurrency``, run to its end. A method off the engine
+    (transformers' loop) runs its prompts one after another, at concurrency 1 only."""
+    if isinstance(method, EngineMethod):
+        loop = ClosedLoop(method, encoded, max_new_tokens, sampling, seed, concurrency, bar)
+        while not loop.done:
+            loop.turn()
+        return loop.level()
+    if concurrency != 1:
+        raise WhiFlashError(f"{method.name} generates one request at a time: bench it at --concurrency 1 only")
+    runs, t0 = [], time.perf_counter()
+    for i, (prompt, ids) in enumerate(encoded):
+        start = time.perf_counter() - t0
+        runs.append(load_run(method.name, 1, i, prompt, method.generate(ids, max_new_tokens, sampling, seed + i),
+                             start))
+        if bar is not None:
+            bar.update()
+    return LoadLevel(runs, time.perf_counter() - t0, 1)
+
+
+def paired_load(methods: dict[str, EngineMethod], encoded: Sequence[tuple[ChatPrompt, list[int]]],
+                max_new_tokens: int, sampling: SamplingParams, seed: int, concurrency: int,
+                bar=None) -> dict[str, LoadLevel]:
+    """Every method's :class:`ClosedLoop` at ``concurrency`` at once, one round of each in turn, each on its own
+    :class:`StepClock`: their ratios no longer depend on when each ran. On a 2-core host whose speed drifts 5-10%
+    within an hour, the lookup alone ran 1.06x, 1.04x and 1.05x vanilla at 16 requests in three runs one after the
+    other, where paired runs over one set of prompts gave the same ratio to 1%."""
+    clocks = {name: StepClock() for name in methods}
+    loops = {name: ClosedLoop(method, encoded, max_new_tokens, sampling, seed, concurrency, bar, clocks[name])
+             for name, method in methods.items()}
+    while not all(loop.done for loop in loops.values()):
+        for name, loop in loops.items():
+            if not loop.done:
+                with clocks[name]:
+                    loop.turn()
+    return {name: loop.level() for name, loop in loops.items()}
 
 
 def near_tie(scores: dict[int, float], reference_token: int, token: int,
@@ -558,15 +626,23 @@ def start_log(log: LevelLog | None, head: dict, encoded: Sequence[tuple[ChatProm
 
 def load_bench(target: Target, runners: dict, encoded: list[tuple[ChatPrompt, list[int]]], levels: Sequence[int],
                max_new_tokens: int, sampling: SamplingParams, seed: int, head: dict, progress: bool,
-               log: LevelLog | None = None) -> dict:
-    """The concurrency bench on the engine: every method (``runners``) at every level (:func:`engine_load`), each
-    run kept in ``log`` and, when resuming, taken from it."""
+               log: LevelLog | None = None, paired: bool = False) -> dict:
+    """The concurrency bench on the engine: every method (``runners``) at every level (:func:`engine_load`, or
+    with ``paired`` all of a level's at once, :func:`paired_load`), each run kept in ``log`` and, when resuming,
+    taken from it."""
     logged, requests = start_log(log, head, encoded, list(runners), levels)
     bar = tqdm(total=load_requests(len(encoded), levels) * len(runners), desc="bench", disable=not progress,
                file=sys.stderr, initial=requests)
+    ran: dict[tuple[str, int], LoadLevel] = {}  # paired runs of a level not handed out yet
 
     def run_level(method: str, level: int) -> LoadLevel:
-        return engine_load(runners[method], encoded, max_new_tokens, sampling, seed, level, bar)
+        if not paired:
+            return engine_load(runners[method], encoded, max_new_tokens, sampling, seed, level, bar)
+        if not any(key[1] == level for key in ran):  # the level's first run asked for: all it lacks, together
+            lacking = {m: runner for m, runner in runners.items() if (m, level) not in logged}
+            ran.update({(m, level): result for m, result in
+                        paired_load(lacking, encoded, max_new_tokens, sampling, seed, level, bar).items()})
+        return ran.pop((method, level))
 
     def reference() -> list[list[int]]:
         vanilla = EngineMethod("vanilla", target)  # no make_method: the run's cost curve stays

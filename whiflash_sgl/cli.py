@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated concurrency levels, e.g. 1,4,8,16: per method and level a closed loop "
                         "keeps that many requests in flight on one batched engine (with --endpoint: that many "
                         "streaming client threads) and reports throughput, TTFT and ITL percentiles")
+    p.add_argument("--paired", action="store_true",
+                   help="with --concurrency: run every method of a level at once, one engine round of each in "
+                        "turn, each timed on a clock that runs only in its own rounds, so a drift of the host's "
+                        "speed falls on all methods alike (throughput and latencies as if each ran alone)")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--plot", action="store_true", help="also write PNG figures next to --out")
     p.add_argument("--resume", action="store_true",
@@ -208,12 +212,15 @@ def _bench_engine(args, prompts) -> dict:
     methods = _method_list(args.methods or DEFAULT_METHODS)
     levels = _levels(args.concurrency)
     return run_bench(_load_target(args), prompts, methods, args.max_new_tokens, sampling, args.seed, config,
-                     policy_params=policy_params, levels=levels, log=_level_log(args))
+                     policy_params=policy_params, levels=levels, log=_level_log(args), paired=args.paired)
 
 
 def _bench_endpoints(args, prompts) -> dict:
     from whiflash_sgl.bench_endpoint import parse_endpoints, run_endpoint_bench
 
+    if args.paired:
+        raise WhiFlashError("--paired takes turns between the reference engine's runs of a level; servers run on "
+                            "their own: bench them without it")
     given = [f"--{d.replace('_', '-')}" for d in ENGINE_ONLY if getattr(args, d) != args.engine_defaults[d]]
     if given:
         raise WhiFlashError(f"--endpoint measures running servers, which {', '.join(given)} (reference-engine "

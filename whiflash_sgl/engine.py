@@ -140,7 +140,7 @@ class Request:
     out: _Output
     drafter: Drafter | None
     reserved: int  # KV slots set aside for this request's worst case
-    submitted: float = field(default_factory=time.perf_counter)
+    submitted: float  # on the engine's clock
     state: SequenceState | None = None  # from admission on
     sampler: KeyedSampler | None = None
     generator: torch.Generator | None = None
@@ -167,14 +167,16 @@ class SpeculativeEngine:
     ``sampling`` and ``seed`` are the defaults of requests that do not bring their own. At most ``max_running``
     requests decode at once; the rest wait in arrival order. Each round prefills at most ``prefill_chunk`` prompt
     tokens (chunked prefill), in the same forward as the running requests' verify, so a long prompt joining does not
-    stall the others for its whole prefill."""
+    stall the others for its whole prefill. A request's times (its result's ``seconds`` and ``commit_seconds``) are
+    read on ``clock``."""
 
     def __init__(self, target: Target, drafter: Drafter | None = None, sampling: SamplingParams = SamplingParams(),
-                 seed: int = 0, max_running: int = 16, prefill_chunk: int = 512):
+                 seed: int = 0, max_running: int = 16, prefill_chunk: int = 512,
+                 clock: Callable[[], float] = time.perf_counter):
         if max_running < 1 or prefill_chunk < 1:
             raise WhiFlashError(f"max_running and prefill_chunk must be >= 1, got {max_running}, {prefill_chunk}")
         self.target, self.drafter, self.sampling, self.seed = target, drafter, sampling, check_seed(seed)
-        self.max_running, self.prefill_chunk = max_running, prefill_chunk
+        self.max_running, self.prefill_chunk, self.clock = max_running, prefill_chunk, clock
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted: prefilling, then decoding
         # the last round's bar for one more draft node and its expected tokens per second (``cost_curve.value_bar``)
@@ -223,6 +225,7 @@ class SpeculativeEngine:
             _Output(target.tokenizer, target.eos_token_ids, max_new_tokens, stop, on_text),
             None if self.drafter is None else self.drafter.fork(),
             self._reservation(len(prompt_ids), max_new_tokens),
+            self.clock(),
         )
         self.waiting.append(request)
         return request
@@ -316,7 +319,7 @@ class SpeculativeEngine:
             tokens=request.out.tokens,
             text=request.out.text,
             finish_reason=request.out.finish_reason,
-            seconds=time.perf_counter() - request.submitted,
+            seconds=self.clock() - request.submitted,
             rounds=request.rounds,
             drafted=request.drafted,
             accept_lengths=request.accept_lengths,
@@ -371,7 +374,7 @@ class SpeculativeEngine:
                           generator=request.generator, root_position=len(request.prompt_ids) - 1)
         state.tokens.append(token)
         state.root_logits = out.logits[-1]
-        request.commit_seconds.append(time.perf_counter() - request.submitted)
+        request.commit_seconds.append(self.clock() - request.submitted)
         request.out.extend([token])
         if request.drafter is not None:
             request.drafter.start(state)
@@ -421,7 +424,7 @@ class SpeculativeEngine:
         state.root_logits = out.logits[keep[-1]]
         if request.drafter is not None:
             request.drafter.observe(replace(load, tree=tree, path=path, new_tokens=new_tokens))
-        request.commit_seconds.append(time.perf_counter() - request.submitted)
+        request.commit_seconds.append(self.clock() - request.submitted)
         request.out.extend(new_tokens)
         request.rounds += 1
         request.drafted += len(tree)
