@@ -35,6 +35,7 @@ from whiflash_sgl.drafters.base import Drafter, RoundReport, SequenceState, prop
 from whiflash_sgl.errors import WhiFlashError
 from whiflash_sgl.forward_price import ScaledCurve
 from whiflash_sgl.kv_pool import Region
+from whiflash_sgl.output_text import OutputText
 from whiflash_sgl.sampling import KeyedSampler, SamplingParams, check_seed
 from whiflash_sgl.target import Chunk, Target
 from whiflash_sgl.tree import DraftTree
@@ -72,63 +73,6 @@ class GenerationResult:
         return (len(self.tokens) - 1) / self.rounds if self.rounds else 1.0
 
 
-class _Output:
-    """Generated tokens and text with the stop conditions: EOS, stop strings, ``max_new_tokens``."""
-
-    def __init__(self, tokenizer, eos_ids, max_new_tokens: int, stop: Sequence[str], on_text):
-        self.tokenizer, self.eos_ids, self.max_new_tokens = tokenizer, eos_ids, max_new_tokens
-        self.stop = [s for s in stop if s]
-        self.on_text = on_text
-        self.tokens: list[int] = []
-        self.text = ""
-        self.streamed = 0
-        self.finish_reason: str | None = None
-
-    def extend(self, new_tokens: list[int]) -> int:
-        """Append tokens until a stop condition; return how many were taken."""
-        taken = 0
-        for token in new_tokens:
-            self.tokens.append(token)
-            taken += 1
-            if token in self.eos_ids:
-                self.finish_reason = "eos"
-                break
-            if len(self.tokens) >= self.max_new_tokens:
-                self.finish_reason = "length"
-                break
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if self.stop:
-            self._apply_stop_strings()
-        self._stream()
-        return taken
-
-    def _apply_stop_strings(self) -> None:
-        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-        if not hits:
-            return
-        cut = min(hits)
-        self.text = self.text[:cut]
-        # keep the fewest tokens whose text reaches the stop string
-        for n in range(1, len(self.tokens) + 1):
-            if len(self.tokenizer.decode(self.tokens[:n], skip_special_tokens=True)) > cut:
-                del self.tokens[n:]
-                break
-        self.finish_reason = "stop"
-
-    def _stream(self) -> None:
-        if self.on_text is None:
-            return
-        end = len(self.text)
-        if self.finish_reason is None:
-            if self.stop:  # hold back what could still turn out to be the start of a stop string
-                end -= max(len(s) for s in self.stop) - 1
-            while end > self.streamed and self.text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence
-                end -= 1
-        if end > self.streamed:
-            self.on_text(self.text[self.streamed : end])
-            self.streamed = end
-
-
 @dataclass(eq=False)
 class Request:
     """One generation inside the engine, from :meth:`SpeculativeEngine.submit` until its result is ready."""
@@ -137,7 +81,7 @@ class Request:
     max_new_tokens: int
     sampling: SamplingParams
     seed: int
-    out: _Output
+    out: OutputText
     drafter: Drafter | None
     reserved: int  # KV slots set aside for this request's worst case
     submitted: float  # on the engine's clock
@@ -222,7 +166,7 @@ class SpeculativeEngine:
         request = Request(
             list(prompt_ids), max_new_tokens, sampling or self.sampling,
             self.seed if seed is None else check_seed(seed),
-            _Output(target.tokenizer, target.eos_token_ids, max_new_tokens, stop, on_text),
+            OutputText(target.tokenizer, target.eos_token_ids, max_new_tokens, stop, on_text),
             None if self.drafter is None else self.drafter.fork(),
             self._reservation(len(prompt_ids), max_new_tokens),
             self.clock(),
