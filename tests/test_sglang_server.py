@@ -61,15 +61,16 @@ SMOL_PROMPTS = [
 
 
 class Server:
-    """One ``sglang.launch_server`` process group, its log in a file."""
+    """One ``sglang.launch_server`` process group, its log in a file, its scheduler on one thread pinned to ``cpu``."""
 
-    def __init__(self, name: str, method: str, model: Path, log_dir: Path, **options):
+    def __init__(self, name: str, method: str, model: Path, log_dir: Path, cpu: int, **options):
         self.name, self.port = name, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"{name.replace(':', '-').replace('/', '-')}.log"
         # SGLang draws its scheduler's port itself, from a range these overlap, and binds it a minute later
         argv, env = sglang_command(method, str(model), port=self.port, extra=("--nccl-port", str(_free_port())),
                                    **options)
+        env["SGLANG_CPU_OMP_THREADS_BIND"] = str(cpu)
         with open(self.log, "w") as out:
             self.process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)
@@ -135,9 +136,12 @@ def _free_port() -> int:
 
 
 def start_all(specs: dict[str, tuple], log_dir: Path) -> dict[str, Server]:
-    """Start every server at once (their start-up is mostly imports), then wait for all."""
-    servers = {name: Server(name, method, model, log_dir, **options) for name, (method, model, options) in
-               specs.items()}
+    """Start every server at once (their start-up is mostly imports), then wait for all. Each scheduler computes on
+    one thread, the servers dealt round the machine's CPUs: nine schedulers each running an OpenMP team over both
+    cores of a 2-core machine wait at every barrier for a thread the others have descheduled."""
+    cpus = sorted(os.sched_getaffinity(0))
+    servers = {name: Server(name, method, model, log_dir, cpus[i % len(cpus)], **options)
+               for i, (name, (method, model, options)) in enumerate(specs.items())}
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         for server in servers.values():
