@@ -17,6 +17,8 @@ from whiflash_sgl.bench import (LoadLevel, LoadRun, commit_tokens, engine_load, 
 from whiflash_sgl.bench_endpoint import stream_commits
 from whiflash_sgl.chat import ChatPrompt, encode_chat
 from whiflash_sgl.drafters.ngram import NgramDrafter
+from whiflash_sgl.engine import SpeculativeEngine
+from whiflash_sgl.kv_pool import TokenPool
 from whiflash_sgl.methods import EngineMethod
 from whiflash_sgl.sampling import SamplingParams
 
@@ -133,6 +135,32 @@ def test_paired_runs_take_turns_each_on_a_clock_of_its_own(tiny_target, tiny_tok
         assert level.peak_running == 2 and all(run.end <= level.wall_seconds for run in level.runs)
     assert sum(level.wall_seconds for level in paired.values()) <= together
     assert min(level.wall_seconds for level in paired.values()) > 0.2 * together
+
+
+def test_paired_loops_on_one_target_each_hold_the_kv_they_would_alone(tiny_target, tiny_tokenizer):
+    """Two loops of 2 requests on a budget that holds 3 of their requests: alone, both of a loop's requests start
+    in its first round, and paired they still do (on one budget the second loop's first turn found room for one,
+    and its other request waited for the first loop's to finish); afterwards the budget is the target's own again."""
+    prompt = ChatPrompt("p", "chat", ({"role": "user", "content": "count to five"},))
+    encoded = [(prompt, encode_chat(tiny_tokenizer, prompt.messages))] * 2
+    per_token = TokenPool.bytes_per_token(tiny_target.config.num_hidden_layers, tiny_target._heads["num_kv_heads"],
+                                          tiny_target._heads["head_dim"], tiny_target.model.dtype)
+    methods = {"vanilla": EngineMethod("vanilla", tiny_target),
+               "ngram": EngineMethod("ngram", tiny_target, NgramDrafter(min_ngram=1))}
+
+    def started_together(level) -> bool:  # every request's first token before any request's second
+        return (max(run.start + run.commit_seconds[0] for run in level.runs)
+                < min(run.start + run.commit_seconds[1] for run in level.runs))
+
+    budget, three = tiny_target.kv_budget, 3 * SpeculativeEngine._reservation(len(encoded[0][1]), 6) * per_token
+    tiny_target.set_kv_budget(three)
+    try:
+        assert started_together(engine_load(methods["ngram"], encoded, 6, SamplingParams(), 0, 2))
+        paired = paired_load(methods, encoded, 6, SamplingParams(), 0, 2)
+        assert all(started_together(level) for level in paired.values())
+        assert tiny_target.kv_budget == three
+    finally:
+        tiny_target.set_kv_budget(budget)
 
 
 @pytest.mark.parametrize("flags, message", [
