@@ -216,3 +216,38 @@ def test_a_failed_round_fails_its_requests_and_the_engine_goes_on(batching, refe
     pool = target.pool
     assert wait_until(lambda: batching.service.scheduler.running == 0)
     assert pool.reserved == 0 and pool.free_slots == pool.capacity
+
+
+def test_the_batch_loop_runs_on_the_thread_that_calls_run(served_dir, reference):
+    """``engine_thread=False`` (what ``launch_server`` runs: the loop on the thread that loaded the model, HTTP on
+    another): every round runs on the thread that called ``scheduler.run()``, no engine thread is started, requests
+    get their solo output, and the server's shutdown ends the loop."""
+    from whiflash_sgl.server.model import ServedModel
+
+    model = ServedModel.load(str(served_dir / "model"), "WHIFLASH", "heuristic", str(served_dir / "whiflash.json"),
+                             served_name="tiny")
+    engine_threads = lambda: sum(t.name == "whiflash-engine" for t in threading.enumerate())  # noqa: E731
+    other_servers = engine_threads()
+    server = start(model, max_running=4, engine_thread=False)
+    scheduler = server.service.scheduler
+    count_rounds, rounds_ran_on = scheduler.on_step, set()
+
+    def on_step(requests_in_batch):
+        rounds_ran_on.add(threading.current_thread().name)
+        count_rounds(requests_in_batch)
+
+    scheduler.on_step = on_step
+    owner = threading.Thread(target=scheduler.run, name="loop-owner")
+    owner.start()
+    try:
+        api = client(server)
+        with ThreadPoolExecutor(len(DISTINCT)) as pool:
+            texts = list(pool.map(lambda p: api.completions.create(model="tiny", prompt=p, max_tokens=TOKENS,
+                                                                   temperature=0).choices[0].text, DISTINCT))
+        assert texts == [reference(p, TOKENS) for p in DISTINCT]
+        assert rounds_ran_on == {"loop-owner"}
+        assert engine_threads() == other_servers
+    finally:
+        server.stop()
+        owner.join(30)
+    assert not owner.is_alive()

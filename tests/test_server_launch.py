@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -83,12 +84,33 @@ def test_the_module_serves_until_terminated(served_dir):
         out = requests.post(f"http://127.0.0.1:{port}/generate", timeout=60, json={
             "text": "def add(a, b):", "sampling_params": {"max_new_tokens": 8, "temperature": 0}}).json()
         assert out["meta_info"]["completion_tokens"] == 8 and "spec_accept_length" in out["meta_info"]
+        # SIGTERM with a request under way: it still gets all of its tokens, then the server exits cleanly
+        stream = requests.post(f"http://127.0.0.1:{port}/generate", timeout=60, stream=True, json={
+            "text": "def add(a, b):", "stream": True, "sampling_params": {"max_new_tokens": 48, "temperature": 0}})
+        chunks = stream.iter_lines()
+        assert next(chunk for chunk in chunks if chunk).startswith(b"data: {")
+        proc.terminate()
+        events = [json.loads(chunk[len(b"data: "):]) for chunk in chunks if chunk and chunk != b"data: [DONE]"]
+        assert events[-1]["meta_info"]["completion_tokens"] == 48
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
     assert "launch_server: backend: reference" in err
-    assert re.search(r"reference engine \(whiflash:heuristic, batches of up to 16 requests, (bfloat16|float32) matmul\)",
-                     err)
+    assert re.search(r"reference engine \(whiflash:heuristic, batches of up to 16 requests, (bfloat16|float32) "
+                     r"matmul\) on http://127\.0\.0\.1:\d+", err)
+
+
+def test_a_port_in_use_is_a_clear_error(capsys, served_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = launch_server.main(["--backend", "reference", "--model-path", str(served_dir / "model"),
+                                   "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"launch_server: error: cannot listen on 127.0.0.1:{port}: Address already in use" in err
+    assert "Traceback" not in err
 
 
 def test_sglang_backend_hands_every_other_flag_to_sglangs_launcher(monkeypatch, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -79,8 +80,9 @@ def http_limits(args: argparse.Namespace) -> HttpLimits:
     return limits
 
 
-def load_service(args: argparse.Namespace, limits: HttpLimits):
-    """The model and its service, from parsed flags; raises :class:`WhiFlashError` for any bad setting."""
+def load_service(args: argparse.Namespace, limits: HttpLimits, engine_thread: bool = True):
+    """The model and its service, from parsed flags; raises :class:`WhiFlashError` for any bad setting.
+    ``engine_thread=False``: the caller runs the batch loop (``service.scheduler.run()``)."""
     import torch
 
     from whiflash_sgl.server.model import ServedModel
@@ -95,28 +97,44 @@ def load_service(args: argparse.Namespace, limits: HttpLimits):
                              args.whiflash_config, args.whiflash_policy_config, args.served_model_name,
                              args.sampling_rule, args.matmul)
     model.target.set_kv_budget(args.kv_budget_mb << 20)
-    return Service(model, args.max_queued_requests, limits.max_prompt_chars, args.max_running_requests)
+    return Service(model, args.max_queued_requests, limits.max_prompt_chars, args.max_running_requests,
+                   engine_thread)
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Load, then serve until interrupted; 2 with a one-line error when the settings are wrong."""
-    import uvicorn
+    """Load, then serve until SIGINT or SIGTERM; 2 with a one-line error when the settings are wrong.
 
-    from whiflash_sgl.server.app import build_app
-
+    The batch loop runs on this thread, the one that loaded the model, and HTTP on a thread of its own: the engine
+    must be the only thread that runs OpenMP regions (``Scheduler``'s ``own_thread``). A signal shuts HTTP down as
+    uvicorn does (the requests under way finish, while the loop goes on serving them, then the loop ends); a second
+    SIGINT leaves without waiting for them."""
     try:
         limits = http_limits(args)
-        service = load_service(args, limits)
+        service = load_service(args, limits, engine_thread=False)
     except WhiFlashError as exc:
         print(f"launch_server: error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
+    try:
+        http = start_background(service, args.host, args.port, limits=limits, log_level=args.log_level,
+                                graceful_timeout=None)
+    except OSError as exc:
+        print(f"launch_server: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
     model = service.model
     print(f"launch_server: serving {model.served_name} with the reference engine ({model.method.name}, batches of "
-          f"up to {service.max_running} requests, {model.target.matmul} matmul) on http://{args.host}:{args.port}",
-          file=sys.stderr)
-    uvicorn.run(build_app(service, limits), host=args.host, port=args.port, log_level=args.log_level,
-                **limits.uvicorn_settings(service.metrics.count_response))
+          f"up to {service.max_running} requests, {model.target.matmul} matmul) on {http.url}", file=sys.stderr)
+
+    def on_signal(signum, frame) -> None:
+        http.server.handle_exit(signum, frame)
+        if http.server.force_exit:  # uvicorn then skips the application's shutdown, which would stop the loop
+            service.scheduler.stop()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    service.scheduler.run()
+    http.thread.join()
     return 0
 
 
@@ -135,16 +153,24 @@ class BackgroundServer:
 
 
 def start_background(service, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0,
-                     limits: HttpLimits = HttpLimits()) -> BackgroundServer:
-    """Serve ``service`` on ``host:port`` (0 = a free port) from a daemon thread; returns once it accepts."""
+                     limits: HttpLimits = HttpLimits(), log_level: str = "warning",
+                     graceful_timeout: float | None = 5) -> BackgroundServer:
+    """Serve ``service`` on ``host:port`` (0 = a free port) from a daemon thread; returns once it accepts. At
+    shutdown, requests under way get ``graceful_timeout`` seconds to finish (None: as long as they take)."""
     import uvicorn
 
     from whiflash_sgl.server.app import build_app
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(build_app(service, limits), log_level="warning", timeout_graceful_shutdown=5,
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    server = uvicorn.Server(uvicorn.Config(build_app(service, limits), log_level=log_level,
+                                           timeout_graceful_shutdown=graceful_timeout,
                                            **limits.uvicorn_settings(service.metrics.count_response)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="whiflash-http", daemon=True)
     thread.start()
@@ -154,6 +180,7 @@ def start_background(service, host: str = "127.0.0.1", port: int = 0, timeout: f
             raise RuntimeError("the background server did not start")
         time.sleep(0.02)
     bound_host, bound_port = sock.getsockname()[:2]
+    bound_host = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
     return BackgroundServer(f"http://{bound_host}:{bound_port}", service, server, thread)
 
 

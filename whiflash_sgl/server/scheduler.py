@@ -1,7 +1,7 @@
 """A fair FIFO queue in front of the continuous-batching engine, served by one engine thread.
 
-The engine thread owns one :class:`~whiflash_sgl.engine.SpeculativeEngine` and runs a batch loop. At every round
-boundary it
+The engine thread (a thread of its own, or the caller of :meth:`Scheduler.run`) owns one
+:class:`~whiflash_sgl.engine.SpeculativeEngine` and runs a batch loop. At every round boundary it
 
 1. admits queued jobs in arrival order while the batch has room (``max_running`` requests running or waiting for
    KV in the engine): each job's ``start`` submits its request to the engine with the request's own sampling, seed
@@ -95,11 +95,19 @@ class Job:
 class Scheduler:
     """FIFO over :class:`Job` into the batch of an engine from ``make_engine``; ``start`` launches the engine thread,
     ``stop`` ends it at the next round boundary. ``on_step(requests)``, when given, is called on the engine thread
-    after every round with the engine requests of the jobs in the batch."""
+    after every round with the engine requests of the jobs in the batch.
+
+    ``own_thread=False``: the batch loop runs on whichever thread calls :meth:`run`, and ``start`` launches nothing.
+    A server process gives it the thread that loaded the model: libgomp keeps a pool of OpenMP workers per thread
+    that ran a parallel region, and once the process's workers outnumber the CPUs it has them sleep, rather than
+    spin, between regions, so an engine thread beside the loading thread's idle pool paid a wake-up at each of a
+    forward's hundreds of regions (on 2 cores, vanilla at 8 requests: 136 tok/s on a second thread, 224 on the
+    first)."""
 
     def __init__(self, make_engine: Callable[[], SpeculativeEngine], max_waiting: int = 256,
-                 on_step: Callable[[list[Request]], None] | None = None):
+                 on_step: Callable[[list[Request]], None] | None = None, own_thread: bool = True):
         self.make_engine, self.max_waiting, self.on_step = make_engine, max_waiting, on_step
+        self.own_thread = own_thread
         self._queue: deque[Job] = deque()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -123,19 +131,20 @@ class Scheduler:
         return self._running + self._finishing
 
     def start(self) -> None:
-        if self._thread is None:
+        if self.own_thread and self._thread is None:
             self._closing = False
-            self._thread = threading.Thread(target=self._serve, name="whiflash-engine", daemon=True)
+            self._thread = threading.Thread(target=self.run, name="whiflash-engine", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel everything queued and running, then end the thread (after the round under way)."""
+        """Cancel everything queued and running, then end the batch loop after the round under way (its own thread
+        is joined; a caller's :meth:`run` returns)."""
+        with self._changed:
+            self._closing = True
+            while self._queue:
+                self._queue.popleft().post("cancelled")
+            self._changed.notify_all()
         if self._thread is not None:
-            with self._changed:
-                self._closing = True
-                while self._queue:
-                    self._queue.popleft().post("cancelled")
-                self._changed.notify_all()
             self._thread.join(timeout)
             self._thread = None
 
@@ -163,7 +172,8 @@ class Scheduler:
 
     # ---- the engine thread ----------------------------------------------------------------------------------
 
-    def _serve(self) -> None:
+    def run(self) -> None:
+        """The batch loop, on the calling thread, until :meth:`stop`."""
         engine = self.engine = self.make_engine()
         while self._admit(engine):
             for job in self._active:

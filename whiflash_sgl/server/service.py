@@ -86,12 +86,14 @@ class Service:
     ``max_prompt_chars`` characters are refused before they are tokenized."""
 
     def __init__(self, model: ServedModel, max_waiting: int = 256,
-                 max_prompt_chars: int = HttpLimits.max_prompt_chars, max_running: int = 16):
+                 max_prompt_chars: int = HttpLimits.max_prompt_chars, max_running: int = 16,
+                 engine_thread: bool = True):
         self.model = model
         self.max_prompt_chars = max_prompt_chars
         self.max_running = max_running
         model.target.pool  # made now, with the budget in force, before two threads could both make it
-        self.scheduler = Scheduler(lambda: model.engine(max_running), max_waiting, self._count_rounds)
+        # engine_thread=False: the owner runs the batch loop (``scheduler.run()``) on a thread of its choosing
+        self.scheduler = Scheduler(lambda: model.engine(max_running), max_waiting, self._count_rounds, engine_thread)
         self._preparer: ThreadPoolExecutor | None = None
         self.metrics = ServerMetrics(
             {"model": model.served_name, "speculative_algorithm": model.algorithm or "none",
