@@ -1,4 +1,5 @@
-"""Running the reference server: its command-line flags, ``serve`` (foreground), ``start_background`` (a thread).
+"""Running the reference server: its command-line flags, ``serve`` (the command), ``start_background`` (HTTP in a
+thread).
 
 Everything that can be wrong with the flags (a missing model, an unknown policy or algorithm, a bad config) fails
 before the port is bound, with one line naming the problem.
@@ -140,7 +141,7 @@ def serve(args: argparse.Namespace) -> int:
 
 @dataclass
 class BackgroundServer:
-    """A server running in a thread of this process (tests, notebooks); ``stop()`` shuts it down."""
+    """HTTP served from a thread of this process (``serve``'s, tests', notebooks'); ``stop()`` shuts it down."""
 
     url: str
     service: object  # the Service it serves
