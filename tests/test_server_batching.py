@@ -251,3 +251,36 @@ def test_the_batch_loop_runs_on_the_thread_that_calls_run(served_dir, reference)
         server.stop()
         owner.join(30)
     assert not owner.is_alive()
+
+
+def test_the_loading_thread_hands_its_openmp_workers_back_before_an_engine_thread_starts():
+    """``start_background`` with an engine thread of its own first ends the calling thread's pool of OpenMP workers
+    (``release_openmp_workers``): beside a second pool, libgomp has the engine's workers sleep between parallel
+    regions. The process loses that pool's worker threads, and the caller's next parallel region makes a new one."""
+    import torch
+
+    from whiflash_sgl.server.scheduler import release_openmp_workers
+
+    def process_threads() -> int:
+        with open("/proc/self/status") as status:
+            return int(next(line.split()[1] for line in status if line.startswith("Threads:")))
+
+    def settled(condition) -> bool:
+        deadline = time.monotonic() + 5  # a released worker leaves once it wakes
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return condition()
+
+    threads, x = torch.get_num_threads(), torch.zeros(1 << 22)
+    torch.set_num_threads(2)
+    try:
+        x.add_(1)  # a parallel region on this thread: it holds a pool with a worker
+        with_pool = process_threads()
+        release_openmp_workers()
+        assert settled(lambda: process_threads() < with_pool)
+        released = process_threads()
+        x.add_(1)
+        assert process_threads() > released
+        assert torch.equal(x, torch.full_like(x, 2.0))
+    finally:
+        torch.set_num_threads(threads)

@@ -157,10 +157,13 @@ def start_background(service, host: str = "127.0.0.1", port: int = 0, timeout: f
                      limits: HttpLimits = HttpLimits(), log_level: str = "warning",
                      graceful_timeout: float | None = 5) -> BackgroundServer:
     """Serve ``service`` on ``host:port`` (0 = a free port) from a daemon thread; returns once it accepts. At
-    shutdown, requests under way get ``graceful_timeout`` seconds to finish (None: as long as they take)."""
+    shutdown, requests under way get ``graceful_timeout`` seconds to finish (None: as long as they take). Where the
+    service's engine gets a thread of its own, the calling thread, taken to be the one that loaded the model, hands
+    its OpenMP workers back first: beside them the engine's would sleep between parallel regions (``Scheduler``)."""
     import uvicorn
 
     from whiflash_sgl.server.app import build_app
+    from whiflash_sgl.server.scheduler import release_openmp_workers
 
     family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -170,6 +173,8 @@ def start_background(service, host: str = "127.0.0.1", port: int = 0, timeout: f
     except OSError:
         sock.close()
         raise
+    if service.scheduler.own_thread:
+        release_openmp_workers()
     server = uvicorn.Server(uvicorn.Config(build_app(service, limits), log_level=log_level,
                                            timeout_graceful_shutdown=graceful_timeout,
                                            **limits.uvicorn_settings(service.metrics.count_response)))

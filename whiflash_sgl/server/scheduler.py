@@ -26,11 +26,13 @@ Jobs talk to the asyncio side through events posted onto the event loop that cre
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from whiflash_sgl.engine import GenerationResult, Request, SpeculativeEngine
@@ -92,6 +94,19 @@ class Job:
                 raise asyncio.CancelledError("the job was cancelled")
 
 
+def release_openmp_workers() -> None:
+    """Hand back the calling thread's pool of OpenMP workers (libgomp's ``omp_pause_resource_all``), so that another
+    thread's pool, the engine's, is the only one and its workers spin between parallel regions (:class:`Scheduler`).
+    The caller gets a new pool the next time it runs a parallel region. Nothing happens off Linux or where torch's
+    OpenMP runtime is not libgomp."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return
+    libgomp = next((line.split()[-1] for line in maps.read_text().splitlines() if "/libgomp" in line), None)
+    if libgomp is not None:
+        ctypes.CDLL(libgomp).omp_pause_resource_all(1)  # omp_pause_soft
+
+
 class Scheduler:
     """FIFO over :class:`Job` into the batch of an engine from ``make_engine``; ``start`` launches the engine thread,
     ``stop`` ends it at the next round boundary. ``on_step(requests)``, when given, is called on the engine thread
@@ -102,7 +117,8 @@ class Scheduler:
     that ran a parallel region, and once the process's workers outnumber the CPUs it has them sleep, rather than
     spin, between regions, so an engine thread beside the loading thread's idle pool paid a wake-up at each of a
     forward's hundreds of regions (on 2 cores, vanilla at 8 requests: 136 tok/s on a second thread, 224 on the
-    first)."""
+    first). Where the engine does get a thread of its own, the thread that loaded the model hands its pool back
+    first (:func:`release_openmp_workers`)."""
 
     def __init__(self, make_engine: Callable[[], SpeculativeEngine], max_waiting: int = 256,
                  on_step: Callable[[list[Request]], None] | None = None, own_thread: bool = True):
