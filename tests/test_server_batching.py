@@ -8,6 +8,7 @@ import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -260,6 +261,10 @@ def test_the_loading_thread_hands_its_openmp_workers_back_before_an_engine_threa
     import torch
 
     from whiflash_sgl.server.scheduler import release_openmp_workers
+
+    maps = Path("/proc/self/maps")
+    if not (maps.exists() and "/libgomp" in maps.read_text()):
+        pytest.skip("torch's OpenMP runtime here is not libgomp on Linux, where the hand-back applies")
 
     def process_threads() -> int:
         with open("/proc/self/status") as status:
