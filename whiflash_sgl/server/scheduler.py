@@ -102,8 +102,9 @@ def release_openmp_workers() -> None:
     maps = Path("/proc/self/maps")
     if not maps.exists():
         return
-    libgomp = next((line.split()[-1] for line in maps.read_text().splitlines() if "/libgomp" in line), None)
-    if libgomp is not None:
+    mapped = {fields[5] for fields in (line.split(maxsplit=5) for line in maps.read_text().splitlines())
+              if len(fields) == 6 and "/libgomp" in fields[5]}
+    for libgomp in mapped:  # torch's own copy, and the system's where something else loaded it too
         ctypes.CDLL(libgomp).omp_pause_resource_all(1)  # omp_pause_soft
 
 
