@@ -5,6 +5,7 @@ KV; a request the KV budget can never hold is a clear 400, and requests that do 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -257,7 +258,8 @@ def test_the_batch_loop_runs_on_the_thread_that_calls_run(served_dir, reference)
 def test_the_loading_thread_hands_its_openmp_workers_back_before_an_engine_thread_starts():
     """``start_background`` with an engine thread of its own first ends the calling thread's pool of OpenMP workers
     (``release_openmp_workers``): beside a second pool, libgomp has the engine's workers sleep between parallel
-    regions. The process loses that pool's worker threads, and the caller's next parallel region makes a new one."""
+    regions. The workers that the caller's parallel region started end, and its next region starts new ones. (Threads
+    are told apart by id, so other threads of the test process coming and going do not count.)"""
     import torch
 
     from whiflash_sgl.server.scheduler import release_openmp_workers
@@ -266,26 +268,31 @@ def test_the_loading_thread_hands_its_openmp_workers_back_before_an_engine_threa
     if not (maps.exists() and "/libgomp" in maps.read_text()):
         pytest.skip("torch's OpenMP runtime here is not libgomp on Linux, where the hand-back applies")
 
-    def process_threads() -> int:
-        with open("/proc/self/status") as status:
-            return int(next(line.split()[1] for line in status if line.startswith("Threads:")))
+    def threads_now() -> set[str]:
+        return set(os.listdir("/proc/self/task"))
 
-    def settled(condition) -> bool:
+    def pool_of_a_region(x: torch.Tensor) -> set[str]:
+        """The threads that a parallel region on this thread starts, with no pool of its own before it."""
+        release_openmp_workers()
+        before = threads_now()
+        x.add_(1)
+        return threads_now() - before
+
+    def gone(workers: set[str]) -> bool:
         deadline = time.monotonic() + 5  # a released worker leaves once it wakes
-        while not condition() and time.monotonic() < deadline:
+        while workers & threads_now() and time.monotonic() < deadline:
             time.sleep(0.01)
-        return condition()
+        return not workers & threads_now()
 
     threads, x = torch.get_num_threads(), torch.zeros(1 << 22)
     torch.set_num_threads(2)
     try:
-        x.add_(1)  # a parallel region on this thread: it holds a pool with a worker
-        with_pool = process_threads()
+        workers = pool_of_a_region(x)
+        assert len(workers) == 1  # two threads in the region: this one and one worker
         release_openmp_workers()
-        assert settled(lambda: process_threads() < with_pool)
-        released = process_threads()
-        x.add_(1)
-        assert process_threads() > released
+        assert gone(workers)
+        again = pool_of_a_region(x)
+        assert len(again) == 1 and not again & workers
         assert torch.equal(x, torch.full_like(x, 2.0))
     finally:
         torch.set_num_threads(threads)
