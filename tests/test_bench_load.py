@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from whiflash_sgl.bench import (LoadLevel, LoadRun, commit_tokens, engine_load, full_batch, judge, load_rows,
-                                near_tie, paired_load, time_shares)
+from whiflash_sgl.bench import (ClosedLoop, LoadLevel, LoadRun, commit_tokens, engine_load, full_batch, judge,
+                                load_rows, near_tie, paired_load, time_shares)
 from whiflash_sgl.bench_endpoint import stream_commits
 from whiflash_sgl.chat import ChatPrompt, encode_chat
 from whiflash_sgl.drafters.ngram import NgramDrafter
@@ -118,23 +118,48 @@ def test_resume_runs_only_what_the_log_lacks(run_cli, tiny_model_dir, prompts, t
     assert code == 2 and "other settings (max_new_tokens)" in err and "Traceback" not in err
 
 
-def test_paired_runs_take_turns_each_on_a_clock_of_its_own(tiny_target, tiny_tokenizer):
-    """A level's methods run together, a round of each in turn: every request's output is the one it has run alone,
-    and each method's clock ran only in its own rounds, so their wall times add up to no more than the time the
-    pair took (on one shared clock each would be about all of it)."""
+def _pair(tiny_target, tiny_tokenizer):
     prompts = [ChatPrompt(f"p{i}", "chat", ({"role": "user", "content": f"count to {i + 3}"},)) for i in range(3)]
     encoded = [(prompt, encode_chat(tiny_tokenizer, prompt.messages)) for prompt in prompts]
-    methods = {"vanilla": EngineMethod("vanilla", tiny_target),
-               "ngram": EngineMethod("ngram", tiny_target, NgramDrafter(min_ngram=1))}
+    return encoded, {"vanilla": EngineMethod("vanilla", tiny_target),
+                     "ngram": EngineMethod("ngram", tiny_target, NgramDrafter(min_ngram=1))}
+
+
+@pytest.mark.parametrize("turn_seconds", [0.0, 60.0])
+def test_paired_runs_take_turns_each_on_a_clock_of_its_own(tiny_target, tiny_tokenizer, turn_seconds):
+    """A level's methods run together, taking turns: every request's output is the one it has run alone, and each
+    method's clock ran only in its own rounds, so their wall times add up to no more than the time the pair took (on
+    one shared clock each would be about all of it)."""
+    encoded, methods = _pair(tiny_target, tiny_tokenizer)
     alone = engine_load(methods["vanilla"], encoded, 12, SamplingParams(), 0, 2)
     tic = time.perf_counter()
-    paired = paired_load(methods, encoded, 12, SamplingParams(), 0, 2)
+    paired = paired_load(methods, encoded, 12, SamplingParams(), 0, 2, turn_seconds=turn_seconds)
     together = time.perf_counter() - tic
     for level in paired.values():
         assert [run.tokens for run in level.runs] == [run.tokens for run in alone.runs]
         assert level.peak_running == 2 and all(run.end <= level.wall_seconds for run in level.runs)
     assert sum(level.wall_seconds for level in paired.values()) <= together
     assert min(level.wall_seconds for level in paired.values()) > 0.2 * together
+
+
+def test_paired_methods_take_turns_of_seconds_not_of_rounds(tiny_target, tiny_tokenizer, monkeypatch):
+    """Each method runs rounds until its own clock has moved ``turn_seconds`` (one round at least) before the next
+    takes over: with turns of no time the methods alternate round by round, with turns longer than the run the first
+    runs to its end before the second starts."""
+    encoded, methods = _pair(tiny_target, tiny_tokenizer)
+    order, turn = [], ClosedLoop.turn
+
+    def recorded(loop):
+        order.append(loop.method.name)
+        turn(loop)
+
+    monkeypatch.setattr(ClosedLoop, "turn", recorded)
+    paired_load(methods, encoded, 12, SamplingParams(), 0, 2, turn_seconds=0.0)
+    vanilla_rounds = order.count("vanilla")
+    assert order[:4] == ["vanilla", "ngram", "vanilla", "ngram"]
+    order.clear()
+    paired_load(methods, encoded, 12, SamplingParams(), 0, 2, turn_seconds=60.0)
+    assert order == ["vanilla"] * vanilla_rounds + ["ngram"] * (len(order) - vanilla_rounds)
 
 
 def test_paired_loops_on_one_target_each_hold_the_kv_they_would_alone(tiny_target, tiny_tokenizer):
@@ -156,7 +181,7 @@ def test_paired_loops_on_one_target_each_hold_the_kv_they_would_alone(tiny_targe
     tiny_target.set_kv_budget(three)
     try:
         assert started_together(engine_load(methods["ngram"], encoded, 6, SamplingParams(), 0, 2))
-        paired = paired_load(methods, encoded, 6, SamplingParams(), 0, 2)
+        paired = paired_load(methods, encoded, 6, SamplingParams(), 0, 2, turn_seconds=0.0)  # turns overlap
         assert all(started_together(level) for level in paired.values())
         assert tiny_target.kv_budget == three
     finally:

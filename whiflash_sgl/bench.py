@@ -22,8 +22,8 @@ one sample of 40 ms). Greedy output of every request must equal vanilla's at con
 is not among the runs); a divergence where the reference's two best logits at the first differing position are
 within ``NEAR_TIE`` of each other, and the two tokens are those, is a near tie (float rounding of another batch
 shape), counted in ``near_ties``, not a failure. With ``--paired`` (:func:`paired_load`) a level's methods run
-together, one round of each in turn, each timed on a clock that runs only during its own rounds: the host's drift
-then falls on every method alike, and the ratios between them hold from one run to the next.
+together, taking turns of a few seconds, each timed on a clock that runs only during its own rounds: the host's
+drift then falls on every method alike, and the ratios between them hold from one run to the next.
 """
 
 from __future__ import annotations
@@ -440,6 +440,9 @@ def request_prompts(prompts: int, level: int) -> list[int]:
     return [j % prompts for j in range(-(-prompts // level) * level)]
 
 
+TURN_SECONDS = 5.0  # how long each method of a paired run runs before the next: see ``paired_load``
+
+
 class StepClock:
     """A clock that runs only while its method works (``with clock:`` around each of its turns): in a paired run each
     method's figures are on its own clock, as if it had had the machine alone, and a slow spell of the host falls
@@ -522,11 +525,18 @@ def engine_load(method, encoded: Sequence[tuple[ChatPrompt, list[int]]], max_new
 
 def paired_load(methods: dict[str, EngineMethod], encoded: Sequence[tuple[ChatPrompt, list[int]]],
                 max_new_tokens: int, sampling: SamplingParams, seed: int, concurrency: int,
-                bar=None) -> dict[str, LoadLevel]:
-    """Every method's :class:`ClosedLoop` at ``concurrency`` at once, one round of each in turn, each on its own
-    :class:`StepClock`: their ratios no longer depend on when each ran. On a 2-core host, six runs of the lookup
-    alone at 16 requests over the same 160 prompts, one after another and alike to the round, ran 240-285 tok/s;
-    paired, two copies of vanilla ran 0.6% apart, two of the lookup 1.4% (each learns its own prices).
+                bar=None, turn_seconds: float = TURN_SECONDS) -> dict[str, LoadLevel]:
+    """Every method's :class:`ClosedLoop` at ``concurrency`` at once, taking turns of ``turn_seconds`` of its own
+    :class:`StepClock` (at least one round each): their ratios no longer depend on when each ran. On a 2-core host,
+    six runs of the lookup alone at 16 requests over the same 160 prompts, one after another and alike to the round,
+    ran 240-285 tok/s; paired, two copies of vanilla ran 0.6% apart, two of the lookup 1.4% (each learns its own
+    prices).
+
+    Turns of seconds, not of one round: a round that follows another engine's round starts with that engine's data in
+    the caches, and a method with drafters pays for it outside the forward. At 16 requests whiflash:mlp spent 2.2-2.4 s
+    there run alone, 4.0-4.3 s with vanilla and the lookup taking turns round by round (the lookup 1.2-1.6 s either
+    way), and 2.7-2.8 s in turns of 5 s, where it ran level with the lookup instead of 0.96-1.01x it; two copies of
+    vanilla in turns of 1 s still ran 0.1% apart.
 
     Loops on one target share its KV pool, so for the run it holds each loop's budget: on one budget four loops of
     16 requests had taken turns at the free slots in the summarization prompts' stretch (a request reserves its
@@ -542,9 +552,12 @@ def paired_load(methods: dict[str, EngineMethod], encoded: Sequence[tuple[ChatPr
                  for name, method in methods.items()}
         while not all(loop.done for loop in loops.values()):
             for name, loop in loops.items():
-                if not loop.done:
+                start = clocks[name]()
+                while not loop.done:
                     with clocks[name]:
                         loop.turn()
+                    if clocks[name]() - start >= turn_seconds:
+                        break
     finally:
         for target, budget in budgets.items():
             target.reset_pool()  # a loop cut off mid-run leaves reservations that no request records any more
