@@ -181,7 +181,7 @@ def test_paired_loops_on_one_target_each_hold_the_kv_they_would_alone(tiny_targe
     tiny_target.set_kv_budget(three)
     try:
         assert started_together(engine_load(methods["ngram"], encoded, 6, SamplingParams(), 0, 2))
-        paired = paired_load(methods, encoded, 6, SamplingParams(), 0, 2, turn_seconds=0.0)  # turns overlap
+        paired = paired_load(methods, encoded, 6, SamplingParams(), 0, 2, turn_seconds=0.0)  # both loops in flight
         assert all(started_together(level) for level in paired.values())
         assert tiny_target.kv_budget == three
     finally:

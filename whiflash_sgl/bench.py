@@ -532,10 +532,10 @@ def paired_load(methods: dict[str, EngineMethod], encoded: Sequence[tuple[ChatPr
     ran 240-285 tok/s; paired, two copies of vanilla ran 0.6% apart, two of the lookup 1.4% (each learns its own
     prices).
 
-    Turns of seconds, not of one round: a round that follows another engine's round starts with that engine's data in
-    the caches, and a method with drafters pays for it outside the forward. At 16 requests whiflash:mlp spent 2.2-2.4 s
-    there run alone, 4.0-4.3 s with vanilla and the lookup taking turns round by round (the lookup 1.2-1.6 s either
-    way), and 2.7-2.8 s in turns of 5 s, where it ran level with the lookup instead of 0.96-1.01x it; two copies of
+    Turns of seconds, not of one round: a method with drafters pays outside the forward for rounds that follow
+    other engines' rounds (likely its data gone from the caches). At 16 requests whiflash:mlp spent 2.2-2.4 s there
+    run alone, 4.0-4.3 s with vanilla and the lookup taking turns round by round (the lookup 1.2-1.6 s either way),
+    and 2.7-2.8 s in turns of 5 s, where it ran level with the lookup instead of 0.96-1.01x it; two copies of
     vanilla in turns of 1 s still ran 0.1% apart.
 
     Loops on one target share its KV pool, so for the run it holds each loop's budget: on one budget four loops of
