@@ -84,9 +84,10 @@ def _parser() -> argparse.ArgumentParser:
                         "keeps that many requests in flight on one batched engine (with --endpoint: that many "
                         "streaming client threads) and reports throughput, TTFT and ITL percentiles")
     p.add_argument("--paired", action="store_true",
-                   help="with --concurrency: run every method of a level at once, in turns of 5 s of engine "
-                        "rounds each, each timed on a clock that runs only in its own rounds, so a drift of the "
-                        "host's speed falls on all methods alike (throughput and latencies as if each ran alone)")
+                   help="with --concurrency: run every method of a level at once, in turns of a few seconds of "
+                        "engine rounds each (bench.TURN_SECONDS), each timed on a clock that runs only in its own "
+                        "rounds, so a drift of the host's speed falls on all methods alike (throughput and "
+                        "latencies as if each ran alone)")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--plot", action="store_true", help="also write PNG figures next to --out")
     p.add_argument("--resume", action="store_true",
